@@ -1,0 +1,301 @@
+//! Posting work requests. A batch is chained and handed to the provider in one call, built in
+//! fixed-size stack arrays so the data path never allocates.
+
+use std::mem::{self, MaybeUninit};
+use std::ptr;
+
+use rdma_mummy_sys::{
+    ibv_post_recv, ibv_post_send, ibv_recv_wr, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wr_opcode,
+    rdma_t,
+};
+
+use crate::error::{Result, VerbsError};
+use crate::qp::QueuePair;
+
+/// Most work requests one `post_send`/`post_recv` call accepts.
+pub const MAX_WRS_PER_POST: usize = 16;
+/// Most scatter/gather entries one work request may carry.
+pub const MAX_SGE_PER_WR: usize = 4;
+
+/// One scatter/gather entry: a byte range of a registered memory region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sge {
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub length: u32,
+    /// `lkey` of the MR covering the range (ignored for inline sends).
+    pub lkey: u32,
+}
+
+/// What a send-queue work request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOp {
+    /// RDMA WRITE the local SGEs to `remote_addr` of the peer's MR `rkey`.
+    Write {
+        /// Peer address.
+        remote_addr: u64,
+        /// Peer MR key.
+        rkey: u32,
+    },
+    /// RDMA WRITE, then consume a peer receive that completes with `imm` (host byte order).
+    WriteImm {
+        /// Peer address.
+        remote_addr: u64,
+        /// Peer MR key.
+        rkey: u32,
+        /// Immediate data delivered in the peer's completion.
+        imm: u32,
+    },
+    /// RDMA READ from `remote_addr` of the peer's MR `rkey` into the local SGEs.
+    Read {
+        /// Peer address.
+        remote_addr: u64,
+        /// Peer MR key.
+        rkey: u32,
+    },
+    /// SEND the local SGEs into the peer's next posted receive.
+    Send,
+    /// SEND with immediate data (host byte order).
+    SendImm {
+        /// Immediate data delivered in the peer's completion.
+        imm: u32,
+    },
+}
+
+/// A send-queue work request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendWr<'a> {
+    /// Returned in the completion.
+    pub wr_id: u64,
+    /// The operation.
+    pub op: SendOp,
+    /// Local data (at most [`MAX_SGE_PER_WR`] entries; may be empty for zero-byte messages).
+    pub sge: &'a [Sge],
+    /// Whether a completion is generated on success (errors always complete).
+    pub signaled: bool,
+    /// Copy the data into the work request; needs no MR, limited to the QP's `max_inline_data`.
+    pub inline: bool,
+}
+
+/// A receive-queue work request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvWr<'a> {
+    /// Returned in the completion.
+    pub wr_id: u64,
+    /// Where a SEND's data lands; empty for receives that only catch WRITE-with-immediate.
+    pub sge: &'a [Sge],
+}
+
+const NULL_SGE: ibv_sge = ibv_sge {
+    addr: 0,
+    length: 0,
+    lkey: 0,
+};
+
+fn check_batch(qp: &QueuePair, n: usize, sges: impl Iterator<Item = usize>) -> Result<()> {
+    if n > MAX_WRS_PER_POST {
+        return Err(VerbsError::InvalidArgument(format!(
+            "{n} work requests in one post on {}, at most {MAX_WRS_PER_POST}",
+            qp.describe()
+        )));
+    }
+    for (i, count) in sges.enumerate() {
+        if count > MAX_SGE_PER_WR {
+            return Err(VerbsError::InvalidArgument(format!(
+                "work request {i} on {} has {count} SGEs, at most {MAX_SGE_PER_WR}",
+                qp.describe()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Copies `src` into the slot of work request `i` and returns the pointer to hand to the provider.
+fn stage_sges(slots: &mut [ibv_sge], i: usize, src: &[Sge]) -> *mut ibv_sge {
+    if src.is_empty() {
+        return ptr::null_mut();
+    }
+    let slot = &mut slots[i * MAX_SGE_PER_WR..i * MAX_SGE_PER_WR + src.len()];
+    for (dst, s) in slot.iter_mut().zip(src) {
+        *dst = ibv_sge {
+            addr: s.addr,
+            length: s.length,
+            lkey: s.lkey,
+        };
+    }
+    slot.as_mut_ptr()
+}
+
+/// Index of `bad` in the array starting at `base`, clamped to the batch.
+fn failed_index<T>(base: *const T, bad: *const T, n: usize) -> usize {
+    if bad.is_null() {
+        return 0;
+    }
+    let offset = (bad as usize).wrapping_sub(base as usize) / mem::size_of::<T>();
+    offset.min(n.saturating_sub(1))
+}
+
+impl QueuePair {
+    /// Posts a batch of send-queue work requests with one `ibv_post_send`. On failure the error
+    /// names the first work request not posted; those before it were posted.
+    pub fn post_send(&self, wrs: &[SendWr<'_>]) -> Result<()> {
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        check_batch(self, wrs.len(), wrs.iter().map(|w| w.sge.len()))?;
+        let max_inline = self.caps().max_inline_data as u64;
+        for (i, wr) in wrs.iter().enumerate() {
+            let bytes: u64 = wr.sge.iter().map(|s| u64::from(s.length)).sum();
+            if wr.inline && bytes > max_inline {
+                return Err(VerbsError::InvalidArgument(format!(
+                    "inline work request {i} on {} carries {bytes} bytes, the QP allows {max_inline}",
+                    self.describe()
+                )));
+            }
+            if wr.inline && matches!(wr.op, SendOp::Read { .. }) {
+                return Err(VerbsError::InvalidArgument(format!(
+                    "work request {i} on {}: an RDMA READ cannot be inline",
+                    self.describe()
+                )));
+            }
+        }
+
+        let mut sges = [NULL_SGE; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
+        let mut raw = [const { MaybeUninit::<ibv_send_wr>::uninit() }; MAX_WRS_PER_POST];
+        for (i, wr) in wrs.iter().enumerate() {
+            // SAFETY: ibv_send_wr is plain old data (integers, pointers, unions of them) for which
+            // all-zero bytes are valid.
+            let mut w: ibv_send_wr = unsafe { mem::zeroed() };
+            w.wr_id = wr.wr_id;
+            w.sg_list = stage_sges(&mut sges, i, wr.sge);
+            w.num_sge = wr.sge.len() as libc::c_int;
+            let mut flags = 0;
+            if wr.signaled {
+                flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+            }
+            if wr.inline {
+                flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+            }
+            w.send_flags = flags;
+            let rdma = |remote_addr, rkey| rdma_t { remote_addr, rkey };
+            match wr.op {
+                SendOp::Write { remote_addr, rkey } => {
+                    w.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+                    w.wr.rdma = rdma(remote_addr, rkey);
+                }
+                SendOp::WriteImm {
+                    remote_addr,
+                    rkey,
+                    imm,
+                } => {
+                    w.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+                    w.wr.rdma = rdma(remote_addr, rkey);
+                    w.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                }
+                SendOp::Read { remote_addr, rkey } => {
+                    w.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+                    w.wr.rdma = rdma(remote_addr, rkey);
+                }
+                SendOp::Send => w.opcode = ibv_wr_opcode::IBV_WR_SEND,
+                SendOp::SendImm { imm } => {
+                    w.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+                    w.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                }
+            }
+            raw[i].write(w);
+        }
+        let n = wrs.len();
+        let base = raw.as_mut_ptr().cast::<ibv_send_wr>();
+        for i in 0..n - 1 {
+            // SAFETY: entries 0..n are initialised and the array does not move while posting.
+            unsafe { (*base.add(i)).next = base.add(i + 1) };
+        }
+        let mut bad: *mut ibv_send_wr = ptr::null_mut();
+        // SAFETY: the QP is alive; the chain of n initialised work requests and their SGE arrays
+        // live on this stack frame until the call returns, and the provider copies what it keeps.
+        let ret = unsafe { ibv_post_send(self.as_ptr(), base, &mut bad) };
+        if ret != 0 {
+            return Err(VerbsError::Post {
+                op: "ibv_post_send",
+                qp_num: self.qp_num(),
+                wr_index: failed_index(base, bad, n),
+                errno: ret.abs(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Posts a batch of receive work requests with one `ibv_post_recv`. On failure the error names
+    /// the first work request not posted; those before it were posted.
+    pub fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        check_batch(self, wrs.len(), wrs.iter().map(|w| w.sge.len()))?;
+        let mut sges = [NULL_SGE; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
+        let mut raw = [const { MaybeUninit::<ibv_recv_wr>::uninit() }; MAX_WRS_PER_POST];
+        for (i, wr) in wrs.iter().enumerate() {
+            raw[i].write(ibv_recv_wr {
+                wr_id: wr.wr_id,
+                next: ptr::null_mut(),
+                sg_list: stage_sges(&mut sges, i, wr.sge),
+                num_sge: wr.sge.len() as libc::c_int,
+            });
+        }
+        let n = wrs.len();
+        let base = raw.as_mut_ptr().cast::<ibv_recv_wr>();
+        for i in 0..n - 1 {
+            // SAFETY: entries 0..n are initialised and the array does not move while posting.
+            unsafe { (*base.add(i)).next = base.add(i + 1) };
+        }
+        let mut bad: *mut ibv_recv_wr = ptr::null_mut();
+        // SAFETY: the QP is alive; the chain and its SGE arrays outlive the call, and the
+        // provider copies what it keeps.
+        let ret = unsafe { ibv_post_recv(self.as_ptr(), base, &mut bad) };
+        if ret != 0 {
+            return Err(VerbsError::Post {
+                op: "ibv_post_recv",
+                qp_num: self.qp_num(),
+                wr_index: failed_index(base, bad, n),
+                errno: ret.abs(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sges_are_staged_per_work_request() {
+        let mut slots = [NULL_SGE; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
+        let src = [
+            Sge {
+                addr: 1,
+                length: 2,
+                lkey: 3,
+            },
+            Sge {
+                addr: 4,
+                length: 5,
+                lkey: 6,
+            },
+        ];
+        let p = stage_sges(&mut slots, 2, &src);
+        assert_eq!(p, slots[2 * MAX_SGE_PER_WR..].as_mut_ptr());
+        assert_eq!((slots[8].addr, slots[9].lkey), (1, 6));
+        assert!(stage_sges(&mut slots, 0, &[]).is_null());
+    }
+
+    #[test]
+    fn failed_index_points_into_the_batch() {
+        let arr = [0u64; 4];
+        let base = arr.as_ptr();
+        assert_eq!(failed_index(base, base.wrapping_add(2), 4), 2);
+        assert_eq!(failed_index(base, ptr::null(), 4), 0);
+        assert_eq!(failed_index(base, base.wrapping_add(9), 4), 3);
+    }
+}

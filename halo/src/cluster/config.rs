@@ -1,0 +1,221 @@
+//! `cluster.toml`: the nodes of the cluster and everything needed to start Ray and vLLM on them.
+//! The first node is the head and runs locally; the others are reached over SSH.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::doctor::plugin::DEFAULT_PLUGIN_PATH;
+
+/// Overrides `[ray] executable` (e.g. a venv's `ray`).
+pub const RAY_ENV: &str = "HALO_RAY";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub ray: RaySection,
+    pub rccl: RcclSection,
+    #[serde(default)]
+    pub ssh: SshSection,
+    #[serde(default)]
+    pub model: ModelSection,
+    /// Extra variables for every node, applied last (so they override the computed ones).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaySection {
+    /// GCS port on the head.
+    pub port: u16,
+    /// `ray` executable on every node unless a node sets its own; `HALO_RAY` overrides.
+    pub executable: String,
+    pub num_cpus: u32,
+    pub num_gpus: u32,
+    /// How long `up` waits for all nodes to show up in `ray status`.
+    pub wait_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RcclSection {
+    /// Path of librccl-net-halo.so on the nodes (NCCL_NET_PLUGIN).
+    pub plugin: String,
+    /// NCCL_NET_GDR_LEVEL
+    pub gdr_level: String,
+    /// NCCL_IB_TIMEOUT
+    pub ib_timeout: u32,
+    /// NCCL_IB_RETRY_CNT
+    pub ib_retry_cnt: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshSection {
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    pub key: Option<PathBuf>,
+    /// Extra `-o` options, e.g. "StrictHostKeyChecking=accept-new".
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub name: Option<String>,
+    /// Tensor-parallel size; defaults to the number of nodes.
+    pub tp: Option<u32>,
+    pub port: u16,
+    pub max_model_len: Option<u32>,
+    pub gpu_memory_utilization: f64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            name: None,
+            tp: None,
+            port: 8000,
+            max_model_len: None,
+            gpu_memory_utilization: 0.90,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    /// SSH target (host name or address); for the head only a label.
+    pub host: String,
+    /// Cluster IPv4 address (on the RDMA interface).
+    pub ip: String,
+    /// Interface holding `ip` (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME).
+    pub iface: String,
+    /// RDMA device (NCCL_IB_HCA).
+    pub rdma_device: String,
+    /// RoCE v2 GID index of `ip` (NCCL_IB_GID_INDEX).
+    pub gid_index: u32,
+    pub ssh_user: Option<String>,
+    pub ssh_port: Option<u16>,
+    /// `ray` on this node, when it differs from `[ray] executable`.
+    pub ray: Option<String>,
+}
+
+impl ClusterConfig {
+    pub fn new(nodes: Vec<Node>, plugin: Option<String>) -> Self {
+        ClusterConfig {
+            ray: RaySection {
+                port: 6379,
+                executable: "ray".to_string(),
+                num_cpus: 8,
+                num_gpus: 1,
+                wait_secs: 120,
+            },
+            rccl: RcclSection {
+                plugin: plugin.unwrap_or_else(|| DEFAULT_PLUGIN_PATH.to_string()),
+                gdr_level: "SYS".to_string(),
+                ib_timeout: 23,
+                ib_retry_cnt: 7,
+            },
+            ssh: SshSection::default(),
+            model: ModelSection::default(),
+            env: BTreeMap::new(),
+            nodes,
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read {} (create it with `halo cluster init`)",
+                path.display()
+            )
+        })?;
+        let cfg: ClusterConfig =
+            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+        if cfg.nodes.is_empty() {
+            bail!("{}: no [[nodes]]", path.display());
+        }
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(format!("{HEADER}{}", toml::to_string_pretty(self)?))
+    }
+
+    pub fn head(&self) -> &Node {
+        &self.nodes[0]
+    }
+
+    pub fn workers(&self) -> &[Node] {
+        &self.nodes[1..]
+    }
+
+    pub fn head_address(&self) -> String {
+        format!("{}:{}", self.head().ip, self.ray.port)
+    }
+
+    /// `HALO_RAY`, else the node's own `ray`, else `[ray] executable`.
+    pub fn ray_for(&self, node: &Node) -> String {
+        std::env::var(RAY_ENV)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| node.ray.clone())
+            .unwrap_or_else(|| self.ray.executable.clone())
+    }
+
+    /// The environment RCCL, Ray and vLLM need on `node`.
+    pub fn node_env(&self, node: &Node) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("NCCL_NET_PLUGIN", self.rccl.plugin.clone()),
+            ("NCCL_SOCKET_IFNAME", node.iface.clone()),
+            ("GLOO_SOCKET_IFNAME", node.iface.clone()),
+            ("NCCL_IB_HCA", node.rdma_device.clone()),
+            ("NCCL_IB_GID_INDEX", node.gid_index.to_string()),
+            ("NCCL_NET_GDR_LEVEL", self.rccl.gdr_level.clone()),
+            ("NCCL_IB_TIMEOUT", self.rccl.ib_timeout.to_string()),
+            ("NCCL_IB_RETRY_CNT", self.rccl.ib_retry_cnt.to_string()),
+            // vLLM assigns the iGPU itself; Ray rewriting ROCR_VISIBLE_DEVICES hides it.
+            (
+                "RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES",
+                "1".to_string(),
+            ),
+            ("RAY_DISABLE_METRICS", "1".to_string()),
+            ("VLLM_HOST_IP", node.ip.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in &self.env {
+            match env.iter_mut().find(|(name, _)| name == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => env.push((k.clone(), v.clone())),
+            }
+        }
+        env
+    }
+}
+
+/// Where `up` records what it started: `cluster.state.json` beside `cluster.toml`.
+pub fn state_path(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map_or("cluster".into(), |s| s.to_string_lossy().into_owned());
+    config.with_file_name(format!("{stem}.state.json"))
+}
+
+const HEADER: &str = "\
+# halo cluster configuration (written by `halo cluster init`; edit freely).
+# The first [[nodes]] entry is the head: `halo cluster up` starts it locally and the others
+# over SSH. Every node gets NCCL_NET_PLUGIN, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME,
+# NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_NET_GDR_LEVEL, NCCL_IB_TIMEOUT, NCCL_IB_RETRY_CNT,
+# RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES=1, RAY_DISABLE_METRICS=1 and VLLM_HOST_IP;
+# [env] adds or overrides variables on every node (e.g. NCCL_DEBUG = \"INFO\").
+
+";

@@ -1,0 +1,117 @@
+//! The iGPU as amdgpu and KFD describe it: architecture, BIOS carve-out, GTT size.
+
+use super::{human_bytes, Check, Facts};
+use crate::sysroot::SysRoot;
+
+/// `gfx_target_version` of Strix Halo's iGPU (major 11, minor 5, stepping 1).
+const GFX1151: u32 = 110501;
+/// Boards at the 512 MB BIOS minimum still report up to this much.
+const CARVE_OUT_OK: u64 = 4 << 30;
+
+/// "gfx1151" from 110501: decimal major, then minor and stepping as hex digits.
+pub fn gfx_name(target_version: u32) -> String {
+    let major = target_version / 10000;
+    let minor = (target_version / 100) % 100;
+    let step = target_version % 100;
+    format!("gfx{major}{minor:x}{step:x}")
+}
+
+pub fn checks(root: &SysRoot, facts: &Facts) -> Vec<Check> {
+    vec![arch(root), memory(root, facts)]
+}
+
+fn arch(root: &SysRoot) -> Check {
+    const ID: &str = "gpu.arch";
+    const TITLE: &str = "GPU architecture";
+    let base = "/sys/class/kfd/kfd/topology/nodes";
+    let targets: Vec<u32> = root
+        .entries(base)
+        .iter()
+        .filter_map(|n| root.read(&format!("{base}/{n}/properties")))
+        .filter_map(|props| {
+            props.lines().find_map(|l| {
+                l.strip_prefix("gfx_target_version ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        // CPU nodes report 0.
+        .filter(|&v| v != 0)
+        .collect();
+    match targets.first() {
+        None => Check::fail(
+            ID,
+            TITLE,
+            "no GPU node in the KFD topology (amdgpu/KFD not loaded?)",
+            "sudo modprobe amdgpu; check `dmesg | grep -i kfd`",
+        ),
+        Some(&GFX1151) => Check::pass(ID, TITLE, format!("gfx1151 (gfx_target_version {GFX1151})")),
+        Some(&other) => Check::warn(
+            ID,
+            TITLE,
+            format!("{} (gfx_target_version {other}), not Strix Halo's gfx1151", gfx_name(other)),
+            "check that RCCL, PyTorch and vLLM ship code objects for this GPU (HSA_OVERRIDE_GFX_VERSION is a last resort)",
+        ),
+    }
+}
+
+fn memory(root: &SysRoot, facts: &Facts) -> Check {
+    const ID: &str = "gpu.memory";
+    const TITLE: &str = "iGPU carve-out and GTT";
+    let read_u64 = |p: String| root.read(&p).and_then(|v| v.parse::<u64>().ok());
+    let found = root
+        .entries("/sys/class/drm")
+        .into_iter()
+        .filter(|c| c.starts_with("card") && !c.contains('-'))
+        .find_map(|card| {
+            let dev = format!("/sys/class/drm/{card}/device");
+            Some((
+                card,
+                read_u64(format!("{dev}/mem_info_vram_total"))?,
+                read_u64(format!("{dev}/mem_info_gtt_total"))?,
+            ))
+        });
+    let Some((card, vram, gtt)) = found else {
+        return Check::fail(
+            ID,
+            TITLE,
+            "no amdgpu card with mem_info_vram_total/mem_info_gtt_total",
+            "sudo modprobe amdgpu; check `dmesg | grep -i amdgpu`",
+        );
+    };
+    let value = format!(
+        "{card}: VRAM carve-out {}, GTT {}",
+        human_bytes(vram),
+        human_bytes(gtt)
+    );
+    if vram > CARVE_OUT_OK {
+        return Check::warn(
+            ID,
+            TITLE,
+            format!("{value}: carve-out larger than needed, RAM is withheld from the GTT"),
+            "set the BIOS iGPU memory allocation to its minimum (512 MB)",
+        );
+    }
+    match facts.kernel_gtt_bytes {
+        // The driver may round the ceiling; 1% covers that but not a missed reboot.
+        Some(asked) if gtt.abs_diff(asked) * 100 > asked => Check::warn(
+            ID,
+            TITLE,
+            format!(
+                "{value}: the kernel command line asks for {}",
+                human_bytes(asked)
+            ),
+            "reboot so the new GTT parameters take effect (check `cat /proc/cmdline`)",
+        ),
+        _ => Check::pass(ID, TITLE, value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gfx_names() {
+        assert_eq!(super::gfx_name(110501), "gfx1151");
+        assert_eq!(super::gfx_name(90402), "gfx942");
+        assert_eq!(super::gfx_name(90010), "gfx90a");
+    }
+}

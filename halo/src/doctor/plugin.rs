@@ -1,0 +1,121 @@
+//! The halo net plugin library: where it is, and what can be said about it.
+//!
+//! Locating the file is done here; judging the file is a [`PluginProbe`]. The probe in this
+//! build only recognises an ELF shared object; a probe that loads the library and checks its
+//! exported `ncclNetPlugin_vN` symbols plugs in through the same trait.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::env::is_halo_plugin;
+use super::{Check, DoctorOptions};
+
+/// File name RCCL resolves for `NCCL_NET_PLUGIN=halo`.
+pub const PLUGIN_FILE: &str = "librccl-net-halo.so";
+/// Install location `halo cluster init` and `halo container` assume when nothing else is known.
+pub const DEFAULT_PLUGIN_PATH: &str = "/opt/halo/lib/librccl-net-halo.so";
+
+const SEARCH_DIRS: [&str; 5] = [
+    "/opt/halo/lib",
+    "/usr/local/lib",
+    "/usr/local/lib64",
+    "/usr/lib64",
+    "/usr/lib",
+];
+
+pub const CHECK_ID: &str = "plugin.library";
+pub const CHECK_TITLE: &str = "halo net plugin library";
+
+pub trait PluginProbe {
+    /// Judges the library at `path` (a path on this machine, already below the doctor's root);
+    /// `shown` is how the inspected node names it.
+    fn probe(&self, path: &Path, shown: &str) -> Check;
+}
+
+/// Checks that the file is an ELF shared object; it does not load it.
+pub struct ElfFileProbe;
+
+impl PluginProbe for ElfFileProbe {
+    fn probe(&self, path: &Path, shown: &str) -> Check {
+        let mut header = [0u8; 18];
+        let read = File::open(path).and_then(|mut f| f.read_exact(&mut header));
+        if let Err(e) = read {
+            return Check::fail(
+                CHECK_ID,
+                CHECK_TITLE,
+                format!("{shown}: cannot read ({e})"),
+                rebuild_fix(),
+            );
+        }
+        const ET_DYN: u16 = 3;
+        let is_elf = header[..4] == *b"\x7fELF";
+        let e_type = u16::from_le_bytes([header[16], header[17]]);
+        if is_elf && e_type == ET_DYN {
+            Check::pass(
+                CHECK_ID,
+                CHECK_TITLE,
+                format!("{shown} (ELF shared object; exported plugin symbols not checked by this probe)"),
+            )
+        } else {
+            Check::fail(
+                CHECK_ID,
+                CHECK_TITLE,
+                format!("{shown}: not an ELF shared object"),
+                rebuild_fix(),
+            )
+        }
+    }
+}
+
+fn rebuild_fix() -> String {
+    format!(
+        "cargo build --release -p rccl-net-plugin && sudo install -D target/release/librccl_net_plugin.so {DEFAULT_PLUGIN_PATH}"
+    )
+}
+
+/// Paths (as the inspected node names them) where the plugin may be, in search order.
+pub fn candidates(opts: &DoctorOptions) -> Vec<String> {
+    if let Some(p) = &opts.plugin {
+        return vec![p.to_string_lossy().into_owned()];
+    }
+    let mut out = Vec::new();
+    if let Some(p) = opts.env.get("NCCL_NET_PLUGIN") {
+        if p.contains('/') && is_halo_plugin(p) {
+            out.push(p.clone());
+        }
+    }
+    let ld = opts
+        .env
+        .get("LD_LIBRARY_PATH")
+        .map(String::as_str)
+        .unwrap_or("");
+    let dirs = ld.split(':').filter(|d| !d.is_empty()).chain(SEARCH_DIRS);
+    for path in dirs.map(|d| format!("{}/{PLUGIN_FILE}", d.trim_end_matches('/'))) {
+        if !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+pub fn check(opts: &DoctorOptions, probe: &dyn PluginProbe) -> Check {
+    let paths = candidates(opts);
+    let found = paths.iter().find_map(|shown| {
+        let local: PathBuf = if Path::new(shown).is_absolute() {
+            opts.root.path(shown)
+        } else {
+            PathBuf::from(shown)
+        };
+        local.is_file().then(|| (local, shown.clone()))
+    });
+    match found {
+        Some((local, shown)) => probe.probe(&local, &shown),
+        None => Check::fail(
+            CHECK_ID,
+            CHECK_TITLE,
+            format!("plugin library not found at {}", paths.join(", ")),
+            rebuild_fix(),
+        ),
+    }
+}

@@ -1,0 +1,9 @@
+//! The `halo` harness for Strix Halo RoCE v2 clusters: node checks (`doctor`), the Ray cluster
+//! (`cluster`), vLLM (`serve`, `bench-serve`) and the container (`container`).
+
+pub mod cluster;
+pub mod container;
+pub mod doctor;
+pub mod process;
+pub mod serve;
+pub mod sysroot;

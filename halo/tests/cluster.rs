@@ -1,0 +1,453 @@
+//! The cluster harness against a real Ray (from scripts/setup-harness.sh) and a real OpenSSH
+//! server started by this test on 127.0.0.1: `halo cluster up` starts the head on 127.0.0.2
+//! and, over SSH, a worker on 127.0.0.3; `status` must see two nodes; `halo serve` runs a
+//! stand-in `vllm` that submits a Ray task pinned to the worker and records the environment
+//! that task sees; `down` must leave no Ray process behind.
+//!
+//! Ray treats 127.0.0.1 as "this host" and swaps in the machine's LAN address, so the nodes
+//! use other loopback addresses.
+
+mod common;
+
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::halo;
+use halo::process::run_bounded;
+
+const HEAD_IP: &str = "127.0.0.2";
+const WORKER_IP: &str = "127.0.0.3";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn harness_ray() -> Option<PathBuf> {
+    if let Ok(r) = std::env::var("HALO_RAY") {
+        return Some(PathBuf::from(r));
+    }
+    let venv = std::env::var_os("HALO_HARNESS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/halo-harness/venv")
+        });
+    let ray = venv.join("bin/ray");
+    ray.is_file().then_some(ray)
+}
+
+/// Ray and sshd, or why not. Without them the test fails, unless HALO_SKIP_CLUSTER_TESTS=1.
+fn prerequisites() -> Option<(PathBuf, PathBuf)> {
+    let ray = harness_ray();
+    let sshd = PathBuf::from("/usr/sbin/sshd");
+    let missing: Vec<&str> = [
+        (ray.is_none(), "ray (harness venv)"),
+        (!sshd.is_file(), "/usr/sbin/sshd"),
+    ]
+    .into_iter()
+    .filter_map(|(gone, what)| gone.then_some(what))
+    .collect();
+    if missing.is_empty() {
+        return Some((ray.unwrap(), sshd));
+    }
+    if std::env::var("HALO_SKIP_CLUSTER_TESTS").as_deref() == Ok("1") {
+        println!(
+            "SKIPPED: cluster test ({} missing; HALO_SKIP_CLUSTER_TESTS=1)",
+            missing.join(", ")
+        );
+        return None;
+    }
+    panic!(
+        "{} missing: run scripts/setup-harness.sh (or set HALO_SKIP_CLUSTER_TESTS=1 to skip)",
+        missing.join(", ")
+    );
+}
+
+fn run(cmd: &mut Command, limit_secs: u64) -> halo::process::Captured {
+    let out = run_bounded(cmd, Duration::from_secs(limit_secs)).unwrap();
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    out
+}
+
+struct Sshd {
+    child: Child,
+    port: u16,
+    client_key: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sshd(sshd: &Path, dir: &Path) -> Sshd {
+    let keygen = |path: &Path| {
+        let out = run(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path),
+            30,
+        );
+        assert!(out.success, "ssh-keygen failed");
+    };
+    let host_key = dir.join("host_ed25519");
+    let client_key = dir.join("client_ed25519");
+    keygen(&host_key);
+    keygen(&client_key);
+    fs::copy(dir.join("client_ed25519.pub"), dir.join("authorized_keys")).unwrap();
+    // sshd refuses to start without its privilege-separation directory.
+    fs::create_dir_all("/run/sshd").unwrap();
+    let port = free_port();
+    let config = dir.join("sshd_config");
+    fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             UsePAM no\nPidFile {}\n",
+            host_key.display(),
+            dir.join("authorized_keys").display(),
+            dir.join("sshd.pid").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let server = Sshd {
+        child,
+        port,
+        client_key,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "sshd did not listen: {}",
+            fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    server
+}
+
+/// A stand-in for vLLM: records its argv and environment, joins the Ray cluster as vLLM's Ray
+/// executor does, runs a task pinned to the worker node that reports the worker's
+/// environment, then answers one GET /v1/models and exits.
+fn write_fake_vllm(path: &Path, python: &Path) {
+    let script = format!(
+        r#"#!{python}
+import http.server, json, os, sys
+import ray
+
+KEYS = ["NCCL_NET_PLUGIN", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX",
+        "NCCL_NET_GDR_LEVEL", "NCCL_IB_TIMEOUT", "NCCL_IB_RETRY_CNT", "RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES",
+        "RAY_DISABLE_METRICS", "VLLM_HOST_IP", "RAY_ADDRESS", "HF_TOKEN", "HALO_TEST_EXTRA"]
+record = {{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in KEYS}}}}
+ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address=os.environ["VLLM_HOST_IP"], log_to_driver=False)
+record["ray_nodes"] = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+
+@ray.remote(num_cpus=0, resources={{"node:{WORKER_IP}": 0.01}})
+def worker_env(keys):
+    import os, socket
+    return {{k: os.environ.get(k) for k in keys}}
+
+record["worker_env"] = ray.get(worker_env.remote(KEYS), timeout=120)
+ray.shutdown()
+with open(os.environ["HALO_TEST_RECORD"], "w") as f:
+    json.dump(record, f)
+
+class Models(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({{"data": [{{"id": sys.argv[2]}}]}}).encode()
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+port = int(sys.argv[sys.argv.index("--port") + 1])
+server = http.server.HTTPServer(("127.0.0.1", port), Models)
+server.timeout = 60
+server.handle_request()
+"#,
+        python = python.display()
+    );
+    fs::write(path, script).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn ray_processes() -> String {
+    let pattern = format!(
+        "(raylet/raylet|gcs/gcs_server) .*node[-_]ip[-_]address=({}|{})( |$)",
+        HEAD_IP.replace('.', "\\."),
+        WORKER_IP.replace('.', "\\.")
+    );
+    let out = run_bounded(
+        Command::new("pgrep").arg("-af").arg(pattern),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    out.stdout
+}
+
+/// Stops whatever the test started even when an assertion fails half-way.
+struct ClusterGuard<'a> {
+    config: &'a Path,
+    ray: &'a Path,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        if !ray_processes().is_empty() {
+            let _ = run_bounded(
+                halo()
+                    .env("HALO_RAY", self.ray)
+                    .arg("--config")
+                    .arg(self.config)
+                    .args(["cluster", "down"]),
+                Duration::from_secs(120),
+            );
+        }
+    }
+}
+
+#[test]
+fn up_status_serve_down_with_real_ray_and_sshd() {
+    let Some((ray, sshd_bin)) = prerequisites() else {
+        return;
+    };
+    let started = Instant::now();
+    assert!(
+        ray_processes().is_empty(),
+        "Ray processes for {HEAD_IP}/{WORKER_IP} already running:\n{}",
+        ray_processes()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = start_sshd(&sshd_bin, dir.path());
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".to_string());
+
+    let plugin = dir.path().join("librccl-net-halo.so");
+    fs::write(&plugin, b"\x7fELF").unwrap();
+    let config = dir.path().join("cluster.toml");
+    let ray_port = free_port();
+    fs::write(
+        &config,
+        format!(
+            r#"[ray]
+port = {ray_port}
+executable = "ray"
+num_cpus = 1
+num_gpus = 1
+wait_secs = 90
+
+[rccl]
+plugin = "{plugin}"
+gdr_level = "SYS"
+ib_timeout = 23
+ib_retry_cnt = 7
+
+[ssh]
+user = "{user}"
+port = {ssh_port}
+key = "{key}"
+options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
+
+[env]
+HALO_TEST_EXTRA = "from [env]"
+
+[[nodes]]
+host = "head"
+ip = "{HEAD_IP}"
+iface = "lo"
+rdma_device = "rxe0"
+gid_index = 1
+
+[[nodes]]
+host = "127.0.0.1"
+ip = "{WORKER_IP}"
+iface = "lo"
+rdma_device = "rxe0"
+gid_index = 1
+"#,
+            plugin = plugin.display(),
+            ssh_port = sshd.port,
+            key = sshd.client_key.display()
+        ),
+    )
+    .unwrap();
+    let _guard = ClusterGuard {
+        config: &config,
+        ray: &ray,
+    };
+    let halo_cfg = || {
+        let mut c = halo();
+        c.env("HALO_RAY", &ray).arg("--config").arg(&config);
+        c
+    };
+
+    let t = Instant::now();
+    let up = run(halo_cfg().args(["cluster", "up"]), 300);
+    assert!(up.success, "cluster up failed");
+    assert!(
+        up.stdout.contains("[1/2] head head (127.0.0.2)"),
+        "{}",
+        up.stdout
+    );
+    assert!(
+        up.stdout
+            .contains("[2/2] worker 127.0.0.1 (127.0.0.3): ssh -o BatchMode=yes"),
+        "{}",
+        up.stdout
+    );
+    assert!(
+        up.stdout.contains("cluster up: 2 nodes active"),
+        "{}",
+        up.stdout
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(dir.path().join("cluster.state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["nodes"].as_array().unwrap().len(), 2);
+    println!("TIMING cluster up: {:.1} s", t.elapsed().as_secs_f64());
+
+    let status = run(halo_cfg().args(["cluster", "status", "--json"]), 120);
+    assert!(status.success);
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(s["active_nodes"], 2, "{s}");
+    assert_eq!(s["expected_nodes"], 2);
+    assert_eq!(s["gpus_total"], 2.0);
+
+    // serve: the stand-in joins the cluster and runs a task on the worker.
+    let vllm = dir.path().join("vllm");
+    write_fake_vllm(&vllm, &ray.with_file_name("python"));
+    let record = dir.path().join("record.json");
+    let port = free_port();
+    let t = Instant::now();
+    let serve = run(
+        halo_cfg()
+            .env("HALO_TEST_RECORD", &record)
+            .env("HF_TOKEN", "hf_test_token")
+            .args([
+                "serve",
+                "meta-llama/Llama-3.1-8B-Instruct",
+                "--tp",
+                "2",
+                "--max-model-len",
+                "8192",
+                "--wait-secs",
+                "240",
+                "--port",
+            ])
+            .arg(port.to_string())
+            .arg("--vllm")
+            .arg(&vllm)
+            .args(["--", "--attention-backend", "TRITON_ATTN"]),
+        300,
+    );
+    assert!(serve.success, "halo serve failed");
+    assert!(
+        serve
+            .stdout
+            .contains("vLLM serves meta-llama/Llama-3.1-8B-Instruct (TP=2) at http://127.0.0.2:"),
+        "{}",
+        serve.stdout
+    );
+    println!(
+        "TIMING serve (stand-in, Ray task on the worker): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&record).unwrap()).unwrap();
+    let argv: Vec<&str> = rec["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let port_s = port.to_string();
+    assert_eq!(
+        argv,
+        [
+            "serve",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            port_s.as_str(),
+            "--tensor-parallel-size",
+            "2",
+            "--distributed-executor-backend",
+            "ray",
+            "--gpu-memory-utilization",
+            "0.90",
+            "--enforce-eager",
+            "--max-model-len",
+            "8192",
+            "--attention-backend",
+            "TRITON_ATTN"
+        ]
+    );
+    assert_eq!(rec["ray_nodes"], serde_json::json!([HEAD_IP, WORKER_IP]));
+    let plugin_s = plugin.to_string_lossy();
+    let head_env = &rec["env"];
+    assert_eq!(head_env["NCCL_NET_PLUGIN"], plugin_s.as_ref());
+    assert_eq!(head_env["VLLM_HOST_IP"], HEAD_IP);
+    assert_eq!(head_env["RAY_ADDRESS"], format!("{HEAD_IP}:{ray_port}"));
+    assert_eq!(head_env["HF_TOKEN"], "hf_test_token");
+    let worker = &rec["worker_env"];
+    println!("worker task env: {worker}");
+    for (k, v) in [
+        ("NCCL_NET_PLUGIN", plugin_s.as_ref()),
+        ("NCCL_SOCKET_IFNAME", "lo"),
+        ("GLOO_SOCKET_IFNAME", "lo"),
+        ("NCCL_IB_HCA", "rxe0"),
+        ("NCCL_IB_GID_INDEX", "1"),
+        ("NCCL_NET_GDR_LEVEL", "SYS"),
+        ("NCCL_IB_TIMEOUT", "23"),
+        ("NCCL_IB_RETRY_CNT", "7"),
+        ("RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES", "1"),
+        ("RAY_DISABLE_METRICS", "1"),
+        ("VLLM_HOST_IP", WORKER_IP),
+        ("HALO_TEST_EXTRA", "from [env]"),
+    ] {
+        assert_eq!(worker[k], v, "worker env {k}");
+    }
+
+    let t = Instant::now();
+    let down = run(halo_cfg().args(["cluster", "down"]), 300);
+    assert!(down.success, "cluster down failed");
+    assert!(
+        down.stdout.contains("127.0.0.1: no Ray processes left"),
+        "{}",
+        down.stdout
+    );
+    assert!(
+        ray_processes().is_empty(),
+        "left over:\n{}",
+        ray_processes()
+    );
+    assert!(!dir.path().join("cluster.state.json").exists());
+    println!("TIMING cluster down: {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "TIMING cluster test total: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,320 @@
+//! Functions shared by the per-version tables, in version-neutral argument types.
+
+use super::guard;
+use crate::log;
+use crate::net::{
+    self, ListenComm, MrHandle, NetError, NetResult, Props, RecvComm, Request, SendComm,
+};
+use crate::oob::HANDLE_SIZE;
+use crate::protocol::MAX_RECVS;
+use halo_ffi::*;
+use std::ffi::{c_int, c_void};
+
+/// The plugin's `name` field (RCCL's `NCCL_NET` compares it case-insensitively).
+pub const PLUGIN_NAME: &std::ffi::CStr = c"halo";
+
+fn out<'a, T>(p: *mut T, what: &str) -> NetResult<&'a mut T> {
+    // SAFETY: RCCL passes valid out-pointers or NULL; NULL is refused here.
+    unsafe { p.as_mut() }.ok_or_else(|| NetError::InvalidArgument(format!("{what} is NULL")))
+}
+
+pub fn init(logger: ncclDebugLogger_t) -> ncclResult_t {
+    log::set_logger(logger);
+    guard("init", || net::init().map(|_| ()))
+}
+
+pub fn devices(ndev: *mut c_int) -> ncclResult_t {
+    guard("devices", || {
+        *out(ndev, "ndev")? = net::plugin()?.devices.len() as c_int;
+        Ok(())
+    })
+}
+
+/// Fills the common property fields and hands the rest to `fill`.
+pub fn properties(dev: c_int, fill: impl FnOnce(&Props)) -> ncclResult_t {
+    guard("getProperties", || {
+        let p = net::plugin()?.properties(dev)?;
+        fill(&p);
+        Ok(())
+    })
+}
+
+fn handle_buf<'a>(handle: *mut c_void) -> NetResult<&'a mut [u8; HANDLE_SIZE]> {
+    // SAFETY: RCCL's handle buffers are NCCL_NET_HANDLE_MAXSIZE (128) bytes.
+    unsafe { (handle as *mut [u8; HANDLE_SIZE]).as_mut() }
+        .ok_or_else(|| NetError::InvalidArgument("handle is NULL".into()))
+}
+
+pub fn listen(
+    dev: c_int,
+    handle: *mut c_void,
+    listen_comm: *mut *mut c_void,
+    tc: Option<i32>,
+) -> ncclResult_t {
+    guard("listen", || {
+        let out_comm = out(listen_comm, "listenComm")?;
+        let comm = net::plugin()?.listen(dev, handle_buf(handle)?, tc)?;
+        *out_comm = Box::into_raw(comm) as *mut c_void;
+        Ok(())
+    })
+}
+
+pub fn connect(
+    dev: c_int,
+    handle: *mut c_void,
+    send_comm: *mut *mut c_void,
+    dev_comm: Option<*mut *mut ncclNetDeviceHandle_v7_t>,
+    tc: Option<i32>,
+) -> ncclResult_t {
+    guard("connect", || {
+        let out_comm = out(send_comm, "sendComm")?;
+        *out_comm = std::ptr::null_mut();
+        if let Some(d) = dev_comm.filter(|d| !d.is_null()) {
+            // SAFETY: non-NULL out-pointer from RCCL.
+            unsafe { *d = std::ptr::null_mut() };
+        }
+        if let Some(c) = net::plugin()?.connect(dev, handle_buf(handle)?, tc)? {
+            *out_comm = Box::into_raw(c) as *mut c_void;
+        }
+        Ok(())
+    })
+}
+
+pub fn accept(
+    listen_comm: *mut c_void,
+    recv_comm: *mut *mut c_void,
+    dev_comm: Option<*mut *mut ncclNetDeviceHandle_v7_t>,
+) -> ncclResult_t {
+    guard("accept", || {
+        let out_comm = out(recv_comm, "recvComm")?;
+        *out_comm = std::ptr::null_mut();
+        if let Some(d) = dev_comm.filter(|d| !d.is_null()) {
+            // SAFETY: non-NULL out-pointer from RCCL.
+            unsafe { *d = std::ptr::null_mut() };
+        }
+        let l = out(listen_comm as *mut ListenComm, "listenComm")?;
+        if let Some(c) = l.poll_accept()? {
+            *out_comm = Box::into_raw(c) as *mut c_void;
+        }
+        Ok(())
+    })
+}
+
+pub fn reg_mr(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: usize,
+    ty: c_int,
+    mhandle: *mut *mut c_void,
+) -> ncclResult_t {
+    guard("regMr", || {
+        let out_h = out(mhandle, "mhandle")?;
+        if ty != NCCL_PTR_HOST {
+            log::warn_once!(
+                log::NET,
+                "RCCL asked to register GPU memory, but this plugin advertises NCCL_PTR_HOST only"
+            );
+            return Err(NetError::InvalidUsage(format!(
+                "regMr of memory type {ty}: this build registers host memory only (ptrSupport = NCCL_PTR_HOST)"
+            )));
+        }
+        // SAFETY: RCCL passes comms it got from this plugin.
+        let dev = unsafe { net::comm_device(comm) }?;
+        // SAFETY: RCCL keeps the buffer allocated until deregMr.
+        let h = unsafe { dev.regs.acquire(&dev.pd, data as u64, size as u64) }?;
+        *out_h = Box::into_raw(h) as *mut c_void;
+        Ok(())
+    })
+}
+
+pub fn dereg_mr(comm: *mut c_void, mhandle: *mut c_void) -> ncclResult_t {
+    guard("deregMr", || {
+        if mhandle.is_null() {
+            return Err(NetError::InvalidArgument("deregMr of a NULL handle".into()));
+        }
+        // SAFETY: RCCL passes comms it got from this plugin.
+        let dev = unsafe { net::comm_device(comm) }?;
+        // SAFETY: handles come from reg_mr's Box::into_raw and are given back once.
+        let h = *unsafe { Box::from_raw(mhandle as *mut MrHandle) };
+        dev.regs.release(h)
+    })
+}
+
+fn mh<'a>(p: *mut c_void) -> Option<&'a MrHandle> {
+    // SAFETY: RCCL passes handles from reg_mr (or NULL).
+    unsafe { (p as *const MrHandle).as_ref() }
+}
+
+pub fn isend(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: usize,
+    tag: c_int,
+    mhandle: *mut c_void,
+    request: *mut *mut c_void,
+) -> ncclResult_t {
+    guard("isend", || {
+        let out_req = out(request, "request")?;
+        *out_req = std::ptr::null_mut();
+        let c = out(comm as *mut SendComm, "sendComm")?;
+        if let Some(r) = c.isend(data as u64, size as u64, tag, mh(mhandle))? {
+            *out_req = r as *mut c_void;
+        }
+        Ok(())
+    })
+}
+
+/// `irecv`; `size_of(i)` reads the capacity of buffer `i` from the version's sizes array.
+pub fn irecv(
+    comm: *mut c_void,
+    n: c_int,
+    data: *mut *mut c_void,
+    size_of: impl Fn(usize) -> usize,
+    tags: *mut c_int,
+    mhandles: *mut *mut c_void,
+    request: *mut *mut c_void,
+) -> ncclResult_t {
+    guard("irecv", || {
+        let out_req = out(request, "request")?;
+        // The request may arrive as (void*)1 (optional completion): always overwrite it.
+        *out_req = std::ptr::null_mut();
+        let c = out(comm as *mut RecvComm, "recvComm")?;
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| (1..=MAX_RECVS).contains(&n))
+            .ok_or_else(|| {
+                NetError::InvalidArgument(format!("irecv of {n} buffers (1..={MAX_RECVS} allowed)"))
+            })?;
+        if data.is_null() || tags.is_null() || mhandles.is_null() {
+            return Err(NetError::InvalidArgument(
+                "irecv with a NULL data, tags or mhandles array".into(),
+            ));
+        }
+        let mut bufs = [(0u64, 0u64, 0i32, None); MAX_RECVS];
+        for (i, b) in bufs.iter_mut().enumerate().take(n) {
+            // SAFETY: RCCL's arrays hold n entries.
+            unsafe {
+                *b = (
+                    *data.add(i) as u64,
+                    size_of(i) as u64,
+                    *tags.add(i),
+                    mh(*mhandles.add(i)),
+                )
+            };
+        }
+        if let Some(r) = c.irecv(&bufs[..n])? {
+            *out_req = r as *mut c_void;
+        }
+        Ok(())
+    })
+}
+
+pub fn iflush(comm: *mut c_void, request: *mut *mut c_void) -> ncclResult_t {
+    guard("iflush", || {
+        out(comm as *mut RecvComm, "recvComm")?;
+        // Host memory only: nothing is ever in a GPU's write path, so nothing needs flushing.
+        *out(request, "request")? = std::ptr::null_mut();
+        Ok(())
+    })
+}
+
+pub fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
+    guard("test", || {
+        let d = out(done, "done")?;
+        *d = 0;
+        if request.is_null() {
+            return Err(NetError::InvalidArgument("test of a NULL request".into()));
+        }
+        let mut s = [0u64; MAX_RECVS];
+        // SAFETY: RCCL tests requests it got from isend/irecv on open comms, from the comm's thread.
+        if let Some(n) = unsafe { Request::test(request as *mut Request, &mut s) }? {
+            if !sizes.is_null() {
+                for (i, v) in s[..n].iter().enumerate() {
+                    // SAFETY: RCCL's sizes array has one int per receive of the request.
+                    unsafe { *sizes.add(i) = *v as c_int };
+                }
+            }
+            *d = 1;
+        }
+        Ok(())
+    })
+}
+
+pub fn close_send(comm: *mut c_void) -> ncclResult_t {
+    guard("closeSend", || {
+        if !comm.is_null() {
+            // SAFETY: from connect's Box::into_raw, closed once.
+            drop(unsafe { Box::from_raw(comm as *mut SendComm) });
+        }
+        Ok(())
+    })
+}
+
+pub fn close_recv(comm: *mut c_void) -> ncclResult_t {
+    guard("closeRecv", || {
+        if !comm.is_null() {
+            // SAFETY: from accept's Box::into_raw, closed once.
+            drop(unsafe { Box::from_raw(comm as *mut RecvComm) });
+        }
+        Ok(())
+    })
+}
+
+pub fn close_listen(comm: *mut c_void) -> ncclResult_t {
+    guard("closeListen", || {
+        if !comm.is_null() {
+            // SAFETY: from listen's Box::into_raw, closed once.
+            drop(unsafe { Box::from_raw(comm as *mut ListenComm) });
+        }
+        Ok(())
+    })
+}
+
+/// Virtual devices: only the trivial one-NIC device is offered.
+pub fn make_vdevice(d: *mut c_int, ndevs: c_int, devs: &[c_int]) -> ncclResult_t {
+    guard("makeVDevice", || {
+        let d = out(d, "d")?;
+        if ndevs != 1 {
+            return Err(NetError::InvalidUsage(format!(
+                "makeVDevice of {ndevs} devices: NIC merging is not supported"
+            )));
+        }
+        net::plugin()?.device(devs[0])?;
+        *d = devs[0];
+        Ok(())
+    })
+}
+
+/// Properties shared by every version, in the order RCCL's structs hold them.
+macro_rules! fill_common {
+    ($out:expr, $p:expr) => {{
+        let o = &mut *$out;
+        o.name = $p.dev.c_name.as_ptr() as *mut _;
+        o.pciPath = $p.dev.c_pci_path.as_ptr() as *mut _;
+        o.guid = $p.dev.guid;
+        o.ptrSupport = $p.ptr_support;
+        o.speed = $p.dev.speed_mbps;
+        o.port = i32::from($p.dev.port);
+        o.latency = $p.latency;
+        o.maxComms = $p.max_comms;
+        o.maxRecvs = $p.max_recvs;
+    }};
+}
+pub(crate) use fill_common;
+
+/// Fields of v9 and later.
+macro_rules! fill_v9 {
+    ($out:expr, $p:expr) => {{
+        $crate::abi::common::fill_common!($out, $p);
+        let o = &mut *$out;
+        o.regIsGlobal = 1;
+        o.forceFlush = 0;
+        o.netDeviceType = halo_ffi::NCCL_NET_DEVICE_HOST;
+        o.netDeviceVersion = halo_ffi::NCCL_NET_DEVICE_INVALID_VERSION;
+        o.vProps.ndevs = 1;
+        o.vProps.devs[0] = $p.dev.index as i32;
+        o.maxP2pBytes = $p.max_p2p_bytes;
+        o.maxCollBytes = $p.max_p2p_bytes;
+    }};
+}
+pub(crate) use fill_v9;

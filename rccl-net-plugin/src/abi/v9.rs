@@ -1,0 +1,85 @@
+//! `ncclNet_v9_t` (NCCL 2.24 … 2.25): `size_t` sizes in isend/irecv, `makeVDevice`, vProps.
+
+use super::common as c;
+use super::{v6, v7, v8};
+use halo_ffi::*;
+use std::ffi::{c_int, c_void};
+
+unsafe extern "C" fn init(logger: ncclDebugLogger_t) -> ncclResult_t {
+    c::init(logger)
+}
+unsafe extern "C" fn get_properties(
+    dev: c_int,
+    props: *mut ncclNetProperties_v9_t,
+) -> ncclResult_t {
+    c::properties(dev, |p| {
+        // SAFETY: RCCL passes a valid props struct of this version.
+        if let Some(o) = unsafe { props.as_mut() } {
+            *o = ncclNetProperties_v9_t::zeroed();
+            c::fill_v9!(o, p);
+        }
+    })
+}
+pub(super) unsafe extern "C" fn isend(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: usize,
+    tag: c_int,
+    mh: *mut c_void,
+    req: *mut *mut c_void,
+) -> ncclResult_t {
+    c::isend(comm, data, size, tag, mh, req)
+}
+pub(super) unsafe extern "C" fn irecv(
+    comm: *mut c_void,
+    n: c_int,
+    data: *mut *mut c_void,
+    sizes: *mut usize,
+    tags: *mut c_int,
+    mh: *mut *mut c_void,
+    req: *mut *mut c_void,
+) -> ncclResult_t {
+    if sizes.is_null() {
+        return super::guard("irecv", || {
+            Err(crate::net::NetError::InvalidArgument("NULL sizes".into()))
+        });
+    }
+    // SAFETY: RCCL's sizes array has n entries (n is checked before any index is read).
+    c::irecv(comm, n, data, |i| unsafe { *sizes.add(i) }, tags, mh, req)
+}
+pub(super) unsafe extern "C" fn make_vdevice(
+    d: *mut c_int,
+    props: *mut ncclNetVDeviceProps_v9_t,
+) -> ncclResult_t {
+    // SAFETY: RCCL passes a valid vProps struct or NULL.
+    match unsafe { props.as_ref() } {
+        Some(p) => c::make_vdevice(d, p.ndevs, &p.devs),
+        None => super::guard("makeVDevice", || {
+            Err(crate::net::NetError::InvalidArgument("NULL props".into()))
+        }),
+    }
+}
+
+#[no_mangle]
+pub static ncclNetPlugin_v9: ncclNet_v9_t = ncclNet_v9_t {
+    name: c::PLUGIN_NAME.as_ptr(),
+    init: Some(init),
+    devices: Some(v6::devices),
+    getProperties: Some(get_properties),
+    listen: Some(v6::listen),
+    connect: Some(v7::connect),
+    accept: Some(v7::accept),
+    regMr: Some(v8::reg_mr),
+    regMrDmaBuf: None,
+    deregMr: Some(v6::dereg_mr),
+    isend: Some(isend),
+    irecv: Some(irecv),
+    iflush: Some(v6::iflush),
+    test: Some(v6::test),
+    closeSend: Some(v6::close_send),
+    closeRecv: Some(v6::close_recv),
+    closeListen: Some(v6::close_listen),
+    getDeviceMr: None,
+    irecvConsumed: None,
+    makeVDevice: Some(make_vdevice),
+};

@@ -1,0 +1,651 @@
+//! Send and receive comms: the data path. Each comm is driven by one RCCL progress thread.
+
+use super::buffer::RegisteredBuf;
+use super::device::NetDevice;
+use super::error::{NetError, NetResult};
+use super::regcache::MrHandle;
+use crate::log::{warn, NET};
+use crate::oob::{OobError, OobStream};
+use crate::protocol::{
+    row_of, CtsEntry, ProtoError, RecvBuf, RecvPost, RecvState, SendMsg, SendPost, SendState,
+    Transmit, WireOp, CTS_ROW_BYTES, FIFO_DEPTH, MAX_RECVS, SIZES_ROW_BYTES,
+};
+use halo_ibverbs::{
+    CompletionQueue, QueuePair, RecvWr, SendOp, SendWr, Sge, WcOpcode, WorkCompletion,
+};
+use std::net::SocketAddr;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+/// Work requests posted per `ibv_post_send` call.
+const POST_BATCH: usize = 16;
+/// Completions taken per poll.
+const POLL_BATCH: usize = 16;
+/// Fruitless polls between two checks that the peer's bootstrap socket is still open.
+const LIVENESS_EVERY: u32 = 1 << 12;
+/// `wr_id` bit marking the receiver's clear-to-send writes (the low bits hold the sequence).
+const WR_CTS: u64 = 1 << 40;
+
+const REQ_MAGIC: u32 = 0x4841_4c4f;
+/// First word of a [`SendComm`].
+pub const COMM_SEND: u32 = 0x4853_4e44;
+/// First word of a [`RecvComm`].
+pub const COMM_RECV: u32 = 0x4852_4356;
+
+/// What RCCL holds as `request`. Lives inside its comm; RCCL may only use it until `test`
+/// reports it done.
+pub struct Request {
+    magic: u32,
+    idx: u16,
+    send: *mut SendComm,
+    recv: *mut RecvComm,
+}
+
+impl Request {
+    fn new(idx: u16) -> Self {
+        Request {
+            magic: REQ_MAGIC,
+            idx,
+            send: std::ptr::null_mut(),
+            recv: std::ptr::null_mut(),
+        }
+    }
+
+    /// Tests the request behind a pointer handed out by `isend`/`irecv`.
+    ///
+    /// # Safety
+    /// `req` must come from this plugin's `isend`/`irecv` on a comm that is still open, and only
+    /// the thread that drives that comm may call this.
+    pub unsafe fn test(
+        req: *mut Request,
+        sizes: &mut [u64; MAX_RECVS],
+    ) -> NetResult<Option<usize>> {
+        // SAFETY: per the contract, `req` points into a live comm's request table.
+        let r = unsafe { &*req };
+        if r.magic != REQ_MAGIC {
+            return Err(NetError::InvalidArgument(format!(
+                "test: {req:p} is not a request of this plugin"
+            )));
+        }
+        // SAFETY: the comm pointers were set when the comm was boxed and stay valid while it is open.
+        unsafe {
+            if let Some(c) = r.send.as_mut() {
+                c.test(r.idx).map(|o| {
+                    o.map(|size| {
+                        sizes[0] = size;
+                        1
+                    })
+                })
+            } else if let Some(c) = r.recv.as_mut() {
+                c.test(r.idx).map(|o| {
+                    o.map(|(n, s)| {
+                        sizes[..n].copy_from_slice(&s[..n]);
+                        n
+                    })
+                })
+            } else {
+                Err(NetError::Internal("request belongs to no comm".into()))
+            }
+        }
+    }
+}
+
+/// Everything a connection shares on both sides.
+pub struct Link {
+    pub dev: Arc<NetDevice>,
+    pub qp: QueuePair,
+    pub cq: CompletionQueue,
+    pub peer: SocketAddr,
+    pub oob: OobStream,
+    /// First error seen; every later call reports it.
+    pub error: Option<NetError>,
+    idle_polls: u32,
+}
+
+impl Link {
+    pub fn new(
+        dev: Arc<NetDevice>,
+        qp: QueuePair,
+        cq: CompletionQueue,
+        peer: SocketAddr,
+        oob: OobStream,
+    ) -> Self {
+        Link {
+            dev,
+            qp,
+            cq,
+            peer,
+            oob,
+            error: None,
+            idle_polls: 0,
+        }
+    }
+
+    pub fn context(&self) -> String {
+        format!(
+            "{} qp {:#x} peer {}",
+            self.dev.describe(),
+            self.qp.qp_num(),
+            self.peer
+        )
+    }
+
+    fn fail(&mut self, e: NetError) -> NetError {
+        if self.error.is_none() {
+            warn!(NET, "{e}");
+            self.error = Some(e.clone());
+        }
+        e
+    }
+
+    fn check(&self) -> NetResult<()> {
+        match &self.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn proto_error(&mut self, e: ProtoError) -> NetError {
+        let ctx = self.context();
+        let err = match e {
+            ProtoError::Truncated { .. } | ProtoError::TruncatedByPeer { .. } => {
+                // Only the request fails; the comm stays usable.
+                return NetError::InvalidUsage(format!("{e} ({ctx})"));
+            }
+            ProtoError::TagMismatch { .. } | ProtoError::InvalidUsage(_) => {
+                NetError::InvalidUsage(format!("{e} ({ctx})"))
+            }
+            ProtoError::Protocol(_) => NetError::Remote(format!("{e} ({ctx})")),
+        };
+        self.fail(err)
+    }
+
+    /// Polls completions into `wcs`; a failed completion fails the comm.
+    fn poll(&mut self, wcs: &mut [WorkCompletion; POLL_BATCH]) -> NetResult<usize> {
+        let n = self.cq.poll(wcs).map_err(|e| {
+            let ctx = self.context();
+            self.fail(NetError::System(format!(
+                "polling completions: {e} ({ctx})"
+            )))
+        })?;
+        for wc in &wcs[..n] {
+            if let Err(e) = wc.result() {
+                let ctx = self.context();
+                return Err(self.fail(NetError::Remote(format!(
+                    "work request {:#x} failed: {e} (vendor error {:#x}) ({ctx})",
+                    wc.wr_id, wc.vendor_err
+                ))));
+            }
+        }
+        if n == 0 {
+            self.idle_polls += 1;
+            if self.idle_polls >= LIVENESS_EVERY {
+                self.idle_polls = 0;
+                self.check_peer()?;
+            }
+        } else {
+            self.idle_polls = 0;
+        }
+        Ok(n)
+    }
+
+    /// The bootstrap socket stays open for the comm's life: its EOF means the peer is gone.
+    fn check_peer(&mut self) -> NetResult<()> {
+        match self.oob.poll_recv() {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => {
+                let ctx = self.context();
+                Err(self.fail(NetError::Remote(format!(
+                    "unexpected bootstrap message from the peer ({ctx})"
+                ))))
+            }
+            Err(e @ OobError::PeerClosed { .. }) => {
+                let ctx = self.context();
+                Err(self.fail(NetError::Remote(format!(
+                    "the peer went away with requests in flight: {e} ({ctx})"
+                ))))
+            }
+            Err(e) => {
+                let ctx = self.context();
+                Err(self.fail(NetError::Remote(format!("bootstrap socket: {e} ({ctx})"))))
+            }
+        }
+    }
+}
+
+/// The sending end of a connection. `kind` comes first so a `void*` comm can be told apart.
+#[repr(C)]
+pub struct SendComm {
+    kind: u32,
+    pub link: Link,
+    proto: SendState,
+    /// Our FIFO: the receiver RDMA-writes clear-to-send rows here.
+    fifo: RegisteredBuf,
+    /// Source of the sizes writes when they cannot go inline.
+    sizes_staging: RegisteredBuf,
+    remote_sizes_addr: u64,
+    remote_sizes_rkey: u32,
+    reqs: Box<[Request]>,
+}
+
+impl SendComm {
+    pub fn new(
+        link: Link,
+        fifo: RegisteredBuf,
+        sizes_staging: RegisteredBuf,
+        remote_sizes_addr: u64,
+        remote_sizes_rkey: u32,
+        max_msg: u64,
+    ) -> Box<Self> {
+        let sq = link.qp.caps().max_send_wr;
+        let mut c = Box::new(SendComm {
+            kind: COMM_SEND,
+            link,
+            proto: SendState::new(max_msg.min(1 << 31), sq),
+            fifo,
+            sizes_staging,
+            remote_sizes_addr,
+            remote_sizes_rkey,
+            reqs: (0..FIFO_DEPTH * MAX_RECVS)
+                .map(|i| Request::new(i as u16))
+                .collect(),
+        });
+        let me: *mut SendComm = &mut *c;
+        for r in c.reqs.iter_mut() {
+            r.send = me;
+        }
+        c
+    }
+
+    /// Bytes of FIFO memory to allocate for a send comm.
+    pub const FIFO_BYTES: usize = FIFO_DEPTH * CTS_ROW_BYTES;
+
+    fn fifo_row(&self, row: usize) -> [CtsEntry; MAX_RECVS] {
+        // SAFETY: the FIFO holds FIFO_DEPTH rows; the NIC writes it concurrently, hence the
+        // volatile read (a torn row is caught by the per-entry stamps).
+        let row = unsafe {
+            std::ptr::read_volatile((self.fifo.ptr() as *const [CtsEntry; MAX_RECVS]).add(row))
+        };
+        fence(Ordering::Acquire);
+        row
+    }
+
+    /// `isend`: `Ok(None)` when it cannot be posted yet.
+    pub fn isend(
+        &mut self,
+        data: u64,
+        size: u64,
+        tag: i32,
+        mh: Option<&MrHandle>,
+    ) -> NetResult<Option<*mut Request>> {
+        self.link.check()?;
+        let lkey = match mh {
+            Some(m) => {
+                if size > 0 && (data < m.start || data + size > m.end) {
+                    return Err(NetError::InvalidArgument(format!(
+                        "isend of {data:#x}+{size} outside its registration {:#x}..{:#x}",
+                        m.start, m.end
+                    )));
+                }
+                m.lkey
+            }
+            None if size == 0 => 0,
+            None => {
+                return Err(NetError::InvalidArgument(
+                    "isend of data without a memory handle".into(),
+                ))
+            }
+        };
+        let row = self.fifo_row(self.proto.current_row());
+        let msg = SendMsg {
+            addr: data,
+            lkey,
+            size,
+            tag,
+        };
+        crate::log::trace!(
+            NET,
+            "isend {size} bytes tag {tag} row {} ({})",
+            self.proto.seq(),
+            self.link.peer
+        );
+        match self.proto.post(&row, msg) {
+            Ok(SendPost::NotReady) => Ok(None),
+            Ok(SendPost::Posted { req, transmit }) => {
+                if let Some(t) = transmit {
+                    self.transmit(&t)?;
+                }
+                Ok(Some(&mut self.reqs[req as usize] as *mut Request))
+            }
+            Err(e) => Err(self.link.proto_error(e)),
+        }
+    }
+
+    fn transmit(&mut self, t: &Transmit) -> NetResult<()> {
+        let max_inline = self.link.qp.caps().max_inline_data as usize;
+        let total = t.wqe_count() as usize;
+        let mut sges = [Sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        }; POST_BATCH];
+        let mut meta = [(0u64, SendOp::Send, false); POST_BATCH];
+        let mut n = 0;
+        let mut posted = 0;
+        let mut sizes_copy = [0u64; MAX_RECVS];
+        for op in t.ops() {
+            posted += 1;
+            let last = posted == total;
+            let wr_id = if last { u64::from(t.seq) } else { u64::MAX };
+            let (sop, sge, inline) = match op {
+                WireOp::Write {
+                    local_addr,
+                    lkey,
+                    remote_addr,
+                    rkey,
+                    len,
+                } => (
+                    SendOp::Write { remote_addr, rkey },
+                    Sge {
+                        addr: local_addr,
+                        length: len,
+                        lkey,
+                    },
+                    false,
+                ),
+                WireOp::WriteImm {
+                    local_addr,
+                    lkey,
+                    remote_addr,
+                    rkey,
+                    len,
+                    imm,
+                } => (
+                    SendOp::WriteImm {
+                        remote_addr,
+                        rkey,
+                        imm,
+                    },
+                    Sge {
+                        addr: local_addr,
+                        length: len,
+                        lkey,
+                    },
+                    false,
+                ),
+                WireOp::WriteSizes { row, sizes, n: k } => {
+                    let bytes = k * 8;
+                    let remote_addr = self.remote_sizes_addr + (row * SIZES_ROW_BYTES) as u64;
+                    let rkey = self.remote_sizes_rkey;
+                    if bytes <= max_inline {
+                        sizes_copy.copy_from_slice(&sizes);
+                        (
+                            SendOp::Write { remote_addr, rkey },
+                            Sge {
+                                addr: sizes_copy.as_ptr() as u64,
+                                length: bytes as u32,
+                                lkey: 0,
+                            },
+                            true,
+                        )
+                    } else {
+                        let dst = self.sizes_staging.ptr().wrapping_add(row * SIZES_ROW_BYTES)
+                            as *mut u64;
+                        // SAFETY: the staging buffer has FIFO_DEPTH rows of MAX_RECVS u64; row `row`
+                        // is not in flight (its previous transmit completed before the row was reused).
+                        unsafe { std::ptr::copy_nonoverlapping(sizes.as_ptr(), dst, k) };
+                        (
+                            SendOp::Write { remote_addr, rkey },
+                            Sge {
+                                addr: dst as u64,
+                                length: bytes as u32,
+                                lkey: self.sizes_staging.lkey(),
+                            },
+                            false,
+                        )
+                    }
+                }
+            };
+            sges[n] = sge;
+            meta[n] = (wr_id, sop, inline);
+            n += 1;
+            if n == POST_BATCH || last {
+                self.post_batch(&sges[..n], &meta[..n], last)?;
+                n = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn post_batch(
+        &mut self,
+        sges: &[Sge],
+        meta: &[(u64, SendOp, bool)],
+        ends_transmit: bool,
+    ) -> NetResult<()> {
+        let k = sges.len();
+        let wrs: [SendWr<'_>; POST_BATCH] = std::array::from_fn(|i| {
+            let (wr_id, op, inline) = meta.get(i).copied().unwrap_or((0, SendOp::Send, false));
+            let sge = match sges.get(i) {
+                Some(s) if s.length > 0 => std::slice::from_ref(s),
+                _ => &[][..],
+            };
+            SendWr {
+                wr_id,
+                op,
+                sge,
+                signaled: ends_transmit && i + 1 == k,
+                inline,
+            }
+        });
+        self.link.qp.post_send(&wrs[..k]).map_err(|e| {
+            let ctx = self.link.context();
+            self.link.fail(NetError::System(format!(
+                "posting RDMA writes: {e} ({ctx})"
+            )))
+        })
+    }
+
+    fn progress(&mut self) -> NetResult<()> {
+        let mut wcs = [WorkCompletion::default(); POLL_BATCH];
+        let n = self.link.poll(&mut wcs)?;
+        for wc in &wcs[..n] {
+            if let Err(e) = self.proto.on_completion(wc.wr_id as u32) {
+                return Err(self.link.proto_error(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn test(&mut self, req: u16) -> NetResult<Option<u64>> {
+        self.link.check()?;
+        self.progress()?;
+        self.proto.test(req).map_err(|e| self.link.proto_error(e))
+    }
+}
+
+/// The receiving end of a connection. `kind` comes first, as in [`SendComm`].
+#[repr(C)]
+pub struct RecvComm {
+    kind: u32,
+    pub link: Link,
+    proto: RecvState,
+    /// The sender writes the sizes of multi-receives here.
+    sizes: RegisteredBuf,
+    /// Source of clear-to-send writes that cannot go inline.
+    cts_staging: RegisteredBuf,
+    remote_fifo_addr: u64,
+    remote_fifo_rkey: u32,
+    reqs: Box<[Request]>,
+}
+
+impl RecvComm {
+    pub const SIZES_BYTES: usize = FIFO_DEPTH * SIZES_ROW_BYTES;
+    pub const CTS_STAGING_BYTES: usize = FIFO_DEPTH * CTS_ROW_BYTES;
+
+    pub fn new(
+        link: Link,
+        sizes: RegisteredBuf,
+        cts_staging: RegisteredBuf,
+        remote_fifo_addr: u64,
+        remote_fifo_rkey: u32,
+    ) -> Box<Self> {
+        let mut c = Box::new(RecvComm {
+            kind: COMM_RECV,
+            link,
+            proto: RecvState::new(),
+            sizes,
+            cts_staging,
+            remote_fifo_addr,
+            remote_fifo_rkey,
+            reqs: (0..FIFO_DEPTH).map(|i| Request::new(i as u16)).collect(),
+        });
+        let me: *mut RecvComm = &mut *c;
+        for r in c.reqs.iter_mut() {
+            r.recv = me;
+        }
+        c
+    }
+
+    pub fn dev(&self) -> &Arc<NetDevice> {
+        &self.link.dev
+    }
+
+    /// `irecv` of `bufs` (address, capacity, tag, memory handle); `Ok(None)` when it cannot be
+    /// posted yet.
+    pub fn irecv(
+        &mut self,
+        bufs: &[(u64, u64, i32, Option<&MrHandle>)],
+    ) -> NetResult<Option<*mut Request>> {
+        self.link.check()?;
+        let mut rb = [RecvBuf::default(); MAX_RECVS];
+        if bufs.is_empty() || bufs.len() > MAX_RECVS {
+            return Err(NetError::InvalidArgument(format!(
+                "irecv of {} buffers (1..={MAX_RECVS} allowed)",
+                bufs.len()
+            )));
+        }
+        for (i, &(addr, size, tag, mh)) in bufs.iter().enumerate() {
+            let rkey = match mh {
+                Some(m) => {
+                    if size > 0 && (addr < m.start || addr + size > m.end) {
+                        return Err(NetError::InvalidArgument(format!(
+                            "irecv buffer {i} {addr:#x}+{size} outside its registration {:#x}..{:#x}",
+                            m.start, m.end
+                        )));
+                    }
+                    m.rkey
+                }
+                None if size == 0 => 0,
+                None => {
+                    return Err(NetError::InvalidArgument(format!(
+                        "irecv buffer {i} has no memory handle"
+                    )))
+                }
+            };
+            rb[i] = RecvBuf {
+                addr,
+                size,
+                rkey,
+                tag,
+            };
+        }
+        let (req, seq, n, entries) = match self.proto.post(&rb[..bufs.len()]) {
+            Ok(RecvPost::NotReady) => return Ok(None),
+            Ok(RecvPost::Posted {
+                req,
+                seq,
+                n,
+                entries,
+            }) => (req, seq, n, entries),
+            Err(e) => return Err(self.link.proto_error(e)),
+        };
+        // The receive for the immediate goes first, so it is there before the sender can answer.
+        self.link
+            .qp
+            .post_recv(&[RecvWr {
+                wr_id: u64::from(seq),
+                sge: &[],
+            }])
+            .map_err(|e| {
+                let ctx = self.link.context();
+                self.link
+                    .fail(NetError::System(format!("posting a receive: {e} ({ctx})")))
+            })?;
+        let row = row_of(seq);
+        let bytes = n * std::mem::size_of::<CtsEntry>();
+        let inline = bytes <= self.link.qp.caps().max_inline_data as usize;
+        let sge = if inline {
+            Sge {
+                addr: entries.as_ptr() as u64,
+                length: bytes as u32,
+                lkey: 0,
+            }
+        } else {
+            let dst = self.cts_staging.ptr().wrapping_add(row * CTS_ROW_BYTES) as *mut CtsEntry;
+            // SAFETY: the staging buffer holds FIFO_DEPTH rows; this row's previous write completed
+            // (its request was collected before the row could be posted again).
+            unsafe { std::ptr::copy_nonoverlapping(entries.as_ptr(), dst, n) };
+            Sge {
+                addr: dst as u64,
+                length: bytes as u32,
+                lkey: self.cts_staging.lkey(),
+            }
+        };
+        let wr = SendWr {
+            wr_id: WR_CTS | u64::from(seq),
+            op: SendOp::Write {
+                remote_addr: self.remote_fifo_addr + (row * CTS_ROW_BYTES) as u64,
+                rkey: self.remote_fifo_rkey,
+            },
+            sge: std::slice::from_ref(&sge),
+            signaled: true,
+            inline,
+        };
+        self.link.qp.post_send(&[wr]).map_err(|e| {
+            let ctx = self.link.context();
+            self.link.fail(NetError::System(format!(
+                "posting clear-to-send: {e} ({ctx})"
+            )))
+        })?;
+        Ok(Some(&mut self.reqs[req as usize] as *mut Request))
+    }
+
+    fn sizes_row(&self, row: usize) -> [u64; MAX_RECVS] {
+        // SAFETY: the sizes array holds FIFO_DEPTH rows written by the NIC; the immediate that
+        // announced them completed, so the bytes are in memory.
+        let r = unsafe {
+            std::ptr::read_volatile((self.sizes.ptr() as *const [u64; MAX_RECVS]).add(row))
+        };
+        fence(Ordering::Acquire);
+        r
+    }
+
+    fn progress(&mut self) -> NetResult<()> {
+        let mut wcs = [WorkCompletion::default(); POLL_BATCH];
+        let n = self.link.poll(&mut wcs)?;
+        for wc in &wcs[..n] {
+            if wc.opcode != WcOpcode::RecvRdmaWithImm {
+                continue; // a clear-to-send write finished
+            }
+            let Some(imm) = wc.imm else {
+                let ctx = self.link.context();
+                return Err(self.link.fail(NetError::Remote(format!(
+                    "receive completed without immediate ({ctx})"
+                ))));
+            };
+            let row = row_of(self.proto.next_done_seq());
+            let sizes = self.sizes_row(row);
+            if let Err(e) = self.proto.on_imm(imm, || sizes) {
+                return Err(self.link.proto_error(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn test(&mut self, req: u16) -> NetResult<Option<(usize, [u64; MAX_RECVS])>> {
+        self.link.check()?;
+        self.progress()?;
+        self.proto.test(req).map_err(|e| self.link.proto_error(e))
+    }
+}

@@ -1,0 +1,468 @@
+//! listen / connect / accept: non-blocking state machines over the out-of-band TCP socket.
+//!
+//! connect                                  accept
+//!   TCP connect ───────────────────────────▶ TCP accept
+//!   ConnInfo{QP, GID, FIFO} ───────────────▶ QP → RTR → RTS
+//!   QP → RTR → RTS ◀──────────── ConnInfo{QP, GID, sizes array}
+//!   "ready" ───────────────────────────────▶ comm returned
+//!   comm returned
+//!
+//! Every step is a poll: RCCL calls again (with the same handle buffer for connect) until a comm
+//! comes back. A deadline bounds the whole exchange.
+
+use super::buffer::RegisteredBuf;
+use super::comm::{Link, RecvComm, SendComm};
+use super::device::NetDevice;
+use super::error::{NetError, NetResult};
+use crate::config::PluginConfig;
+use crate::log::{info, NET};
+use crate::oob::{
+    ConnInfo, ListenHandle, OobConnector, OobListener, OobStream, QpInfo, CONN_INFO_VERSION,
+};
+use crate::protocol::{FIFO_DEPTH, MAX_RECVS};
+use halo_ibverbs::{CompletionQueue, Gid, LinkLayer, Mtu, QpCaps, QueuePair, RtrParams, RtsParams};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::regcache::data_access;
+
+const READY: &[u8] = b"ready";
+/// Feature bits of this build's wire protocol; a peer must support every one of them.
+const FEATURES: u64 = 0x1;
+
+/// Per-connection settings: the device-wide config plus what the communicator overrides.
+#[derive(Clone)]
+pub struct ConnSettings {
+    pub cfg: Arc<PluginConfig>,
+    pub traffic_class: u8,
+}
+
+fn sys(what: impl std::fmt::Display) -> NetError {
+    NetError::System(what.to_string())
+}
+
+fn random_psn() -> u32 {
+    (crate::oob::random_u64().unwrap_or(0x5eed) as u32) & 0x00ff_ffff
+}
+
+/// A QP and CQ on `dev`, in INIT.
+fn create_qp(
+    dev: &NetDevice,
+    send_wr: u32,
+    recv_wr: u32,
+) -> NetResult<(QueuePair, CompletionQueue)> {
+    let max_wr = dev.dev_attr.max_qp_wr.max(1);
+    let (send_wr, recv_wr) = (send_wr.min(max_wr), recv_wr.min(max_wr));
+    let cq = dev
+        .ctx
+        .create_cq((send_wr + recv_wr).min(dev.dev_attr.max_cqe.max(1)), None)
+        .map_err(|e| {
+            sys(format!(
+                "creating a completion queue on {}: {e}",
+                dev.describe()
+            ))
+        })?;
+    let mut last_err = None;
+    // Ask for enough inline room for a whole clear-to-send row; take less where the device offers less.
+    for inline in [256, 64, 0] {
+        let caps = QpCaps {
+            max_send_wr: send_wr,
+            max_recv_wr: recv_wr,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: inline,
+        };
+        match dev.pd.create_rc_qp(&cq, &cq, caps) {
+            Ok(qp) => {
+                qp.to_init(dev.port, data_access())
+                    .map_err(|e| sys(format!("QP to INIT on {}: {e}", dev.describe())))?;
+                return Ok((qp, cq));
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(sys(format!(
+        "creating an RC queue pair on {}: {}",
+        dev.describe(),
+        last_err.map(|e| e.to_string()).unwrap_or_default()
+    )))
+}
+
+fn local_info(dev: &NetDevice, qp: &QueuePair, psn: u32, nonce: u64, max_msg: u64) -> ConnInfo {
+    ConnInfo {
+        version: CONN_INFO_VERSION,
+        features: FEATURES,
+        nonce,
+        gid: dev.gid.gid.0,
+        gid_index: dev.gid.index,
+        lid: dev.port_attr.lid,
+        link_layer: u8::from(dev.port_attr.link_layer == LinkLayer::Ethernet),
+        mtu_bytes: dev.port_attr.active_mtu.bytes(),
+        max_msg_size: max_msg,
+        qps: vec![QpInfo {
+            qpn: qp.qp_num(),
+            psn,
+        }],
+        fifo_addr: 0,
+        fifo_rkey: 0,
+        sizes_addr: 0,
+        sizes_rkey: 0,
+        fifo_depth: FIFO_DEPTH as u32,
+        max_recvs: MAX_RECVS as u32,
+    }
+}
+
+/// Brings `qp` to RTS against the peer described by `peer`.
+fn connect_qp(
+    dev: &NetDevice,
+    s: &ConnSettings,
+    qp: &QueuePair,
+    my_psn: u32,
+    peer: &ConnInfo,
+    addr: SocketAddr,
+) -> NetResult<()> {
+    if peer.features & FEATURES != FEATURES {
+        return Err(NetError::Remote(format!(
+            "peer {addr} lacks protocol features {:#x}: use the same plugin build on all nodes",
+            FEATURES & !peer.features
+        )));
+    }
+    if peer.fifo_depth != FIFO_DEPTH as u32 || peer.max_recvs != MAX_RECVS as u32 {
+        return Err(NetError::Remote(format!(
+            "peer {addr} uses FIFO depth {} x {} receives, this build {FIFO_DEPTH} x {MAX_RECVS}",
+            peer.fifo_depth, peer.max_recvs
+        )));
+    }
+    let remote = peer.qps[0];
+    let path_mtu =
+        Mtu::at_most(peer.mtu_bytes.min(dev.port_attr.active_mtu.bytes())).unwrap_or(Mtu::Mtu1024);
+    let ib = dev.port_attr.link_layer == LinkLayer::Infiniband;
+    let mut rtr = RtrParams::new(
+        remote.qpn,
+        remote.psn,
+        Gid(peer.gid),
+        dev.gid.index,
+        dev.port,
+        path_mtu,
+    );
+    rtr.traffic_class = s.traffic_class;
+    rtr.service_level = s.cfg.service_level;
+    rtr.max_dest_rd_atomic = dev.dev_attr.max_qp_rd_atom.clamp(1, 16) as u8;
+    if ib {
+        rtr.dest_lid = peer.lid;
+    }
+    qp.to_rtr(&rtr).map_err(|e| {
+        sys(format!(
+            "QP {:#x} to RTR towards {addr} (remote qp {:#x}, mtu {}): {e}",
+            qp.qp_num(),
+            remote.qpn,
+            path_mtu.bytes()
+        ))
+    })?;
+    let mut rts = RtsParams::new(my_psn);
+    rts.timeout = s.cfg.timeout;
+    rts.retry_cnt = s.cfg.retry_cnt;
+    rts.max_rd_atomic = dev.dev_attr.max_qp_init_rd_atom.clamp(1, 16) as u8;
+    qp.to_rts(&rts)
+        .map_err(|e| sys(format!("QP {:#x} to RTS towards {addr}: {e}", qp.qp_num())))?;
+    Ok(())
+}
+
+fn oob_err(e: crate::oob::OobError) -> NetError {
+    NetError::Remote(e.to_string())
+}
+
+// ---------------------------------------------------------------- connect (sender)
+
+struct SendSide {
+    qp: QueuePair,
+    cq: CompletionQueue,
+    psn: u32,
+    fifo: RegisteredBuf,
+    sizes_staging: RegisteredBuf,
+}
+
+enum ConnectStage {
+    Tcp(OobConnector),
+    AwaitPeer(OobStream, SendSide),
+    Finish(OobStream, SendSide, ConnInfo),
+}
+
+/// An outgoing connection in progress.
+pub struct Connecting {
+    dev: Arc<NetDevice>,
+    settings: ConnSettings,
+    handle: ListenHandle,
+    stage: Option<ConnectStage>,
+    deadline: Instant,
+}
+
+impl Connecting {
+    pub fn start(
+        dev: Arc<NetDevice>,
+        settings: ConnSettings,
+        handle: ListenHandle,
+    ) -> NetResult<Self> {
+        let connector =
+            OobConnector::start(handle.addr, settings.cfg.connect_timeout).map_err(oob_err)?;
+        Ok(Connecting {
+            deadline: Instant::now() + settings.cfg.connect_timeout,
+            dev,
+            settings,
+            handle,
+            stage: Some(ConnectStage::Tcp(connector)),
+        })
+    }
+
+    fn max_msg(&self) -> u64 {
+        self.dev.max_msg_size(&self.settings.cfg)
+    }
+
+    /// One step; the comm once the connection is up.
+    pub fn poll(&mut self) -> NetResult<Option<Box<SendComm>>> {
+        let peer = self.handle.addr;
+        if Instant::now() > self.deadline {
+            return Err(NetError::Remote(format!(
+                "connection to {peer} not established within {} ms (HALO_CONNECT_TIMEOUT_MS)",
+                self.settings.cfg.connect_timeout.as_millis()
+            )));
+        }
+        let stage = self
+            .stage
+            .take()
+            .ok_or_else(|| NetError::Internal("connect polled after failure".into()))?;
+        let next = match stage {
+            ConnectStage::Tcp(mut c) => match c.poll().map_err(oob_err)? {
+                None => ConnectStage::Tcp(c),
+                Some(mut stream) => {
+                    let dev = &self.dev;
+                    let sq = (FIFO_DEPTH * (MAX_RECVS + 4)) as u32;
+                    let (qp, cq) = create_qp(dev, sq, 1)?;
+                    let fifo = RegisteredBuf::new(&dev.pd, SendComm::FIFO_BYTES, "send FIFO")?;
+                    let sizes_staging =
+                        RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes staging")?;
+                    let psn = random_psn();
+                    let mut info = local_info(dev, &qp, psn, self.handle.nonce, self.max_msg());
+                    info.fifo_addr = fifo.addr();
+                    info.fifo_rkey = fifo.rkey();
+                    stream.queue_send(&info.encode()).map_err(oob_err)?;
+                    ConnectStage::AwaitPeer(
+                        stream,
+                        SendSide {
+                            qp,
+                            cq,
+                            psn,
+                            fifo,
+                            sizes_staging,
+                        },
+                    )
+                }
+            },
+            ConnectStage::AwaitPeer(mut stream, side) => {
+                stream.poll_flush().map_err(oob_err)?;
+                match stream.poll_recv().map_err(oob_err)? {
+                    None => ConnectStage::AwaitPeer(stream, side),
+                    Some(bytes) => {
+                        let info = ConnInfo::decode(&bytes).map_err(|e| {
+                            NetError::Remote(format!("bad connection info from {peer}: {e}"))
+                        })?;
+                        if info.nonce != self.handle.nonce {
+                            return Err(NetError::Remote(format!(
+                                "{peer} answered for another connection (nonce mismatch)"
+                            )));
+                        }
+                        connect_qp(&self.dev, &self.settings, &side.qp, side.psn, &info, peer)?;
+                        stream.queue_send(READY).map_err(oob_err)?;
+                        ConnectStage::Finish(stream, side, info)
+                    }
+                }
+            }
+            ConnectStage::Finish(mut stream, side, info) => {
+                if !stream.poll_flush().map_err(oob_err)? {
+                    ConnectStage::Finish(stream, side, info)
+                } else {
+                    let max_msg = self.max_msg().min(info.max_msg_size.max(1));
+                    info!(
+                        NET,
+                        "connected to {peer}: {} qp {:#x} -> remote qp {:#x}",
+                        self.dev.describe(),
+                        side.qp.qp_num(),
+                        info.qps[0].qpn
+                    );
+                    let link = Link::new(Arc::clone(&self.dev), side.qp, side.cq, peer, stream);
+                    return Ok(Some(SendComm::new(
+                        link,
+                        side.fifo,
+                        side.sizes_staging,
+                        info.sizes_addr,
+                        info.sizes_rkey,
+                        max_msg,
+                    )));
+                }
+            }
+        };
+        self.stage = Some(next);
+        Ok(None)
+    }
+}
+
+// ---------------------------------------------------------------- listen / accept (receiver)
+
+struct RecvSide {
+    qp: QueuePair,
+    cq: CompletionQueue,
+    sizes: RegisteredBuf,
+    cts_staging: RegisteredBuf,
+    peer_info: ConnInfo,
+}
+
+enum AcceptStage {
+    AwaitInfo(OobStream, SocketAddr),
+    AwaitReady(OobStream, SocketAddr, Box<RecvSide>),
+}
+
+/// A listening endpoint; `accept` polls it.
+pub struct ListenComm {
+    pub dev: Arc<NetDevice>,
+    settings: ConnSettings,
+    listener: OobListener,
+    nonce: u64,
+    pending: Option<AcceptStage>,
+    deadline: Option<Instant>,
+}
+
+impl ListenComm {
+    pub fn bind(
+        dev: Arc<NetDevice>,
+        settings: ConnSettings,
+        ip: std::net::IpAddr,
+    ) -> NetResult<(Box<Self>, ListenHandle)> {
+        let (listener, addr) = OobListener::bind(ip)
+            .map_err(|e| sys(format!("listen on {ip} for {}: {e}", dev.describe())))?;
+        let nonce =
+            crate::oob::random_u64().map_err(|e| sys(format!("reading random bytes: {e}")))?;
+        let handle = ListenHandle {
+            addr,
+            nonce,
+            dev: dev.index as u32,
+        };
+        Ok((
+            Box::new(ListenComm {
+                dev,
+                settings,
+                listener,
+                nonce,
+                pending: None,
+                deadline: None,
+            }),
+            handle,
+        ))
+    }
+
+    /// One step of `accept`; the comm once a connection is up.
+    pub fn poll_accept(&mut self) -> NetResult<Option<Box<RecvComm>>> {
+        let now = Instant::now();
+        let deadline = *self
+            .deadline
+            .get_or_insert(now + self.settings.cfg.connect_timeout);
+        if now > deadline {
+            return Err(NetError::Remote(format!(
+                "no peer completed a connection to {} within {} ms (HALO_CONNECT_TIMEOUT_MS)",
+                self.listener.local_addr(),
+                self.settings.cfg.connect_timeout.as_millis()
+            )));
+        }
+        let stage = match self.pending.take() {
+            Some(s) => s,
+            None => match self.listener.poll_accept().map_err(oob_err)? {
+                None => return Ok(None),
+                Some(stream) => {
+                    let peer = stream.peer_addr();
+                    AcceptStage::AwaitInfo(stream, peer)
+                }
+            },
+        };
+        let next = match stage {
+            AcceptStage::AwaitInfo(mut stream, peer) => {
+                match stream.poll_recv().map_err(oob_err)? {
+                    None => AcceptStage::AwaitInfo(stream, peer),
+                    Some(bytes) => {
+                        let info = ConnInfo::decode(&bytes).map_err(|e| {
+                            NetError::Remote(format!("bad connection info from {peer}: {e}"))
+                        })?;
+                        if info.nonce != self.nonce {
+                            return Err(NetError::Remote(format!(
+                            "{peer} connected with the handle of another listener (nonce mismatch)"
+                        )));
+                        }
+                        let dev = &self.dev;
+                        let (qp, cq) =
+                            create_qp(dev, (2 * FIFO_DEPTH) as u32, (2 * FIFO_DEPTH) as u32)?;
+                        let sizes =
+                            RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes array")?;
+                        let cts_staging = RegisteredBuf::new(
+                            &dev.pd,
+                            RecvComm::CTS_STAGING_BYTES,
+                            "clear-to-send staging",
+                        )?;
+                        let psn = random_psn();
+                        connect_qp(dev, &self.settings, &qp, psn, &info, peer)?;
+                        let mut mine = local_info(
+                            dev,
+                            &qp,
+                            psn,
+                            self.nonce,
+                            dev.max_msg_size(&self.settings.cfg),
+                        );
+                        mine.sizes_addr = sizes.addr();
+                        mine.sizes_rkey = sizes.rkey();
+                        stream.queue_send(&mine.encode()).map_err(oob_err)?;
+                        AcceptStage::AwaitReady(
+                            stream,
+                            peer,
+                            Box::new(RecvSide {
+                                qp,
+                                cq,
+                                sizes,
+                                cts_staging,
+                                peer_info: info,
+                            }),
+                        )
+                    }
+                }
+            }
+            AcceptStage::AwaitReady(mut stream, peer, side) => {
+                stream.poll_flush().map_err(oob_err)?;
+                match stream.poll_recv().map_err(oob_err)? {
+                    None => AcceptStage::AwaitReady(stream, peer, side),
+                    Some(msg) if msg == READY => {
+                        info!(
+                            NET,
+                            "accepted {peer}: {} qp {:#x} <- remote qp {:#x}",
+                            self.dev.describe(),
+                            side.qp.qp_num(),
+                            side.peer_info.qps[0].qpn
+                        );
+                        let side = *side;
+                        let link = Link::new(Arc::clone(&self.dev), side.qp, side.cq, peer, stream);
+                        return Ok(Some(RecvComm::new(
+                            link,
+                            side.sizes,
+                            side.cts_staging,
+                            side.peer_info.fifo_addr,
+                            side.peer_info.fifo_rkey,
+                        )));
+                    }
+                    Some(_) => {
+                        return Err(NetError::Remote(format!(
+                            "{peer} sent garbage instead of the ready message"
+                        )))
+                    }
+                }
+            }
+        };
+        self.pending = Some(next);
+        Ok(None)
+    }
+}

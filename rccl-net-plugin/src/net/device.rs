@@ -1,0 +1,246 @@
+//! Discovery of the RDMA ports the plugin offers to RCCL, and their properties.
+
+use super::error::{NetError, NetResult};
+use super::regcache::RegCache;
+use crate::config::{AddrFamily, PluginConfig};
+use crate::log::{info, warn, INIT, NET};
+use halo_ibverbs::{
+    AddrFamily as GidFamily, Context, DeviceAttr, GidEntry, GidSelector, LinkLayer, PortAttr,
+    PortState, ProtectionDomain, VerbsError,
+};
+use std::ffi::CString;
+use std::net::IpAddr;
+use std::path::Path;
+
+/// One usable (device, port) pair: what RCCL calls a net device.
+pub struct NetDevice {
+    /// Index RCCL uses for this device.
+    pub index: usize,
+    pub name: String,
+    pub c_name: CString,
+    pub c_pci_path: CString,
+    pub guid: u64,
+    pub port: u8,
+    pub port_attr: PortAttr,
+    pub dev_attr: DeviceAttr,
+    /// The local GID every connection of this device uses.
+    pub gid: GidEntry,
+    /// The netdev behind the port and its address (where the GID maps one).
+    pub netdev: Option<String>,
+    pub ip: Option<IpAddr>,
+    pub speed_mbps: i32,
+    pub ctx: Context,
+    pub pd: ProtectionDomain,
+    pub regs: RegCache,
+}
+
+impl NetDevice {
+    /// Largest single RDMA WRITE; `HALO_MAX_MSG_SIZE` can lower it (to exercise splitting).
+    pub fn max_msg_size(&self, cfg: &PluginConfig) -> u64 {
+        let port = u64::from(self.port_attr.max_msg_sz.max(1));
+        cfg.max_msg_size.map_or(port, |m| m.min(port))
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{}:{} gid[{}] {}{}",
+            self.name,
+            self.port,
+            self.gid.index,
+            self.gid.gid,
+            self.netdev
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+fn gid_selector(cfg: &PluginConfig) -> GidSelector {
+    GidSelector {
+        index: cfg.gid_index,
+        roce_version: cfg.roce_version,
+        family: Some(match cfg.addr_family {
+            AddrFamily::Inet => GidFamily::V4,
+            AddrFamily::Inet6 => GidFamily::V6,
+        }),
+        subnet: cfg.addr_range,
+    }
+}
+
+/// Link speed in Mbps: the netdev's, since software devices (rxe) report a fake verbs rate;
+/// the verbs rate where no netdev speed is known.
+fn speed_mbps(netdev: Option<&str>, port: &PortAttr) -> i32 {
+    if let Some(n) = netdev {
+        let path = Path::new("/sys/class/net").join(n).join("speed");
+        if let Some(s) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|&s| s > 0)
+        {
+            return s;
+        }
+    }
+    // ibv_port_attr.active_speed codes → Mbps per lane; active_width codes → lanes.
+    let lane = match port.active_speed {
+        1 => 2_500,
+        2 => 5_000,
+        4 | 8 => 10_000,
+        16 => 14_000,
+        32 => 25_000,
+        64 => 50_000,
+        128 => 100_000,
+        _ => 10_000,
+    };
+    let lanes = match port.active_width {
+        1 => 1,
+        2 => 4,
+        4 => 8,
+        8 => 12,
+        16 => 2,
+        _ => 1,
+    };
+    lane * lanes
+}
+
+/// Every ACTIVE port that passes `NCCL_IB_HCA` and has a GID matching the configuration.
+/// An empty list is an error that says why each candidate was left out.
+pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
+    let list = halo_ibverbs::devices().map_err(|e| match e {
+        VerbsError::LibraryUnavailable => NetError::System(
+            "libibverbs.so.1 could not be loaded (install rdma-core / libibverbs1); halo is disabled"
+                .into(),
+        ),
+        VerbsError::NoDevice => {
+            NetError::System("libibverbs finds no RDMA device; halo is disabled".into())
+        }
+        e => NetError::System(format!("cannot list RDMA devices: {e}")),
+    })?;
+    let selector = gid_selector(cfg);
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    for info in list {
+        let ctx = match Context::open(&info.name) {
+            Ok(c) => c,
+            Err(e) => {
+                skipped.push(format!("{}: cannot open: {e}", info.name));
+                continue;
+            }
+        };
+        let dev_attr = match ctx.query_device() {
+            Ok(a) => a,
+            Err(e) => {
+                skipped.push(format!("{}: {e}", info.name));
+                continue;
+            }
+        };
+        for port in 1..=dev_attr.phys_port_cnt {
+            let why = |s: String| format!("{}:{port}: {s}", info.name);
+            if let Some(f) = &cfg.ib_hca {
+                if !f.matches(&info.name, port) {
+                    skipped.push(why("excluded by NCCL_IB_HCA".into()));
+                    continue;
+                }
+            }
+            let port_attr = match ctx.query_port(port) {
+                Ok(a) => a,
+                Err(e) => {
+                    skipped.push(why(e.to_string()));
+                    continue;
+                }
+            };
+            if port_attr.state != PortState::Active {
+                skipped.push(why(format!("port state {:?}, not ACTIVE", port_attr.state)));
+                continue;
+            }
+            if let LinkLayer::Unknown(l) = port_attr.link_layer {
+                skipped.push(why(format!("unknown link layer {l}")));
+                continue;
+            }
+            let table = match ctx.gid_table(port) {
+                Ok(t) => t,
+                Err(e) => {
+                    skipped.push(why(e.to_string()));
+                    continue;
+                }
+            };
+            let gid = if port_attr.link_layer == LinkLayer::Infiniband {
+                table
+                    .iter()
+                    .find(|g| cfg.gid_index.is_none_or(|i| g.index == i))
+                    .cloned()
+            } else {
+                halo_ibverbs::select_gid(&table, &selector).cloned()
+            };
+            let Some(gid) = gid else {
+                skipped.push(why(format!(
+                    "no GID matches (NCCL_IB_GID_INDEX={:?} NCCL_IB_ROCE_VERSION_NUM={} \
+                     NCCL_IB_ADDR_FAMILY={:?} NCCL_IB_ADDR_RANGE={:?}); table: {}",
+                    cfg.gid_index,
+                    cfg.roce_version,
+                    cfg.addr_family,
+                    cfg.addr_range,
+                    table
+                        .iter()
+                        .map(|g| g.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+                continue;
+            };
+            let pd = match ctx.alloc_pd() {
+                Ok(pd) => pd,
+                Err(e) => {
+                    skipped.push(why(e.to_string()));
+                    continue;
+                }
+            };
+            let netdev = gid.netdev.clone();
+            let pci = info
+                .sysfs_device_path
+                .clone()
+                .unwrap_or_else(|| info.ibdev_path.clone());
+            let dev = NetDevice {
+                index: found.len(),
+                c_name: CString::new(info.name.clone()).unwrap_or_default(),
+                c_pci_path: CString::new(pci.to_string_lossy().into_owned()).unwrap_or_default(),
+                name: info.name.clone(),
+                guid: info.guid,
+                port,
+                speed_mbps: speed_mbps(netdev.as_deref(), &port_attr),
+                ip: gid.ip,
+                netdev,
+                gid,
+                port_attr,
+                dev_attr: dev_attr.clone(),
+                ctx: ctx.clone(),
+                pd,
+                regs: RegCache::new(),
+            };
+            info!(
+                INIT | NET,
+                "device {} = {} {:?} mtu {} speed {} Mbps",
+                dev.index,
+                dev.describe(),
+                dev.port_attr.link_layer,
+                dev.port_attr.active_mtu.bytes(),
+                dev.speed_mbps
+            );
+            found.push(dev);
+        }
+    }
+    if found.is_empty() {
+        return Err(NetError::System(format!(
+            "no usable RDMA port: {}",
+            if skipped.is_empty() {
+                "no ports".to_string()
+            } else {
+                skipped.join("; ")
+            }
+        )));
+    }
+    for s in &skipped {
+        warn!(INIT | NET, "skipped {s}");
+    }
+    Ok(found)
+}

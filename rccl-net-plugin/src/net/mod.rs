@@ -1,0 +1,222 @@
+//! The version-neutral plugin: devices, comms, requests, registrations. `abi` adapts it to each
+//! `ncclNet_vN_t`; nothing here knows about ABI versions.
+
+mod buffer;
+mod comm;
+mod connect;
+mod device;
+mod error;
+mod regcache;
+
+pub use comm::{RecvComm, Request, SendComm, COMM_RECV, COMM_SEND};
+pub use connect::{ConnSettings, Connecting, ListenComm};
+pub use device::NetDevice;
+pub use error::{NetError, NetResult};
+pub use regcache::MrHandle;
+
+use crate::config::PluginConfig;
+use crate::log::{info, INIT, NET};
+use crate::oob::{ListenHandle, HANDLE_SIZE, HANDLE_USED};
+use crate::protocol::MAX_RECVS;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Process-wide state, built by the first successful `init`.
+pub struct Plugin {
+    pub cfg: Arc<PluginConfig>,
+    pub devices: Vec<Arc<NetDevice>>,
+}
+
+static PLUGIN: Mutex<Option<Arc<Plugin>>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads the configuration and finds the devices (once per process; later calls reuse them).
+pub fn init() -> NetResult<Arc<Plugin>> {
+    let mut slot = lock(&PLUGIN);
+    if let Some(p) = slot.as_ref() {
+        return Ok(Arc::clone(p));
+    }
+    let cfg = PluginConfig::from_env()
+        .map_err(|e| NetError::InvalidArgument(format!("{e}; halo is disabled")))?;
+    crate::log::set_trace(cfg.trace);
+    let devices = device::discover(&cfg)?
+        .into_iter()
+        .map(Arc::new)
+        .collect::<Vec<_>>();
+    info!(INIT | NET, "{} device(s) ready", devices.len());
+    let p = Arc::new(Plugin {
+        cfg: Arc::new(cfg),
+        devices,
+    });
+    *slot = Some(Arc::clone(&p));
+    Ok(p)
+}
+
+/// The state `init` built.
+pub fn plugin() -> NetResult<Arc<Plugin>> {
+    lock(&PLUGIN)
+        .as_ref()
+        .cloned()
+        .ok_or_else(|| NetError::InvalidUsage("the plugin is used before a successful init".into()))
+}
+
+impl Plugin {
+    pub fn device(&self, dev: i32) -> NetResult<&Arc<NetDevice>> {
+        usize::try_from(dev)
+            .ok()
+            .and_then(|d| self.devices.get(d))
+            .ok_or_else(|| {
+                NetError::InvalidArgument(format!(
+                    "device {dev} does not exist ({} devices)",
+                    self.devices.len()
+                ))
+            })
+    }
+
+    fn settings(&self, traffic_class: Option<i32>) -> ConnSettings {
+        ConnSettings {
+            cfg: Arc::clone(&self.cfg),
+            traffic_class: traffic_class
+                .filter(|&t| (0..=255).contains(&t))
+                .map_or(self.cfg.traffic_class, |t| t as u8),
+        }
+    }
+
+    /// `listen`: binds the bootstrap socket and fills RCCL's handle.
+    pub fn listen(
+        &self,
+        dev: i32,
+        handle: &mut [u8; HANDLE_SIZE],
+        traffic_class: Option<i32>,
+    ) -> NetResult<Box<ListenComm>> {
+        let d = self.device(dev)?;
+        let ip = crate::oob::pick_bind_address(
+            d.netdev.as_deref(),
+            d.ip,
+            self.cfg.socket_ifname.as_ref(),
+        )
+        .map_err(|e| {
+            NetError::System(format!("no address to listen on for {}: {e}", d.describe()))
+        })?
+        .1;
+        let (comm, h) = ListenComm::bind(Arc::clone(d), self.settings(traffic_class), ip)?;
+        h.encode(handle);
+        info!(NET, "listening on {} for {}", h.addr, d.describe());
+        Ok(comm)
+    }
+
+    /// `connect`: one step of the connection whose progress lives in `handle`.
+    pub fn connect(
+        &self,
+        dev: i32,
+        handle: &mut [u8; HANDLE_SIZE],
+        traffic_class: Option<i32>,
+    ) -> NetResult<Option<Box<SendComm>>> {
+        let d = self.device(dev)?;
+        let h = ListenHandle::decode(handle)
+            .map_err(|e| NetError::InvalidArgument(format!("connect handle: {e}")))?;
+        let mut guard = lock(&CONNECTING);
+        let pending = guard.get_or_insert_with(HashMap::new);
+        let token = match stage_token(handle) {
+            Some(t) => t,
+            None => {
+                let c = Connecting::start(Arc::clone(d), self.settings(traffic_class), h)?;
+                let t = crate::oob::random_u64()
+                    .map_err(|e| NetError::System(format!("random bytes: {e}")))?
+                    | 1;
+                pending.insert(t, c);
+                set_stage_token(handle, Some(t));
+                t
+            }
+        };
+        let Some(c) = pending.get_mut(&token) else {
+            return Err(NetError::InvalidArgument(
+                "connect handle carries the progress of a connection this process does not know (stale or copied handle)".into(),
+            ));
+        };
+        let r = c.poll();
+        if !matches!(r, Ok(None)) {
+            pending.remove(&token);
+            set_stage_token(handle, None);
+        }
+        r
+    }
+}
+
+/// Connections in progress, keyed by the token kept in the connect handle.
+static CONNECTING: Mutex<Option<HashMap<u64, Connecting>>> = Mutex::new(None);
+
+/// Where the connect progress token lives in the handle: after the listen handle's bytes.
+const STAGE_AT: usize = HANDLE_USED + 16;
+const STAGE_MAGIC: [u8; 8] = *b"HALOSTAG";
+
+fn stage_token(handle: &[u8; HANDLE_SIZE]) -> Option<u64> {
+    (handle[STAGE_AT..STAGE_AT + 8] == STAGE_MAGIC).then(|| {
+        u64::from_le_bytes(
+            handle[STAGE_AT + 8..STAGE_AT + 16]
+                .try_into()
+                .expect("8 bytes"),
+        )
+    })
+}
+
+fn set_stage_token(handle: &mut [u8; HANDLE_SIZE], token: Option<u64>) {
+    let area = &mut handle[STAGE_AT..STAGE_AT + 16];
+    match token {
+        Some(t) => {
+            area[..8].copy_from_slice(&STAGE_MAGIC);
+            area[8..].copy_from_slice(&t.to_le_bytes());
+        }
+        None => area.fill(0),
+    }
+}
+
+/// Device properties in version-neutral form.
+pub struct Props {
+    pub dev: Arc<NetDevice>,
+    pub ptr_support: i32,
+    pub max_recvs: i32,
+    pub max_comms: i32,
+    pub latency: f32,
+    pub max_p2p_bytes: usize,
+}
+
+impl Plugin {
+    pub fn properties(&self, dev: i32) -> NetResult<Props> {
+        let d = self.device(dev)?;
+        Ok(Props {
+            dev: Arc::clone(d),
+            ptr_support: halo_ffi::NCCL_PTR_HOST,
+            max_recvs: MAX_RECVS as i32,
+            max_comms: d.dev_attr.max_qp.min(i32::MAX as u32) as i32,
+            latency: 0.0,
+            // `test` reports sizes as int: no message may be larger.
+            max_p2p_bytes: i32::MAX as usize,
+        })
+    }
+}
+
+/// The device behind a send or receive comm pointer from RCCL.
+///
+/// # Safety
+/// `comm` must be a live comm returned by this plugin's connect or accept.
+pub unsafe fn comm_device(comm: *mut std::ffi::c_void) -> NetResult<Arc<NetDevice>> {
+    if comm.is_null() {
+        return Err(NetError::InvalidArgument("NULL comm".into()));
+    }
+    // SAFETY: both comm types are repr(C) with a u32 kind first.
+    let kind = unsafe { *(comm as *const u32) };
+    // SAFETY: the kind word says which type it is.
+    unsafe {
+        match kind {
+            COMM_SEND => Ok(Arc::clone(&(*(comm as *const SendComm)).link.dev)),
+            COMM_RECV => Ok(Arc::clone(&(*(comm as *const RecvComm)).link.dev)),
+            k => Err(NetError::InvalidArgument(format!(
+                "{comm:p} is not a comm of this plugin (kind {k:#x})"
+            ))),
+        }
+    }
+}

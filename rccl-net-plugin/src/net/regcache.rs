@@ -1,0 +1,157 @@
+//! Registration cache of one device: page-aligned, reference-counted memory regions.
+//!
+//! RCCL may register the same user buffer once per operation (`regIsGlobal = 1` tells it that is
+//! cheap), so a range inside an existing registration only takes a reference.
+
+use super::error::{NetError, NetResult};
+use halo_ibverbs::{AccessFlags, MemoryRegion, ProtectionDomain};
+use std::sync::{Arc, Mutex};
+
+/// What RCCL holds as `mhandle`: the keys for the data path, and the registration behind them.
+pub struct MrHandle {
+    pub lkey: u32,
+    pub rkey: u32,
+    /// Page-aligned range the registration covers.
+    pub start: u64,
+    pub end: u64,
+    mr: Arc<MemoryRegion>,
+}
+
+struct Entry {
+    start: u64,
+    end: u64,
+    refs: usize,
+    mr: Arc<MemoryRegion>,
+}
+
+/// All registrations of one device's protection domain.
+pub struct RegCache {
+    page: u64,
+    entries: Mutex<Vec<Entry>>,
+}
+
+/// Access rights every registration gets: the data path writes into and reads from it.
+pub fn data_access() -> AccessFlags {
+    AccessFlags::LOCAL_WRITE | AccessFlags::REMOTE_WRITE | AccessFlags::REMOTE_READ
+}
+
+impl Default for RegCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RegCache {
+    pub fn new() -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        RegCache {
+            page: if page > 0 { page as u64 } else { 4096 },
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The page-aligned range holding `[addr, addr + len)` (at least one byte).
+    pub fn page_range(&self, addr: u64, len: u64) -> NetResult<(u64, u64)> {
+        let end = addr.checked_add(len.max(1)).ok_or_else(|| {
+            NetError::InvalidArgument(format!("buffer {addr:#x}+{len} wraps the address space"))
+        })?;
+        let start = addr & !(self.page - 1);
+        let end = end.div_ceil(self.page) * self.page;
+        Ok((start, end))
+    }
+
+    /// Registers `[addr, addr + len)` or takes a reference on a registration that covers it.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until the handle is given back to [`RegCache::release`].
+    pub unsafe fn acquire(
+        &self,
+        pd: &ProtectionDomain,
+        addr: u64,
+        len: u64,
+    ) -> NetResult<Box<MrHandle>> {
+        let (start, end) = self.page_range(addr, len)?;
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = entries
+            .iter_mut()
+            .find(|e| e.start <= start && end <= e.end)
+        {
+            e.refs += 1;
+            return Ok(Self::handle(e));
+        }
+        // SAFETY: the caller keeps [start, end) mapped (whole pages of a mapped buffer are mapped).
+        let mr = unsafe { pd.reg_mr(start as *mut u8, (end - start) as usize, data_access()) }
+            .map_err(|e| {
+                NetError::System(format!(
+                    "cannot register {:#x}..{:#x} ({} bytes) with {}: {e}",
+                    start,
+                    end,
+                    end - start,
+                    pd.context().name()
+                ))
+            })?;
+        entries.push(Entry {
+            start,
+            end,
+            refs: 1,
+            mr: Arc::new(mr),
+        });
+        Ok(Self::handle(entries.last().expect("just pushed")))
+    }
+
+    fn handle(e: &Entry) -> Box<MrHandle> {
+        Box::new(MrHandle {
+            lkey: e.mr.lkey(),
+            rkey: e.mr.rkey(),
+            start: e.start,
+            end: e.end,
+            mr: Arc::clone(&e.mr),
+        })
+    }
+
+    /// Gives back a handle from [`RegCache::acquire`]; the last one deregisters the memory.
+    pub fn release(&self, handle: MrHandle) -> NetResult<()> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(pos) = entries.iter().position(|e| Arc::ptr_eq(&e.mr, &handle.mr)) else {
+            return Err(NetError::InvalidUsage(format!(
+                "deregMr of {:#x}..{:#x}: not registered with this device",
+                handle.start, handle.end
+            )));
+        };
+        entries[pos].refs -= 1;
+        if entries[pos].refs == 0 {
+            entries.swap_remove(pos);
+        }
+        Ok(())
+    }
+
+    /// Registrations currently held (distinct memory regions).
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_range_rounds_out_to_whole_pages() {
+        let c = RegCache::new();
+        let p = c.page;
+        assert_eq!(c.page_range(p + 1, 10).unwrap(), (p, 2 * p));
+        assert_eq!(c.page_range(p, p).unwrap(), (p, 2 * p));
+        assert_eq!(
+            c.page_range(p, 0).unwrap(),
+            (p, 2 * p),
+            "zero bytes still map a page"
+        );
+        assert_eq!(c.page_range(p - 1, 2).unwrap(), (0, 2 * p));
+        assert!(c.page_range(u64::MAX - 1, 5).is_err());
+    }
+}

@@ -1,0 +1,605 @@
+//! The protocol against a simple model: a simulated wire with delayed, in-order delivery.
+//! Every byte sent must land once, in the buffer the tag picks, with the exact size reported on
+//! both sides; oversize sends fail on both sides; no FIFO row is reused while still in use.
+
+#![allow(clippy::needless_range_loop)]
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::VecDeque;
+
+/// Synthetic addresses: buffer id in the high half, offset in the low half.
+fn addr(id: usize, off: u64) -> u64 {
+    ((id as u64) << 32) | off
+}
+
+#[derive(Clone, Debug)]
+struct Group {
+    /// (capacity, tag) per receive buffer.
+    bufs: Vec<(u64, i32)>,
+    /// size per buffer of the matching send (same order as bufs).
+    sends: Vec<u64>,
+    /// order in which the sender posts the group's sends.
+    order: Vec<usize>,
+}
+
+fn group() -> impl Strategy<Value = Group> {
+    (1usize..=4)
+        .prop_flat_map(|n| {
+            (
+                prop::collection::vec((0u64..300, 0u64..330), n),
+                Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
+            )
+        })
+        .prop_map(|(sz, order)| Group {
+            bufs: sz
+                .iter()
+                .enumerate()
+                .map(|(i, &(cap, _))| (cap, i as i32 * 7 + 1))
+                .collect(),
+            sends: sz
+                .iter()
+                .map(|&(cap, s)| {
+                    if s >= 300 {
+                        cap + 1 + s % 5
+                    } else {
+                        s.min(cap)
+                    }
+                })
+                .collect(),
+            order,
+        })
+}
+
+enum Wire {
+    Cts {
+        seq: u32,
+        n: usize,
+        entries: [CtsEntry; MAX_RECVS],
+    },
+    Data(WireOp, u32),
+}
+
+struct Sim {
+    send: SendState,
+    recv: RecvState,
+    fifo: [[CtsEntry; MAX_RECVS]; FIFO_DEPTH],
+    sizes: [[u64; MAX_RECVS]; FIFO_DEPTH],
+    /// receiver memory per (group, buffer)
+    rmem: Vec<Vec<u8>>,
+    /// sender memory per (group, buffer)
+    smem: Vec<Vec<u8>>,
+    to_sender: VecDeque<Wire>,
+    to_receiver: VecDeque<Wire>,
+    send_cq: VecDeque<u32>,
+    recv_cq: VecDeque<u32>,
+}
+
+fn pattern(g: usize, b: usize, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as usize * 31 + g * 7 + b * 13) as u8)
+        .collect()
+}
+
+fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCaseError> {
+    let nb = groups.iter().map(|g| g.bufs.len()).max().unwrap_or(1);
+    let id = |g: usize, b: usize| g * nb + b;
+    let mut sim = Sim {
+        send: SendState::new(max_msg, 4096),
+        recv: RecvState::new(),
+        fifo: [[CtsEntry::default(); MAX_RECVS]; FIFO_DEPTH],
+        sizes: [[0; MAX_RECVS]; FIFO_DEPTH],
+        rmem: vec![Vec::new(); groups.len() * nb],
+        smem: vec![Vec::new(); groups.len() * nb],
+        to_sender: VecDeque::new(),
+        to_receiver: VecDeque::new(),
+        send_cq: VecDeque::new(),
+        recv_cq: VecDeque::new(),
+    };
+    for (g, grp) in groups.iter().enumerate() {
+        for (b, (&(cap, _), &s)) in grp.bufs.iter().zip(&grp.sends).enumerate() {
+            sim.rmem[id(g, b)] = vec![0xEE; cap as usize];
+            sim.smem[id(g, b)] = pattern(g, b, s);
+        }
+    }
+    // progress cursors
+    let (mut next_recv_post, mut next_send_group, mut next_send_in_group) =
+        (0usize, 0usize, 0usize);
+    let mut recv_reqs: VecDeque<(usize, u16)> = VecDeque::new();
+    let mut send_reqs: VecDeque<(usize, usize, u16)> = VecDeque::new();
+    let (mut recv_done, mut send_done) = (0usize, 0usize);
+    let total_sends: usize = groups.iter().map(|g| g.bufs.len()).sum();
+    let mut step = 0usize;
+    while recv_done < groups.len() || send_done < total_sends {
+        step += 1;
+        prop_assert!(
+            step < 200_000,
+            "no progress: recv_done {recv_done} send_done {send_done}"
+        );
+        // random schedule, with every action getting a turn now and then so the run always ends
+        let c = if step.is_multiple_of(3) {
+            (step / 3) % 8
+        } else {
+            choices[step % choices.len()] as usize % 8
+        };
+        match c {
+            0 if next_recv_post < groups.len() => {
+                let g = next_recv_post;
+                let bufs: Vec<RecvBuf> = groups[g]
+                    .bufs
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &(cap, tag))| RecvBuf {
+                        addr: addr(id(g, b), 0),
+                        size: cap,
+                        rkey: 1000 + g as u32,
+                        tag,
+                    })
+                    .collect();
+                match sim.recv.post(&bufs).unwrap() {
+                    RecvPost::NotReady => prop_assert!(sim.recv.in_flight() as usize >= 1),
+                    RecvPost::Posted {
+                        req,
+                        seq,
+                        n,
+                        entries,
+                    } => {
+                        prop_assert_eq!(seq as usize, g);
+                        recv_reqs.push_back((g, req));
+                        sim.to_sender.push_back(Wire::Cts { seq, n, entries });
+                        next_recv_post += 1;
+                    }
+                }
+            }
+            1 => {
+                // deliver one CTS write (in order)
+                if let Some(Wire::Cts { seq, n, entries }) = sim.to_sender.pop_front() {
+                    let row = &mut sim.fifo[row_of(seq)];
+                    // a row may land in two halves: deliver the tail entries first half the time
+                    if step % 2 == 1 && n > 1 {
+                        row[1..n].copy_from_slice(&entries[1..n]);
+                    }
+                    row[..n].copy_from_slice(&entries[..n]);
+                }
+            }
+            2 | 3 if next_send_group < groups.len() => {
+                let g = next_send_group;
+                let b = groups[g].order[next_send_in_group];
+                let (_, tag) = groups[g].bufs[b];
+                let size = groups[g].sends[b];
+                let row = sim.fifo[sim.send.current_row()];
+                let msg = SendMsg {
+                    addr: addr(id(g, b), 0),
+                    lkey: 7,
+                    size,
+                    tag,
+                };
+                match sim.send.post(&row, msg).unwrap() {
+                    SendPost::NotReady => {}
+                    SendPost::Posted { req, transmit } => {
+                        send_reqs.push_back((g, b, req));
+                        next_send_in_group += 1;
+                        if next_send_in_group == groups[g].bufs.len() {
+                            next_send_group += 1;
+                            next_send_in_group = 0;
+                            let t = transmit.expect("last send of a row transmits");
+                            prop_assert_eq!(t.seq as usize, g);
+                            let ops: Vec<WireOp> = t.ops().collect();
+                            prop_assert_eq!(ops.len() as u32, t.wqe_count());
+                            prop_assert!(
+                                matches!(ops.last(), Some(WireOp::WriteImm { .. })),
+                                "last op must carry the immediate"
+                            );
+                            for op in ops {
+                                sim.to_receiver.push_back(Wire::Data(op, t.seq));
+                            }
+                        } else {
+                            prop_assert!(transmit.is_none());
+                        }
+                    }
+                }
+            }
+            4 => {
+                // the wire delivers one op to the receiver
+                if let Some(Wire::Data(op, seq)) = sim.to_receiver.pop_front() {
+                    let mut copy = |local: u64,
+                                    remote: u64,
+                                    len: u32,
+                                    rkey: u32|
+                     -> Result<(), TestCaseError> {
+                        let (sid, soff) = ((local >> 32) as usize, local & 0xffff_ffff);
+                        let (rid, roff) = ((remote >> 32) as usize, remote & 0xffff_ffff);
+                        prop_assert_eq!(rkey, 1000 + (rid / nb) as u32);
+                        prop_assert!(len as u64 <= max_msg);
+                        let src =
+                            sim.smem[sid][soff as usize..(soff + len as u64) as usize].to_vec();
+                        let dst = &mut sim.rmem[rid];
+                        prop_assert!(
+                            (roff + len as u64) as usize <= dst.len(),
+                            "write past the receive buffer"
+                        );
+                        dst[roff as usize..(roff + len as u64) as usize].copy_from_slice(&src);
+                        Ok(())
+                    };
+                    match op {
+                        WireOp::Write {
+                            local_addr,
+                            remote_addr,
+                            len,
+                            rkey,
+                            ..
+                        } => copy(local_addr, remote_addr, len, rkey)?,
+                        WireOp::WriteSizes { row, sizes, n } => {
+                            sim.sizes[row][..n].copy_from_slice(&sizes[..n])
+                        }
+                        WireOp::WriteImm {
+                            local_addr,
+                            remote_addr,
+                            len,
+                            rkey,
+                            imm,
+                            ..
+                        } => {
+                            if len > 0 {
+                                copy(local_addr, remote_addr, len, rkey)?;
+                            }
+                            sim.recv_cq.push_back(imm);
+                            sim.send_cq.push_back(seq);
+                        }
+                    }
+                }
+            }
+            5 => {
+                if let Some(seq) = sim.send_cq.pop_front() {
+                    sim.send.on_completion(seq).unwrap();
+                }
+                if let Some(imm) = sim.recv_cq.pop_front() {
+                    let row = sim.sizes[row_of(sim.recv.next_done_seq())];
+                    sim.recv.on_imm(imm, || row).unwrap();
+                }
+            }
+            6 => {
+                if let Some(&(g, req)) = recv_reqs.front() {
+                    match sim.recv.test(req) {
+                        Ok(None) => {}
+                        Ok(Some((n, sizes))) => {
+                            recv_reqs.pop_front();
+                            recv_done += 1;
+                            prop_assert_eq!(n, groups[g].bufs.len());
+                            for b in 0..n {
+                                let s = groups[g].sends[b];
+                                prop_assert!(s <= groups[g].bufs[b].0);
+                                prop_assert_eq!(sizes[b], s);
+                                let got = &sim.rmem[id(g, b)];
+                                prop_assert_eq!(&got[..s as usize], &pattern(g, b, s)[..]);
+                                prop_assert!(
+                                    got[s as usize..].iter().all(|&x| x == 0xEE),
+                                    "bytes past the message"
+                                );
+                            }
+                        }
+                        Err(ProtoError::TruncatedByPeer { seq }) => {
+                            recv_reqs.pop_front();
+                            recv_done += 1;
+                            prop_assert_eq!(seq as usize, g);
+                            prop_assert!(groups[g]
+                                .sends
+                                .iter()
+                                .zip(&groups[g].bufs)
+                                .any(|(s, b)| *s > b.0));
+                            for b in 0..groups[g].bufs.len() {
+                                prop_assert!(
+                                    sim.rmem[id(g, b)].iter().all(|&x| x == 0xEE),
+                                    "truncated row wrote data"
+                                );
+                            }
+                        }
+                        Err(e) => return Err(TestCaseError::fail(format!("recv test: {e}"))),
+                    }
+                }
+            }
+            _ => {
+                if let Some(&(g, b, req)) = send_reqs.front() {
+                    match sim.send.test(req) {
+                        Ok(None) => {}
+                        Ok(Some(size)) => {
+                            send_reqs.pop_front();
+                            send_done += 1;
+                            prop_assert_eq!(size, groups[g].sends[b]);
+                            prop_assert!(groups[g]
+                                .sends
+                                .iter()
+                                .zip(&groups[g].bufs)
+                                .all(|(s, b)| *s <= b.0));
+                        }
+                        Err(ProtoError::Truncated { size, capacity }) => {
+                            send_reqs.pop_front();
+                            send_done += 1;
+                            prop_assert!(size > capacity);
+                            prop_assert!(groups[g]
+                                .sends
+                                .iter()
+                                .zip(&groups[g].bufs)
+                                .any(|(s, b)| *s > b.0));
+                        }
+                        Err(e) => return Err(TestCaseError::fail(format!("send test: {e}"))),
+                    }
+                }
+            }
+        }
+    }
+    prop_assert_eq!(sim.send.sq_used(), 0);
+    prop_assert_eq!(sim.recv.in_flight(), 0);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #[test]
+    fn protocol_matches_model(groups in prop::collection::vec(group(), 1..80),
+                              choices in prop::collection::vec(any::<u8>(), 16..64),
+                              max_msg in 1u64..128) {
+        run(groups, choices, max_msg)?;
+    }
+}
+
+#[test]
+fn single_small_message_folds_the_immediate_into_the_data() {
+    let mut recv = RecvState::new();
+    let mut send = SendState::new(1 << 30, 64);
+    let RecvPost::Posted { entries, .. } = recv
+        .post(&[RecvBuf {
+            addr: 0x1000,
+            size: 64,
+            rkey: 5,
+            tag: 3,
+        }])
+        .unwrap()
+    else {
+        panic!()
+    };
+    let mut row = [CtsEntry::default(); MAX_RECVS];
+    row[0] = entries[0];
+    let SendPost::Posted {
+        transmit: Some(t), ..
+    } = send
+        .post(
+            &row,
+            SendMsg {
+                addr: 0x2000,
+                lkey: 9,
+                size: 8,
+                tag: 3,
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let ops: Vec<_> = t.ops().collect();
+    assert_eq!(
+        ops,
+        vec![WireOp::WriteImm {
+            local_addr: 0x2000,
+            lkey: 9,
+            remote_addr: 0x1000,
+            rkey: 5,
+            len: 8,
+            imm: 8
+        }]
+    );
+}
+
+#[test]
+fn zero_byte_message_is_a_bare_immediate() {
+    let mut recv = RecvState::new();
+    let mut send = SendState::new(1 << 30, 64);
+    let RecvPost::Posted { entries, req, .. } = recv
+        .post(&[RecvBuf {
+            addr: 0x1000,
+            size: 64,
+            rkey: 5,
+            tag: 0,
+        }])
+        .unwrap()
+    else {
+        panic!()
+    };
+    let mut row = [CtsEntry::default(); MAX_RECVS];
+    row[0] = entries[0];
+    let SendPost::Posted {
+        transmit: Some(t),
+        req: sreq,
+    } = send
+        .post(
+            &row,
+            SendMsg {
+                addr: 0,
+                lkey: 0,
+                size: 0,
+                tag: 0,
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let ops: Vec<_> = t.ops().collect();
+    assert_eq!(
+        ops,
+        vec![WireOp::WriteImm {
+            local_addr: 0,
+            lkey: 0,
+            remote_addr: 0x1000,
+            rkey: 5,
+            len: 0,
+            imm: 0
+        }]
+    );
+    send.on_completion(0).unwrap();
+    assert_eq!(send.test(sreq).unwrap(), Some(0));
+    recv.on_imm(0, || unreachable!()).unwrap();
+    assert_eq!(
+        recv.test(req).unwrap().map(|(n, s)| (n, s[0])),
+        Some((1, 0))
+    );
+}
+
+#[test]
+fn unknown_tag_and_bad_rows_are_errors() {
+    let mut send = SendState::new(1 << 20, 64);
+    let mut row = [CtsEntry::default(); MAX_RECVS];
+    row[0] = CtsEntry {
+        addr: 1,
+        size: 8,
+        rkey: 1,
+        tag: 4,
+        nreqs: 1,
+        stamp: stamp(0),
+    };
+    let err = send
+        .post(
+            &row,
+            SendMsg {
+                addr: 0,
+                lkey: 0,
+                size: 1,
+                tag: 5,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ProtoError::TagMismatch {
+            tag: 5,
+            posted: vec![4]
+        }
+    );
+    let mut send = SendState::new(1 << 20, 64);
+    row[0].nreqs = 9;
+    assert!(matches!(
+        send.post(&row, SendMsg::default()),
+        Err(ProtoError::Protocol(_))
+    ));
+    row[0].stamp = 0;
+    assert_eq!(
+        send.post(&row, SendMsg::default()).unwrap(),
+        SendPost::NotReady
+    );
+}
+
+#[test]
+fn fifo_depth_bounds_outstanding_receives() {
+    let mut recv = RecvState::new();
+    let buf = [RecvBuf {
+        addr: 0,
+        size: 1,
+        rkey: 1,
+        tag: 0,
+    }];
+    for _ in 0..FIFO_DEPTH {
+        assert!(matches!(recv.post(&buf).unwrap(), RecvPost::Posted { .. }));
+    }
+    assert_eq!(recv.post(&buf).unwrap(), RecvPost::NotReady);
+    assert!(recv.post(&[]).is_err());
+    assert!(recv.post(&[buf[0]; MAX_RECVS + 1]).is_err());
+    assert!(matches!(recv.on_imm(1, || unreachable!()), Ok(0)));
+    assert!(
+        recv.on_imm(2, || unreachable!()).is_err(),
+        "size above capacity"
+    );
+    assert_eq!(
+        recv.post(&buf).unwrap(),
+        RecvPost::NotReady,
+        "row 0 is free only after test"
+    );
+    assert!(matches!(recv.test(0), Ok(Some((1, _)))));
+    assert!(matches!(
+        recv.post(&buf).unwrap(),
+        RecvPost::Posted { seq: 32, .. }
+    ));
+    assert!(recv.test(0).unwrap().is_none());
+}
+
+#[test]
+fn send_queue_room_is_respected() {
+    let mut send = SendState::new(4, 3);
+    let mut row = [CtsEntry::default(); MAX_RECVS];
+    row[0] = CtsEntry {
+        addr: 0,
+        size: 100,
+        rkey: 1,
+        tag: 0,
+        nreqs: 1,
+        stamp: stamp(0),
+    };
+    // 16 bytes in chunks of 4 = 4 work requests > 3
+    let err = send
+        .post(
+            &row,
+            SendMsg {
+                addr: 0,
+                lkey: 0,
+                size: 16,
+                tag: 0,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, ProtoError::InvalidUsage(_)));
+    let SendPost::Posted {
+        transmit: Some(t), ..
+    } = send
+        .post(
+            &row,
+            SendMsg {
+                addr: 0,
+                lkey: 0,
+                size: 12,
+                tag: 0,
+            },
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(t.wqe_count(), 3);
+    let mut row1 = [CtsEntry::default(); MAX_RECVS];
+    row1[0] = CtsEntry {
+        addr: 0,
+        size: 100,
+        rkey: 1,
+        tag: 0,
+        nreqs: 1,
+        stamp: stamp(1),
+    };
+    assert_eq!(
+        send.post(
+            &row1,
+            SendMsg {
+                addr: 0,
+                lkey: 0,
+                size: 4,
+                tag: 0
+            }
+        )
+        .unwrap(),
+        SendPost::NotReady
+    );
+    send.on_completion(0).unwrap();
+    assert!(matches!(
+        send.post(
+            &row1,
+            SendMsg {
+                addr: 0,
+                lkey: 0,
+                size: 4,
+                tag: 0
+            }
+        )
+        .unwrap(),
+        SendPost::Posted {
+            transmit: Some(_),
+            ..
+        }
+    ));
+}

@@ -1,0 +1,199 @@
+//! Receiver half: turns `irecv`s into FIFO rows and immediates into completed requests.
+
+use super::{
+    row_of, stamp, CtsEntry, ProtoError, FIFO_DEPTH, IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY,
+    IMM_TRUNCATED, MAX_RECVS,
+};
+
+/// One buffer of an `irecv`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecvBuf {
+    pub addr: u64,
+    pub size: u64,
+    pub rkey: u32,
+    pub tag: i32,
+}
+
+/// Outcome of [`RecvState::post`]. Returned by value on the hot path: boxing would allocate.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecvPost {
+    /// Every FIFO row is in use: return a NULL request.
+    NotReady,
+    /// Accepted as request `req`: post a receive for the immediate, then RDMA-write
+    /// `entries[..n]` into row `row_of(seq)` of the sender's FIFO.
+    Posted {
+        req: u16,
+        seq: u32,
+        n: usize,
+        entries: [CtsEntry; MAX_RECVS],
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ReqState {
+    #[default]
+    Free,
+    Posted,
+    Done,
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct RecvReq {
+    state: ReqState,
+    seq: u32,
+    n: usize,
+    capacity: [u64; MAX_RECVS],
+    sizes: [u64; MAX_RECVS],
+}
+
+/// Receiver-side protocol state of one receive comm.
+pub struct RecvState {
+    post_seq: u32,
+    done_seq: u32,
+    reqs: [RecvReq; FIFO_DEPTH],
+}
+
+impl Default for RecvState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecvState {
+    pub fn new() -> Self {
+        RecvState {
+            post_seq: 0,
+            done_seq: 0,
+            reqs: [RecvReq::default(); FIFO_DEPTH],
+        }
+    }
+
+    /// Receives posted whose immediate has not arrived.
+    pub fn in_flight(&self) -> u32 {
+        self.post_seq.wrapping_sub(self.done_seq)
+    }
+
+    /// Sequence number of the receive the next immediate completes.
+    pub fn next_done_seq(&self) -> u32 {
+        self.done_seq
+    }
+
+    /// Post a (multi-)receive of `bufs.len()` buffers.
+    pub fn post(&mut self, bufs: &[RecvBuf]) -> Result<RecvPost, ProtoError> {
+        let n = bufs.len();
+        if n == 0 || n > MAX_RECVS {
+            return Err(ProtoError::InvalidUsage(format!(
+                "irecv of {n} buffers (1..={MAX_RECVS} allowed)"
+            )));
+        }
+        let r = row_of(self.post_seq);
+        if self.reqs[r].state != ReqState::Free {
+            return Ok(RecvPost::NotReady);
+        }
+        let seq = self.post_seq;
+        let mut entries = [CtsEntry::default(); MAX_RECVS];
+        let mut capacity = [0u64; MAX_RECVS];
+        for (i, b) in bufs.iter().enumerate() {
+            entries[i] = CtsEntry {
+                addr: b.addr,
+                size: b.size,
+                rkey: b.rkey,
+                tag: b.tag,
+                nreqs: n as u32,
+                stamp: stamp(seq),
+            };
+            capacity[i] = b.size;
+        }
+        self.reqs[r] = RecvReq {
+            state: ReqState::Posted,
+            seq,
+            n,
+            capacity,
+            sizes: [0; MAX_RECVS],
+        };
+        self.post_seq = seq.wrapping_add(1);
+        Ok(RecvPost::Posted {
+            req: r as u16,
+            seq,
+            n,
+            entries,
+        })
+    }
+
+    /// Whether the immediate `imm` needs the sizes array row of the next receive.
+    pub fn imm_needs_sizes(imm: u32) -> bool {
+        imm == IMM_SIZES_IN_ARRAY
+    }
+
+    /// The WRITE_WITH_IMM of the oldest posted receive arrived with `imm`. `sizes_row` is the
+    /// sizes array row of that receive (read only when [`Self::imm_needs_sizes`]).
+    /// Returns the request that completed.
+    pub fn on_imm(
+        &mut self,
+        imm: u32,
+        sizes_row: impl FnOnce() -> [u64; MAX_RECVS],
+    ) -> Result<u16, ProtoError> {
+        let seq = self.done_seq;
+        let r = row_of(seq);
+        let req = &mut self.reqs[r];
+        if self.post_seq == seq || req.state != ReqState::Posted || req.seq != seq {
+            return Err(ProtoError::Protocol(format!(
+                "data arrived (imm {imm:#x}) with no receive posted for it (receive #{seq})"
+            )));
+        }
+        match imm {
+            IMM_TRUNCATED => req.state = ReqState::Failed,
+            IMM_SIZES_IN_ARRAY => {
+                let sizes = sizes_row();
+                for (i, (size, cap)) in sizes.iter().zip(&req.capacity).take(req.n).enumerate() {
+                    if size > cap {
+                        return Err(ProtoError::Protocol(format!(
+                            "peer reports {size} bytes written into receive buffer {i} of {cap} bytes"
+                        )));
+                    }
+                }
+                req.sizes[..req.n].copy_from_slice(&sizes[..req.n]);
+                req.state = ReqState::Done;
+            }
+            size => {
+                let size = u64::from(size);
+                if req.n != 1 || size > IMM_MAX_SIZE || size > req.capacity[0] {
+                    return Err(ProtoError::Protocol(format!(
+                        "immediate size {size} does not fit receive #{seq} ({} buffers, first holds {})",
+                        req.n, req.capacity[0]
+                    )));
+                }
+                req.sizes[0] = size;
+                req.state = ReqState::Done;
+            }
+        }
+        self.done_seq = seq.wrapping_add(1);
+        Ok(r as u16)
+    }
+
+    /// Collect request `req`: `None` while in progress; the received sizes (`n` of them) once
+    /// done, or the error. A finished request is freed by this call.
+    pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
+        let Some(rr) = self.reqs.get(req as usize).copied() else {
+            return Err(ProtoError::InvalidUsage(format!(
+                "receive request {req} does not exist"
+            )));
+        };
+        match rr.state {
+            ReqState::Free => Err(ProtoError::InvalidUsage(format!(
+                "receive request {req} is not in flight"
+            ))),
+            ReqState::Posted => Ok(None),
+            ReqState::Done => {
+                self.reqs[req as usize].state = ReqState::Free;
+                Ok(Some((rr.n, rr.sizes)))
+            }
+            ReqState::Failed => {
+                self.reqs[req as usize].state = ReqState::Free;
+                Err(ProtoError::TruncatedByPeer { seq: rr.seq })
+            }
+        }
+    }
+}

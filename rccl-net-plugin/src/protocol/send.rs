@@ -1,0 +1,468 @@
+//! Sender half: matches `isend`s against the rows the receiver wrote into our FIFO.
+
+use super::{
+    row_of, stamp, CtsEntry, ProtoError, FIFO_DEPTH, IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY,
+    IMM_TRUNCATED, MAX_RECVS,
+};
+
+/// One `isend` as the protocol sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendMsg {
+    pub addr: u64,
+    pub lkey: u32,
+    pub size: u64,
+    pub tag: i32,
+}
+
+/// Outcome of [`SendState::post`]. Returned by value on the hot path: boxing would allocate.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendPost {
+    /// The receiver has not offered a buffer yet, or resources are busy: return a NULL request.
+    NotReady,
+    /// The send is accepted as request `req`. When it completes a row, `transmit` says what to post.
+    Posted {
+        req: u16,
+        transmit: Option<Transmit>,
+    },
+}
+
+/// What to put on the wire for one fully matched row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub seq: u32,
+    nreqs: usize,
+    msgs: [SendMsg; MAX_RECVS],
+    entries: [CtsEntry; MAX_RECVS],
+    truncated: bool,
+    max_msg: u64,
+}
+
+/// One work request of a [`Transmit`], in posting order. Only the last one is signaled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireOp {
+    /// RDMA WRITE of `len` bytes.
+    Write {
+        local_addr: u64,
+        lkey: u32,
+        remote_addr: u64,
+        rkey: u32,
+        len: u32,
+    },
+    /// RDMA WRITE of `sizes[..n]` (as u64) into row `row` of the receiver's sizes array.
+    WriteSizes {
+        row: usize,
+        sizes: [u64; MAX_RECVS],
+        n: usize,
+    },
+    /// The final RDMA WRITE_WITH_IMM (`len` may be 0: then no local buffer is read).
+    WriteImm {
+        local_addr: u64,
+        lkey: u32,
+        remote_addr: u64,
+        rkey: u32,
+        len: u32,
+        imm: u32,
+    },
+}
+
+impl Transmit {
+    /// Sizes go through the sizes array for multi-receives and for sizes the immediate cannot hold.
+    fn sizes_in_array(&self) -> bool {
+        !self.truncated && (self.nreqs > 1 || self.msgs[0].size > IMM_MAX_SIZE)
+    }
+
+    /// The immediate of the final WRITE_WITH_IMM.
+    pub fn imm(&self) -> u32 {
+        if self.truncated {
+            IMM_TRUNCATED
+        } else if self.sizes_in_array() {
+            IMM_SIZES_IN_ARRAY
+        } else {
+            self.msgs[0].size as u32
+        }
+    }
+
+    /// Whether the last data chunk itself carries the immediate (no separate zero-byte write).
+    fn fold_imm_into_data(&self) -> bool {
+        !self.truncated && !self.sizes_in_array() && self.msgs[0].size > 0
+    }
+
+    fn chunks(&self, size: u64) -> u64 {
+        size.div_ceil(self.max_msg)
+    }
+
+    /// Work requests this transmit posts; the send queue must have room for all of them.
+    pub fn wqe_count(&self) -> u32 {
+        if self.truncated {
+            return 1;
+        }
+        let data: u64 = self.msgs[..self.nreqs]
+            .iter()
+            .map(|m| self.chunks(m.size))
+            .sum();
+        let sizes = u64::from(self.sizes_in_array());
+        let imm = u64::from(!self.fold_imm_into_data());
+        (data + sizes + imm) as u32
+    }
+
+    /// Bytes of payload this transmit moves.
+    pub fn payload_bytes(&self) -> u64 {
+        if self.truncated {
+            0
+        } else {
+            self.msgs[..self.nreqs].iter().map(|m| m.size).sum()
+        }
+    }
+
+    /// The work requests, in order. Allocation-free.
+    pub fn ops(&self) -> TransmitOps<'_> {
+        TransmitOps {
+            t: self,
+            entry: 0,
+            offset: 0,
+            stage: if self.truncated {
+                Stage::Imm
+            } else {
+                Stage::Data
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Data,
+    Sizes,
+    Imm,
+    End,
+}
+
+/// Iterator over the [`WireOp`]s of a [`Transmit`].
+pub struct TransmitOps<'a> {
+    t: &'a Transmit,
+    entry: usize,
+    offset: u64,
+    stage: Stage,
+}
+
+impl Iterator for TransmitOps<'_> {
+    type Item = WireOp;
+
+    fn next(&mut self) -> Option<WireOp> {
+        let t = self.t;
+        loop {
+            match self.stage {
+                Stage::Data => {
+                    if self.entry == t.nreqs {
+                        self.stage = if t.sizes_in_array() {
+                            Stage::Sizes
+                        } else if t.fold_imm_into_data() {
+                            Stage::End
+                        } else {
+                            Stage::Imm
+                        };
+                        continue;
+                    }
+                    let msg = &t.msgs[self.entry];
+                    let dst = &t.entries[self.entry];
+                    if self.offset >= msg.size {
+                        self.entry += 1;
+                        self.offset = 0;
+                        continue;
+                    }
+                    let len = (msg.size - self.offset).min(t.max_msg);
+                    let (local_addr, remote_addr) =
+                        (msg.addr + self.offset, dst.addr + self.offset);
+                    self.offset += len;
+                    let last = self.offset == msg.size;
+                    if last && t.fold_imm_into_data() {
+                        self.stage = Stage::End;
+                        return Some(WireOp::WriteImm {
+                            local_addr,
+                            lkey: msg.lkey,
+                            remote_addr,
+                            rkey: dst.rkey,
+                            len: len as u32,
+                            imm: t.imm(),
+                        });
+                    }
+                    return Some(WireOp::Write {
+                        local_addr,
+                        lkey: msg.lkey,
+                        remote_addr,
+                        rkey: dst.rkey,
+                        len: len as u32,
+                    });
+                }
+                Stage::Sizes => {
+                    self.stage = Stage::Imm;
+                    let mut sizes = [0u64; MAX_RECVS];
+                    for (s, m) in sizes.iter_mut().zip(&t.msgs[..t.nreqs]) {
+                        *s = m.size;
+                    }
+                    return Some(WireOp::WriteSizes {
+                        row: row_of(t.seq),
+                        sizes,
+                        n: t.nreqs,
+                    });
+                }
+                Stage::Imm => {
+                    self.stage = Stage::End;
+                    return Some(WireOp::WriteImm {
+                        local_addr: 0,
+                        lkey: 0,
+                        remote_addr: t.entries[0].addr,
+                        rkey: t.entries[0].rkey,
+                        len: 0,
+                        imm: t.imm(),
+                    });
+                }
+                Stage::End => return None,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ReqState {
+    #[default]
+    Free,
+    /// Matched to an entry; the row is not transmitted yet.
+    Matched,
+    /// Transmitted; waiting for the signaled completion.
+    InFlight,
+    Done,
+    /// The row was truncated: the whole row failed.
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SendReq {
+    state: ReqState,
+    size: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Row {
+    /// The row is being matched for the current `seq`.
+    matching: bool,
+    nreqs: usize,
+    matched: u8,
+    /// Requests of this row that the caller has not collected with `test` yet.
+    live: u8,
+    wqes: u32,
+    truncated: Option<(u64, u64)>,
+    entries: [CtsEntry; MAX_RECVS],
+    msgs: [SendMsg; MAX_RECVS],
+}
+
+/// Sender-side protocol state of one send comm.
+pub struct SendState {
+    seq: u32,
+    next_completion: u32,
+    rows: [Row; FIFO_DEPTH],
+    reqs: [SendReq; FIFO_DEPTH * MAX_RECVS],
+    max_msg: u64,
+    sq_depth: u32,
+    sq_used: u32,
+}
+
+impl SendState {
+    /// `max_msg`: largest single RDMA WRITE (the port's max message size); `sq_depth`: work
+    /// requests the send queue holds.
+    pub fn new(max_msg: u64, sq_depth: u32) -> Self {
+        assert!(max_msg > 0 && max_msg <= u64::from(u32::MAX));
+        SendState {
+            seq: 0,
+            next_completion: 0,
+            rows: [Row::default(); FIFO_DEPTH],
+            reqs: [SendReq::default(); FIFO_DEPTH * MAX_RECVS],
+            max_msg,
+            sq_depth,
+            sq_used: 0,
+        }
+    }
+
+    /// Sequence number of the row the next send matches.
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// FIFO row the next send looks at.
+    pub fn current_row(&self) -> usize {
+        row_of(self.seq)
+    }
+
+    /// Rows transmitted whose completion has not arrived.
+    pub fn transmits_in_flight(&self) -> u32 {
+        self.seq.wrapping_sub(self.next_completion)
+    }
+
+    /// Post a send against `fifo_row`, a snapshot of FIFO row [`Self::current_row`].
+    pub fn post(
+        &mut self,
+        fifo_row: &[CtsEntry; MAX_RECVS],
+        msg: SendMsg,
+    ) -> Result<SendPost, ProtoError> {
+        let r = row_of(self.seq);
+        let row = &self.rows[r];
+        if !row.matching {
+            if row.live > 0 {
+                // The caller still holds requests of this row's previous use.
+                return Ok(SendPost::NotReady);
+            }
+            let want = stamp(self.seq);
+            let head = fifo_row[0];
+            if head.stamp != want {
+                return Ok(SendPost::NotReady);
+            }
+            let nreqs = head.nreqs as usize;
+            if nreqs == 0 || nreqs > MAX_RECVS {
+                return Err(ProtoError::Protocol(format!(
+                    "receive row {} announces {} buffers (1..={MAX_RECVS} allowed)",
+                    self.seq, head.nreqs
+                )));
+            }
+            // The row is one RDMA WRITE, but nothing orders its bytes: wait until every entry is stamped.
+            if fifo_row[..nreqs].iter().any(|e| e.stamp != want) {
+                return Ok(SendPost::NotReady);
+            }
+            if let Some(bad) = fifo_row[..nreqs].iter().find(|e| e.nreqs != head.nreqs) {
+                return Err(ProtoError::Protocol(format!(
+                    "receive row {} mixes entry counts {} and {}",
+                    self.seq, head.nreqs, bad.nreqs
+                )));
+            }
+            let row = &mut self.rows[r];
+            *row = Row {
+                matching: true,
+                nreqs,
+                ..Row::default()
+            };
+            row.entries[..nreqs].copy_from_slice(&fifo_row[..nreqs]);
+        }
+
+        let row = &self.rows[r];
+        let nreqs = row.nreqs;
+        let Some(i) =
+            (0..nreqs).find(|&i| row.matched & (1 << i) == 0 && row.entries[i].tag == msg.tag)
+        else {
+            return Err(ProtoError::TagMismatch {
+                tag: msg.tag,
+                posted: row.entries[..nreqs].iter().map(|e| e.tag).collect(),
+            });
+        };
+
+        let completes_row = row.matched.count_ones() as usize + 1 == nreqs;
+        let mut transmit = None;
+        if completes_row {
+            let mut t = Transmit {
+                seq: self.seq,
+                nreqs,
+                msgs: row.msgs,
+                entries: row.entries,
+                truncated: row.truncated.is_some() || msg.size > row.entries[i].size,
+                max_msg: self.max_msg,
+            };
+            t.msgs[i] = msg;
+            let wqes = t.wqe_count();
+            if self.sq_used + wqes > self.sq_depth {
+                if wqes > self.sq_depth {
+                    return Err(ProtoError::InvalidUsage(format!(
+                        "a send of {} bytes needs {wqes} work requests; the send queue holds {}",
+                        msg.size, self.sq_depth
+                    )));
+                }
+                return Ok(SendPost::NotReady);
+            }
+            transmit = Some(t);
+        }
+
+        let row = &mut self.rows[r];
+        row.matched |= 1 << i;
+        row.live += 1;
+        row.msgs[i] = msg;
+        if msg.size > row.entries[i].size && row.truncated.is_none() {
+            row.truncated = Some((msg.size, row.entries[i].size));
+        }
+        let req = r * MAX_RECVS + i;
+        self.reqs[req] = SendReq {
+            state: ReqState::Matched,
+            size: msg.size,
+        };
+
+        if let Some(t) = &transmit {
+            let row = &mut self.rows[r];
+            row.matching = false;
+            row.wqes = t.wqe_count();
+            self.sq_used += row.wqes;
+            for j in 0..nreqs {
+                self.reqs[r * MAX_RECVS + j].state = ReqState::InFlight;
+            }
+            self.seq = self.seq.wrapping_add(1);
+        }
+        Ok(SendPost::Posted {
+            req: req as u16,
+            transmit,
+        })
+    }
+
+    /// The signaled completion of the transmit of row `seq` arrived.
+    pub fn on_completion(&mut self, seq: u32) -> Result<(), ProtoError> {
+        if seq != self.next_completion || self.transmits_in_flight() == 0 {
+            return Err(ProtoError::Protocol(format!(
+                "send completion for row {seq}, expected row {}",
+                self.next_completion
+            )));
+        }
+        let r = row_of(seq);
+        let row = &mut self.rows[r];
+        self.sq_used -= row.wqes;
+        row.wqes = 0;
+        let state = if row.truncated.is_some() {
+            ReqState::Failed
+        } else {
+            ReqState::Done
+        };
+        for j in 0..row.nreqs {
+            self.reqs[r * MAX_RECVS + j].state = state;
+        }
+        self.next_completion = self.next_completion.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Collect request `req`: `None` while in progress; the size sent, or the error, once finished.
+    /// A finished request is freed by this call.
+    pub fn test(&mut self, req: u16) -> Result<Option<u64>, ProtoError> {
+        let idx = req as usize;
+        let Some(sr) = self.reqs.get(idx).copied() else {
+            return Err(ProtoError::InvalidUsage(format!(
+                "send request {req} does not exist"
+            )));
+        };
+        let row = &mut self.rows[idx / MAX_RECVS];
+        match sr.state {
+            ReqState::Free => Err(ProtoError::InvalidUsage(format!(
+                "send request {req} is not in flight"
+            ))),
+            ReqState::Matched | ReqState::InFlight => Ok(None),
+            ReqState::Done => {
+                self.reqs[idx].state = ReqState::Free;
+                row.live -= 1;
+                Ok(Some(sr.size))
+            }
+            ReqState::Failed => {
+                self.reqs[idx].state = ReqState::Free;
+                row.live -= 1;
+                let (size, capacity) = row.truncated.unwrap_or_default();
+                Err(ProtoError::Truncated { size, capacity })
+            }
+        }
+    }
+
+    /// Work requests posted and not yet completed.
+    pub fn sq_used(&self) -> u32 {
+        self.sq_used
+    }
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Installs what the `halo` harness tests need (run as root on Debian 12 / Ubuntu):
+#   - OpenSSH server and client (the cluster test starts its own sshd on 127.0.0.1)
+#   - Ray from PyPI, in a dedicated Python virtual environment
+#
+#   scripts/setup-harness.sh           # install (idempotent; fast when already done)
+#   scripts/setup-harness.sh --print   # print the venv's bin directory and exit
+#
+# The venv lives outside the work tree so it is never committed and survives fresh
+# clones: $HALO_HARNESS_VENV, default ~/.cache/halo-harness/venv. The tests find Ray
+# there (or through $HALO_RAY, or `ray` on PATH).
+set -euo pipefail
+
+RAY_VERSION="2.60.0"
+SSH_PKGS=(openssh-server openssh-client)
+VENV="${HALO_HARNESS_VENV:-${HOME}/.cache/halo-harness/venv}"
+
+die() {
+    echo "setup-harness.sh: error: $*" >&2
+    exit 1
+}
+
+case "${1:-}" in
+    "") ;;
+    --print)
+        echo "$VENV/bin"
+        exit 0
+        ;;
+    -h|--help)
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "setup-harness.sh: unknown option '$1' (try --help)" >&2
+        exit 2
+        ;;
+esac
+
+start=$(date +%s)
+
+# --- OpenSSH ---------------------------------------------------------------------
+installed() {
+    [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == "installed" ]]
+}
+missing=()
+for pkg in "${SSH_PKGS[@]}"; do
+    installed "$pkg" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    [[ $EUID -eq 0 ]] || die "missing packages (${missing[*]}); run as root to install them"
+    command -v apt-get >/dev/null || die "apt-get not found: only Debian/Ubuntu are supported"
+    export DEBIAN_FRONTEND=noninteractive
+    apt_opts=(-o DPkg::Lock::Timeout=600)
+    echo "setup-harness.sh: installing: ${missing[*]}"
+    apt-get "${apt_opts[@]}" update -qq || die "apt-get update failed"
+    apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}" \
+        || die "apt-get install failed for: ${missing[*]}"
+else
+    echo "setup-harness.sh: ${SSH_PKGS[*]} already installed"
+fi
+[[ -x /usr/sbin/sshd ]] || die "/usr/sbin/sshd missing after install"
+
+# --- Ray in a venv ---------------------------------------------------------------
+ray_ok() {
+    [[ -x "$VENV/bin/ray" ]] \
+        && [[ "$("$VENV/bin/python" -c 'import ray; print(ray.__version__)' 2>/dev/null)" == "$RAY_VERSION" ]]
+}
+
+if ray_ok; then
+    echo "setup-harness.sh: ray $RAY_VERSION already in $VENV"
+else
+    python=""
+    # Ray wheels exist for CPython 3.9-3.12 only.
+    for cand in python3.11 python3.12 python3.10 python3.9 python3; do
+        if command -v "$cand" >/dev/null \
+            && "$cand" -c 'import sys, venv; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 12)))' 2>/dev/null; then
+            python="$cand"
+            break
+        fi
+    done
+    [[ -n "$python" ]] || die "no Python 3.9-3.12 with the venv module found (apt-get install python3-venv)"
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        echo "setup-harness.sh: creating venv $VENV with $($python --version)"
+        mkdir -p "$(dirname "$VENV")"
+        "$python" -m venv "$VENV" || die "could not create venv at $VENV"
+    fi
+    echo "setup-harness.sh: installing ray==$RAY_VERSION into $VENV"
+    # Plain `ray` (no [default] extras): `ray start/status/stop` and tasks need nothing more,
+    # and the dashboard is disabled by the harness anyway.
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q "ray==$RAY_VERSION" \
+        || die "pip install ray==$RAY_VERSION failed"
+    ray_ok || die "ray $RAY_VERSION still not importable from $VENV"
+fi
+
+echo "setup-harness.sh: ready in $(($(date +%s) - start)) s; ray: $VENV/bin/ray"

@@ -1,0 +1,2 @@
+//! halo-rdma: cross-crate tests, examples and benchmarks live in this package.
+pub mod driver;

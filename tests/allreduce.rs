@@ -1,0 +1,84 @@
+//! Runs the `allreduce` example (N processes, ring all-reduce through the plugin) for 2 and 4
+//! ranks with small sizes and checks its table: every size present, no wrong element. Needs an
+//! RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
+//! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Build the example first
+//! (`cargo build -p halo-rdma --examples`).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+fn have_device() -> bool {
+    let ok = halo_ibverbs::devices().map(|d| !d.is_empty()).unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
+            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
+        );
+        eprintln!("SKIPPED (no RDMA device): allreduce");
+    }
+    ok
+}
+
+/// target/<profile>/examples/allreduce, next to the deps/ directory this test runs from.
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("test binary lies in target/<profile>/deps");
+    let bin = profile_dir.join("examples").join("allreduce");
+    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p halo-rdma --examples`", bin.display());
+    bin
+}
+
+/// One data row of the table: (size in bytes, #wrong).
+fn parse_table(out: &str) -> Vec<(usize, usize)> {
+    out.lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 8, "unexpected table row {l:?}");
+            assert_eq!((f[2], f[3]), ("float", "sum"), "unexpected type/redop in {l:?}");
+            let size: usize = f[0].parse().unwrap_or_else(|_| panic!("bad size in {l:?}"));
+            let count: usize = f[1].parse().unwrap_or_else(|_| panic!("bad count in {l:?}"));
+            assert_eq!(count * 4, size, "count does not match size in {l:?}");
+            for v in &f[4..7] {
+                let x: f64 = v.parse().unwrap_or_else(|_| panic!("bad number {v:?} in {l:?}"));
+                assert!(x.is_finite() && x > 0.0, "non-positive time/bandwidth in {l:?}");
+            }
+            (size, f[7].parse().unwrap_or_else(|_| panic!("bad #wrong in {l:?}")))
+        })
+        .collect()
+}
+
+/// The runs busy-poll; side by side they would share the guest's two vCPUs among six processes.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn run(ranks: usize) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(example_binary())
+        .args(["--ranks", &ranks.to_string(), "--min-bytes", "4K", "--max-bytes", "1M", "--iters", "2", "--timeout", "400"])
+        .output()
+        .expect("start the allreduce example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("--- allreduce --ranks {ranks} stdout ---\n{stdout}--- stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "allreduce --ranks {ranks} failed: {}", out.status);
+    let rows = parse_table(&stdout);
+    let expected: Vec<usize> = (12..=20).map(|s| 1usize << s).collect();
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), expected, "table does not cover 4 KiB .. 1 MiB");
+    for (size, wrong) in rows {
+        assert_eq!(wrong, 0, "{ranks} ranks, {size} bytes: {wrong} wrong elements");
+    }
+}
+
+#[test]
+fn ring_allreduce_two_ranks() {
+    if have_device() {
+        run(2);
+    }
+}
+
+#[test]
+fn ring_allreduce_four_ranks() {
+    if have_device() {
+        run(4);
+    }
+}

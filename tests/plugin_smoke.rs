@@ -1,0 +1,160 @@
+//! The plugin through its v8 table in one process: listen, connect/accept polled to completion,
+//! registration, one send and one receive with the bytes and sizes checked. Needs an RDMA device
+//! (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
+//! `HALO_REQUIRE_RDMA=1` makes a missing device a failure.
+
+mod common;
+
+use halo_ffi::*;
+use rccl_net_plugin::abi::ncclNetPlugin_v8 as NET;
+use std::ffi::{c_int, c_void};
+use std::ptr::null_mut;
+use std::time::{Duration, Instant};
+
+fn have_device() -> bool {
+    let ok = halo_ibverbs::devices()
+        .map(|d| !d.is_empty())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
+            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
+        );
+        eprintln!("SKIPPED (no RDMA device): plugin_smoke");
+    }
+    ok
+}
+
+#[test]
+fn send_and_receive_through_the_v8_table() {
+    if !have_device() {
+        return;
+    }
+    unsafe {
+        assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
+        let mut n: c_int = 0;
+        assert_eq!(NET.devices.unwrap()(&mut n), ncclSuccess);
+        assert!(n >= 1);
+        let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+        let mut lc: *mut c_void = null_mut();
+        assert_eq!(
+            NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
+            ncclSuccess
+        );
+        let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
+        let t0 = Instant::now();
+        while sc.is_null() || rc.is_null() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "connect/accept did not finish"
+            );
+            if sc.is_null() {
+                assert_eq!(
+                    NET.connect.unwrap()(0, handle.as_mut_ptr().cast(), &mut sc, null_mut()),
+                    ncclSuccess
+                );
+            }
+            if rc.is_null() {
+                assert_eq!(NET.accept.unwrap()(lc, &mut rc, null_mut()), ncclSuccess);
+            }
+        }
+        assert_eq!(NET.closeListen.unwrap()(lc), ncclSuccess);
+        eprintln!("connected in {:?}", t0.elapsed());
+
+        for &len in &[0usize, 1, 4096, 1 << 20] {
+            let src: Vec<u8> = (0..len.max(1)).map(|i| (i * 7 + 3) as u8).collect();
+            let mut dst = vec![0u8; len + 64];
+            let (mut smh, mut rmh): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
+            assert_eq!(
+                NET.regMr.unwrap()(
+                    sc,
+                    src.as_ptr() as *mut c_void,
+                    len.max(1),
+                    NCCL_PTR_HOST,
+                    &mut smh
+                ),
+                ncclSuccess
+            );
+            assert_eq!(
+                NET.regMr.unwrap()(
+                    rc,
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    NCCL_PTR_HOST,
+                    &mut rmh
+                ),
+                ncclSuccess
+            );
+            let mut rreq: *mut c_void =
+                std::ptr::without_provenance_mut::<c_void>(NCCL_NET_OPTIONAL_RECV_COMPLETION);
+            let mut data = [dst.as_mut_ptr() as *mut c_void];
+            let mut sizes = [dst.len() as c_int];
+            let mut tags = [42 as c_int];
+            let mut mhs = [rmh];
+            assert_eq!(
+                NET.irecv.unwrap()(
+                    rc,
+                    1,
+                    data.as_mut_ptr(),
+                    sizes.as_mut_ptr(),
+                    tags.as_mut_ptr(),
+                    mhs.as_mut_ptr(),
+                    &mut rreq
+                ),
+                ncclSuccess
+            );
+            assert!(
+                !rreq.is_null()
+                    && rreq
+                        != std::ptr::without_provenance_mut::<c_void>(
+                            NCCL_NET_OPTIONAL_RECV_COMPLETION
+                        )
+            );
+            let mut sreq: *mut c_void = null_mut();
+            let t0 = Instant::now();
+            while sreq.is_null() {
+                assert!(t0.elapsed() < Duration::from_secs(30), "isend never posted");
+                assert_eq!(
+                    NET.isend.unwrap()(
+                        sc,
+                        src.as_ptr() as *mut c_void,
+                        len as c_int,
+                        42,
+                        smh,
+                        &mut sreq
+                    ),
+                    ncclSuccess
+                );
+            }
+            let (mut sdone, mut rdone) = (0, 0);
+            let (mut ssize, mut rsize) = ([-1 as c_int], [-1 as c_int]);
+            while sdone == 0 || rdone == 0 {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "transfer of {len} bytes did not finish"
+                );
+                if sdone == 0 {
+                    assert_eq!(
+                        NET.test.unwrap()(sreq, &mut sdone, ssize.as_mut_ptr()),
+                        ncclSuccess
+                    );
+                }
+                if rdone == 0 {
+                    assert_eq!(
+                        NET.test.unwrap()(rreq, &mut rdone, rsize.as_mut_ptr()),
+                        ncclSuccess
+                    );
+                }
+            }
+            assert_eq!(ssize[0] as usize, len);
+            assert_eq!(rsize[0] as usize, len);
+            assert_eq!(&dst[..len], &src[..len]);
+            assert!(dst[len..].iter().all(|&b| b == 0));
+            eprintln!("verified {len} bytes in {:?}", t0.elapsed());
+            assert_eq!(NET.deregMr.unwrap()(sc, smh), ncclSuccess);
+            assert_eq!(NET.deregMr.unwrap()(rc, rmh), ncclSuccess);
+        }
+        assert_eq!(NET.closeSend.unwrap()(sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(rc), ncclSuccess);
+    }
+}
