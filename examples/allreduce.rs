@@ -46,7 +46,10 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         Some(b'G') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    num.parse::<usize>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(|| format!("bad byte count {s:?}"))
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad byte count {s:?}"))
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -64,7 +67,10 @@ fn parse_args() -> Result<Opts, String> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
-        let num = |v: String| v.parse::<usize>().map_err(|_| format!("bad number {v:?} for {a}"));
+        let num = |v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("bad number {v:?} for {a}"))
+        };
         match a.as_str() {
             "--ranks" => o.ranks = num(val()?)?,
             "--min-bytes" => o.min_bytes = parse_bytes(&val()?)?,
@@ -75,11 +81,11 @@ fn parse_args() -> Result<Opts, String> {
             "--json" => o.json = true,
             "--rank" => o.rank = Some(num(val()?)?),
             "--dir" => o.dir = Some(PathBuf::from(val()?)),
-            "-h" | "--help" => {
-                return Err("usage: allreduce --ranks N (2|4) [--min-bytes 4K] [--max-bytes 16M] [--iters K] \
+            "-h" | "--help" => return Err(
+                "usage: allreduce --ranks N (2|4) [--min-bytes 4K] [--max-bytes 16M] [--iters K] \
                             [--warmup W] [--timeout SECS] [--json]"
-                    .into())
-            }
+                    .into(),
+            ),
             _ => return Err(format!("unknown argument {a:?}")),
         }
     }
@@ -89,7 +95,11 @@ fn parse_args() -> Result<Opts, String> {
     if o.iters == 0 {
         return Err("--iters must be at least 1".into());
     }
-    if !o.min_bytes.is_power_of_two() || !o.max_bytes.is_power_of_two() || o.min_bytes < 4 || o.min_bytes > o.max_bytes {
+    if !o.min_bytes.is_power_of_two()
+        || !o.max_bytes.is_power_of_two()
+        || o.min_bytes < 4
+        || o.min_bytes > o.max_bytes
+    {
         return Err("--min-bytes and --max-bytes must be powers of two, 4 <= min <= max".into());
     }
     // The v8 table carries message sizes as C int.
@@ -116,7 +126,9 @@ fn main() -> ExitCode {
         }
     };
     let r = match (o.rank, o.dir.clone()) {
-        (Some(rank), Some(dir)) => run_rank(&o, rank, &dir).map_err(|e| format!("rank {rank}: {e}")),
+        (Some(rank), Some(dir)) => {
+            run_rank(&o, rank, &dir).map_err(|e| format!("rank {rank}: {e}"))
+        }
         (None, None) => launch(&o),
         _ => Err("--rank and --dir go together".into()),
     };
@@ -132,7 +144,9 @@ fn main() -> ExitCode {
 
 /// Starts the rank processes and waits for them; `Ok(false)` if any of them failed.
 fn launch(o: &Opts) -> Result<bool, String> {
-    let base = std::env::var_os("HALO_GUEST_SHARE").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = std::env::var_os("HALO_GUEST_SHARE")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let dir = base.join(format!("halo-allreduce-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let result = spawn_and_wait(o, &dir);
@@ -147,8 +161,18 @@ fn spawn_and_wait(o: &Opts, dir: &Path) -> Result<bool, String> {
     for rank in 0..o.ranks {
         let mut cmd = Command::new(&exe);
         cmd.args(["--ranks", &o.ranks.to_string()])
-            .args(["--min-bytes", &o.min_bytes.to_string(), "--max-bytes", &o.max_bytes.to_string()])
-            .args(["--iters", &o.iters.to_string(), "--warmup", &o.warmup.to_string()])
+            .args([
+                "--min-bytes",
+                &o.min_bytes.to_string(),
+                "--max-bytes",
+                &o.max_bytes.to_string(),
+            ])
+            .args([
+                "--iters",
+                &o.iters.to_string(),
+                "--warmup",
+                &o.warmup.to_string(),
+            ])
             .args(["--rank", &rank.to_string()])
             .arg("--dir")
             .arg(dir);
@@ -168,7 +192,10 @@ fn spawn_and_wait(o: &Opts, dir: &Path) -> Result<bool, String> {
     while !children.is_empty() {
         if Instant::now() > deadline {
             kill_all(&mut children);
-            return Err(format!("ranks did not finish within {:?}; killed them", o.timeout));
+            return Err(format!(
+                "ranks did not finish within {:?}; killed them",
+                o.timeout
+            ));
         }
         let mut i = 0;
         while i < children.len() {
@@ -208,21 +235,41 @@ fn kill_all(children: &mut Vec<(usize, Child)>) {
 }
 
 /// Passes WARN lines through always and INFO lines under `NCCL_DEBUG=INFO|TRACE`, like the core.
-extern "C" fn rank_logger(level: c_int, _flags: c_ulong, file: *const c_char, line: c_int, _fmt: *const c_char, msg: *const c_char) {
+extern "C" fn rank_logger(
+    level: c_int,
+    _flags: c_ulong,
+    file: *const c_char,
+    line: c_int,
+    _fmt: *const c_char,
+    msg: *const c_char,
+) {
     let verbose = matches!(std::env::var("NCCL_DEBUG").as_deref(), Ok("INFO" | "TRACE"));
     if level > 2 && !verbose {
         return;
     }
     // SAFETY: the plugin passes NUL-terminated strings.
-    let (file, msg) = unsafe { (CStr::from_ptr(file).to_string_lossy(), CStr::from_ptr(msg).to_string_lossy()) };
-    eprintln!("[pid {} log {level}] {file}:{line} {msg}", std::process::id());
+    let (file, msg) = unsafe {
+        (
+            CStr::from_ptr(file).to_string_lossy(),
+            CStr::from_ptr(msg).to_string_lossy(),
+        )
+    };
+    eprintln!(
+        "[pid {} log {level}] {file}:{line} {msg}",
+        std::process::id()
+    );
 }
 
 fn logger() -> ncclDebugLogger_t {
     type Fixed = extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, *const c_char);
     // SAFETY: the plugin always calls its logger with fmt "%s" and one string argument; on x86-64
     // and aarch64 Linux a variadic pointer argument is passed like a named one.
-    Some(unsafe { std::mem::transmute::<Fixed, unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...)>(rank_logger as Fixed) })
+    Some(unsafe {
+        std::mem::transmute::<
+            Fixed,
+            unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...),
+        >(rank_logger as Fixed)
+    })
 }
 
 fn check(what: &str, rc: ncclResult_t) -> Result<(), String> {
@@ -249,7 +296,10 @@ fn wait_for_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         }
         if t0.elapsed() > WAIT {
-            return Err(format!("{what}: {} did not appear within {WAIT:?}", path.display()));
+            return Err(format!(
+                "{what}: {} did not appear within {WAIT:?}",
+                path.display()
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -284,11 +334,17 @@ impl Ring {
             }
             let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
             let mut lc: *mut c_void = null_mut();
-            check("listen", NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc))?;
+            check(
+                "listen",
+                NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
+            )?;
             publish(&dir.join(format!("handle-{rank}")), &handle)?;
 
             let next = (rank + 1) % n;
-            let peer = wait_for_file(&dir.join(format!("handle-{next}")), &format!("handle of rank {next}"))?;
+            let peer = wait_for_file(
+                &dir.join(format!("handle-{next}")),
+                &format!("handle of rank {next}"),
+            )?;
             let mut peer_handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
             if peer.len() != peer_handle.len() {
                 return Err(format!("handle of rank {next} has {} bytes", peer.len()));
@@ -307,7 +363,15 @@ impl Ring {
                     ));
                 }
                 if sc.is_null() {
-                    check("connect", NET.connect.unwrap()(0, peer_handle.as_mut_ptr().cast(), &mut sc, null_mut()))?;
+                    check(
+                        "connect",
+                        NET.connect.unwrap()(
+                            0,
+                            peer_handle.as_mut_ptr().cast(),
+                            &mut sc,
+                            null_mut(),
+                        ),
+                    )?;
                 }
                 if rc.is_null() {
                     check("accept", NET.accept.unwrap()(lc, &mut rc, null_mut()))?;
@@ -331,9 +395,36 @@ impl Ring {
             let scratch_bytes = std::mem::size_of_val(ring.scratch.as_slice());
             let data_ptr = ring.data.as_mut_ptr().cast::<c_void>();
             let scratch_ptr = ring.scratch.as_mut_ptr().cast::<c_void>();
-            check("regMr(data, send)", NET.regMr.unwrap()(sc, data_ptr, data_bytes, NCCL_PTR_HOST, &mut ring.data_send_mr))?;
-            check("regMr(data, recv)", NET.regMr.unwrap()(rc, data_ptr, data_bytes, NCCL_PTR_HOST, &mut ring.data_recv_mr))?;
-            check("regMr(scratch)", NET.regMr.unwrap()(rc, scratch_ptr, scratch_bytes, NCCL_PTR_HOST, &mut ring.scratch_mr))?;
+            check(
+                "regMr(data, send)",
+                NET.regMr.unwrap()(
+                    sc,
+                    data_ptr,
+                    data_bytes,
+                    NCCL_PTR_HOST,
+                    &mut ring.data_send_mr,
+                ),
+            )?;
+            check(
+                "regMr(data, recv)",
+                NET.regMr.unwrap()(
+                    rc,
+                    data_ptr,
+                    data_bytes,
+                    NCCL_PTR_HOST,
+                    &mut ring.data_recv_mr,
+                ),
+            )?;
+            check(
+                "regMr(scratch)",
+                NET.regMr.unwrap()(
+                    rc,
+                    scratch_ptr,
+                    scratch_bytes,
+                    NCCL_PTR_HOST,
+                    &mut ring.scratch_mr,
+                ),
+            )?;
             Ok(ring)
         }
     }
@@ -345,7 +436,13 @@ impl Ring {
 
     /// Sends data[src] to the next rank while receiving from the previous one into either
     /// scratch or data[dst], and waits for both.
-    fn exchange(&mut self, src: std::ops::Range<usize>, dst: std::ops::Range<usize>, into_scratch: bool, step: &str) -> Result<(), String> {
+    fn exchange(
+        &mut self,
+        src: std::ops::Range<usize>,
+        dst: std::ops::Range<usize>,
+        into_scratch: bool,
+        step: &str,
+    ) -> Result<(), String> {
         let send_bytes = src.len() * 4;
         let recv_bytes = dst.len() * 4;
         // SAFETY: both ranges lie inside buffers registered on the comms they are used with;
@@ -353,9 +450,17 @@ impl Ring {
         let (send_ptr, recv_ptr, recv_mr) = unsafe {
             let s = self.data.as_mut_ptr().add(src.start).cast::<c_void>();
             if into_scratch {
-                (s, self.scratch.as_mut_ptr().cast::<c_void>(), self.scratch_mr)
+                (
+                    s,
+                    self.scratch.as_mut_ptr().cast::<c_void>(),
+                    self.scratch_mr,
+                )
             } else {
-                (s, self.data.as_mut_ptr().add(dst.start).cast::<c_void>(), self.data_recv_mr)
+                (
+                    s,
+                    self.data.as_mut_ptr().add(dst.start).cast::<c_void>(),
+                    self.data_recv_mr,
+                )
             }
         };
         let (mut sreq, mut rreq): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
@@ -384,10 +489,31 @@ impl Ring {
                     let mut sizes = [recv_bytes as c_int];
                     let mut tags = [TAG];
                     let mut mhs = [recv_mr];
-                    check(step, NET.irecv.unwrap()(self.recv, 1, data.as_mut_ptr(), sizes.as_mut_ptr(), tags.as_mut_ptr(), mhs.as_mut_ptr(), &mut rreq))?;
+                    check(
+                        step,
+                        NET.irecv.unwrap()(
+                            self.recv,
+                            1,
+                            data.as_mut_ptr(),
+                            sizes.as_mut_ptr(),
+                            tags.as_mut_ptr(),
+                            mhs.as_mut_ptr(),
+                            &mut rreq,
+                        ),
+                    )?;
                 }
                 if sreq.is_null() {
-                    check(step, NET.isend.unwrap()(self.send, send_ptr, send_bytes as c_int, TAG, self.data_send_mr, &mut sreq))?;
+                    check(
+                        step,
+                        NET.isend.unwrap()(
+                            self.send,
+                            send_ptr,
+                            send_bytes as c_int,
+                            TAG,
+                            self.data_send_mr,
+                            &mut sreq,
+                        ),
+                    )?;
                 }
                 if !sreq.is_null() && sdone == 0 {
                     check(step, NET.test.unwrap()(sreq, &mut sdone, &mut ssize))?;
@@ -410,8 +536,16 @@ impl Ring {
         for s in 0..n - 1 {
             let src = self.chunk((r + n - s) % n, count);
             let dst = self.chunk((r + 2 * n - s - 1) % n, count);
-            self.exchange(src, dst.clone(), true, &format!("{count} elements, reduce-scatter step {s}"))?;
-            for (d, x) in self.data[dst.clone()].iter_mut().zip(&self.scratch[..dst.len()]) {
+            self.exchange(
+                src,
+                dst.clone(),
+                true,
+                &format!("{count} elements, reduce-scatter step {s}"),
+            )?;
+            for (d, x) in self.data[dst.clone()]
+                .iter_mut()
+                .zip(&self.scratch[..dst.len()])
+            {
                 *d += *x;
             }
         }
@@ -419,7 +553,12 @@ impl Ring {
         for s in 0..n - 1 {
             let src = self.chunk((r + 1 + n - s) % n, count);
             let dst = self.chunk((r + n - s) % n, count);
-            self.exchange(src, dst, false, &format!("{count} elements, all-gather step {s}"))?;
+            self.exchange(
+                src,
+                dst,
+                false,
+                &format!("{count} elements, all-gather step {s}"),
+            )?;
         }
         Ok(())
     }
@@ -435,15 +574,28 @@ impl Ring {
     /// integers, so f32 addition in any order is exact.
     fn wrong(&self, count: usize) -> usize {
         let k = (self.n * (self.n + 1) / 2) as f32;
-        self.data[..count].iter().enumerate().filter(|(i, v)| **v != k * (i % 13) as f32).count()
+        self.data[..count]
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| **v != k * (i % 13) as f32)
+            .count()
     }
 
     fn close(self) -> Result<(), String> {
         // SAFETY: every request on these comms has completed; registrations go before the comms.
         unsafe {
-            check("deregMr(data, send)", NET.deregMr.unwrap()(self.send, self.data_send_mr))?;
-            check("deregMr(data, recv)", NET.deregMr.unwrap()(self.recv, self.data_recv_mr))?;
-            check("deregMr(scratch)", NET.deregMr.unwrap()(self.recv, self.scratch_mr))?;
+            check(
+                "deregMr(data, send)",
+                NET.deregMr.unwrap()(self.send, self.data_send_mr),
+            )?;
+            check(
+                "deregMr(data, recv)",
+                NET.deregMr.unwrap()(self.recv, self.data_recv_mr),
+            )?;
+            check(
+                "deregMr(scratch)",
+                NET.deregMr.unwrap()(self.recv, self.scratch_mr),
+            )?;
             check("closeSend", NET.closeSend.unwrap()(self.send))?;
             check("closeRecv", NET.closeRecv.unwrap()(self.recv))?;
         }
@@ -488,26 +640,46 @@ fn run_rank(o: &Opts, rank: usize, dir: &Path) -> Result<bool, String> {
             }
             worst = worst.max(ring.wrong(count));
         }
-        rows.push(Row { bytes, time_us: total.as_secs_f64() * 1e6 / o.iters as f64, wrong: worst });
+        rows.push(Row {
+            bytes,
+            time_us: total.as_secs_f64() * 1e6 / o.iters as f64,
+            wrong: worst,
+        });
     }
     ring.close()?;
     let mine_ok = rows.iter().all(|r| r.wrong == 0);
     if rank != 0 {
-        let text: String = rows.iter().map(|r| format!("{} {} {}\n", r.bytes, r.time_us, r.wrong)).collect();
+        let text: String = rows
+            .iter()
+            .map(|r| format!("{} {} {}\n", r.bytes, r.time_us, r.wrong))
+            .collect();
         publish(&dir.join(format!("result-{rank}")), text.as_bytes())?;
         return Ok(mine_ok);
     }
     for peer in 1..o.ranks {
-        let text = wait_for_file(&dir.join(format!("result-{peer}")), &format!("results of rank {peer}"))?;
+        let text = wait_for_file(
+            &dir.join(format!("result-{peer}")),
+            &format!("results of rank {peer}"),
+        )?;
         let text = String::from_utf8_lossy(&text);
         let lines: Vec<&str> = text.lines().collect();
         if lines.len() != rows.len() {
-            return Err(format!("rank {peer} reported {} sizes, expected {}", lines.len(), rows.len()));
+            return Err(format!(
+                "rank {peer} reported {} sizes, expected {}",
+                lines.len(),
+                rows.len()
+            ));
         }
         for (row, line) in rows.iter_mut().zip(lines) {
             let f: Vec<&str> = line.split_whitespace().collect();
             let parsed = (f.len() == 3)
-                .then(|| Some((f[0].parse::<usize>().ok()?, f[1].parse::<f64>().ok()?, f[2].parse::<usize>().ok()?)))
+                .then(|| {
+                    Some((
+                        f[0].parse::<usize>().ok()?,
+                        f[1].parse::<f64>().ok()?,
+                        f[2].parse::<usize>().ok()?,
+                    ))
+                })
                 .flatten();
             match parsed {
                 Some((b, t, w)) if b == row.bytes => {
@@ -545,18 +717,60 @@ fn print_rows(o: &Opts, rows: &[Row]) {
                 )
             })
             .collect();
-        println!("{{\"ranks\":{},\"iters\":{},\"rows\":[{}]}}", o.ranks, o.iters, items.join(","));
+        println!(
+            "{{\"ranks\":{},\"iters\":{},\"rows\":[{}]}}",
+            o.ranks,
+            o.iters,
+            items.join(",")
+        );
         return;
     }
-    println!("# halo ring all-reduce: {} ranks, device 0 ({}), {} iterations after {} warm-up", o.ranks, device_name(), o.iters, o.warmup);
+    println!(
+        "# halo ring all-reduce: {} ranks, device 0 ({}), {} iterations after {} warm-up",
+        o.ranks,
+        device_name(),
+        o.iters,
+        o.warmup
+    );
     println!("#");
-    println!("# {:>10} {:>12} {:>6} {:>6} {:>12} {:>12} {:>12} {:>7}", "size(B)", "count(elems)", "type", "redop", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong");
+    println!(
+        "# {:>10} {:>12} {:>6} {:>6} {:>12} {:>12} {:>12} {:>7}",
+        "size(B)",
+        "count(elems)",
+        "type",
+        "redop",
+        "time(us)",
+        "algbw(GB/s)",
+        "busbw(GB/s)",
+        "#wrong"
+    );
     let mut bus_sum = 0.0;
     for r in rows {
         let (alg, bus) = bandwidths(o, r);
         bus_sum += bus;
-        println!("  {:>10} {:>12} {:>6} {:>6} {:>12.1} {:>12.4} {:>12.4} {:>7}", r.bytes, r.bytes / 4, "float", "sum", r.time_us, alg, bus, r.wrong);
+        println!(
+            "  {:>10} {:>12} {:>6} {:>6} {:>12.1} {:>12.4} {:>12.4} {:>7}",
+            r.bytes,
+            r.bytes / 4,
+            "float",
+            "sum",
+            r.time_us,
+            alg,
+            bus,
+            r.wrong
+        );
     }
-    println!("# Out of bounds values : {} {}", rows.iter().map(|r| r.wrong).sum::<usize>(), if rows.iter().all(|r| r.wrong == 0) { "OK" } else { "FAILED" });
-    println!("# Avg bus bandwidth    : {:.4} GB/s", bus_sum / rows.len() as f64);
+    println!(
+        "# Out of bounds values : {} {}",
+        rows.iter().map(|r| r.wrong).sum::<usize>(),
+        if rows.iter().all(|r| r.wrong == 0) {
+            "OK"
+        } else {
+            "FAILED"
+        }
+    );
+    println!(
+        "# Avg bus bandwidth    : {:.4} GB/s",
+        bus_sum / rows.len() as f64
+    );
 }

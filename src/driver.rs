@@ -35,7 +35,13 @@ pub struct NetError {
 
 impl fmt::Display for NetError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} returned {} ({})", self.call, self.code, result_name(self.code))
+        write!(
+            f,
+            "{} returned {} ({})",
+            self.call,
+            self.code,
+            result_name(self.code)
+        )
     }
 }
 
@@ -43,17 +49,17 @@ impl std::error::Error for NetError {}
 
 /// The name NCCL gives a result code.
 pub fn result_name(code: ncclResult_t) -> &'static str {
-    match code {
-        ncclSuccess => "ncclSuccess",
-        ncclUnhandledCudaError => "ncclUnhandledCudaError",
-        ncclSystemError => "ncclSystemError",
-        ncclInternalError => "ncclInternalError",
-        ncclInvalidArgument => "ncclInvalidArgument",
-        ncclInvalidUsage => "ncclInvalidUsage",
-        ncclRemoteError => "ncclRemoteError",
-        ncclInProgress => "ncclInProgress",
-        _ => "unknown result",
-    }
+    const NAMES: [(ncclResult_t, &str); 8] = [
+        (ncclSuccess, "ncclSuccess"),
+        (ncclUnhandledCudaError, "ncclUnhandledCudaError"),
+        (ncclSystemError, "ncclSystemError"),
+        (ncclInternalError, "ncclInternalError"),
+        (ncclInvalidArgument, "ncclInvalidArgument"),
+        (ncclInvalidUsage, "ncclInvalidUsage"),
+        (ncclRemoteError, "ncclRemoteError"),
+        (ncclInProgress, "ncclInProgress"),
+    ];
+    NAMES.iter().find(|(c, _)| *c == code).map_or("unknown result", |(_, n)| n)
 }
 
 fn check(call: &'static str, code: ncclResult_t) -> Result<(), NetError> {
@@ -67,7 +73,14 @@ fn check(call: &'static str, code: ncclResult_t) -> Result<(), NetError> {
 /// Prints the plugin's log lines to stderr. The plugin always logs with the format `"%s"` and one
 /// string argument; on x86-64 and aarch64 Linux a variadic pointer argument is passed like a named
 /// one, so this fixed-signature function receives it correctly.
-extern "C" fn stderr_log_line(level: c_int, _flags: c_ulong, file: *const c_char, line: c_int, _fmt: *const c_char, msg: *const c_char) {
+extern "C" fn stderr_log_line(
+    level: c_int,
+    _flags: c_ulong,
+    file: *const c_char,
+    line: c_int,
+    _fmt: *const c_char,
+    msg: *const c_char,
+) {
     let text = |p: *const c_char| {
         if p.is_null() {
             String::new()
@@ -83,7 +96,12 @@ extern "C" fn stderr_log_line(level: c_int, _flags: c_ulong, file: *const c_char
 pub fn stderr_logger() -> ncclDebugLogger_t {
     type Fixed = extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, *const c_char);
     // SAFETY: see `stderr_log_line`: the one call shape the plugin uses is ABI-compatible.
-    Some(unsafe { std::mem::transmute::<Fixed, unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...)>(stderr_log_line as Fixed) })
+    Some(unsafe {
+        std::mem::transmute::<
+            Fixed,
+            unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...),
+        >(stderr_log_line as Fixed)
+    })
 }
 
 /// The ABI versions this driver speaks; v7 and v9 differ from a neighbour only in details RCCL
@@ -125,7 +143,10 @@ unsafe impl Sync for Plugin {}
 /// Calls a table entry that must be present (every entry this driver uses is mandatory in the ABI).
 macro_rules! entry {
     ($t:expr, $name:ident) => {
-        $t.$name.ok_or(NetError { call: concat!(stringify!($name), " (missing entry)"), code: ncclInternalError })?
+        $t.$name.ok_or(NetError {
+            call: concat!(stringify!($name), " (missing entry)"),
+            code: ncclInternalError,
+        })?
     };
 }
 
@@ -133,7 +154,8 @@ impl Plugin {
     /// Opens `path` and copies its `ncclNetPlugin_v{version}` table.
     pub fn load(path: &std::path::Path, version: u32) -> Result<Plugin, String> {
         // SAFETY: loading runs the library's initialisers; the plugin has none with preconditions.
-        let lib = unsafe { Library::new(path) }.map_err(|e| format!("dlopen {}: {e}", path.display()))?;
+        let lib =
+            unsafe { Library::new(path) }.map_err(|e| format!("dlopen {}: {e}", path.display()))?;
         let symbol = format!("ncclNetPlugin_v{version}\0");
         macro_rules! table {
             ($ty:ty, $variant:ident) => {{
@@ -152,9 +174,18 @@ impl Plugin {
             10 => table!(ncclNet_v10_t, V10),
             11 => table!(ncclNet_v11_t, V11),
             12 => table!(ncclNet_v12_t, V12),
-            v => return Err(format!("unsupported plugin ABI version {v} (supported: {VERSIONS:?})")),
+            v => {
+                return Err(format!(
+                    "unsupported plugin ABI version {v} (supported: {VERSIONS:?})"
+                ))
+            }
         };
-        Ok(Plugin { table, ctx: null_mut(), version, _lib: lib })
+        Ok(Plugin {
+            table,
+            ctx: null_mut(),
+            version,
+            _lib: lib,
+        })
     }
 
     pub fn version(&self) -> u32 {
@@ -179,7 +210,9 @@ impl Plugin {
 
     /// `init`; for v11+ with a fresh per-communicator context (`comm_id` identifies it in logs).
     pub fn init(&mut self, logger: ncclDebugLogger_t, comm_id: u64) -> Result<(), NetError> {
-        let mut config = ncclNetCommConfig_v11_t { trafficClass: NCCL_NET_TRAFFIC_CLASS_UNDEF };
+        let mut config = ncclNetCommConfig_v11_t {
+            trafficClass: NCCL_NET_TRAFFIC_CLASS_UNDEF,
+        };
         // SAFETY: arguments follow the ABI; `config` outlives the call and `ctx` is written by it.
         let code = unsafe {
             match self.table {
@@ -248,7 +281,11 @@ impl Plugin {
     }
 
     /// `listen` on `dev`; fills the 128-byte handle the sender needs.
-    pub fn listen(&self, dev: c_int, handle: &mut [u8; NCCL_NET_HANDLE_MAXSIZE]) -> Result<Opaque, NetError> {
+    pub fn listen(
+        &self,
+        dev: c_int,
+        handle: &mut [u8; NCCL_NET_HANDLE_MAXSIZE],
+    ) -> Result<Opaque, NetError> {
         let mut comm = null_mut();
         let h = handle.as_mut_ptr().cast();
         // SAFETY: `handle` is NCCL_NET_HANDLE_MAXSIZE bytes, `comm` a valid out-pointer.
@@ -266,10 +303,16 @@ impl Plugin {
     }
 
     /// One `connect` call. `Ok(NULL)` means "not yet": call again with the same handle buffer.
-    pub fn connect(&self, dev: c_int, handle: &mut [u8; NCCL_NET_HANDLE_MAXSIZE]) -> Result<Opaque, NetError> {
+    pub fn connect(
+        &self,
+        dev: c_int,
+        handle: &mut [u8; NCCL_NET_HANDLE_MAXSIZE],
+    ) -> Result<Opaque, NetError> {
         let mut comm = null_mut();
         let mut dev_comm: *mut ncclNetDeviceHandle_v8_t = null_mut();
-        let mut config = ncclNetCommConfig_v10_t { trafficClass: NCCL_NET_TRAFFIC_CLASS_UNDEF };
+        let mut config = ncclNetCommConfig_v10_t {
+            trafficClass: NCCL_NET_TRAFFIC_CLASS_UNDEF,
+        };
         let h = handle.as_mut_ptr().cast();
         // SAFETY: `handle` is NCCL_NET_HANDLE_MAXSIZE bytes; the out-pointers and `config` are valid.
         let code = unsafe {
@@ -319,7 +362,11 @@ impl Plugin {
     }
 
     /// The three close entries share one signature; `pick` chooses send, recv or listen.
-    unsafe fn dispatch_close(&self, comm: Opaque, pick: impl Fn((CloseFn, CloseFn, CloseFn)) -> CloseFn) -> ncclResult_t {
+    unsafe fn dispatch_close(
+        &self,
+        comm: Opaque,
+        pick: impl Fn((CloseFn, CloseFn, CloseFn)) -> CloseFn,
+    ) -> ncclResult_t {
         let fns = match self.table {
             Table::V6(t) => (t.closeSend, t.closeRecv, t.closeListen),
             Table::V8(t) => (t.closeSend, t.closeRecv, t.closeListen),
@@ -338,7 +385,10 @@ impl Plugin {
     pub fn reg_mr(&self, comm: Opaque, data: *mut u8, len: usize) -> Result<Opaque, NetError> {
         let mut mh = null_mut();
         let d = data.cast();
-        let small = c_int::try_from(len).map_err(|_| NetError { call: "regMr (size exceeds int for v6)", code: ncclInvalidArgument });
+        let small = c_int::try_from(len).map_err(|_| NetError {
+            call: "regMr (size exceeds int for v6)",
+            code: ncclInvalidArgument,
+        });
         // SAFETY: `data..data+len` is a live allocation owned by the caller until `dereg_mr`.
         let code = unsafe {
             match self.table {
@@ -371,10 +421,20 @@ impl Plugin {
     ///
     /// # Safety
     /// `data..data+size` must stay valid and registered under `mh` until the request completes.
-    pub unsafe fn isend(&self, comm: Opaque, data: *mut u8, size: usize, tag: c_int, mh: Opaque) -> Result<Opaque, NetError> {
+    pub unsafe fn isend(
+        &self,
+        comm: Opaque,
+        data: *mut u8,
+        size: usize,
+        tag: c_int,
+        mh: Opaque,
+    ) -> Result<Opaque, NetError> {
         let mut req = null_mut();
         let d = data.cast();
-        let small = c_int::try_from(size).map_err(|_| NetError { call: "isend (size exceeds int for v6/v8)", code: ncclInvalidArgument });
+        let small = c_int::try_from(size).map_err(|_| NetError {
+            call: "isend (size exceeds int for v6/v8)",
+            code: ncclInvalidArgument,
+        });
         // SAFETY: the caller guarantees the buffer; `req` is a valid out-pointer.
         let code = unsafe {
             match self.table {
@@ -396,14 +456,28 @@ impl Plugin {
     /// # Safety
     /// Each `data[i]..data[i]+capacities[i]` must stay valid and registered under `mhs[i]` until
     /// the request completes.
-    pub unsafe fn irecv(&self, comm: Opaque, data: &mut [*mut c_void], capacities: &[usize], tags: &mut [c_int], mhs: &mut [*mut c_void], preset: *mut c_void) -> Result<Opaque, NetError> {
+    pub unsafe fn irecv(
+        &self,
+        comm: Opaque,
+        data: &mut [*mut c_void],
+        capacities: &[usize],
+        tags: &mut [c_int],
+        mhs: &mut [*mut c_void],
+        preset: *mut c_void,
+    ) -> Result<Opaque, NetError> {
         let n = data.len();
-        assert!(capacities.len() == n && tags.len() == n && mhs.len() == n, "irecv arrays differ in length");
+        assert!(
+            capacities.len() == n && tags.len() == n && mhs.len() == n,
+            "irecv arrays differ in length"
+        );
         let mut req = preset;
         let mut sizes_usize: Vec<usize> = capacities.to_vec();
         let mut sizes_int: Vec<c_int> = Vec::with_capacity(n);
         for &c in capacities {
-            sizes_int.push(c_int::try_from(c).map_err(|_| NetError { call: "irecv (capacity exceeds int for v6/v8)", code: ncclInvalidArgument })?);
+            sizes_int.push(c_int::try_from(c).map_err(|_| NetError {
+                call: "irecv (capacity exceeds int for v6/v8)",
+                code: ncclInvalidArgument,
+            })?);
         }
         let mut phandles = vec![null_mut::<c_void>(); n];
         let n = n as c_int;
@@ -411,11 +485,42 @@ impl Plugin {
         // SAFETY: every array holds `n` elements and outlives the call; the caller guarantees the buffers.
         let code = unsafe {
             match self.table {
-                Table::V6(t) => entry!(t, irecv)(comm.0, n, d, sizes_int.as_mut_ptr(), tg, m, &mut req),
-                Table::V8(t) => entry!(t, irecv)(comm.0, n, d, sizes_int.as_mut_ptr(), tg, m, &mut req),
-                Table::V10(t) => entry!(t, irecv)(comm.0, n, d, sizes_usize.as_mut_ptr(), tg, m, phandles.as_mut_ptr(), &mut req),
-                Table::V11(t) => entry!(t, irecv)(comm.0, n, d, sizes_usize.as_mut_ptr(), tg, m, phandles.as_mut_ptr(), &mut req),
-                Table::V12(t) => entry!(t, irecv)(comm.0, n, d, sizes_usize.as_mut_ptr(), tg, m, phandles.as_mut_ptr(), &mut req),
+                Table::V6(t) => {
+                    entry!(t, irecv)(comm.0, n, d, sizes_int.as_mut_ptr(), tg, m, &mut req)
+                }
+                Table::V8(t) => {
+                    entry!(t, irecv)(comm.0, n, d, sizes_int.as_mut_ptr(), tg, m, &mut req)
+                }
+                Table::V10(t) => entry!(t, irecv)(
+                    comm.0,
+                    n,
+                    d,
+                    sizes_usize.as_mut_ptr(),
+                    tg,
+                    m,
+                    phandles.as_mut_ptr(),
+                    &mut req,
+                ),
+                Table::V11(t) => entry!(t, irecv)(
+                    comm.0,
+                    n,
+                    d,
+                    sizes_usize.as_mut_ptr(),
+                    tg,
+                    m,
+                    phandles.as_mut_ptr(),
+                    &mut req,
+                ),
+                Table::V12(t) => entry!(t, irecv)(
+                    comm.0,
+                    n,
+                    d,
+                    sizes_usize.as_mut_ptr(),
+                    tg,
+                    m,
+                    phandles.as_mut_ptr(),
+                    &mut req,
+                ),
             }
         };
         check("irecv", code)?;
@@ -453,11 +558,16 @@ pub fn handle_to_hex(handle: &[u8; NCCL_NET_HANDLE_MAXSIZE]) -> String {
 pub fn handle_from_hex(text: &str) -> Result<[u8; NCCL_NET_HANDLE_MAXSIZE], String> {
     let text = text.trim();
     if text.len() != 2 * NCCL_NET_HANDLE_MAXSIZE {
-        return Err(format!("handle hex has {} characters, expected {}", text.len(), 2 * NCCL_NET_HANDLE_MAXSIZE));
+        return Err(format!(
+            "handle hex has {} characters, expected {}",
+            text.len(),
+            2 * NCCL_NET_HANDLE_MAXSIZE
+        ));
     }
     let mut out = [0u8; NCCL_NET_HANDLE_MAXSIZE];
     for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| format!("handle hex byte {i}: {e}"))?;
+        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+            .map_err(|e| format!("handle hex byte {i}: {e}"))?;
     }
     Ok(out)
 }

@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::Mutex;
 
 fn have_device() -> bool {
-    let ok = halo_ibverbs::devices().map(|d| !d.is_empty()).unwrap_or(false);
+    let ok = halo_ibverbs::devices()
+        .map(|d| !d.is_empty())
+        .unwrap_or(false);
     if !ok {
         assert!(
             std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
@@ -23,9 +25,16 @@ fn have_device() -> bool {
 /// target/<profile>/examples/allreduce, next to the deps/ directory this test runs from.
 fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("test binary lies in target/<profile>/deps");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lies in target/<profile>/deps");
     let bin = profile_dir.join("examples").join("allreduce");
-    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p halo-rdma --examples`", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p halo-rdma --examples`",
+        bin.display()
+    );
     bin
 }
 
@@ -36,15 +45,30 @@ fn parse_table(out: &str) -> Vec<(usize, usize)> {
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             assert_eq!(f.len(), 8, "unexpected table row {l:?}");
-            assert_eq!((f[2], f[3]), ("float", "sum"), "unexpected type/redop in {l:?}");
+            assert_eq!(
+                (f[2], f[3]),
+                ("float", "sum"),
+                "unexpected type/redop in {l:?}"
+            );
             let size: usize = f[0].parse().unwrap_or_else(|_| panic!("bad size in {l:?}"));
-            let count: usize = f[1].parse().unwrap_or_else(|_| panic!("bad count in {l:?}"));
+            let count: usize = f[1]
+                .parse()
+                .unwrap_or_else(|_| panic!("bad count in {l:?}"));
             assert_eq!(count * 4, size, "count does not match size in {l:?}");
             for v in &f[4..7] {
-                let x: f64 = v.parse().unwrap_or_else(|_| panic!("bad number {v:?} in {l:?}"));
-                assert!(x.is_finite() && x > 0.0, "non-positive time/bandwidth in {l:?}");
+                let x: f64 = v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad number {v:?} in {l:?}"));
+                assert!(
+                    x.is_finite() && x > 0.0,
+                    "non-positive time/bandwidth in {l:?}"
+                );
             }
-            (size, f[7].parse().unwrap_or_else(|_| panic!("bad #wrong in {l:?}")))
+            (
+                size,
+                f[7].parse()
+                    .unwrap_or_else(|_| panic!("bad #wrong in {l:?}")),
+            )
         })
         .collect()
 }
@@ -55,17 +79,42 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 fn run(ranks: usize) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(example_binary())
-        .args(["--ranks", &ranks.to_string(), "--min-bytes", "4K", "--max-bytes", "1M", "--iters", "2", "--timeout", "400"])
+        .args([
+            "--ranks",
+            &ranks.to_string(),
+            "--min-bytes",
+            "4K",
+            "--max-bytes",
+            "1M",
+            "--iters",
+            "2",
+            "--timeout",
+            "400",
+        ])
         .output()
         .expect("start the allreduce example");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("--- allreduce --ranks {ranks} stdout ---\n{stdout}--- stderr ---\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "allreduce --ranks {ranks} failed: {}", out.status);
+    eprintln!(
+        "--- allreduce --ranks {ranks} stdout ---\n{stdout}--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "allreduce --ranks {ranks} failed: {}",
+        out.status
+    );
     let rows = parse_table(&stdout);
     let expected: Vec<usize> = (12..=20).map(|s| 1usize << s).collect();
-    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), expected, "table does not cover 4 KiB .. 1 MiB");
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        expected,
+        "table does not cover 4 KiB .. 1 MiB"
+    );
     for (size, wrong) in rows {
-        assert_eq!(wrong, 0, "{ranks} ranks, {size} bytes: {wrong} wrong elements");
+        assert_eq!(
+            wrong, 0,
+            "{ranks} ranks, {size} bytes: {wrong} wrong elements"
+        );
     }
 }
 

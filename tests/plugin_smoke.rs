@@ -158,3 +158,111 @@ fn send_and_receive_through_the_v8_table() {
         assert_eq!(NET.closeRecv.unwrap()(rc), ncclSuccess);
     }
 }
+
+/// Resources of the device as the kernel counts them (`rdma resource show`: pd, cq, qp, mr …).
+fn rdma_resources() -> String {
+    let out = std::process::Command::new("rdma")
+        .args(["resource", "show"])
+        .output()
+        .expect("rdma tool (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // keep only the counters, e.g. "0: rxe0: pd 1 cq 2 qp 3 cm_id 0 mr 4 ctx 1 srq 0"
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn count_dir(p: &str) -> usize {
+    std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn connect_close_cycles_leak_nothing() {
+    if !have_device() {
+        return;
+    }
+    let cycles: usize = std::env::var("HALO_LEAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    unsafe {
+        assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
+        let mut buf = vec![0u8; 8192];
+        let cycle = |buf: &mut Vec<u8>| {
+            let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+            let mut lc: *mut c_void = null_mut();
+            assert_eq!(
+                NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
+                ncclSuccess
+            );
+            let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
+            let t0 = Instant::now();
+            while sc.is_null() || rc.is_null() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "connect/accept did not finish"
+                );
+                if sc.is_null() {
+                    assert_eq!(
+                        NET.connect.unwrap()(0, handle.as_mut_ptr().cast(), &mut sc, null_mut()),
+                        ncclSuccess
+                    );
+                }
+                if rc.is_null() {
+                    assert_eq!(NET.accept.unwrap()(lc, &mut rc, null_mut()), ncclSuccess);
+                }
+            }
+            assert_eq!(NET.closeListen.unwrap()(lc), ncclSuccess);
+            // a registration and a receive left in flight: close must clean up after both
+            let mut mh: *mut c_void = null_mut();
+            assert_eq!(
+                NET.regMr.unwrap()(
+                    rc,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    NCCL_PTR_HOST,
+                    &mut mh
+                ),
+                ncclSuccess
+            );
+            let mut req: *mut c_void = null_mut();
+            let mut data = [buf.as_mut_ptr() as *mut c_void];
+            let (mut sizes, mut tags, mut mhs) = ([buf.len() as c_int], [0 as c_int], [mh]);
+            assert_eq!(
+                NET.irecv.unwrap()(
+                    rc,
+                    1,
+                    data.as_mut_ptr(),
+                    sizes.as_mut_ptr(),
+                    tags.as_mut_ptr(),
+                    mhs.as_mut_ptr(),
+                    &mut req
+                ),
+                ncclSuccess
+            );
+            assert!(!req.is_null());
+            assert_eq!(NET.deregMr.unwrap()(rc, mh), ncclSuccess);
+            assert_eq!(NET.closeSend.unwrap()(sc), ncclSuccess);
+            assert_eq!(NET.closeRecv.unwrap()(rc), ncclSuccess);
+        };
+        cycle(&mut buf); // warm up: the device's own resources exist from here on
+        let (fds, threads, res) = (
+            count_dir("/proc/self/fd"),
+            count_dir("/proc/self/task"),
+            rdma_resources(),
+        );
+        let t0 = Instant::now();
+        for _ in 0..cycles {
+            cycle(&mut buf);
+        }
+        let (fds2, threads2, res2) = (
+            count_dir("/proc/self/fd"),
+            count_dir("/proc/self/task"),
+            rdma_resources(),
+        );
+        eprintln!("{cycles} connect/close cycles in {:?}", t0.elapsed());
+        eprintln!("fds {fds} -> {fds2}, threads {threads} -> {threads2}");
+        eprintln!("rdma resources before: {res}\nrdma resources after:  {res2}");
+        assert_eq!(fds, fds2, "file descriptors leaked");
+        assert_eq!(threads, threads2, "threads leaked");
+        assert_eq!(res, res2, "RDMA resources (QP/CQ/MR/PD) leaked");
+    }
+}

@@ -42,7 +42,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Check this node (and peers) for RoCE, GPU, kernel and RCCL problems, with fixes.
+    /// Check this node (and peers) for RoCE, GPU, kernel and RCCL problems, with fixes
     ///
     /// Every check prints a verdict (pass, warn, fail, skip), the value seen and, when
     /// something is wrong, the exact command or line that fixes it. Exit status: 0 when
@@ -52,8 +52,7 @@ enum Cmd {
     /// Create the cluster config, start/stop Ray across the nodes, show its state.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Serve a model with vLLM across the cluster (tensor parallel over Ray) and wait until
-    /// it answers /v1/models.
+    /// Serve a model with vLLM across the cluster; wait until /v1/models answers
     ///
     /// Runs `vllm serve MODEL --host 0.0.0.0 --port P --tensor-parallel-size N
     /// --distributed-executor-backend ray --gpu-memory-utilization U --enforce-eager …`
@@ -61,7 +60,7 @@ enum Cmd {
     /// (`halo cluster up`). Gated models (meta-llama/*, or --gated) need HF_TOKEN.
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
-    /// Measure vLLM throughput at TP=1 and TP=N and print them side by side.
+    /// Measure vLLM throughput at TP=1 and TP=N and print them side by side
     ///
     /// Runs `vllm bench throughput` twice (single node, then tensor parallel over Ray)
     /// and compares requests/s, total tokens/s and output tokens/s.
@@ -99,14 +98,14 @@ struct DoctorArgs {
 
 #[derive(Debug, Subcommand)]
 enum ClusterCmd {
-    /// Write cluster.toml from --node flags and what this node's RDMA setup shows.
+    /// Write cluster.toml from --node flags and what this node's RDMA setup shows
     ///
     /// Detects the cluster interface, RDMA device and RoCE v2 GID index locally (as
     /// `halo doctor` does) and assumes the same names on the other nodes.
     /// Example: halo cluster init --node strix1=192.168.100.1 --node strix2=192.168.100.2 --ssh-user core
     #[command(verbatim_doc_comment)]
-    Init(InitArgs),
-    /// Start the Ray head here and every worker over SSH, with the RCCL/vLLM environment.
+    Init(Box<InitArgs>),
+    /// Start the Ray head here and every worker over SSH, with the RCCL/vLLM environment
     ///
     /// Waits until `ray status` lists every node. What was started is recorded in
     /// cluster.state.json next to the config. The `ray` executable comes from HALO_RAY, the

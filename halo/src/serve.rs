@@ -357,7 +357,8 @@ pub fn render_bench(model: &str, results: &[(u32, Throughput)]) -> String {
         out.push_str(&format!("{:>10}", "speed-up"));
     }
     out.push('\n');
-    let rows: [(&str, fn(&Throughput) -> f64); 3] = [
+    type Metric = fn(&Throughput) -> f64;
+    let rows: [(&str, Metric); 3] = [
         ("requests/s", |t| t.requests_per_s),
         ("total tokens/s", |t| t.total_tokens_per_s),
         ("output tokens/s", |t| t.output_tokens_per_s),

@@ -104,8 +104,8 @@ pub fn select_cluster_port(
         .flat_map(|p| p.gids.iter().map(move |g| (p, g)))
         .filter(|(_, g)| g.kind == "RoCE v2")
         .filter_map(|(p, g)| Some((p, g, g.gid.to_ipv4_mapped()?)))
-        .filter(|(_, g, _)| iface.map_or(true, |i| g.netdev.as_deref() == Some(i)))
-        .filter(|(_, _, addr)| ip.map_or(true, |want| *addr == want))
+        .filter(|(_, g, _)| iface.is_none_or(|i| g.netdev.as_deref() == Some(i)))
+        .filter(|(_, _, addr)| ip.is_none_or(|want| *addr == want))
         .collect();
     candidates.sort_by_key(|(p, g, _)| (!p.is_active(), g.index));
     candidates.first().map(|(p, g, addr)| ClusterPort {
