@@ -707,7 +707,7 @@ fn print_rows(o: &Opts, rows: &[Row]) {
             .map(|r| {
                 let (alg, bus) = bandwidths(o, r);
                 format!(
-                    "{{\"size\":{},\"count\":{},\"type\":\"float\",\"redop\":\"sum\",\"time_us\":{:.2},\"algbw_gbps\":{:.4},\"busbw_gbps\":{:.4},\"wrong\":{}}}",
+                    "{{\"size\":{},\"count\":{},\"type\":\"float\",\"redop\":\"sum\",\"time_us\":{:.2},\"algbw_gbps\":{:.6},\"busbw_gbps\":{:.6},\"wrong\":{}}}",
                     r.bytes,
                     r.bytes / 4,
                     r.time_us,
@@ -749,7 +749,7 @@ fn print_rows(o: &Opts, rows: &[Row]) {
         let (alg, bus) = bandwidths(o, r);
         bus_sum += bus;
         println!(
-            "  {:>10} {:>12} {:>6} {:>6} {:>12.1} {:>12.4} {:>12.4} {:>7}",
+            "  {:>10} {:>12} {:>6} {:>6} {:>12.1} {:>12.6} {:>12.6} {:>7}",
             r.bytes,
             r.bytes / 4,
             "float",
@@ -770,7 +770,7 @@ fn print_rows(o: &Opts, rows: &[Row]) {
         }
     );
     println!(
-        "# Avg bus bandwidth    : {:.4} GB/s",
+        "# Avg bus bandwidth    : {:.6} GB/s",
         bus_sum / rows.len() as f64
     );
 }

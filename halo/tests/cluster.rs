@@ -33,7 +33,7 @@ fn free_port() -> u16 {
 
 fn harness_ray() -> Option<PathBuf> {
     if let Ok(r) = std::env::var("HALO_RAY") {
-        return Some(PathBuf::from(r));
+        return Some(PathBuf::from(r)).filter(|p| p.is_file());
     }
     let venv = std::env::var_os("HALO_HARNESS_VENV")
         .map(PathBuf::from)

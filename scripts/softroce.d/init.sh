@@ -50,8 +50,13 @@ CTL_OK=1
 date +%s >/ctl/t_init
 . /ctl/config.sh
 
-load_group rdma
-[ "$MODE" = single ] || load_group net
+# Load the RDMA (and NIC) modules while the 9p mounts below proceed; a failure there
+# ends the guest through fail().
+{
+    load_group rdma
+    [ "$MODE" = single ] || load_group net
+} &
+MODLOAD=$!
 
 NR=/newroot
 mount -t 9p -o "$NINEP_OPTS,ro,cache=loose" hostroot "$NR" || fail "cannot mount the host root"
@@ -69,6 +74,7 @@ mount -t 9p -o "$NINEP_OPTS" share "$NR$SHARE_PATH" || fail "cannot mount the sh
 mkdir -p "$NR/run/halo"
 cp /ctl/env.sh /ctl/run.sh "$NR/run/halo/" || fail "cannot stage the command"
 
+wait "$MODLOAD"
 ip link set lo up || fail "cannot bring lo up"
 if [ "$MODE" = single ]; then
     NETDEV=lo

@@ -32,8 +32,12 @@ pub const IMM_TRUNCATED: u32 = 0xFFFF_FFFF;
 /// Largest size carried directly in the immediate of a single receive.
 pub const IMM_MAX_SIZE: u64 = 0x7FFF_FFFF;
 
-/// One receive buffer offered to the sender. 32 bytes, written by the receiver into the sender's
+/// One receive buffer offered to the sender. 40 bytes, written by the receiver into the sender's
 /// FIFO memory with RDMA WRITE, so its layout is part of the wire format.
+///
+/// Nothing orders the bytes of one RDMA WRITE as they land (Soft-RoCE places them with `memcpy`,
+/// a NIC by PCIe transactions), so the sender may see the new `stamp` next to stale fields.
+/// `check` covers every other field: an entry counts only when both the stamp and the check match.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtsEntry {
@@ -49,6 +53,45 @@ pub struct CtsEntry {
     pub nreqs: u32,
     /// `stamp(seq)` of the request: tells a fresh row from stale memory.
     pub stamp: u32,
+    /// [`CtsEntry::compute_check`] of the other fields.
+    pub check: u32,
+    pub reserved: u32,
+}
+
+impl CtsEntry {
+    /// A 32-bit mix of every field but `check` (FNV-1a over the bytes, then a final avalanche).
+    pub fn compute_check(&self) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        let words = [
+            self.addr as u32,
+            (self.addr >> 32) as u32,
+            self.size as u32,
+            (self.size >> 32) as u32,
+            self.rkey,
+            self.tag as u32,
+            self.nreqs,
+            self.stamp,
+        ];
+        for w in words {
+            for b in w.to_le_bytes() {
+                h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+            }
+        }
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x7feb_352d);
+        h ^ (h >> 15)
+    }
+
+    /// The entry with its check filled in.
+    pub fn sealed(mut self) -> Self {
+        self.check = self.compute_check();
+        self
+    }
+
+    /// Whether every field belongs to the same write.
+    pub fn is_intact(&self) -> bool {
+        self.check == self.compute_check()
+    }
 }
 
 /// Bytes of one FIFO row in memory.

@@ -56,6 +56,7 @@ enum Wire {
         seq: u32,
         n: usize,
         entries: [CtsEntry; MAX_RECVS],
+        torn: bool,
     },
     Data(WireOp, u32),
 }
@@ -146,20 +147,47 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                     } => {
                         prop_assert_eq!(seq as usize, g);
                         recv_reqs.push_back((g, req));
-                        sim.to_sender.push_back(Wire::Cts { seq, n, entries });
+                        sim.to_sender.push_back(Wire::Cts {
+                            seq,
+                            n,
+                            entries,
+                            torn: false,
+                        });
                         next_recv_post += 1;
                     }
                 }
             }
             1 => {
                 // deliver one CTS write (in order)
-                if let Some(Wire::Cts { seq, n, entries }) = sim.to_sender.pop_front() {
+                if let Some(Wire::Cts {
+                    seq,
+                    n,
+                    entries,
+                    torn,
+                }) = sim.to_sender.pop_front()
+                {
                     let row = &mut sim.fifo[row_of(seq)];
-                    // a row may land in two halves: deliver the tail entries first half the time
-                    if step % 2 == 1 && n > 1 {
-                        row[1..n].copy_from_slice(&entries[1..n]);
+                    if !torn && step % 3 == 1 {
+                        // The write lands torn: new stamp and check, old address, size and key.
+                        // The sender must not take it; the rest lands on a later step.
+                        for (dst, src) in row[..n].iter_mut().zip(&entries[..n]) {
+                            dst.stamp = src.stamp;
+                            dst.check = src.check;
+                            dst.nreqs = src.nreqs;
+                        }
+                        sim.to_sender.push_front(Wire::Cts {
+                            seq,
+                            n,
+                            entries,
+                            torn: true,
+                        });
+                    } else {
+                        // a row may land in two halves: deliver the tail entries first half the time
+                        if step % 2 == 1 && n > 1 {
+                            row[1..n].copy_from_slice(&entries[1..n]);
+                        }
+                        row[..n].copy_from_slice(&entries[..n]);
                     }
-                    row[..n].copy_from_slice(&entries[..n]);
                 }
             }
             2 | 3 if next_send_group < groups.len() => {
@@ -456,7 +484,9 @@ fn unknown_tag_and_bad_rows_are_errors() {
         tag: 4,
         nreqs: 1,
         stamp: stamp(0),
-    };
+        ..CtsEntry::default()
+    }
+    .sealed();
     let err = send
         .post(
             &row,
@@ -477,6 +507,7 @@ fn unknown_tag_and_bad_rows_are_errors() {
     );
     let mut send = SendState::new(1 << 20, 64);
     row[0].nreqs = 9;
+    row[0] = row[0].sealed();
     assert!(matches!(
         send.post(&row, SendMsg::default()),
         Err(ProtoError::Protocol(_))
@@ -532,7 +563,9 @@ fn send_queue_room_is_respected() {
         tag: 0,
         nreqs: 1,
         stamp: stamp(0),
-    };
+        ..CtsEntry::default()
+    }
+    .sealed();
     // 16 bytes in chunks of 4 = 4 work requests > 3
     let err = send
         .post(
@@ -571,7 +604,9 @@ fn send_queue_room_is_respected() {
         tag: 0,
         nreqs: 1,
         stamp: stamp(1),
-    };
+        ..CtsEntry::default()
+    }
+    .sealed();
     assert_eq!(
         send.post(
             &row1,

@@ -103,7 +103,9 @@ impl RecvState {
                 tag: b.tag,
                 nreqs: n as u32,
                 stamp: stamp(seq),
-            };
+                ..CtsEntry::default()
+            }
+            .sealed();
             capacity[i] = b.size;
         }
         self.reqs[r] = RecvReq {

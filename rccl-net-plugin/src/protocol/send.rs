@@ -314,7 +314,8 @@ impl SendState {
             }
             let want = stamp(self.seq);
             let head = fifo_row[0];
-            if head.stamp != want {
+            if head.stamp != want || !head.is_intact() {
+                // Not written yet, or still landing.
                 return Ok(SendPost::NotReady);
             }
             let nreqs = head.nreqs as usize;
@@ -325,7 +326,10 @@ impl SendState {
                 )));
             }
             // The row is one RDMA WRITE, but nothing orders its bytes: wait until every entry is stamped.
-            if fifo_row[..nreqs].iter().any(|e| e.stamp != want) {
+            if fifo_row[..nreqs]
+                .iter()
+                .any(|e| e.stamp != want || !e.is_intact())
+            {
                 return Ok(SendPost::NotReady);
             }
             if let Some(bad) = fifo_row[..nreqs].iter().find(|e| e.nreqs != head.nreqs) {
