@@ -35,6 +35,8 @@ const INFLIGHT_BYTE_BUDGET: usize = 320 << 20;
 /// Fill for receive buffers: bytes past the message must still hold it after the transfer.
 const GUARD: u8 = 0xA5;
 const RENDEZVOUS_PORT: u16 = 18600;
+/// What RCCL leaves in `*request` before an irecv whose completion it may not need.
+const PRESET_REQUEST: *mut c_void = std::ptr::without_provenance_mut(1);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Role {
@@ -83,7 +85,10 @@ fn parse_args() -> Result<Options, String> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = || args.next().ok_or_else(|| format!("{a} needs a value\n{}", usage()));
+        let mut val = || {
+            args.next()
+                .ok_or_else(|| format!("{a} needs a value\n{}", usage()))
+        };
         let num = |s: String| s.parse::<u64>().map_err(|e| format!("{a} {s}: {e}"));
         match a.as_str() {
             "--plugin" => o.plugin = PathBuf::from(val()?),
@@ -152,7 +157,9 @@ fn checksum(data: &[u8]) -> u64 {
     let mut h: u64 = 0xCBF2_9CE4_8422_2325 ^ data.len() as u64;
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        h = (h ^ u64::from_le_bytes(c.try_into().unwrap())).rotate_left(23).wrapping_mul(0x100_0000_01B3);
+        h = (h ^ u64::from_le_bytes(c.try_into().unwrap()))
+            .rotate_left(23)
+            .wrapping_mul(0x100_0000_01B3);
     }
     for &b in chunks.remainder() {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01B3);
@@ -182,13 +189,20 @@ fn plan(seed: u64, messages: usize, max_size: usize, max_recvs: usize) -> Vec<Gr
     let mut groups = Vec::new();
     let mut index = 0;
     while index < messages {
-        let n = if groups.is_empty() { 3.min(max_recvs) } else { 1 + rng.below(max_recvs) }.min(messages - index).max(1);
+        let n = if groups.is_empty() {
+            4.min(max_recvs)
+        } else {
+            1 + rng.below(max_recvs)
+        }
+        .min(messages - index)
+        .max(1);
         let mut msgs = Vec::with_capacity(n);
         let mut tags: Vec<c_int> = Vec::with_capacity(n);
         for slot in 0..n {
             let size = if groups.is_empty() {
-                // The edge cases come first so even a short run covers them.
-                [0, 1, max_size][slot]
+                // The edge cases come first so even a short run covers them, including two
+                // max-size messages in flight at once.
+                [0, 1, max_size, max_size][slot]
             } else {
                 match rng.below(16) {
                     0 => 0,
@@ -208,7 +222,12 @@ fn plan(seed: u64, messages: usize, max_size: usize, max_recvs: usize) -> Vec<Gr
                 }
             };
             tags.push(tag);
-            msgs.push(Message { index, size, capacity, tag });
+            msgs.push(Message {
+                index,
+                size,
+                capacity,
+                tag,
+            });
             index += 1;
         }
         let mut send_order: Vec<usize> = (0..n).collect();
@@ -216,7 +235,11 @@ fn plan(seed: u64, messages: usize, max_size: usize, max_recvs: usize) -> Vec<Gr
             send_order.swap(i, rng.below(i + 1));
         }
         let preset_one = rng.below(3) == 0;
-        groups.push(Group { msgs, send_order, preset_one });
+        groups.push(Group {
+            msgs,
+            send_order,
+            preset_one,
+        });
     }
     groups
 }
@@ -262,14 +285,23 @@ fn main() -> ExitCode {
 fn run(opts: &Options) -> Result<(), String> {
     let t0 = Instant::now();
     let mut plugin = Plugin::load(&opts.plugin, opts.version)?;
-    plugin.init(stderr_logger(), opts.seed ^ 0xC0FF_EE00).map_err(|e| format!("plugin init failed: {e}"))?;
+    plugin
+        .init(stderr_logger(), opts.seed ^ 0xC0FF_EE00)
+        .map_err(|e| format!("plugin init failed: {e}"))?;
     let ndev = plugin.devices().map_err(|e| e.to_string())?;
     if ndev == 0 {
         return Err("the plugin reports no devices".into());
     }
     let info = plugin.properties(0).map_err(|e| e.to_string())?;
     let max_recvs = info.max_recvs.clamp(1, 8);
-    eprintln!("plugin {:?} v{}: {ndev} device(s), dev 0 = {} (maxRecvs {})", plugin.name(), opts.version, info.name, info.max_recvs);
+    eprintln!(
+        "plugin {:?} v{}: {ndev} device(s), dev 0 = {} (maxRecvs {}, ptrSupport {:#x})",
+        plugin.name(),
+        opts.version,
+        info.name,
+        info.max_recvs,
+        info.ptr_support
+    );
     let plugin = Arc::new(plugin);
     let groups = plan(opts.seed, opts.messages, opts.max_size, max_recvs);
 
@@ -279,9 +311,14 @@ fn run(opts: &Options) -> Result<(), String> {
     };
     let elapsed = t0.elapsed();
     let outcome = result?;
-    let mut plugin = Arc::try_unwrap(plugin).map_err(|_| "plugin still shared at exit".to_string())?;
+    let mut plugin =
+        Arc::try_unwrap(plugin).map_err(|_| "plugin still shared at exit".to_string())?;
     plugin.finalize().map_err(|e| e.to_string())?;
-    let side = if opts.role == Role::Recv { "received and verified" } else { "sent" };
+    let side = if opts.role == Role::Recv {
+        "received and verified"
+    } else {
+        "sent"
+    };
     println!(
         "v{} {:?}: {} messages in {} groups, {} bytes {side}, max {} requests in flight, {} NULL-request retries, elapsed {:.2?}",
         opts.version,
@@ -298,7 +335,11 @@ fn run(opts: &Options) -> Result<(), String> {
 }
 
 /// Polls `f` until it yields a non-NULL comm, failing after `timeout`.
-fn poll_comm(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Opaque, String>) -> Result<Opaque, String> {
+fn poll_comm(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Opaque, String>,
+) -> Result<Opaque, String> {
     let t0 = Instant::now();
     loop {
         let c = f()?;
@@ -316,7 +357,9 @@ fn run_receiver(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group]) -> Resul
     let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
     let listen = plugin.listen(0, &mut handle).map_err(|e| e.to_string())?;
     publish_handle(opts, &handle)?;
-    let comm = poll_comm("accept", opts.timeout, || plugin.accept(listen).map_err(|e| e.to_string()))?;
+    let comm = poll_comm("accept", opts.timeout, || {
+        plugin.accept(listen).map_err(|e| e.to_string())
+    })?;
     plugin.close_listen(listen).map_err(|e| e.to_string())?;
     eprintln!("receiver: accepted");
     let outcome = exchange(plugin, opts, groups, comm, false, None)?;
@@ -330,23 +373,50 @@ fn run_sender(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group]) -> Result<
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let mut c = Command::new(exe)
             .args(["--plugin".as_ref(), opts.plugin.as_os_str()])
-            .args(["--version", &opts.version.to_string(), "--role", "recv", "--handle-on-stdout"])
-            .args(["--messages", &opts.messages.to_string(), "--max-size", &opts.max_size.to_string()])
-            .args(["--seed", &opts.seed.to_string(), "--timeout", &opts.timeout.as_secs().to_string()])
+            .args([
+                "--version",
+                &opts.version.to_string(),
+                "--role",
+                "recv",
+                "--handle-on-stdout",
+            ])
+            .args([
+                "--messages",
+                &opts.messages.to_string(),
+                "--max-size",
+                &opts.max_size.to_string(),
+            ])
+            .args([
+                "--seed",
+                &opts.seed.to_string(),
+                "--timeout",
+                &opts.timeout.as_secs().to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawning the receiver: {e}"))?;
         let mut lines = BufReader::new(c.stdout.take().expect("piped stdout")).lines();
-        let first = lines.next().ok_or("the receiver exited before publishing its handle")?.map_err(|e| e.to_string())?;
-        let hex = first.strip_prefix("HANDLE ").ok_or_else(|| format!("unexpected receiver output {first:?}"))?;
+        let first = lines
+            .next()
+            .ok_or("the receiver exited before publishing its handle")?
+            .map_err(|e| e.to_string())?;
+        let hex = first
+            .strip_prefix("HANDLE ")
+            .ok_or_else(|| format!("unexpected receiver output {first:?}"))?;
         let h = handle_from_hex(hex)?;
-        let forward = std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| println!("[recv] {l}")));
+        let forward = std::thread::spawn(move || {
+            lines
+                .map_while(Result::ok)
+                .for_each(|l| println!("[recv] {l}"))
+        });
         child = Some((c, forward));
         h
     } else {
         fetch_handle(opts)?
     };
-    let comm = poll_comm("connect", opts.timeout, || plugin.connect(0, &mut handle).map_err(|e| e.to_string()));
+    let comm = poll_comm("connect", opts.timeout, || {
+        plugin.connect(0, &mut handle).map_err(|e| e.to_string())
+    });
     let comm = match comm {
         Ok(c) => c,
         Err(e) => {
@@ -360,7 +430,12 @@ fn run_sender(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group]) -> Result<
     eprintln!("sender: connected");
     let pid = child.as_ref().map(|(c, _)| c.id());
     let outcome = exchange(plugin, opts, groups, comm, true, pid);
-    let outcome = outcome.and_then(|o| plugin.close_send(comm).map(|()| o).map_err(|e| e.to_string()));
+    let outcome = outcome.and_then(|o| {
+        plugin
+            .close_send(comm)
+            .map(|()| o)
+            .map_err(|e| e.to_string())
+    });
     if let Some((mut c, forward)) = child {
         let status = if outcome.is_ok() {
             wait_with_deadline(&mut c, opts.timeout)?
@@ -378,7 +453,10 @@ fn run_sender(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group]) -> Result<
     outcome
 }
 
-fn wait_with_deadline(c: &mut std::process::Child, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+fn wait_with_deadline(
+    c: &mut std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus, String> {
     let t0 = Instant::now();
     loop {
         if let Some(s) = c.try_wait().map_err(|e| e.to_string())? {
@@ -405,9 +483,13 @@ fn publish_handle(opts: &Options, handle: &[u8; NCCL_NET_HANDLE_MAXSIZE]) -> Res
     } else {
         let addr = match &opts.listen_on {
             Some(a) => a.clone(),
-            None => format!("{}:{RENDEZVOUS_PORT}", std::env::var("HALO_GUEST_IP").unwrap_or_else(|_| "127.0.0.1".into())),
+            None => format!(
+                "{}:{RENDEZVOUS_PORT}",
+                std::env::var("HALO_GUEST_IP").unwrap_or_else(|_| "127.0.0.1".into())
+            ),
         };
-        let listener = TcpListener::bind(&addr).map_err(|e| format!("rendezvous bind {addr}: {e}"))?;
+        let listener =
+            TcpListener::bind(&addr).map_err(|e| format!("rendezvous bind {addr}: {e}"))?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         eprintln!("receiver: serving the handle on {addr}");
         let t0 = Instant::now();
@@ -417,7 +499,10 @@ fn publish_handle(opts: &Options, handle: &[u8; NCCL_NET_HANDLE_MAXSIZE]) -> Res
                 Ok((s, _)) => break s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if t0.elapsed() > opts.timeout {
-                        return Err(format!("no sender fetched the handle from {addr} within {:?}", opts.timeout));
+                        return Err(format!(
+                            "no sender fetched the handle from {addr} within {:?}",
+                            opts.timeout
+                        ));
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -425,7 +510,9 @@ fn publish_handle(opts: &Options, handle: &[u8; NCCL_NET_HANDLE_MAXSIZE]) -> Res
             }
         };
         stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        stream.write_all(format!("{hex}\n").as_bytes()).map_err(|e| format!("rendezvous write: {e}"))?;
+        stream
+            .write_all(format!("{hex}\n").as_bytes())
+            .map_err(|e| format!("rendezvous write: {e}"))?;
     }
     Ok(())
 }
@@ -438,25 +525,39 @@ fn fetch_handle(opts: &Options) -> Result<[u8; NCCL_NET_HANDLE_MAXSIZE], String>
                 return handle_from_hex(&text);
             }
             if t0.elapsed() > opts.timeout {
-                return Err(format!("no handle appeared in {} within {:?}", f.display(), opts.timeout));
+                return Err(format!(
+                    "no handle appeared in {} within {:?}",
+                    f.display(),
+                    opts.timeout
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
     let addr = match &opts.connect {
         Some(a) => a.clone(),
-        None => format!("{}:{RENDEZVOUS_PORT}", std::env::var("HALO_PEER_IP").unwrap_or_else(|_| "127.0.0.1".into())),
+        None => format!(
+            "{}:{RENDEZVOUS_PORT}",
+            std::env::var("HALO_PEER_IP").unwrap_or_else(|_| "127.0.0.1".into())
+        ),
     };
     let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("--connect {addr}: {e}"))?;
     loop {
         match TcpStream::connect_timeout(&sock, Duration::from_secs(2)) {
             Ok(mut s) => {
-                s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())?;
                 let mut text = String::new();
-                s.read_to_string(&mut text).map_err(|e| format!("rendezvous read from {addr}: {e}"))?;
+                s.read_to_string(&mut text)
+                    .map_err(|e| format!("rendezvous read from {addr}: {e}"))?;
                 return handle_from_hex(&text);
             }
-            Err(e) if t0.elapsed() > opts.timeout => return Err(format!("rendezvous {addr}: {e} (gave up after {:?})", opts.timeout)),
+            Err(e) if t0.elapsed() > opts.timeout => {
+                return Err(format!(
+                    "rendezvous {addr}: {e} (gave up after {:?})",
+                    opts.timeout
+                ))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
@@ -464,7 +565,14 @@ fn fetch_handle(opts: &Options) -> Result<[u8; NCCL_NET_HANDLE_MAXSIZE], String>
 
 /// The service thread (this one) allocates, fills, registers, verifies and deregisters buffers;
 /// the progress thread posts and tests. Completed groups come back over a channel.
-fn exchange(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group], comm: Opaque, sending: bool, kill_pid: Option<u32>) -> Result<Outcome, String> {
+fn exchange(
+    plugin: &Arc<Plugin>,
+    opts: &Options,
+    groups: &[Group],
+    comm: Opaque,
+    sending: bool,
+    kill_pid: Option<u32>,
+) -> Result<Outcome, String> {
     let (work_tx, work_rx) = mpsc::channel::<Work>();
     let (done_tx, done_rx) = mpsc::channel::<Work>();
     let progress = {
@@ -474,7 +582,11 @@ fn exchange(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group], comm: Opaque
         let kill = opts.kill_peer_after.zip(kill_pid);
         std::thread::Builder::new()
             .name("progress".into())
-            .spawn(move || progress_loop(&plugin, &groups, comm, sending, work_rx, done_tx, timeout, kill))
+            .spawn(move || {
+                progress_loop(
+                    &plugin, &groups, comm, sending, work_rx, done_tx, timeout, kill,
+                )
+            })
             .map_err(|e| e.to_string())?
     };
     let mut inflight_bytes = 0usize;
@@ -487,19 +599,33 @@ fn exchange(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group], comm: Opaque
             verified_bytes += verify_group(opts.seed, &groups[w.group], &w.bufs)?;
         }
         for &mh in &w.mhs {
-            plugin.dereg_mr(comm, mh).map_err(|e| format!("group {}: {e}", w.group))?;
+            plugin
+                .dereg_mr(comm, mh)
+                .map_err(|e| format!("group {}: {e}", w.group))?;
         }
         Ok(())
     };
     let wait_done = || -> Result<Work, String> {
         match done_rx.recv_timeout(opts.timeout) {
             Ok(w) => Ok(w),
-            Err(RecvTimeoutError::Timeout) => Err(format!("no group completed within {:?}", opts.timeout)),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(format!("no group completed within {:?}", opts.timeout))
+            }
             Err(RecvTimeoutError::Disconnected) => Err("progress thread stopped".into()),
         }
     };
     'service: for (gi, g) in groups.iter().enumerate() {
-        let bytes: usize = g.msgs.iter().map(|m| if sending { m.size.max(1) } else { m.capacity.max(1) }).sum();
+        let bytes: usize = g
+            .msgs
+            .iter()
+            .map(|m| {
+                if sending {
+                    m.size.max(1)
+                } else {
+                    m.capacity.max(1)
+                }
+            })
+            .sum();
         while inflight_bytes > 0 && inflight_bytes + bytes > INFLIGHT_BYTE_BUDGET {
             returned += 1;
             if let Err(e) = wait_done().and_then(|w| finish(w, &mut inflight_bytes)) {
@@ -507,7 +633,11 @@ fn exchange(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group], comm: Opaque
                 break 'service;
             }
         }
-        let mut work = Work { group: gi, bufs: Vec::with_capacity(g.msgs.len()), mhs: Vec::with_capacity(g.msgs.len()) };
+        let mut work = Work {
+            group: gi,
+            bufs: Vec::with_capacity(g.msgs.len()),
+            mhs: Vec::with_capacity(g.msgs.len()),
+        };
         for m in &g.msgs {
             // A zero-byte message still gets a one-byte buffer: RCCL never registers empty ranges.
             let mut buf = if sending {
@@ -520,7 +650,10 @@ fn exchange(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group], comm: Opaque
             match plugin.reg_mr(comm, buf.as_mut_ptr(), buf.len()) {
                 Ok(mh) => work.mhs.push(mh),
                 Err(e) => {
-                    service_err = Some(format!("message {} (group {gi}, tag {}, size {}): {e}", m.index, m.tag, m.size));
+                    service_err = Some(format!(
+                        "message {} (group {gi}, tag {}, size {}): {e}",
+                        m.index, m.tag, m.size
+                    ));
                     break 'service;
                 }
             }
@@ -549,7 +682,9 @@ fn exchange(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group], comm: Opaque
         }
     }
     drop(done_rx);
-    let progress = progress.join().map_err(|_| "progress thread panicked".to_string())?;
+    let progress = progress
+        .join()
+        .map_err(|_| "progress thread panicked".to_string())?;
     // The progress thread's error is the root cause when both failed.
     let mut outcome = progress?;
     if let Some(e) = service_err {
@@ -570,14 +705,21 @@ fn verify_group(seed: u64, g: &Group, bufs: &[Vec<u8>]) -> Result<usize, String>
         fill_payload(&mut expect, seed, m.index);
         let got = &buf[..m.size];
         if got != expect.as_slice() {
-            let at = got.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(0);
+            let at = got
+                .iter()
+                .zip(&expect)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             return Err(format!(
                 "message {} (tag {}, size {}): payload differs first at byte {at} (got {:#04x}, expected {:#04x})",
                 m.index, m.tag, m.size, got[at], expect[at]
             ));
         }
         if checksum(got) != checksum(&expect) {
-            return Err(format!("message {} (tag {}, size {}): checksum mismatch", m.index, m.tag, m.size));
+            return Err(format!(
+                "message {} (tag {}, size {}): checksum mismatch",
+                m.index, m.tag, m.size
+            ));
         }
         if m.capacity > m.size {
             if let Some(p) = buf[m.size..m.capacity].iter().position(|&b| b != GUARD) {
@@ -630,13 +772,20 @@ fn progress_loop(
     let peer_kill = |op: &str, e: &dyn std::fmt::Display, code: c_int, at: Instant| -> ! {
         let ms = at.elapsed().as_millis();
         let expected = code == ncclRemoteError || code == ncclSystemError;
-        println!("PEER-KILL: {op}: {e}; {ms} ms after the kill; expected code: {}", if expected { "yes" } else { "no" });
+        println!(
+            "PEER-KILL: {op}: {e}; {ms} ms after the kill; expected code: {}",
+            if expected { "yes" } else { "no" }
+        );
         std::process::exit(if expected { 3 } else { 1 });
     };
     loop {
         while input_open {
             match work_rx.try_recv() {
-                Ok(w) => queue.push_back(Active { work: w, next: 0, outstanding: 0 }),
+                Ok(w) => queue.push_back(Active {
+                    work: w,
+                    next: 0,
+                    outstanding: 0,
+                }),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => input_open = false,
             }
@@ -648,8 +797,7 @@ fn progress_loop(
 
         // Post in order: operations on one comm match in posting order, so a later group may not
         // be posted before an earlier one is fully posted.
-        'post: for qi in 0..queue.len() {
-            let a = &mut queue[qi];
+        'post: for (qi, a) in queue.iter_mut().enumerate() {
             let g = &groups[a.work.group];
             let total = if sending { g.msgs.len() } else { 1 };
             while a.next < total {
@@ -661,18 +809,41 @@ fn progress_loop(
                     let m = &g.msgs[slot];
                     // SAFETY: the buffer lives in `a.work` until the request completes and the work
                     // is sent back; it is registered under `mhs[slot]`.
-                    unsafe { plugin.isend(comm, a.work.bufs[slot].as_mut_ptr(), m.size, m.tag, a.work.mhs[slot]) }.map(|r| (r, slot))
+                    unsafe {
+                        plugin.isend(
+                            comm,
+                            a.work.bufs[slot].as_mut_ptr(),
+                            m.size,
+                            m.tag,
+                            a.work.mhs[slot],
+                        )
+                    }
+                    .map(|r| (r, slot))
                 } else {
-                    let mut data: Vec<*mut c_void> = a.work.bufs.iter_mut().map(|b| b.as_mut_ptr().cast()).collect();
+                    let mut data: Vec<*mut c_void> = a
+                        .work
+                        .bufs
+                        .iter_mut()
+                        .map(|b| b.as_mut_ptr().cast())
+                        .collect();
                     let caps: Vec<usize> = g.msgs.iter().map(|m| m.capacity).collect();
                     let mut tags: Vec<c_int> = g.msgs.iter().map(|m| m.tag).collect();
                     let mut mhs: Vec<*mut c_void> = a.work.mhs.iter().map(|m| m.0).collect();
-                    let preset = if g.preset_one { 1 as *mut c_void } else { std::ptr::null_mut() };
+                    let preset = if g.preset_one {
+                        PRESET_REQUEST
+                    } else {
+                        std::ptr::null_mut()
+                    };
                     // SAFETY: as for isend: the buffers stay in `a.work`, registered, until completion.
-                    let r = unsafe { plugin.irecv(comm, &mut data, &caps, &mut tags, &mut mhs, preset) };
+                    let r = unsafe {
+                        plugin.irecv(comm, &mut data, &caps, &mut tags, &mut mhs, preset)
+                    };
                     match r {
-                        Ok(req) if req.0 == 1 as *mut c_void => {
-                            return Err(format!("group {}: irecv left the pre-set (void*)1 request in place", a.work.group));
+                        Ok(req) if req.0 == PRESET_REQUEST => {
+                            return Err(format!(
+                                "group {}: irecv left the pre-set (void*)1 request in place",
+                                a.work.group
+                            ));
                         }
                         other => other.map(|req| (req, 0)),
                     }
@@ -683,7 +854,11 @@ fn progress_loop(
                         break 'post;
                     }
                     Ok((req, slot)) => {
-                        posted.push(Posted { req, work: base + qi, slot });
+                        posted.push(Posted {
+                            req,
+                            work: base + qi,
+                            slot,
+                        });
                         a.next += 1;
                         a.outstanding += 1;
                         progressed = true;
@@ -694,7 +869,10 @@ fn progress_loop(
                             peer_kill(if sending { "isend" } else { "irecv" }, &e, e.code, at);
                         }
                         let m = &g.msgs[if sending { g.send_order[a.next] } else { 0 }];
-                        return Err(format!("group {} message {} (tag {}, size {}): {e}", a.work.group, m.index, m.tag, m.size));
+                        return Err(format!(
+                            "group {} message {} (tag {}, size {}): {e}",
+                            a.work.group, m.index, m.tag, m.size
+                        ));
                     }
                 }
             }
@@ -713,7 +891,10 @@ fn progress_loop(
                     if sending {
                         let m = &g.msgs[p.slot];
                         if sizes[0] as i64 != m.size as i64 {
-                            return Err(format!("send of message {} (tag {}, size {}): test reported size {}", m.index, m.tag, m.size, sizes[0]));
+                            return Err(format!(
+                                "send of message {} (tag {}, size {}): test reported size {}",
+                                m.index, m.tag, m.size, sizes[0]
+                            ));
                         }
                         completed_msgs += 1;
                         bytes += m.size;
@@ -734,14 +915,21 @@ fn progress_loop(
                         peer_kill("test", &e, e.code, at);
                     }
                     let m = &g.msgs[if sending { p.slot } else { 0 }];
-                    return Err(format!("group {} (first message {}, tag {}, size {}): {e}", a.work.group, m.index, m.tag, m.size));
+                    return Err(format!(
+                        "group {} (first message {}, tag {}, size {}): {e}",
+                        a.work.group, m.index, m.tag, m.size
+                    ));
                 }
             }
         }
 
         // Retire fully completed groups from the front, keeping positions stable for `posted`.
         while let Some(a) = queue.front() {
-            let total = if sending { groups[a.work.group].msgs.len() } else { 1 };
+            let total = if sending {
+                groups[a.work.group].msgs.len()
+            } else {
+                1
+            };
             if a.next < total || a.outstanding > 0 {
                 break;
             }
@@ -765,7 +953,10 @@ fn progress_loop(
         } else {
             if let Some(at) = killed_at {
                 if at.elapsed() > timeout {
-                    return Err(format!("peer killed {:?} ago and no call reported an error", at.elapsed()));
+                    return Err(format!(
+                        "peer killed {:?} ago and no call reported an error",
+                        at.elapsed()
+                    ));
                 }
             }
             if last_progress.elapsed() > timeout {
@@ -779,7 +970,15 @@ fn progress_loop(
         }
     }
     if let Some(at) = killed_at {
-        return Err(format!("peer killed {:?} before the end and no call reported an error", at.elapsed()));
+        return Err(format!(
+            "peer killed {:?} before the end and no call reported an error",
+            at.elapsed()
+        ));
     }
-    Ok(Outcome { messages: completed_msgs, bytes, max_inflight, null_retries })
+    Ok(Outcome {
+        messages: completed_msgs,
+        bytes,
+        max_inflight,
+        null_retries,
+    })
 }

@@ -25,10 +25,10 @@ done <"$list"
 echo
 echo "== perftest baseline: ib_write_bw 1 MiB on ${HALO_RDMA_DEV:-rxe0} (GID index 1 = ::ffff:127.0.0.1)"
 dev=${HALO_RDMA_DEV:-rxe0}
-ib_write_bw -d "$dev" -x 1 -s 1048576 -n 200 -F >/tmp/bw-server.log 2>&1 &
+ib_write_bw -d "$dev" -x "${HALO_RDMA_GID_INDEX:-1}" -s 1048576 -n 200 -F >/tmp/bw-server.log 2>&1 &
 server=$!
 sleep 1
-if timeout 120 ib_write_bw -d "$dev" -x 1 -s 1048576 -n 200 -F 127.0.0.1; then
+if timeout 120 ib_write_bw -d "$dev" -x "${HALO_RDMA_GID_INDEX:-1}" -s 1048576 -n 200 -F 127.0.0.1; then
     wait "$server"
 else
     kill "$server" 2>/dev/null

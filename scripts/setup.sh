@@ -47,7 +47,7 @@ for arg in "$@"; do
         --build-only) want_guest=0 ;;
         --guest-only) want_build=0 ;;
         -h|--help)
-            sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+            awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
             exit 0
             ;;
         *)

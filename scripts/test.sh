@@ -45,6 +45,10 @@ scripts/softroce run --timeout 1500 -- scripts/guest-tests.sh
 
 step "two Soft-RoCE guests over a wire"
 scripts/softroce run2 --timeout 600 -- target/debug/examples/wire_check -- target/debug/examples/wire_check
+conf="target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --messages 200 --max-size 1048576 --seed 7"
+scripts/softroce run2 --timeout 900 \
+    --a "$conf --role recv --listen-on \$HALO_GUEST_IP:18600" \
+    --b "$conf --role send --connect \$HALO_PEER_IP:18600"
 
 step "done"
 echo "all tests passed in $(($(date +%s) - start)) s"

@@ -19,8 +19,6 @@ pub struct Opaque(pub *mut c_void);
 unsafe impl Send for Opaque {}
 
 impl Opaque {
-    pub const NULL: Opaque = Opaque(null_mut());
-
     pub fn is_null(self) -> bool {
         self.0.is_null()
     }
@@ -59,7 +57,10 @@ pub fn result_name(code: ncclResult_t) -> &'static str {
         (ncclRemoteError, "ncclRemoteError"),
         (ncclInProgress, "ncclInProgress"),
     ];
-    NAMES.iter().find(|(c, _)| *c == code).map_or("unknown result", |(_, n)| n)
+    NAMES
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("unknown result", |(_, n)| n)
 }
 
 fn check(call: &'static str, code: ncclResult_t) -> Result<(), NetError> {

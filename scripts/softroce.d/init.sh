@@ -64,6 +64,11 @@ mount -t proc proc "$NR/proc" || fail "cannot mount proc"
 mount -t sysfs sysfs "$NR/sys" || fail "cannot mount sysfs"
 mount -t devtmpfs devtmpfs "$NR/dev" || fail "cannot mount devtmpfs"
 mkdir -p "$NR/dev/pts" "$NR/dev/shm"
+# devtmpfs lacks the links udev would add; shells and tools expect them.
+ln -s /proc/self/fd "$NR/dev/fd"
+ln -s /proc/self/fd/0 "$NR/dev/stdin"
+ln -s /proc/self/fd/1 "$NR/dev/stdout"
+ln -s /proc/self/fd/2 "$NR/dev/stderr"
 mount -t devpts devpts "$NR/dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs "$NR/dev/shm"
 mount -t tmpfs -o mode=1777 tmpfs "$NR/tmp" || fail "cannot mount /tmp"
@@ -127,7 +132,16 @@ fi
 
 date +%s >/ctl/t_ready
 ulimit -l unlimited
-env -i chroot "$NR" /bin/sh /run/halo/run.sh </dev/null >"$OUT" 2>&1
-rc=$?
+if [ "$TTY" = 1 ]; then
+    env -i chroot "$NR" /bin/sh /run/halo/run.sh </dev/null >"$OUT" 2>&1
+    rc=$?
+else
+    # The host's output is not a terminal: hide the serial line behind a pipe so the
+    # command does not emit colours or terminal control sequences.
+    set -o pipefail
+    env -i chroot "$NR" /bin/sh /run/halo/run.sh </dev/null 2>&1 | cat >"$OUT"
+    rc=$?
+    set +o pipefail
+fi
 umount "$NR$SHARE_PATH" 2>/dev/null
 finish "$rc"

@@ -178,15 +178,21 @@ impl Link {
             }
         }
         if n == 0 {
-            self.idle_polls += 1;
-            if self.idle_polls >= LIVENESS_EVERY {
-                self.idle_polls = 0;
-                self.check_peer()?;
-            }
+            self.idle_tick()?;
         } else {
             self.idle_polls = 0;
         }
         Ok(n)
+    }
+
+    /// Counts a call that made no progress; every so often checks that the peer is still there.
+    fn idle_tick(&mut self) -> NetResult<()> {
+        self.idle_polls += 1;
+        if self.idle_polls >= LIVENESS_EVERY {
+            self.idle_polls = 0;
+            self.check_peer()?;
+        }
+        Ok(())
     }
 
     /// The bootstrap socket stays open for the comm's life: its EOF means the peer is gone.
@@ -310,7 +316,11 @@ impl SendComm {
             self.link.peer
         );
         match self.proto.post(&row, msg) {
-            Ok(SendPost::NotReady) => Ok(None),
+            Ok(SendPost::NotReady) => {
+                // Waiting for the receiver: a dead receiver never answers, so watch the peer here too.
+                self.link.idle_tick()?;
+                Ok(None)
+            }
             Ok(SendPost::Posted { req, transmit }) => {
                 if let Some(t) = transmit {
                     self.transmit(&t)?;

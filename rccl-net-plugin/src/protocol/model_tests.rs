@@ -51,6 +51,7 @@ fn group() -> impl Strategy<Value = Group> {
         })
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Wire {
     Cts {
         seq: u32,

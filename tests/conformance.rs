@@ -1,0 +1,349 @@
+//! Conformance of the built plugin `.so` through its exported tables, driven like RCCL's proxy:
+//! seeded random traffic for every ABI version via `examples/conformance`, one run with 64 MiB
+//! messages, and fault cases (garbage handle, handle to a closed listener, bad environment value,
+//! peer killed mid-transfer) with their error codes and time bounds.
+//!
+//! Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
+//! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Needs the example built first:
+//! `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
+//! The two-guest run is documented at the top of `examples/conformance.rs`.
+
+use halo_ffi::*;
+use halo_rdma::driver::{stderr_logger, Plugin};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+struct Paths {
+    example: PathBuf,
+    plugin: PathBuf,
+}
+
+/// The device check and the two built artifacts, or `None` to skip.
+fn setup(test: &str) -> Option<Paths> {
+    let ok = halo_ibverbs::devices()
+        .map(|d| !d.is_empty())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
+            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
+        );
+        eprintln!("SKIPPED (no RDMA device): conformance::{test}");
+        return None;
+    }
+    // The test binary lives in target/<profile>/deps; examples and the cdylib are siblings of deps.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary is inside target/<profile>/deps");
+    let example = profile_dir.join("examples").join("conformance");
+    let plugin = profile_dir.join("librccl_net_plugin.so");
+    assert!(
+        example.exists(),
+        "{} is missing: build the examples first (cargo build -p halo-rdma --examples)",
+        example.display()
+    );
+    assert!(
+        plugin.exists(),
+        "{} is missing: build the plugin first (cargo build -p rccl-net-plugin)",
+        plugin.display()
+    );
+    Some(Paths { example, plugin })
+}
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+/// Runs the example with a hard deadline, capturing its output.
+fn run_example(p: &Paths, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
+    let t0 = Instant::now();
+    let mut child = Command::new(&p.example)
+        .arg("--plugin")
+        .arg(&p.plugin)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the conformance example");
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("conformance {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let run = Run {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+        elapsed: t0.elapsed(),
+    };
+    eprintln!(
+        "$ conformance {} -> {} in {:.2?}\n{}",
+        args.join(" "),
+        run.status,
+        run.elapsed,
+        run.stdout.trim_end()
+    );
+    run
+}
+
+/// Only the plugin's warnings and our own lines: info logs are too long for a test report.
+fn warnings(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("[log 3]") && !l.starts_with("[log 5]"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn assert_pass(run: &Run) {
+    assert!(
+        run.status.success() && run.stdout.contains("CONFORMANCE PASS"),
+        "conformance failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+}
+
+#[test]
+fn random_traffic_through_every_table_version() {
+    let Some(p) = setup("random_traffic_through_every_table_version") else {
+        return;
+    };
+    for v in halo_rdma::driver::VERSIONS {
+        let run = run_example(
+            &p,
+            &[
+                "--version",
+                &v.to_string(),
+                "--role",
+                "both",
+                "--messages",
+                "200",
+                "--max-size",
+                "1048576",
+                "--seed",
+                &(1000 + v).to_string(),
+            ],
+            &[],
+            Duration::from_secs(300),
+        );
+        assert_pass(&run);
+    }
+}
+
+#[test]
+fn large_messages_v10() {
+    let Some(p) = setup("large_messages_v10") else {
+        return;
+    };
+    let run = run_example(
+        &p,
+        &[
+            "--version",
+            "10",
+            "--role",
+            "both",
+            "--messages",
+            "4",
+            "--max-size",
+            &(64usize << 20).to_string(),
+            "--seed",
+            "64",
+        ],
+        &[],
+        Duration::from_secs(600),
+    );
+    assert_pass(&run);
+}
+
+/// The plugin loaded into this process, the way the core loads it.
+fn load_v10(p: &Paths) -> Plugin {
+    let mut plugin = Plugin::load(&p.plugin, 10).expect("load the plugin");
+    plugin.init(stderr_logger(), 0).expect("init");
+    assert!(plugin.devices().expect("devices") >= 1);
+    plugin
+}
+
+#[test]
+fn garbage_handle_is_an_invalid_argument() {
+    let Some(p) = setup("garbage_handle_is_an_invalid_argument") else {
+        return;
+    };
+    let plugin = load_v10(&p);
+    let mut state: u64 = 0x1234_5678_9abc_def1;
+    let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+    for b in handle.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *b = state as u8;
+    }
+    let t0 = Instant::now();
+    let err = loop {
+        match plugin.connect(0, &mut handle) {
+            Ok(c) if c.is_null() => assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "connect with a garbage handle still pending after 2 s"
+            ),
+            Ok(_) => panic!("connect with a garbage handle returned a comm"),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("garbage handle: {err} after {:?}", t0.elapsed());
+    assert_eq!(err.code, ncclInvalidArgument, "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn handle_to_a_closed_listener_fails_quickly() {
+    let Some(p) = setup("handle_to_a_closed_listener_fails_quickly") else {
+        return;
+    };
+    let plugin = load_v10(&p);
+    let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+    let listen = plugin.listen(0, &mut handle).expect("listen");
+    plugin.close_listen(listen).expect("closeListen");
+    let t0 = Instant::now();
+    let bound = Duration::from_secs(10);
+    let err = loop {
+        match plugin.connect(0, &mut handle) {
+            Ok(c) if c.is_null() => {
+                assert!(
+                    t0.elapsed() < bound,
+                    "connect to a closed listener still pending after {bound:?}"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(_) => panic!("connect to a closed listener returned a comm"),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("closed listener: {err} after {:?}", t0.elapsed());
+    assert!(
+        err.code == ncclRemoteError || err.code == ncclSystemError,
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_environment_value_fails_init() {
+    let Some(p) = setup("bad_environment_value_fails_init") else {
+        return;
+    };
+    let run = run_example(
+        &p,
+        &[
+            "--version",
+            "8",
+            "--role",
+            "both",
+            "--messages",
+            "1",
+            "--max-size",
+            "1",
+            "--seed",
+            "1",
+        ],
+        &[("NCCL_IB_TIMEOUT", "abc")],
+        Duration::from_secs(60),
+    );
+    eprintln!("{}", warnings(&run.stderr));
+    assert!(!run.status.success(), "init accepted NCCL_IB_TIMEOUT=abc");
+    assert!(
+        run.stderr
+            .contains("plugin init failed: init returned 4 (ncclInvalidArgument)"),
+        "init did not fail with ncclInvalidArgument:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.starts_with("[log") && l.contains("NCCL_IB_TIMEOUT")),
+        "no plugin log line names NCCL_IB_TIMEOUT:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.elapsed < Duration::from_secs(10),
+        "init took {:?} to reject the value",
+        run.elapsed
+    );
+}
+
+#[test]
+fn peer_killed_mid_transfer_fails_the_sender() {
+    let Some(p) = setup("peer_killed_mid_transfer_fails_the_sender") else {
+        return;
+    };
+    let bound_ms: u128 = 30_000;
+    let run = run_example(
+        &p,
+        &[
+            "--version",
+            "10",
+            "--role",
+            "both",
+            "--messages",
+            "2000",
+            "--max-size",
+            "262144",
+            "--seed",
+            "9",
+            "--kill-peer-after",
+            "24",
+            "--timeout",
+            "60",
+        ],
+        &[("NCCL_IB_TIMEOUT", "16"), ("NCCL_IB_RETRY_CNT", "3")],
+        Duration::from_secs(120),
+    );
+    eprintln!("{}", warnings(&run.stderr));
+    assert_eq!(
+        run.status.code(),
+        Some(3),
+        "the sender did not see the expected error after the kill:\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("ms after the kill"))
+        .expect("a PEER-KILL report line");
+    let ms: u128 = line
+        .split(" ms after the kill")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("elapsed ms in the report");
+    assert!(
+        ms < bound_ms,
+        "the error took {ms} ms after the kill (bound {bound_ms} ms)"
+    );
+}
