@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use halo::cluster::{self, InitArgs};
 use halo::container::{self, ContainerArgs};
-use halo::doctor::{self, DoctorOptions, ElfFileProbe};
+use halo::doctor::{self, DoctorOptions, ElfFileProbe, LoadingProbe};
 use halo::serve::{self, BenchArgs, ServeArgs};
 use halo::sysroot::SysRoot;
 
@@ -164,7 +164,12 @@ fn run_doctor(args: DoctorArgs) -> Result<ExitCode> {
         plugin: args.plugin,
         peers: args.peers,
     };
-    let report = doctor::run(&opts, &ElfFileProbe);
+    // A captured tree's library cannot be loaded here; the running system's can.
+    let report = if opts.root.is_live() {
+        doctor::run(&opts, &LoadingProbe)
+    } else {
+        doctor::run(&opts, &ElfFileProbe)
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

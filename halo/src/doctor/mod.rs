@@ -7,6 +7,7 @@ mod host;
 mod kernel;
 mod peer;
 pub mod plugin;
+mod plugin_load;
 pub mod rdma;
 mod report;
 mod software;
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::sysroot::SysRoot;
-pub use plugin::{ElfFileProbe, PluginProbe};
+pub use plugin::{ElfFileProbe, LoadingProbe, PluginProbe};
 pub use report::render_table;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,8 +1,9 @@
 //! The halo net plugin library: where it is, and what can be said about it.
 //!
-//! Locating the file is done here; judging the file is a [`PluginProbe`]. The probe in this
-//! build only recognises an ELF shared object; a probe that loads the library and checks its
-//! exported `ncclNetPlugin_vN` symbols plugs in through the same trait.
+//! Locating the file is done here; judging the file is a [`PluginProbe`]. [`ElfFileProbe`] only
+//! recognises an ELF shared object (for captured machine trees); [`LoadingProbe`] loads the
+//! library on the running system, checks its `ncclNetPlugin_vN` symbols and calls `init`,
+//! `devices` and `getProperties` the way RCCL does.
 
 use std::fs::File;
 use std::io::Read;
@@ -38,32 +39,70 @@ pub struct ElfFileProbe;
 
 impl PluginProbe for ElfFileProbe {
     fn probe(&self, path: &Path, shown: &str) -> Check {
-        let mut header = [0u8; 18];
-        let read = File::open(path).and_then(|mut f| f.read_exact(&mut header));
-        if let Err(e) = read {
-            return Check::fail(
-                CHECK_ID,
-                CHECK_TITLE,
-                format!("{shown}: cannot read ({e})"),
-                rebuild_fix(),
-            );
-        }
-        const ET_DYN: u16 = 3;
-        let is_elf = header[..4] == *b"\x7fELF";
-        let e_type = u16::from_le_bytes([header[16], header[17]]);
-        if is_elf && e_type == ET_DYN {
+        elf_check(path, shown).unwrap_or_else(|| {
             Check::pass(
                 CHECK_ID,
                 CHECK_TITLE,
-                format!("{shown} (ELF shared object; exported plugin symbols not checked by this probe)"),
+                format!("{shown} (ELF shared object; not loaded: captured tree)"),
             )
-        } else {
-            Check::fail(
+        })
+    }
+}
+
+/// `None` when `path` is an ELF shared object, else the failed check.
+fn elf_check(path: &Path, shown: &str) -> Option<Check> {
+    let mut header = [0u8; 18];
+    let read = File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    if let Err(e) = read {
+        return Some(Check::fail(
+            CHECK_ID,
+            CHECK_TITLE,
+            format!("{shown}: cannot read ({e})"),
+            rebuild_fix(),
+        ));
+    }
+    const ET_DYN: u16 = 3;
+    let is_elf = header[..4] == *b"\x7fELF";
+    let e_type = u16::from_le_bytes([header[16], header[17]]);
+    if is_elf && e_type == ET_DYN {
+        None
+    } else {
+        Some(Check::fail(
+            CHECK_ID,
+            CHECK_TITLE,
+            format!("{shown}: not an ELF shared object"),
+            rebuild_fix(),
+        ))
+    }
+}
+
+/// Loads the library into this process and drives it as RCCL's loader would.
+pub struct LoadingProbe;
+
+impl PluginProbe for LoadingProbe {
+    fn probe(&self, path: &Path, shown: &str) -> Check {
+        if let Some(bad) = elf_check(path, shown) {
+            return bad;
+        }
+        match super::plugin_load::load_and_init(path) {
+            Ok(r) if r.missing.is_empty() && r.devices.is_empty() => Check::fail(
                 CHECK_ID,
                 CHECK_TITLE,
-                format!("{shown}: not an ELF shared object"),
+                format!("{shown}: loads, exports v6..v12, but init reports no device: {}", r.init_error.unwrap_or_default()),
+                "fix the RDMA checks above (device ACTIVE, RoCE v2 GID); NCCL_IB_HCA / NCCL_IB_GID_INDEX must match a usable port",
+            ),
+            Ok(r) if r.missing.is_empty() => Check::pass(
+                CHECK_ID,
+                CHECK_TITLE,
+                format!("{shown}: exports v6..v12, init ok, {}", r.devices.join("; ")),
+            ),
+            Ok(r) => Check::fail(
+                CHECK_ID,
+                CHECK_TITLE,
+                format!("{shown}: does not export {} (not a halo build of this version?)", r.missing.join(", ")),
                 rebuild_fix(),
-            )
+            ),
+            Err(e) => Check::fail(CHECK_ID, CHECK_TITLE, format!("{shown}: {e}"), rebuild_fix()),
         }
     }
 }
