@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the `halo` harness tests need (run as root on Debian 12 / Ubuntu):
 #   - OpenSSH server and client (the cluster test starts its own sshd on 127.0.0.1)
+#   - rsvg-convert (librsvg2-bin) for `halo bench --plot FILE.png`
 #   - Ray from PyPI, in a dedicated Python virtual environment
 #
 #   scripts/setup-harness.sh           # install (idempotent; fast when already done)
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 RAY_VERSION="2.60.0"
-SSH_PKGS=(openssh-server openssh-client)
+HARNESS_PKGS=(openssh-server openssh-client librsvg2-bin)
 VENV="${HALO_HARNESS_VENV:-${HOME}/.cache/halo-harness/venv}"
 
 die() {
@@ -43,7 +44,7 @@ installed() {
     [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == "installed" ]]
 }
 missing=()
-for pkg in "${SSH_PKGS[@]}"; do
+for pkg in "${HARNESS_PKGS[@]}"; do
     installed "$pkg" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
@@ -56,7 +57,7 @@ if ((${#missing[@]})); then
     apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}" \
         || die "apt-get install failed for: ${missing[*]}"
 else
-    echo "setup-harness.sh: ${SSH_PKGS[*]} already installed"
+    echo "setup-harness.sh: ${HARNESS_PKGS[*]} already installed"
 fi
 [[ -x /usr/sbin/sshd ]] || die "/usr/sbin/sshd missing after install"
 

@@ -1,6 +1,7 @@
 //! The `halo` harness for Strix Halo RoCE v2 clusters: node checks (`doctor`), the Ray cluster
 //! (`cluster`), vLLM (`serve`, `bench-serve`) and the container (`container`).
 
+pub mod bench;
 pub mod cluster;
 pub mod container;
 pub mod doctor;

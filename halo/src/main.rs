@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -60,6 +60,16 @@ enum Cmd {
     /// (`halo cluster up`). Gated models (meta-llama/*, or --gated) need HF_TOKEN.
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
+    /// Measure the network path to a peer: TCP, raw RDMA (perftest) and the RCCL plugin
+    ///
+    /// On the peer node:       halo bench --listen
+    /// On this node:           halo bench --peer 192.168.100.2 --ibdev rocep1s0f0 --gid-index 1
+    ///
+    /// Prints the comparison table (path, latency, bandwidth) and per-size rows; --json for
+    /// scripts, --plot FILE.svg|png for a chart. TCP needs nothing but halo on both nodes;
+    /// the RDMA rows need perftest (and the same --ibdev/--gid-index rules as NCCL_IB_GID_INDEX).
+    #[command(verbatim_doc_comment)]
+    Bench(NetBenchArgs),
     /// Measure vLLM throughput at TP=1 and TP=N and print them side by side
     ///
     /// Runs `vllm bench throughput` twice (single node, then tensor parallel over Ray)
@@ -69,6 +79,43 @@ enum Cmd {
     /// Print or create the vLLM container with GPU, RDMA devices and the plugin.
     #[command(subcommand)]
     Container(ContainerCmd),
+}
+
+#[derive(Debug, Args)]
+struct NetBenchArgs {
+    /// Be the peer: serve the tests on ADDR (default 0.0.0.0:18700) until the measuring side quits.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "0.0.0.0:18700", conflicts_with = "peer")]
+    listen: Option<SocketAddr>,
+    /// The peer running `halo bench --listen` (HOST or HOST:PORT; port 18700 by default).
+    #[arg(long, value_name = "HOST", required_unless_present = "listen")]
+    peer: Option<String>,
+    /// RDMA device for the perftest rows (e.g. rocep1s0f0, rxe0); without it only TCP is measured.
+    #[arg(long, value_name = "DEV")]
+    ibdev: Option<String>,
+    /// GID index of the cluster IP's RoCE v2 GID (see `halo doctor`).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    gid_index: u32,
+    /// RDMA device on the peer [default: the same as --ibdev].
+    #[arg(long, value_name = "DEV")]
+    peer_ibdev: Option<String>,
+    /// GID index on the peer [default: the same as --gid-index].
+    #[arg(long, value_name = "N")]
+    peer_gid_index: Option<u32>,
+    /// Parallel TCP streams (like iperf3 -P).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    streams: usize,
+    /// Few sizes and short runs.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds to keep trying to reach the peer (it may still be starting).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    connect_wait: u64,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also draw latency and bandwidth against message size into FILE (.svg, or .png via rsvg-convert).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +237,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config.as_path();
     match cli.command {
         Cmd::Doctor(args) => run_doctor(args),
+        Cmd::Bench(args) => run_net_bench(args),
         Cmd::Cluster(ClusterCmd::Init(args)) => {
             cluster::init(&args, config).map(|_| ExitCode::SUCCESS)
         }
@@ -211,6 +259,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
             container::create(&args, config).map(exit_code)
         }
     }
+}
+
+fn run_net_bench(args: NetBenchArgs) -> Result<ExitCode> {
+    if let Some(addr) = args.listen {
+        halo::bench::control::serve(addr, None)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let peer = args.peer.expect("clap requires --peer without --listen");
+    let with_port = if peer.contains(':') {
+        peer.clone()
+    } else {
+        format!("{peer}:{}", halo::bench::control::CONTROL_PORT)
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
+        .with_context(|| format!("resolving {with_port}"))?
+        .next()
+        .with_context(|| format!("{with_port} has no address"))?;
+    let opts = halo::bench::BenchOptions {
+        peer: addr,
+        ibdev: args.ibdev,
+        gid_index: args.gid_index,
+        peer_ibdev: args.peer_ibdev,
+        peer_gid_index: args.peer_gid_index,
+        netbench: None,
+        plugin: None,
+        quick: args.quick,
+        tcp_streams: args.streams.max(1),
+        connect_wait: std::time::Duration::from_secs(args.connect_wait),
+    };
+    let report = halo::bench::run(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", halo::bench::render(&report));
+    }
+    if let Some(path) = &args.plot {
+        let (lat, bw) = halo::bench::series(&report);
+        halo::bench::plot::write(path, &lat, &bw)?;
+        eprintln!("plot written to {}", path.display());
+    }
+    let failed = report.summary.iter().any(|p| p.error.is_some());
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn main() -> ExitCode {

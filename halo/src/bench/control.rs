@@ -1,0 +1,237 @@
+//! The peer side of `halo bench`: a small line protocol on a TCP control port.
+//!
+//! The measuring node asks, one request per line, and the peer answers one line:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `TCP-LAT` | `PORT <p>`, then echoes one ping-pong connection on that port |
+//! | `TCP-BW <streams>` | `PORT <p>`, then `BYTES <n>` once every stream has closed |
+//! | `RUN <program> <args…>` | `STARTED`, then `EXIT <code>` when it ends (only the servers listed in [`ALLOWED`]) |
+//! | `QUIT` | `BYE`, and the daemon ends |
+//!
+//! Nothing else is run: the control port never executes arbitrary commands.
+
+use super::tcp;
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Default control port.
+pub const CONTROL_PORT: u16 = 18700;
+/// Programs the peer may start: the perftest servers and the plugin benchmark's server mode.
+pub const ALLOWED: [&str; 4] = ["ib_write_lat", "ib_write_bw", "ib_send_lat", "netbench"];
+/// Longest a server program may run.
+const RUN_LIMIT: Duration = Duration::from_secs(900);
+
+fn reply(s: &mut TcpStream, line: &str) -> Result<()> {
+    s.write_all(format!("{line}\n").as_bytes())?;
+    Ok(())
+}
+
+/// Serves control connections on `bind` until a `QUIT`. `netbench` names the plugin benchmark
+/// binary that `RUN netbench …` starts.
+pub fn serve(bind: SocketAddr, netbench: Option<&std::path::Path>) -> Result<()> {
+    let listener =
+        TcpListener::bind(bind).with_context(|| format!("binding the control port {bind}"))?;
+    eprintln!(
+        "halo bench: peer side listening on {}",
+        listener.local_addr()?
+    );
+    for conn in listener.incoming() {
+        let mut s = conn.context("accepting a control connection")?;
+        let peer = s.peer_addr()?;
+        let mut lines = BufReader::new(s.try_clone()?).lines();
+        while let Some(line) = lines.next().transpose()? {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["TCP-LAT"] => {
+                    let l = TcpListener::bind((bind.ip(), 0))?;
+                    reply(&mut s, &format!("PORT {}", l.local_addr()?.port()))?;
+                    tcp::echo(&l)?;
+                }
+                ["TCP-BW", n] => {
+                    let streams: usize = n.parse().context("stream count")?;
+                    let l = TcpListener::bind((bind.ip(), 0))?;
+                    reply(&mut s, &format!("PORT {}", l.local_addr()?.port()))?;
+                    let bytes = tcp::sink(&l, streams)?;
+                    reply(&mut s, &format!("BYTES {bytes}"))?;
+                }
+                ["RUN", prog, args @ ..] if ALLOWED.contains(prog) => {
+                    let exe = match (*prog, netbench) {
+                        ("netbench", Some(p)) => p.to_path_buf(),
+                        ("netbench", None) => {
+                            reply(&mut s, "ERROR no netbench binary on this node")?;
+                            continue;
+                        }
+                        (p, _) => p.into(),
+                    };
+                    let mut child = match Command::new(&exe)
+                        .args(args)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            reply(
+                                &mut s,
+                                &format!("ERROR cannot start {}: {e}", exe.display()),
+                            )?;
+                            continue;
+                        }
+                    };
+                    reply(&mut s, "STARTED")?;
+                    let code = wait_bounded(&mut child, RUN_LIMIT);
+                    reply(&mut s, &format!("EXIT {code}"))?;
+                }
+                ["RUN", prog, ..] => {
+                    reply(&mut s, &format!("ERROR {prog} is not a benchmark server"))?
+                }
+                ["QUIT"] => {
+                    reply(&mut s, "BYE")?;
+                    return Ok(());
+                }
+                _ => reply(
+                    &mut s,
+                    &format!("ERROR unknown request from {peer}: {line}"),
+                )?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> i32 {
+    let start = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return st.code().unwrap_or(-1),
+            Ok(None) if start.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return -1;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => return -1,
+        }
+    }
+}
+
+/// The measuring side's connection to a peer's control port.
+pub struct Peer {
+    pub ip: IpAddr,
+    stream: TcpStream,
+    lines: std::io::Lines<BufReader<TcpStream>>,
+}
+
+impl Peer {
+    /// Connects, retrying for up to `wait` (the peer may still be starting).
+    pub fn connect(addr: SocketAddr, wait: Duration) -> Result<Peer> {
+        let start = std::time::Instant::now();
+        let stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < wait => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => bail!(
+                    "no `halo bench --listen` answers at {addr}: {e} (start it on the peer node)"
+                ),
+            }
+        };
+        stream.set_read_timeout(Some(RUN_LIMIT))?;
+        let lines = BufReader::new(stream.try_clone()?).lines();
+        Ok(Peer {
+            ip: addr.ip(),
+            stream,
+            lines,
+        })
+    }
+
+    /// Sends one request line.
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        self.stream.write_all(format!("{line}\n").as_bytes())?;
+        Ok(())
+    }
+
+    /// The next answer line; `ERROR …` answers become errors.
+    pub fn answer(&mut self) -> Result<String> {
+        let line = self
+            .lines
+            .next()
+            .ok_or_else(|| anyhow!("the peer closed the control connection"))??;
+        if let Some(e) = line.strip_prefix("ERROR ") {
+            bail!("peer: {e}");
+        }
+        Ok(line)
+    }
+
+    /// Asks for a data port (`TCP-LAT` / `TCP-BW n`) and returns its address.
+    pub fn data_port(&mut self, request: &str) -> Result<SocketAddr> {
+        self.send(request)?;
+        let a = self.answer()?;
+        let port: u16 = a
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected answer {a:?}"))?;
+        Ok(SocketAddr::new(self.ip, port))
+    }
+
+    /// Starts an allowed server program on the peer; `finish` then waits for its exit code.
+    pub fn start(&mut self, program: &str, args: &[String]) -> Result<()> {
+        self.send(&format!("RUN {program} {}", args.join(" ")))?;
+        match self.answer()?.as_str() {
+            "STARTED" => Ok(()),
+            a => bail!("starting {program} on the peer: unexpected answer {a:?}"),
+        }
+    }
+
+    pub fn finish(&mut self) -> Result<i32> {
+        let a = self.answer()?;
+        a.strip_prefix("EXIT ")
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("unexpected answer {a:?}"))
+    }
+
+    pub fn quit(mut self) -> Result<()> {
+        self.send("QUIT")?;
+        let _ = self.answer();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_daemon_serves_tcp_tests_and_refuses_other_programs() {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let daemon = std::thread::spawn(move || serve(addr, None));
+        let mut peer = Peer::connect(addr, Duration::from_secs(10)).unwrap();
+
+        let lat_addr = peer.data_port("TCP-LAT").unwrap();
+        let lat = tcp::latency(lat_addr, 50).unwrap();
+        assert!(lat.typical_us > 0.0);
+
+        let bw_addr = peer.data_port("TCP-BW 2").unwrap();
+        let (_, sent) = tcp::bandwidth(bw_addr, 2, Duration::from_millis(100)).unwrap();
+        assert_eq!(peer.answer().unwrap(), format!("BYTES {sent}"));
+
+        peer.send("RUN sh -c true").unwrap();
+        assert!(peer
+            .answer()
+            .unwrap_err()
+            .to_string()
+            .contains("sh is not a benchmark server"));
+        peer.start("netbench", &[]).unwrap_err();
+        peer.quit().unwrap();
+        daemon.join().unwrap().unwrap();
+    }
+}
