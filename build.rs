@@ -2,17 +2,24 @@
 //! with the target C compiler, so `tests/abi_layout.rs` can compare the C view of the
 //! ABI with the `halo-ffi` mirror. The probe path reaches the test as
 //! `HALO_LAYOUT_PROBE`.
+//!
+//! Also builds the stand-in ROCm runtime of the GPU-direct tests (`tests/c/fake_rocm.c`) into
+//! `$OUT_DIR/fake-rocm/`, under the library names the plugin loads; the tests find the directory
+//! as `HALO_FAKE_ROCM_DIR` and put it on `LD_LIBRARY_PATH` of a child process. It is never part
+//! of the plugin.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 const HEADER: &str = "include/rccl_net.h";
 const PROBE_SRC: &str = "tests/c/layout_probe.c";
+const FAKE_ROCM_SRC: &str = "tests/c/fake_rocm.c";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={HEADER}");
     println!("cargo:rerun-if-changed={PROBE_SRC}");
+    println!("cargo:rerun-if-changed={FAKE_ROCM_SRC}");
 
     let manifest_dir =
         PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
@@ -51,6 +58,32 @@ fn main() {
     run(cmd, "compiling tests/c/layout_probe.c");
 
     println!("cargo:rustc-env=HALO_LAYOUT_PROBE={}", probe.display());
+
+    build_fake_rocm(&compiler, &manifest_dir, &out_dir);
+}
+
+/// One shared object, reachable as `libamdhip64.so` and `libhsa-runtime64.so.1` (symlinks, so the
+/// loader maps it once and HIP and HSA share its allocation table).
+fn build_fake_rocm(compiler: &cc::Tool, manifest_dir: &std::path::Path, out_dir: &std::path::Path) {
+    let dir = out_dir.join("fake-rocm");
+    std::fs::create_dir_all(&dir).expect("creating fake-rocm dir");
+    let lib = dir.join("libfake-rocm.so");
+    let mut cmd = compiler.to_command();
+    if compiler.is_like_gnu() || compiler.is_like_clang() {
+        cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror"]);
+    }
+    cmd.args(["-shared", "-fPIC"])
+        .arg(manifest_dir.join(FAKE_ROCM_SRC))
+        .arg("-o")
+        .arg(&lib);
+    run(cmd, "compiling tests/c/fake_rocm.c");
+    for name in ["libamdhip64.so", "libhsa-runtime64.so.1"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("libfake-rocm.so", &link)
+            .unwrap_or_else(|e| panic!("linking {}: {e}", link.display()));
+    }
+    println!("cargo:rustc-env=HALO_FAKE_ROCM_DIR={}", dir.display());
 }
 
 fn run(mut cmd: Command, what: &str) {

@@ -50,6 +50,10 @@ pub struct PluginConfig {
     /// `HALO_MAX_MSG_SIZE`: largest single RDMA WRITE, 4096..=2^31 bytes; default: the port's
     /// `max_msg_sz`. Larger messages are split. Lowering it exercises splitting in tests.
     pub max_msg_size: Option<u64>,
+    /// `HALO_GPU_REG`: how GPU memory (`NCCL_PTR_CUDA`) is registered with the NIC: `auto`
+    /// (default: dma-buf, else by address, else not at all, whichever the probe at `init` proves),
+    /// `dmabuf` or `va` (only that strategy), `none` (no GPU memory; ROCm is not even loaded).
+    pub gpu_reg: GpuReg,
 }
 
 impl Default for PluginConfig {
@@ -70,8 +74,22 @@ impl Default for PluginConfig {
             connect_timeout: Duration::from_millis(60_000),
             trace: false,
             max_msg_size: None,
+            gpu_reg: GpuReg::Auto,
         }
     }
+}
+
+/// How GPU memory is registered (`HALO_GPU_REG`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuReg {
+    /// Probe dma-buf first, then registration by address.
+    Auto,
+    /// Only dma-buf (`hsa_amd_portable_export_dmabuf` + `ibv_reg_dmabuf_mr`).
+    DmaBuf,
+    /// Only `ibv_reg_mr` on the GPU address (needs a peer-memory client in the kernel).
+    Va,
+    /// No GPU memory registration.
+    None,
 }
 
 /// Address family of the GID picked automatically (`NCCL_IB_ADDR_FAMILY`).
@@ -184,6 +202,10 @@ impl PluginConfig {
             max_msg_size: get(ENV_MAX_MSG_SIZE)
                 .map(|v| parse_int(ENV_MAX_MSG_SIZE, &v, 4096, 1 << 31).map(|n| n as u64))
                 .transpose()?,
+            gpu_reg: match get(ENV_GPU_REG) {
+                None => d.gpu_reg,
+                Some(v) => parse_gpu_reg(&v)?,
+            },
         })
     }
 
@@ -211,6 +233,22 @@ const ENV_SPLIT_DATA_ON_QPS: &str = "NCCL_IB_SPLIT_DATA_ON_QPS";
 const ENV_CONNECT_TIMEOUT_MS: &str = "HALO_CONNECT_TIMEOUT_MS";
 const ENV_MAX_MSG_SIZE: &str = "HALO_MAX_MSG_SIZE";
 const ENV_DEBUG: &str = "NCCL_DEBUG";
+/// Name of the variable that picks the GPU memory registration strategy.
+pub const ENV_GPU_REG: &str = "HALO_GPU_REG";
+
+fn parse_gpu_reg(value: &str) -> Result<GpuReg, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(GpuReg::Auto),
+        "dmabuf" => Ok(GpuReg::DmaBuf),
+        "va" => Ok(GpuReg::Va),
+        "none" => Ok(GpuReg::None),
+        _ => Err(ConfigError::new(
+            ENV_GPU_REG,
+            value,
+            "auto, dmabuf, va or none",
+        )),
+    }
+}
 
 /// Parses a decimal integer in `min..=max` (surrounding blanks allowed).
 fn parse_int(var: &'static str, value: &str, min: i64, max: i64) -> Result<i64, ConfigError> {
@@ -496,6 +534,7 @@ mod tests {
             ENV_SPLIT_DATA_ON_QPS,
             ENV_CONNECT_TIMEOUT_MS,
             ENV_DEBUG,
+            ENV_GPU_REG,
         ];
         for name in names {
             for empty in ["", "  "] {
@@ -661,6 +700,22 @@ mod tests {
         let c = with(&[(ENV_ADDR_RANGE, "0.0.0.0/0")]).unwrap();
         assert!(c.in_addr_range(Ipv4Addr::new(1, 2, 3, 4).into()));
         assert!(with(&[]).unwrap().in_addr_range("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn gpu_reg_strategies() {
+        assert_eq!(with(&[]).unwrap().gpu_reg, GpuReg::Auto);
+        for (v, want) in [
+            ("auto", GpuReg::Auto),
+            ("DMABUF", GpuReg::DmaBuf),
+            (" va ", GpuReg::Va),
+            ("none", GpuReg::None),
+        ] {
+            assert_eq!(with(&[(ENV_GPU_REG, v)]).unwrap().gpu_reg, want, "{v}");
+        }
+        let e = with(&[(ENV_GPU_REG, "peermem")]).unwrap_err();
+        assert_eq!(e.var, ENV_GPU_REG);
+        assert!(e.to_string().contains("auto, dmabuf, va or none"), "{e}");
     }
 
     #[test]

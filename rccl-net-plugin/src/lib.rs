@@ -5,6 +5,7 @@
 
 pub mod abi;
 pub mod config;
+pub mod gpu;
 pub mod log;
 pub mod net;
 pub mod oob;

@@ -1,6 +1,7 @@
 //! Functions shared by the per-version tables, in version-neutral argument types.
 
 use super::guard;
+use crate::gpu;
 use crate::log;
 use crate::net::{
     self, ListenComm, MrHandle, NetError, NetResult, Props, RecvComm, Request, SendComm,
@@ -109,19 +110,30 @@ pub fn reg_mr(
 ) -> ncclResult_t {
     guard("regMr", || {
         let out_h = out(mhandle, "mhandle")?;
-        if ty != NCCL_PTR_HOST {
-            log::warn_once!(
-                log::NET,
-                "RCCL asked to register GPU memory, but this plugin advertises NCCL_PTR_HOST only"
-            );
-            return Err(NetError::InvalidUsage(format!(
-                "regMr of memory type {ty}: this build registers host memory only (ptrSupport = NCCL_PTR_HOST)"
-            )));
-        }
         // SAFETY: RCCL passes comms it got from this plugin.
         let dev = unsafe { net::comm_device(comm) }?;
         // SAFETY: RCCL keeps the buffer allocated until deregMr.
-        let h = unsafe { dev.regs.acquire(&dev.pd, data as u64, size as u64) }?;
+        let h = unsafe { gpu::register(&dev, ty, data as u64, size as u64) }?;
+        *out_h = Box::into_raw(h) as *mut c_void;
+        Ok(())
+    })
+}
+
+pub fn reg_mr_dmabuf(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: usize,
+    ty: c_int,
+    offset: u64,
+    fd: c_int,
+    mhandle: *mut *mut c_void,
+) -> ncclResult_t {
+    guard("regMrDmaBuf", || {
+        let out_h = out(mhandle, "mhandle")?;
+        // SAFETY: RCCL passes comms it got from this plugin.
+        let dev = unsafe { net::comm_device(comm) }?;
+        // SAFETY: RCCL keeps the buffer allocated until deregMr and owns fd during the call.
+        let h = unsafe { gpu::register_dmabuf(&dev, ty, data as u64, size as u64, offset, fd) }?;
         *out_h = Box::into_raw(h) as *mut c_void;
         Ok(())
     })
@@ -209,11 +221,31 @@ pub fn irecv(
     })
 }
 
-pub fn iflush(comm: *mut c_void, request: *mut *mut c_void) -> ncclResult_t {
+/// `iflush` of the `n` buffers of a completed receive (`sizes_of(i)` = bytes received).
+pub fn iflush(
+    comm: *mut c_void,
+    n: c_int,
+    data: *mut *mut c_void,
+    size_of: impl Fn(usize) -> usize,
+    mhandles: *mut *mut c_void,
+    request: *mut *mut c_void,
+) -> ncclResult_t {
     guard("iflush", || {
-        out(comm as *mut RecvComm, "recvComm")?;
-        // Host memory only: nothing is ever in a GPU's write path, so nothing needs flushing.
-        *out(request, "request")? = std::ptr::null_mut();
+        let out_req = out(request, "request")?;
+        *out_req = std::ptr::null_mut();
+        let c = out(comm as *mut RecvComm, "recvComm")?;
+        let n = usize::try_from(n).unwrap_or(0).min(MAX_RECVS);
+        if n == 0 || data.is_null() || mhandles.is_null() {
+            return Ok(());
+        }
+        let mut bufs = [(0u64, 0u64, None); MAX_RECVS];
+        for (i, b) in bufs.iter_mut().enumerate().take(n) {
+            // SAFETY: RCCL's arrays hold n entries.
+            unsafe { *b = (*data.add(i) as u64, size_of(i) as u64, mh(*mhandles.add(i))) };
+        }
+        if let Some(r) = c.iflush(&bufs[..n])? {
+            *out_req = r as *mut c_void;
+        }
         Ok(())
     })
 }
@@ -308,7 +340,7 @@ macro_rules! fill_v9 {
         $crate::abi::common::fill_common!($out, $p);
         let o = &mut *$out;
         o.regIsGlobal = 1;
-        o.forceFlush = 0;
+        o.forceFlush = i32::from($p.force_flush);
         o.netDeviceType = halo_ffi::NCCL_NET_DEVICE_HOST;
         o.netDeviceVersion = halo_ffi::NCCL_NET_DEVICE_INVALID_VERSION;
         o.vProps.ndevs = 1;

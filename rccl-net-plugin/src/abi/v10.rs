@@ -75,7 +75,7 @@ pub static ncclNetPlugin_v10: ncclNet_v10_t = ncclNet_v10_t {
     connect: Some(connect),
     accept: Some(v7::accept),
     regMr: Some(v8::reg_mr),
-    regMrDmaBuf: None,
+    regMrDmaBuf: Some(v6::reg_mr_dmabuf),
     deregMr: Some(v6::dereg_mr),
     isend: Some(isend),
     irecv: Some(irecv),

@@ -100,15 +100,34 @@ pub(super) unsafe extern "C" fn irecv_int(
         req,
     )
 }
+pub(super) unsafe extern "C" fn reg_mr_dmabuf(
+    comm: *mut c_void,
+    data: *mut c_void,
+    size: usize,
+    ty: c_int,
+    offset: u64,
+    fd: c_int,
+    mh: *mut *mut c_void,
+) -> ncclResult_t {
+    c::reg_mr_dmabuf(comm, data, size, ty, offset, fd, mh)
+}
 pub(super) unsafe extern "C" fn iflush(
     comm: *mut c_void,
-    _n: c_int,
-    _data: *mut *mut c_void,
-    _sizes: *mut c_int,
-    _mh: *mut *mut c_void,
+    n: c_int,
+    data: *mut *mut c_void,
+    sizes: *mut c_int,
+    mh: *mut *mut c_void,
     req: *mut *mut c_void,
 ) -> ncclResult_t {
-    c::iflush(comm, req)
+    let size_of = |i: usize| {
+        if sizes.is_null() {
+            0
+        } else {
+            // SAFETY: RCCL's sizes array has n entries (common::iflush reads at most n).
+            unsafe { (*sizes.add(i)).max(0) as usize }
+        }
+    };
+    c::iflush(comm, n, data, size_of, mh, req)
 }
 pub(super) unsafe extern "C" fn test(
     req: *mut c_void,
@@ -137,7 +156,7 @@ pub static ncclNetPlugin_v6: ncclNet_v6_t = ncclNet_v6_t {
     connect: Some(connect),
     accept: Some(accept),
     regMr: Some(reg_mr_int),
-    regMrDmaBuf: None,
+    regMrDmaBuf: Some(reg_mr_dmabuf),
     deregMr: Some(dereg_mr),
     isend: Some(isend_int),
     irecv: Some(irecv_int),

@@ -48,7 +48,7 @@ pub static ncclNetPlugin_v7: ncclNet_v7_t = ncclNet_v7_t {
     connect: Some(connect),
     accept: Some(accept),
     regMr: Some(v6::reg_mr_int),
-    regMrDmaBuf: None,
+    regMrDmaBuf: Some(v6::reg_mr_dmabuf),
     deregMr: Some(v6::dereg_mr),
     isend: Some(v6::isend_int),
     irecv: Some(v6::irecv_int),

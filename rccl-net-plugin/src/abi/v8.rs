@@ -43,7 +43,7 @@ pub static ncclNetPlugin_v8: ncclNet_v8_t = ncclNet_v8_t {
     connect: Some(v7::connect),
     accept: Some(v7::accept),
     regMr: Some(reg_mr),
-    regMrDmaBuf: None,
+    regMrDmaBuf: Some(v6::reg_mr_dmabuf),
     deregMr: Some(v6::dereg_mr),
     isend: Some(v6::isend_int),
     irecv: Some(v6::irecv_int),

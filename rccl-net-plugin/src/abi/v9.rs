@@ -70,7 +70,7 @@ pub static ncclNetPlugin_v9: ncclNet_v9_t = ncclNet_v9_t {
     connect: Some(v7::connect),
     accept: Some(v7::accept),
     regMr: Some(v8::reg_mr),
-    regMrDmaBuf: None,
+    regMrDmaBuf: Some(v6::reg_mr_dmabuf),
     deregMr: Some(v6::dereg_mr),
     isend: Some(isend),
     irecv: Some(irecv),

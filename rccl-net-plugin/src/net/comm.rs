@@ -3,6 +3,7 @@
 use super::buffer::RegisteredBuf;
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
+use super::flush::{Flush, FLUSH_SLOTS};
 use super::regcache::MrHandle;
 use crate::log::{warn, NET};
 use crate::oob::{OobError, OobStream};
@@ -486,7 +487,10 @@ pub struct RecvComm {
     cts_staging: RegisteredBuf,
     remote_fifo_addr: u64,
     remote_fifo_rkey: u32,
+    /// Receive requests (`0..FIFO_DEPTH`), then flush requests (one per flush slot).
     reqs: Box<[Request]>,
+    /// Present when the device may receive into GPU memory.
+    flush: Option<Flush>,
 }
 
 impl RecvComm {
@@ -499,6 +503,7 @@ impl RecvComm {
         cts_staging: RegisteredBuf,
         remote_fifo_addr: u64,
         remote_fifo_rkey: u32,
+        flush: Option<Flush>,
     ) -> Box<Self> {
         let mut c = Box::new(RecvComm {
             kind: COMM_RECV,
@@ -508,7 +513,10 @@ impl RecvComm {
             cts_staging,
             remote_fifo_addr,
             remote_fifo_rkey,
-            reqs: (0..FIFO_DEPTH).map(|i| Request::new(i as u16)).collect(),
+            reqs: (0..FIFO_DEPTH + FLUSH_SLOTS)
+                .map(|i| Request::new(i as u16))
+                .collect(),
+            flush,
         });
         let me: *mut RecvComm = &mut *c;
         for r in c.reqs.iter_mut() {
@@ -653,7 +661,43 @@ impl RecvComm {
         Ok(())
     }
 
+    /// `iflush` of a completed receive: a READ from the last non-empty buffer in GPU memory;
+    /// `Ok(None)` when no buffer is in GPU memory (nothing to flush).
+    pub fn iflush(
+        &mut self,
+        bufs: &[(u64, u64, Option<&MrHandle>)],
+    ) -> NetResult<Option<*mut Request>> {
+        self.link.check()?;
+        let Some((addr, _, Some(mh))) = bufs
+            .iter()
+            .rev()
+            .find(|(_, size, mh)| *size > 0 && mh.is_some_and(|m| m.gpu))
+        else {
+            return Ok(None);
+        };
+        let Some(flush) = self.flush.as_mut() else {
+            return Err(NetError::Internal(format!(
+                "iflush of GPU memory {addr:#x} on a comm without a flush QP ({})",
+                self.link.context()
+            )));
+        };
+        let slot = flush.post(*addr, mh.rkey)?;
+        Ok(Some(&mut self.reqs[FIFO_DEPTH + slot] as *mut Request))
+    }
+
+    /// RDMA READs the flushes of this comm completed.
+    pub fn flush_reads_done(&self) -> u64 {
+        self.flush.as_ref().map_or(0, Flush::reads_done)
+    }
+
     fn test(&mut self, req: u16) -> NetResult<Option<(usize, [u64; MAX_RECVS])>> {
+        if let Some(slot) = (req as usize).checked_sub(FIFO_DEPTH) {
+            let flush = self
+                .flush
+                .as_mut()
+                .ok_or_else(|| NetError::Internal("flush request without a flush QP".into()))?;
+            return Ok(flush.test(slot)?.then_some((0, [0; MAX_RECVS])));
+        }
         self.link.check()?;
         self.progress()?;
         self.proto.test(req).map_err(|e| self.link.proto_error(e))

@@ -14,6 +14,7 @@ use super::buffer::RegisteredBuf;
 use super::comm::{Link, RecvComm, SendComm};
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
+use super::flush::{Flush, FLUSH_SLOTS};
 use crate::config::PluginConfig;
 use crate::log::{info, NET};
 use crate::oob::{
@@ -120,7 +121,7 @@ fn connect_qp(
     qp: &QueuePair,
     my_psn: u32,
     peer: &ConnInfo,
-    addr: SocketAddr,
+    addr: impl std::fmt::Display,
 ) -> NetResult<()> {
     if peer.features & FEATURES != FEATURES {
         return Err(NetError::Remote(format!(
@@ -167,6 +168,20 @@ fn connect_qp(
     qp.to_rts(&rts)
         .map_err(|e| sys(format!("QP {:#x} to RTS towards {addr}: {e}", qp.qp_num())))?;
     Ok(())
+}
+
+/// The flush QP of a receive comm, connected to itself, when the device may receive into GPU
+/// memory.
+fn flush_qp(dev: &NetDevice, s: &ConnSettings) -> NetResult<Option<Flush>> {
+    if !dev.gpu.gpu_receives() {
+        return Ok(None);
+    }
+    let (qp, cq) = create_qp(dev, FLUSH_SLOTS as u32, 1)?;
+    let psn = random_psn();
+    let me = local_info(dev, &qp, psn, 0, dev.max_msg_size(&s.cfg));
+    connect_qp(dev, s, &qp, psn, &me, "itself (flush QP)")?;
+    let sink = RegisteredBuf::new(&dev.pd, FLUSH_SLOTS, "flush sink")?;
+    Ok(Some(Flush::new(qp, cq, sink)))
 }
 
 fn oob_err(e: crate::oob::OobError) -> NetError {
@@ -314,6 +329,7 @@ struct RecvSide {
     cq: CompletionQueue,
     sizes: RegisteredBuf,
     cts_staging: RegisteredBuf,
+    flush: Option<Flush>,
     peer_info: ConnInfo,
 }
 
@@ -406,6 +422,7 @@ impl ListenComm {
                             RecvComm::CTS_STAGING_BYTES,
                             "clear-to-send staging",
                         )?;
+                        let flush = flush_qp(dev, &self.settings)?;
                         let psn = random_psn();
                         connect_qp(dev, &self.settings, &qp, psn, &info, peer)?;
                         let mut mine = local_info(
@@ -426,6 +443,7 @@ impl ListenComm {
                                 cq,
                                 sizes,
                                 cts_staging,
+                                flush,
                                 peer_info: info,
                             }),
                         )
@@ -452,6 +470,7 @@ impl ListenComm {
                             side.cts_staging,
                             side.peer_info.fifo_addr,
                             side.peer_info.fifo_rkey,
+                            side.flush,
                         )));
                     }
                     Some(_) => {

@@ -3,6 +3,7 @@
 use super::error::{NetError, NetResult};
 use super::regcache::RegCache;
 use crate::config::{AddrFamily, PluginConfig};
+use crate::gpu::GpuSupport;
 use crate::log::{info, warn, INIT, NET};
 use halo_ibverbs::{
     AddrFamily as GidFamily, Context, DeviceAttr, GidEntry, GidSelector, LinkLayer, PortAttr,
@@ -32,6 +33,8 @@ pub struct NetDevice {
     pub ctx: Context,
     pub pd: ProtectionDomain,
     pub regs: RegCache,
+    /// How GPU memory is registered on this device (probed at `init`).
+    pub gpu: GpuSupport,
 }
 
 impl NetDevice {
@@ -195,6 +198,7 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
                     continue;
                 }
             };
+            let gpu = crate::gpu::probe(&pd, &format!("{}:{port}", info.name), cfg.gpu_reg);
             let netdev = gid.netdev.clone();
             let pci = info
                 .sysfs_device_path
@@ -216,6 +220,7 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
                 ctx: ctx.clone(),
                 pd,
                 regs: RegCache::new(),
+                gpu,
             };
             info!(
                 INIT | NET,

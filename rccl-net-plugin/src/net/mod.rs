@@ -6,13 +6,14 @@ mod comm;
 mod connect;
 mod device;
 mod error;
+mod flush;
 mod regcache;
 
 pub use comm::{RecvComm, Request, SendComm, COMM_RECV, COMM_SEND};
 pub use connect::{ConnSettings, Connecting, ListenComm};
 pub use device::NetDevice;
 pub use error::{NetError, NetResult};
-pub use regcache::MrHandle;
+pub use regcache::{data_access, MrHandle, RegCache, RegKind};
 
 use crate::config::PluginConfig;
 use crate::log::{info, INIT, NET};
@@ -182,6 +183,8 @@ pub struct Props {
     pub max_comms: i32,
     pub latency: f32,
     pub max_p2p_bytes: usize,
+    /// Receives may land in GPU memory: ask RCCL to flush them (`forceFlush`).
+    pub force_flush: bool,
 }
 
 impl Plugin {
@@ -189,12 +192,13 @@ impl Plugin {
         let d = self.device(dev)?;
         Ok(Props {
             dev: Arc::clone(d),
-            ptr_support: halo_ffi::NCCL_PTR_HOST,
+            ptr_support: d.gpu.ptr_support(),
             max_recvs: MAX_RECVS as i32,
             max_comms: d.dev_attr.max_qp.min(i32::MAX as u32) as i32,
             latency: 0.0,
             // `test` reports sizes as int: no message may be larger.
             max_p2p_bytes: i32::MAX as usize,
+            force_flush: d.gpu.gpu_receives(),
         })
     }
 }

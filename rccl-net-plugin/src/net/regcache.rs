@@ -1,7 +1,10 @@
 //! Registration cache of one device: page-aligned, reference-counted memory regions.
 //!
 //! RCCL may register the same user buffer once per operation (`regIsGlobal = 1` tells it that is
-//! cheap), so a range inside an existing registration only takes a reference.
+//! cheap), so a range inside an existing registration of the same kind only takes a reference.
+//! Registrations by address (host or GPU) and self-exported dma-bufs are found again by address
+//! range; a dma-buf RCCL hands in is never shared: its fd number says nothing about the memory
+//! behind it (RCCL closes it right away and the number is reused).
 
 use super::error::{NetError, NetResult};
 use halo_ibverbs::{AccessFlags, MemoryRegion, ProtectionDomain};
@@ -11,13 +14,39 @@ use std::sync::{Arc, Mutex};
 pub struct MrHandle {
     pub lkey: u32,
     pub rkey: u32,
-    /// Page-aligned range the registration covers.
+    /// Range the registration covers (page-aligned for registrations by address).
     pub start: u64,
     pub end: u64,
+    /// The memory is GPU memory: a receive into it needs a flush.
+    pub gpu: bool,
     mr: Arc<MemoryRegion>,
 }
 
+/// How a registration was made; lookups only match registrations of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegKind {
+    /// `ibv_reg_mr` of host memory.
+    Host,
+    /// `ibv_reg_mr` of GPU memory (page-aligned range).
+    GpuVa,
+    /// GPU memory through a dma-buf the plugin exported itself (exact range, iova = address).
+    GpuExport,
+    /// A dma-buf RCCL exported; never shared.
+    DmaBuf,
+}
+
+impl RegKind {
+    fn shared(self) -> bool {
+        self != RegKind::DmaBuf
+    }
+
+    fn gpu(self) -> bool {
+        self != RegKind::Host
+    }
+}
+
 struct Entry {
+    kind: RegKind,
     start: u64,
     end: u64,
     refs: usize,
@@ -61,7 +90,8 @@ impl RegCache {
         Ok((start, end))
     }
 
-    /// Registers `[addr, addr + len)` or takes a reference on a registration that covers it.
+    /// Registers host memory `[addr, addr + len)` or takes a reference on a registration that
+    /// covers it.
     ///
     /// # Safety
     /// The memory must stay mapped until the handle is given back to [`RegCache::release`].
@@ -71,27 +101,61 @@ impl RegCache {
         addr: u64,
         len: u64,
     ) -> NetResult<Box<MrHandle>> {
+        // SAFETY: forwarded contract.
+        unsafe { self.acquire_va(pd, RegKind::Host, addr, len) }
+    }
+
+    /// Registers `[addr, addr + len)` by address (whole pages) as `kind`, or takes a reference
+    /// on a registration of that kind that covers it.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until the handle is given back to [`RegCache::release`].
+    pub unsafe fn acquire_va(
+        &self,
+        pd: &ProtectionDomain,
+        kind: RegKind,
+        addr: u64,
+        len: u64,
+    ) -> NetResult<Box<MrHandle>> {
         let (start, end) = self.page_range(addr, len)?;
+        self.acquire_with(kind, start, end, || {
+            // SAFETY: the caller keeps [start, end) mapped (whole pages of a mapped buffer are mapped).
+            unsafe { pd.reg_mr(start as *mut u8, (end - start) as usize, data_access()) }.map_err(
+                |e| {
+                    NetError::System(format!(
+                        "cannot register {:#x}..{:#x} ({} bytes) with {}: {e}",
+                        start,
+                        end,
+                        end - start,
+                        pd.context().name()
+                    ))
+                },
+            )
+        })
+    }
+
+    /// Takes a reference on a shareable registration of `kind` covering `[start, end)`, or
+    /// makes a new one with `register`.
+    pub fn acquire_with(
+        &self,
+        kind: RegKind,
+        start: u64,
+        end: u64,
+        register: impl FnOnce() -> NetResult<MemoryRegion>,
+    ) -> NetResult<Box<MrHandle>> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = entries
-            .iter_mut()
-            .find(|e| e.start <= start && end <= e.end)
-        {
-            e.refs += 1;
-            return Ok(Self::handle(e));
+        if kind.shared() {
+            if let Some(e) = entries
+                .iter_mut()
+                .find(|e| e.kind == kind && e.start <= start && end <= e.end)
+            {
+                e.refs += 1;
+                return Ok(Self::handle(e));
+            }
         }
-        // SAFETY: the caller keeps [start, end) mapped (whole pages of a mapped buffer are mapped).
-        let mr = unsafe { pd.reg_mr(start as *mut u8, (end - start) as usize, data_access()) }
-            .map_err(|e| {
-                NetError::System(format!(
-                    "cannot register {:#x}..{:#x} ({} bytes) with {}: {e}",
-                    start,
-                    end,
-                    end - start,
-                    pd.context().name()
-                ))
-            })?;
+        let mr = register()?;
         entries.push(Entry {
+            kind,
             start,
             end,
             refs: 1,
@@ -106,6 +170,7 @@ impl RegCache {
             rkey: e.mr.rkey(),
             start: e.start,
             end: e.end,
+            gpu: e.kind.gpu(),
             mr: Arc::clone(&e.mr),
         })
     }
@@ -133,6 +198,16 @@ impl RegCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Registrations of `kind` currently held.
+    pub fn count(&self, kind: RegKind) -> usize {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|e| e.kind == kind)
+            .count()
     }
 }
 

@@ -1,0 +1,131 @@
+//! Flush of receives into GPU memory.
+//!
+//! The NIC's writes into GPU memory may still sit in PCIe or fabric buffers when the receive's
+//! completion arrives. An RDMA READ from the received buffer, issued by the same NIC after the
+//! writes, returns only once they are visible to the GPU. Each receive comm owns a loopback RC
+//! QP (connected to itself) for these reads; each read fetches one byte into a host sink.
+
+use super::buffer::RegisteredBuf;
+use super::error::{NetError, NetResult};
+use crate::protocol::FIFO_DEPTH;
+use halo_ibverbs::{CompletionQueue, QueuePair, SendOp, SendWr, Sge, WcOpcode, WorkCompletion};
+
+/// Flushes in flight per receive comm: one per outstanding receive is enough.
+pub const FLUSH_SLOTS: usize = FIFO_DEPTH;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Free,
+    Posted,
+    Done,
+}
+
+/// The flush QP of one receive comm. Field order: the QP goes before the memory it reads into.
+pub struct Flush {
+    qp: QueuePair,
+    cq: CompletionQueue,
+    sink: RegisteredBuf,
+    slots: [Slot; FLUSH_SLOTS],
+    reads_done: u64,
+    error: Option<NetError>,
+}
+
+impl Flush {
+    /// `qp` must be connected to itself and `sink` hold at least [`FLUSH_SLOTS`] bytes.
+    pub fn new(qp: QueuePair, cq: CompletionQueue, sink: RegisteredBuf) -> Self {
+        Flush {
+            qp,
+            cq,
+            sink,
+            slots: [Slot::Free; FLUSH_SLOTS],
+            reads_done: 0,
+            error: None,
+        }
+    }
+
+    fn fail(&mut self, e: NetError) -> NetError {
+        self.error.get_or_insert(e).clone()
+    }
+
+    /// Posts a one-byte READ of `addr` (registered under `rkey`); returns the slot to test.
+    pub fn post(&mut self, addr: u64, rkey: u32) -> NetResult<usize> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| *s == Slot::Free)
+            .ok_or_else(|| {
+                NetError::InvalidUsage(format!(
+                    "iflush: more than {FLUSH_SLOTS} flushes in flight on one receive comm"
+                ))
+            })?;
+        let sge = Sge {
+            addr: self.sink.addr() + slot as u64,
+            length: 1,
+            lkey: self.sink.lkey(),
+        };
+        let wr = SendWr {
+            wr_id: slot as u64,
+            op: SendOp::Read {
+                remote_addr: addr,
+                rkey,
+            },
+            sge: std::slice::from_ref(&sge),
+            signaled: true,
+            inline: false,
+        };
+        self.qp.post_send(&[wr]).map_err(|e| {
+            let qpn = self.qp.qp_num();
+            self.fail(NetError::System(format!(
+                "posting the flush READ of {addr:#x} on flush qp {qpn:#x}: {e}"
+            )))
+        })?;
+        self.slots[slot] = Slot::Posted;
+        Ok(slot)
+    }
+
+    /// Whether the flush in `slot` completed; a completed slot is free again afterwards.
+    pub fn test(&mut self, slot: usize) -> NetResult<bool> {
+        if self.slots.get(slot).is_none_or(|s| *s == Slot::Free) {
+            return Err(NetError::InvalidArgument(format!(
+                "test of flush request {slot}, which is not in flight"
+            )));
+        }
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let mut wcs = [WorkCompletion::default(); FLUSH_SLOTS];
+        let n = self
+            .cq
+            .poll(&mut wcs)
+            .map_err(|e| self.fail(NetError::System(format!("polling flush completions: {e}"))))?;
+        for wc in &wcs[..n] {
+            if let Err(e) = wc.result() {
+                let qpn = self.qp.qp_num();
+                return Err(self.fail(NetError::Remote(format!(
+                    "flush READ failed: {e} (vendor error {:#x}) on flush qp {qpn:#x}",
+                    wc.vendor_err
+                ))));
+            }
+            if wc.opcode == WcOpcode::RdmaRead && wc.byte_len == 1 {
+                self.reads_done += 1;
+            }
+            if let Some(s) = self.slots.get_mut(wc.wr_id as usize) {
+                *s = Slot::Done;
+            }
+        }
+        if self.slots[slot] == Slot::Done {
+            self.slots[slot] = Slot::Free;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Completed one-byte RDMA READs since the comm was created.
+    pub fn reads_done(&self) -> u64 {
+        self.reads_done
+    }
+}

@@ -1,0 +1,533 @@
+//! GPU-direct paths of the plugin, driven through its v9 table, with a stand-in ROCm runtime
+//! (`tests/c/fake_rocm.c`, built by build.rs) whose "device" memory is host memory from mmap.
+//!
+//! Every scenario runs in a child process (this binary re-executed with `HALO_GPU_DIRECT_CHILD`)
+//! because ROCm is loaded and probed once per process; the stand-in is selected the way a real
+//! runtime would be found, through `LD_LIBRARY_PATH`. The parent checks the child's exit status
+//! and the plugin's log lines it printed.
+//!
+//! What this proves, and what it does not: the loader, the symbol declarations as the stand-in
+//! exports them, the probe's fallback order and logging, what `ptrSupport`/`forceFlush` claim,
+//! the registration cache's keys, the data path into buffers registered as GPU memory, and that
+//! `iflush` posts and completes a real RDMA READ on the device. Soft-RoCE cannot register
+//! dma-bufs (EOPNOTSUPP), so a successful `ibv_reg_dmabuf_mr` (strategy 1, `regMrDmaBuf` with a
+//! non-zero offset) and real GPU memory are not exercised here.
+//!
+//! Scenarios needing an RDMA device say so and skip without one, unless `HALO_REQUIRE_RDMA=1`.
+
+mod common;
+
+use halo_ffi::*;
+use rccl_net_plugin::abi::ncclNetPlugin_v9 as NET;
+use rccl_net_plugin::gpu::{self, MemKind};
+use rccl_net_plugin::net::{self, RecvComm, RegKind};
+use std::ffi::{c_int, c_void};
+use std::process::{Command, Stdio};
+use std::ptr::null_mut;
+use std::time::{Duration, Instant};
+
+const CHILD_ENV: &str = "HALO_GPU_DIRECT_CHILD";
+const FAKE_ROCM_DIR: &str = env!("HALO_FAKE_ROCM_DIR");
+const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn have_device(what: &str) -> bool {
+    let ok = halo_ibverbs::devices()
+        .map(|d| !d.is_empty())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
+            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
+        );
+        eprintln!("SKIPPED (no RDMA device): gpu_direct {what}");
+    }
+    ok
+}
+
+/// Runs `scenario` in a child; `standin` puts the stand-in ROCm on its library path. Returns
+/// the child's combined output after checking it succeeded.
+fn run_child(scenario: &str, standin: bool, env: &[(&str, &str)]) -> String {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, scenario)
+        .env_remove("HALO_GPU_REG")
+        .env_remove("FAKE_ROCM_DMABUF")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if standin {
+        cmd.env("LD_LIBRARY_PATH", FAKE_ROCM_DIR);
+    } else {
+        cmd.env_remove("LD_LIBRARY_PATH");
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("starting the child test process");
+    let t0 = Instant::now();
+    while child.try_wait().expect("waiting for the child").is_none() {
+        if t0.elapsed() > CHILD_TIMEOUT {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("child output");
+            panic!(
+                "scenario {scenario} timed out:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("child output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("----- scenario {scenario} -----\n{text}----- end {scenario} -----");
+    assert!(out.status.success(), "scenario {scenario} failed");
+    assert!(
+        text.contains(&format!("SCENARIO {scenario} PASSED")),
+        "scenario {scenario} did not run to the end"
+    );
+    text
+}
+
+/// The child side: does nothing in a normal test run.
+#[test]
+fn child_entry() {
+    let Ok(s) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    rccl_net_plugin::log::set_logger(common::logger());
+    match s.as_str() {
+        "standin_runtime" => standin_runtime(),
+        "absent_runtime" => absent_runtime(),
+        "fallback" => fallback(),
+        "dmabuf_only" => dmabuf_only(),
+        "no_rocm" => no_rocm(),
+        other => panic!("unknown scenario {other}"),
+    }
+    println!("SCENARIO {s} PASSED");
+}
+
+// ------------------------------------------------------------------ host-runnable
+
+/// The loader finds the stand-in through LD_LIBRARY_PATH; pointer classification, the GPU
+/// agent's name and both dma-buf export outcomes.
+#[test]
+fn standin_runtime_is_loaded_and_classifies_pointers() {
+    let out = run_child("standin_runtime", true, &[("FAKE_ROCM_DMABUF", "memfd")]);
+    assert!(out.contains("GPU agents [gfx1151]"), "runtime line missing");
+    assert!(out.contains("dma-buf export supported by the driver"));
+}
+
+fn standin_runtime() {
+    let rt = gpu::runtime().expect("the stand-in runtime loads");
+    assert_eq!(rt.gpu_names(), ["gfx1151".to_string()]);
+    assert_eq!(rt.dmabuf_supported(), Some(true));
+    let buf = rt.alloc(1 << 20).expect("hipMalloc");
+    assert_eq!(rt.classify(buf.ptr), MemKind::Device { ordinal: 0 });
+    assert_eq!(
+        rt.classify(buf.ptr + 4096 * 3),
+        MemKind::Device { ordinal: 0 }
+    );
+    let host = [0u8; 64];
+    assert_eq!(rt.classify(host.as_ptr() as u64), MemKind::Host);
+    let d = rt
+        .export_dmabuf(buf.ptr + 8192, 4096)
+        .expect("memfd export");
+    assert!(d.fd >= 0);
+    assert_eq!(d.offset, 8192, "offset of the address inside the dma-buf");
+    drop(d);
+    // The child runs this one test on one thread: nothing else reads the environment now.
+    std::env::set_var("FAKE_ROCM_DMABUF", "fail");
+    let e = rt
+        .export_dmabuf(buf.ptr, 4096)
+        .err()
+        .expect("export fails when told to");
+    assert!(e.contains("status 0x1000"), "{e}");
+}
+
+/// Without any ROCm on the library path the plugin says once, at INFO, that it has no GPU
+/// memory support.
+#[test]
+fn absent_runtime_means_no_gpu_support() {
+    let out = run_child("absent_runtime", false, &[]);
+    assert_eq!(
+        out.matches("no GPU memory support").count(),
+        1,
+        "said exactly once"
+    );
+}
+
+fn absent_runtime() {
+    assert!(gpu::runtime().is_none());
+    assert!(gpu::runtime().is_none());
+}
+
+// ------------------------------------------------------------------ with an RDMA device
+
+/// Soft-RoCE has no dma-buf MRs: the probe falls back from strategy 1 to 2 on the stand-in's
+/// memory, advertises NCCL_PTR_CUDA (not DMABUF) and forceFlush; data lands intact in
+/// "device" buffers; iflush performs a real RDMA READ; regMrDmaBuf falls back to the address.
+/// Run once with an export that fails in HSA and once with one that yields a memfd the NIC
+/// refuses.
+#[test]
+fn probe_falls_back_to_registration_by_address() {
+    if !have_device("fallback") {
+        return;
+    }
+    let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "fail")]);
+    assert!(out.contains("registered by address"), "strategy 2 won");
+    assert!(
+        out.contains("hsa_amd_portable_export_dmabuf") && out.contains("status 0x1000"),
+        "why dma-buf lost (export)"
+    );
+    let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "memfd")]);
+    assert!(out.contains("registered by address"), "strategy 2 won");
+    assert!(
+        out.contains("ibv_reg_dmabuf_mr") && out.contains("(errno 95)"),
+        "why dma-buf lost (EOPNOTSUPP from the NIC)"
+    );
+    assert!(
+        out.contains("registers GPU memory by address, so"),
+        "regMrDmaBuf fell back"
+    );
+}
+
+/// With only strategy 1 allowed and no dma-buf MRs, NCCL_PTR_CUDA is not advertised,
+/// regMr(CUDA) is refused, regMrDmaBuf fails with the NIC's reason, and the comm still works.
+#[test]
+fn dmabuf_only_without_nic_support_advertises_host_only() {
+    if !have_device("dmabuf_only") {
+        return;
+    }
+    let out = run_child(
+        "dmabuf_only",
+        true,
+        &[("HALO_GPU_REG", "dmabuf"), ("FAKE_ROCM_DMABUF", "memfd")],
+    );
+    assert!(out.contains("cannot be registered"), "strategy 3 logged");
+    assert!(out.contains("skipped (HALO_GPU_REG=dmabuf)"));
+    assert!(out.contains("regMrDmaBuf of 65536 bytes at offset 4096"));
+}
+
+/// No ROCm at all: host memory only, and regMr(CUDA) is InvalidUsage with a log line.
+#[test]
+fn no_rocm_registers_host_memory_only() {
+    if !have_device("no_rocm") {
+        return;
+    }
+    let out = run_child("no_rocm", false, &[]);
+    assert!(out.contains("no GPU memory support"));
+    assert!(out.contains("does not advertise NCCL_PTR_CUDA"));
+}
+
+struct Pair {
+    sc: *mut c_void,
+    rc: *mut c_void,
+}
+
+unsafe fn props() -> ncclNetProperties_v9_t {
+    let mut p = ncclNetProperties_v9_t::zeroed();
+    assert_eq!(NET.getProperties.unwrap()(0, &mut p), ncclSuccess);
+    p
+}
+
+unsafe fn init_and_connect() -> Pair {
+    assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
+    let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+    let mut lc: *mut c_void = null_mut();
+    assert_eq!(
+        NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
+        ncclSuccess
+    );
+    let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
+    let t0 = Instant::now();
+    while sc.is_null() || rc.is_null() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "connect/accept");
+        if sc.is_null() {
+            assert_eq!(
+                NET.connect.unwrap()(0, handle.as_mut_ptr().cast(), &mut sc, null_mut()),
+                ncclSuccess
+            );
+        }
+        if rc.is_null() {
+            assert_eq!(NET.accept.unwrap()(lc, &mut rc, null_mut()), ncclSuccess);
+        }
+    }
+    assert_eq!(NET.closeListen.unwrap()(lc), ncclSuccess);
+    Pair { sc, rc }
+}
+
+unsafe fn reg(comm: *mut c_void, p: u64, len: usize, ty: c_int) -> (ncclResult_t, *mut c_void) {
+    let mut h: *mut c_void = null_mut();
+    let r = NET.regMr.unwrap()(comm, p as *mut c_void, len, ty, &mut h);
+    (r, h)
+}
+
+unsafe fn wait(req: *mut c_void, sizes: *mut c_int, what: &str) {
+    let t0 = Instant::now();
+    let mut done = 0;
+    while done == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{what} never completed"
+        );
+        assert_eq!(
+            NET.test.unwrap()(req, &mut done, sizes),
+            ncclSuccess,
+            "{what}"
+        );
+    }
+}
+
+/// Sends `len` bytes from `src` to `dst` (both registered) and returns the receive's size.
+unsafe fn transfer(
+    p: &Pair,
+    src: u64,
+    smh: *mut c_void,
+    dst: u64,
+    dst_len: usize,
+    rmh: *mut c_void,
+    len: usize,
+) -> usize {
+    let mut rreq: *mut c_void = null_mut();
+    let mut data = [dst as *mut c_void];
+    let mut sizes = [dst_len];
+    let mut tags = [7 as c_int];
+    let mut mhs = [rmh];
+    assert_eq!(
+        NET.irecv.unwrap()(
+            p.rc,
+            1,
+            data.as_mut_ptr(),
+            sizes.as_mut_ptr(),
+            tags.as_mut_ptr(),
+            mhs.as_mut_ptr(),
+            &mut rreq
+        ),
+        ncclSuccess
+    );
+    assert!(!rreq.is_null());
+    let mut sreq: *mut c_void = null_mut();
+    let t0 = Instant::now();
+    while sreq.is_null() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "isend never posted");
+        assert_eq!(
+            NET.isend.unwrap()(p.sc, src as *mut c_void, len, 7, smh, &mut sreq),
+            ncclSuccess
+        );
+    }
+    let mut ssize = [-1 as c_int];
+    let mut rsize = [-1 as c_int];
+    wait(sreq, ssize.as_mut_ptr(), "send");
+    wait(rreq, rsize.as_mut_ptr(), "receive");
+    assert_eq!(ssize[0] as usize, len);
+    rsize[0] as usize
+}
+
+/// `iflush` of one received buffer; the request (NULL = nothing to flush).
+unsafe fn iflush(p: &Pair, dst: u64, len: usize, rmh: *mut c_void) -> *mut c_void {
+    let mut req: *mut c_void = null_mut();
+    let mut data = [dst as *mut c_void];
+    let mut sizes = [len as c_int];
+    let mut mhs = [rmh];
+    assert_eq!(
+        NET.iflush.unwrap()(
+            p.rc,
+            1,
+            data.as_mut_ptr(),
+            sizes.as_mut_ptr(),
+            mhs.as_mut_ptr(),
+            &mut req
+        ),
+        ncclSuccess
+    );
+    req
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A host-memory transfer of 4 KiB, proving the comms are usable.
+unsafe fn host_roundtrip(p: &Pair) {
+    let src = pattern(4096, 5);
+    let mut dst = vec![0u8; 4096];
+    let (r, smh) = reg(p.sc, src.as_ptr() as u64, src.len(), NCCL_PTR_HOST);
+    assert_eq!(r, ncclSuccess);
+    let (r, rmh) = reg(p.rc, dst.as_mut_ptr() as u64, dst.len(), NCCL_PTR_HOST);
+    assert_eq!(r, ncclSuccess);
+    let n = transfer(
+        p,
+        src.as_ptr() as u64,
+        smh,
+        dst.as_mut_ptr() as u64,
+        dst.len(),
+        rmh,
+        src.len(),
+    );
+    assert_eq!(n, src.len());
+    assert_eq!(dst, src);
+    assert!(
+        iflush(p, dst.as_ptr() as u64, n, rmh).is_null(),
+        "host receives need no flush"
+    );
+    assert_eq!(NET.deregMr.unwrap()(p.sc, smh), ncclSuccess);
+    assert_eq!(NET.deregMr.unwrap()(p.rc, rmh), ncclSuccess);
+}
+
+fn memfd() -> c_int {
+    // SAFETY: plain syscall with a valid name.
+    let fd = unsafe { libc::memfd_create(c"not-a-dmabuf".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is ours.
+    assert_eq!(unsafe { libc::ftruncate(fd, 1 << 20) }, 0);
+    fd
+}
+
+fn fallback() {
+    let rt = gpu::runtime().expect("stand-in");
+    // SAFETY: the plugin's table is called as RCCL would, with live buffers and comms.
+    unsafe {
+        let p = init_and_connect();
+        let pr = props();
+        assert_eq!(
+            pr.ptrSupport,
+            NCCL_PTR_HOST | NCCL_PTR_CUDA,
+            "CUDA only after strategy 2 succeeded"
+        );
+        assert_eq!(pr.forceFlush, 1);
+        let dev = net::plugin().unwrap().devices[0].clone();
+        assert_eq!(dev.gpu.strategy, gpu::Strategy::Va);
+
+        let len = (1 << 20) + 3;
+        let src = rt.alloc(2 << 20).unwrap();
+        let dst = rt.alloc(2 << 20).unwrap();
+        let bytes = pattern(len, 11);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), src.ptr as *mut u8, len);
+        let (r, smh) = reg(p.sc, src.ptr, src.len, NCCL_PTR_CUDA);
+        assert_eq!(r, ncclSuccess);
+        let (r, rmh) = reg(p.rc, dst.ptr, dst.len, NCCL_PTR_CUDA);
+        assert_eq!(r, ncclSuccess);
+        assert_eq!(dev.regs.count(RegKind::GpuVa), 2);
+        // A range inside a GPU registration only takes a reference.
+        let (r, inner) = reg(p.rc, dst.ptr + 4096, 8192, NCCL_PTR_CUDA);
+        assert_eq!(r, ncclSuccess);
+        assert_eq!(dev.regs.count(RegKind::GpuVa), 2, "cached by address range");
+        assert_eq!(NET.deregMr.unwrap()(p.rc, inner), ncclSuccess);
+
+        let n = transfer(&p, src.ptr, smh, dst.ptr, dst.len, rmh, len);
+        assert_eq!(n, len);
+        assert_eq!(
+            std::slice::from_raw_parts(dst.ptr as *const u8, len),
+            &bytes[..]
+        );
+        println!("verified {len} bytes into stand-in device memory");
+
+        let recv = &*(p.rc as *const RecvComm);
+        assert_eq!(recv.flush_reads_done(), 0);
+        let freq = iflush(&p, dst.ptr, n, rmh);
+        assert!(!freq.is_null(), "a GPU receive is flushed");
+        wait(freq, null_mut(), "flush");
+        assert_eq!(
+            recv.flush_reads_done(),
+            1,
+            "one RDMA READ completed on the device"
+        );
+        println!("iflush completed one RDMA READ");
+        // Nothing received (size 0) needs no flush.
+        assert!(iflush(&p, dst.ptr, 0, rmh).is_null());
+        host_roundtrip(&p);
+
+        // RCCL's own dma-buf: the NIC refuses it, the device registers by address instead.
+        let fd = memfd();
+        let mut h: *mut c_void = null_mut();
+        let r = NET.regMrDmaBuf.unwrap()(
+            p.rc,
+            (dst.ptr + 4096) as *mut c_void,
+            65536,
+            NCCL_PTR_CUDA,
+            4096,
+            fd,
+            &mut h,
+        );
+        libc::close(fd);
+        assert_eq!(r, ncclSuccess);
+        assert_eq!(dev.regs.count(RegKind::DmaBuf), 0);
+        let n = transfer(&p, src.ptr, smh, dst.ptr + 4096, 65536, h, 1000);
+        assert_eq!(n, 1000);
+        assert_eq!(NET.deregMr.unwrap()(p.rc, h), ncclSuccess);
+        // fd -1: plain registration.
+        let r = NET.regMrDmaBuf.unwrap()(
+            p.sc,
+            src.ptr as *mut c_void,
+            4096,
+            NCCL_PTR_CUDA,
+            0,
+            -1,
+            &mut h,
+        );
+        assert_eq!(r, ncclSuccess);
+        assert_eq!(NET.deregMr.unwrap()(p.sc, h), ncclSuccess);
+
+        assert_eq!(NET.deregMr.unwrap()(p.sc, smh), ncclSuccess);
+        assert_eq!(NET.deregMr.unwrap()(p.rc, rmh), ncclSuccess);
+        assert_eq!(dev.regs.count(RegKind::GpuVa), 0);
+        assert_eq!(NET.closeSend.unwrap()(p.sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(p.rc), ncclSuccess);
+    }
+}
+
+fn dmabuf_only() {
+    let rt = gpu::runtime().expect("stand-in");
+    // SAFETY: the plugin's table is called as RCCL would, with live buffers and comms.
+    unsafe {
+        let p = init_and_connect();
+        let pr = props();
+        assert_eq!(pr.ptrSupport, NCCL_PTR_HOST);
+        assert_eq!(pr.forceFlush, 0);
+        let buf = rt.alloc(1 << 20).unwrap();
+        let (r, h) = reg(p.rc, buf.ptr, buf.len, NCCL_PTR_CUDA);
+        assert_eq!(r, ncclInvalidUsage);
+        assert!(h.is_null());
+        let fd = memfd();
+        let mut h: *mut c_void = null_mut();
+        let r = NET.regMrDmaBuf.unwrap()(
+            p.rc,
+            (buf.ptr + 4096) as *mut c_void,
+            65536,
+            NCCL_PTR_CUDA,
+            4096,
+            fd,
+            &mut h,
+        );
+        libc::close(fd);
+        assert_eq!(r, ncclSystemError, "the NIC's refusal is reported");
+        assert!(h.is_null());
+        host_roundtrip(&p);
+        println!("comm usable after the failed regMrDmaBuf");
+        assert_eq!(NET.closeSend.unwrap()(p.sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(p.rc), ncclSuccess);
+    }
+}
+
+fn no_rocm() {
+    // SAFETY: the plugin's table is called as RCCL would, with live buffers and comms.
+    unsafe {
+        let p = init_and_connect();
+        let pr = props();
+        assert_eq!(pr.ptrSupport, NCCL_PTR_HOST);
+        assert_eq!(pr.forceFlush, 0);
+        let mem = vec![0u8; 8192];
+        let (r, h) = reg(p.rc, mem.as_ptr() as u64, mem.len(), NCCL_PTR_CUDA);
+        assert_eq!(r, ncclInvalidUsage);
+        assert!(h.is_null());
+        host_roundtrip(&p);
+        assert_eq!(NET.closeSend.unwrap()(p.sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(p.rc), ncclSuccess);
+    }
+}
