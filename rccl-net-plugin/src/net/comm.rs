@@ -24,6 +24,8 @@ const POST_BATCH: usize = 16;
 const POLL_BATCH: usize = 16;
 /// Fruitless polls between two checks that the peer's bootstrap socket is still open.
 const LIVENESS_EVERY: u32 = 1 << 12;
+/// Clear-to-send writes per signaled one: fewer completions for the receiver to poll.
+const CTS_SIGNAL_EVERY: u32 = 8;
 /// `wr_id` bit marking the receiver's clear-to-send writes (the low bits hold the sequence).
 const WR_CTS: u64 = 1 << 40;
 
@@ -309,6 +311,8 @@ impl SendComm {
             lkey,
             size,
             tag,
+            // Inline sends are copied by the CPU: never from GPU memory.
+            host: mh.is_none_or(|m| !m.gpu),
         };
         crate::log::trace!(
             NET,
@@ -355,6 +359,7 @@ impl SendComm {
                     remote_addr,
                     rkey,
                     len,
+                    host,
                 } => (
                     SendOp::Write { remote_addr, rkey },
                     Sge {
@@ -362,7 +367,7 @@ impl SendComm {
                         length: len,
                         lkey,
                     },
-                    false,
+                    host && len as usize <= max_inline,
                 ),
                 WireOp::WriteImm {
                     local_addr,
@@ -371,6 +376,7 @@ impl SendComm {
                     rkey,
                     len,
                     imm,
+                    host,
                 } => (
                     SendOp::WriteImm {
                         remote_addr,
@@ -382,7 +388,8 @@ impl SendComm {
                         length: len,
                         lkey,
                     },
-                    false,
+                    // Small host data goes inside the work request: no DMA read before the send.
+                    host && len > 0 && len as usize <= max_inline,
                 ),
                 WireOp::WriteSizes { row, sizes, n: k } => {
                     let bytes = k * 8;
@@ -491,6 +498,8 @@ pub struct RecvComm {
     reqs: Box<[Request]>,
     /// Present when the device may receive into GPU memory.
     flush: Option<Flush>,
+    /// Clear-to-send writes posted; only every [`CTS_SIGNAL_EVERY`]th asks for a completion.
+    cts_posted: u32,
 }
 
 impl RecvComm {
@@ -517,6 +526,7 @@ impl RecvComm {
                 .map(|i| Request::new(i as u16))
                 .collect(),
             flush,
+            cts_posted: 0,
         });
         let me: *mut RecvComm = &mut *c;
         for r in c.reqs.iter_mut() {
@@ -617,7 +627,9 @@ impl RecvComm {
                 rkey: self.remote_fifo_rkey,
             },
             sge: std::slice::from_ref(&sge),
-            signaled: true,
+            // Unsignaled writes are released by the next signaled one: with at most FIFO_DEPTH
+            // receives in flight the send queue (2 x FIFO_DEPTH) never fills.
+            signaled: self.cts_posted % CTS_SIGNAL_EVERY == CTS_SIGNAL_EVERY - 1,
             inline,
         };
         self.link.qp.post_send(&[wr]).map_err(|e| {
@@ -626,6 +638,7 @@ impl RecvComm {
                 "posting clear-to-send: {e} ({ctx})"
             )))
         })?;
+        self.cts_posted = self.cts_posted.wrapping_add(1);
         Ok(Some(&mut self.reqs[req as usize] as *mut Request))
     }
 

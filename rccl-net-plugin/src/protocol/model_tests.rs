@@ -202,6 +202,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                     lkey: 7,
                     size,
                     tag,
+                    host: true,
                 };
                 match sim.send.post(&row, msg).unwrap() {
                     SendPost::NotReady => {}
@@ -399,6 +400,7 @@ fn single_small_message_folds_the_immediate_into_the_data() {
                 lkey: 9,
                 size: 8,
                 tag: 3,
+                host: true,
             },
         )
         .unwrap()
@@ -414,7 +416,8 @@ fn single_small_message_folds_the_immediate_into_the_data() {
             remote_addr: 0x1000,
             rkey: 5,
             len: 8,
-            imm: 8
+            imm: 8,
+            host: true,
         }]
     );
 }
@@ -447,6 +450,7 @@ fn zero_byte_message_is_a_bare_immediate() {
                 lkey: 0,
                 size: 0,
                 tag: 0,
+                host: true,
             },
         )
         .unwrap()
@@ -462,7 +466,8 @@ fn zero_byte_message_is_a_bare_immediate() {
             remote_addr: 0x1000,
             rkey: 5,
             len: 0,
-            imm: 0
+            imm: 0,
+            host: true,
         }]
     );
     send.on_completion(0).unwrap();
@@ -496,6 +501,7 @@ fn unknown_tag_and_bad_rows_are_errors() {
                 lkey: 0,
                 size: 1,
                 tag: 5,
+                host: true,
             },
         )
         .unwrap_err();
@@ -576,6 +582,7 @@ fn send_queue_room_is_respected() {
                 lkey: 0,
                 size: 16,
                 tag: 0,
+                host: true,
             },
         )
         .unwrap_err();
@@ -590,6 +597,7 @@ fn send_queue_room_is_respected() {
                 lkey: 0,
                 size: 12,
                 tag: 0,
+                host: true,
             },
         )
         .unwrap()
@@ -615,7 +623,8 @@ fn send_queue_room_is_respected() {
                 addr: 0,
                 lkey: 0,
                 size: 4,
-                tag: 0
+                tag: 0,
+                host: true,
             }
         )
         .unwrap(),
@@ -629,7 +638,8 @@ fn send_queue_room_is_respected() {
                 addr: 0,
                 lkey: 0,
                 size: 4,
-                tag: 0
+                tag: 0,
+                host: true,
             }
         )
         .unwrap(),

@@ -12,6 +12,8 @@ pub struct SendMsg {
     pub lkey: u32,
     pub size: u64,
     pub tag: i32,
+    /// The data is in host memory the CPU may read, so small writes can go inline.
+    pub host: bool,
 }
 
 /// Outcome of [`SendState::post`]. Returned by value on the hot path: boxing would allocate.
@@ -48,6 +50,8 @@ pub enum WireOp {
         remote_addr: u64,
         rkey: u32,
         len: u32,
+        /// The local data is CPU-readable host memory.
+        host: bool,
     },
     /// RDMA WRITE of `sizes[..n]` (as u64) into row `row` of the receiver's sizes array.
     WriteSizes {
@@ -63,6 +67,8 @@ pub enum WireOp {
         rkey: u32,
         len: u32,
         imm: u32,
+        /// The local data is CPU-readable host memory (meaningless when `len` is 0).
+        host: bool,
     },
 }
 
@@ -185,6 +191,7 @@ impl Iterator for TransmitOps<'_> {
                             rkey: dst.rkey,
                             len: len as u32,
                             imm: t.imm(),
+                            host: msg.host,
                         });
                     }
                     return Some(WireOp::Write {
@@ -193,6 +200,7 @@ impl Iterator for TransmitOps<'_> {
                         remote_addr,
                         rkey: dst.rkey,
                         len: len as u32,
+                        host: msg.host,
                     });
                 }
                 Stage::Sizes => {
@@ -216,6 +224,7 @@ impl Iterator for TransmitOps<'_> {
                         rkey: t.entries[0].rkey,
                         len: 0,
                         imm: t.imm(),
+                        host: true,
                     });
                 }
                 Stage::End => return None,
