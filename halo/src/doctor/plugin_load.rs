@@ -2,7 +2,10 @@
 //! every `ncclNetPlugin_vN` symbol looked up, then `init`, `devices` and `getProperties`
 //! through the v8 table (the one every RCCL from ROCm 6.2 on understands).
 
-use halo_ffi::{ncclDebugLogger_t, ncclNetProperties_v8_t, ncclNet_v8_t, ncclSuccess};
+use halo_ffi::{
+    ncclDebugLogger_t, ncclNetProperties_v8_t, ncclNet_v8_t, ncclSuccess, NCCL_PTR_CUDA,
+    NCCL_PTR_DMABUF,
+};
 use std::ffi::{c_char, c_int, c_ulong, CStr};
 use std::path::Path;
 use std::sync::Mutex;
@@ -47,6 +50,19 @@ fn logger() -> ncclDebugLogger_t {
             unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...),
         >(collect as Fixed)
     })
+}
+
+/// What `ptrSupport` means for the user: whether RCCL can hand GPU buffers to the NIC.
+pub fn gpu_direct(ptr_support: c_int) -> String {
+    let (cuda, dmabuf) = (
+        ptr_support & NCCL_PTR_CUDA != 0,
+        ptr_support & NCCL_PTR_DMABUF != 0,
+    );
+    match (cuda, dmabuf) {
+        (true, true) => "GPU-direct on (GPU memory registered through dma-buf)".into(),
+        (true, false) => "GPU-direct on (GPU memory registered by address)".into(),
+        _ => "GPU-direct off: host memory only (RCCL stages GPU data through host buffers)".into(),
+    }
 }
 
 /// Loads `path`, checks its exports and asks it for its devices.
@@ -105,11 +121,11 @@ pub fn load_and_init(path: &Path) -> Result<LoadResult, String> {
                     && !p.name.is_null()
                 {
                     result.devices.push(format!(
-                        "device {d}: {} port {} {} Mbps ptrSupport {:#x}",
+                        "device {d}: {} port {} {} Mbps, {}",
                         CStr::from_ptr(p.name).to_string_lossy(),
                         p.port,
                         p.speed,
-                        p.ptrSupport
+                        gpu_direct(p.ptrSupport)
                     ));
                 }
             }
@@ -117,4 +133,16 @@ pub fn load_and_init(path: &Path) -> Result<LoadResult, String> {
     }
     std::mem::forget(lib);
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptr_support_reads_as_gpu_direct_state() {
+        assert!(gpu_direct(0x1).starts_with("GPU-direct off"));
+        assert!(gpu_direct(0x3).contains("by address"));
+        assert!(gpu_direct(0x7).contains("dma-buf"));
+    }
 }
