@@ -1,2 +1,3 @@
 //! halo-rdma: cross-crate tests, examples and benchmarks live in this package.
+pub mod bench;
 pub mod driver;

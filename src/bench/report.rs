@@ -1,0 +1,235 @@
+//! Printing a [`Report`]: text tables in perftest's and rccl-tests' spirit, or one JSON object.
+//! Ratios are plugin / perftest: for latency lower is better, for bandwidth higher is better.
+
+use super::{Polls, Report, StreamRow};
+use serde_json::{json, Value};
+use std::fmt::Write;
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
+}
+
+fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
+    match v {
+        Some(x) => format!("{x:>width$.prec$}"),
+        None => format!("{:>width$}", "-"),
+    }
+}
+
+/// Calls per completed request: polls that found nothing, and NULL-request retries.
+fn per_request(p: &Polls) -> (f64, f64) {
+    let n = p.requests.max(1) as f64;
+    (p.tests as f64 / n, (p.null_sends + p.null_recvs) as f64 / n)
+}
+
+/// The perftest bandwidth closest to `size` (all-reduce sizes need not be bandwidth sizes).
+fn perftest_gbps_near(r: &Report, size: usize) -> Option<f64> {
+    r.bandwidth
+        .iter()
+        .filter_map(|b| b.perftest.map(|p| (b.size.abs_diff(size), p.gbps)))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, g)| g)
+}
+
+pub fn text(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# netbench: plugin {} ({}, ncclNet v{}), device {}{}",
+        r.plugin_name,
+        r.plugin.display(),
+        r.version,
+        r.device,
+        if r.quick { ", quick" } else { "" }
+    );
+    if let Some(d) = &r.perftest_device {
+        let _ = writeln!(
+            s,
+            "# reference: perftest on {} GID index {}",
+            d.ibdev, d.gid_index
+        );
+    }
+    if !r.latency.is_empty() {
+        let _ = writeln!(s, "\n## latency (one-way = round trip / 2, us)");
+        let _ = writeln!(
+            s,
+            "{:>9} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            "bytes",
+            "iters",
+            "typical",
+            "average",
+            "p99",
+            "pt_typ",
+            "pt_avg",
+            "ratio",
+            "tests/rq",
+            "nulls/rq"
+        );
+        for l in &r.latency {
+            let (tests, nulls) = per_request(&l.polls);
+            let _ = writeln!(
+                s,
+                "{:>9} {:>6} {:>10.2} {:>10.2} {:>10.2} {} {} {} {:>8.1} {:>8.1}",
+                l.size,
+                l.iters,
+                l.typical_us,
+                l.avg_us,
+                l.p99_us,
+                opt(l.perftest.map(|p| p.typical_us), 10, 2),
+                opt(l.perftest.map(|p| p.avg_us), 10, 2),
+                opt(
+                    l.perftest.and_then(|p| ratio(l.typical_us, p.typical_us)),
+                    8,
+                    3
+                ),
+                tests,
+                nulls
+            );
+        }
+    }
+    let stream_table = |s: &mut String, title: &str, rows: &[StreamRow]| {
+        if rows.is_empty() {
+            return;
+        }
+        let _ = writeln!(s, "\n## {title} (window {})", rows[0].window);
+        let _ = writeln!(
+            s,
+            "{:>9} {:>6} {:>10} {:>9} {:>12} {:>9} {:>12} {:>8} {:>8} {:>8}",
+            "bytes",
+            "msgs",
+            "MB/s",
+            "Gbps",
+            "msgs/s",
+            "pt_Gbps",
+            "pt_msgs/s",
+            "ratio",
+            "tests/rq",
+            "nulls/rq"
+        );
+        for b in rows {
+            let (tests, nulls) = per_request(&b.send_polls);
+            let _ = writeln!(
+                s,
+                "{:>9} {:>6} {:>10.1} {:>9.3} {:>12.0} {} {} {} {:>8.1} {:>8.1}",
+                b.size,
+                b.count,
+                b.mb_per_s,
+                b.gbps,
+                b.msgs_per_s,
+                opt(b.perftest.map(|p| p.gbps), 9, 3),
+                opt(b.perftest.map(|p| p.msgs_per_s), 12, 0),
+                opt(b.perftest.and_then(|p| ratio(b.gbps, p.gbps)), 8, 3),
+                tests,
+                nulls
+            );
+        }
+    };
+    stream_table(&mut s, "bandwidth", &r.bandwidth);
+    stream_table(&mut s, "message rate", &r.msgrate);
+    for t in &r.allreduce {
+        let _ = writeln!(
+            s,
+            "\n## all-reduce: {} ranks, float sum, ring, host memory, {} timed iterations",
+            t.ranks, t.iters
+        );
+        let _ = writeln!(
+            s,
+            "{:>10} {:>12} {:>12} {:>12} {:>12} {:>7} {:>14}",
+            "size(B)", "count", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong", "busbw/pt_bw"
+        );
+        for a in &t.rows {
+            let _ = writeln!(
+                s,
+                "{:>10} {:>12} {:>12.1} {:>12.6} {:>12.6} {:>7} {}",
+                a.size,
+                a.count,
+                a.time_us,
+                a.algbw,
+                a.busbw,
+                a.wrong,
+                opt(
+                    perftest_gbps_near(r, a.size).and_then(|g| ratio(a.busbw * 8.0, g)),
+                    14,
+                    3
+                )
+            );
+        }
+    }
+    if !r.scaling.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n## scaling (per peer = one send comm + one receive comm)"
+        );
+        let _ = writeln!(
+            s,
+            "{:>6} {:>10} {:>8} {:>8} {:>12}",
+            "peers", "setup(ms)", "QPs", "MRs", "MR bytes"
+        );
+        for c in &r.scaling {
+            let _ = writeln!(
+                s,
+                "{:>6} {:>10.1} {} {} {}",
+                c.peers,
+                c.setup_ms,
+                opt(c.qps_per_peer, 8, 1),
+                opt(c.mrs_per_peer, 8, 1),
+                opt(c.mr_bytes_per_peer, 12, 0)
+            );
+        }
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "# note: {n}");
+    }
+    s
+}
+
+fn polls(p: &Polls) -> Value {
+    json!({"null_sends": p.null_sends, "null_recvs": p.null_recvs, "tests": p.tests, "requests": p.requests})
+}
+
+fn stream_json(rows: &[StreamRow]) -> Value {
+    rows.iter()
+        .map(|b| {
+            json!({
+                "size": b.size, "count": b.count, "window": b.window, "seconds": b.seconds,
+                "mb_per_s": b.mb_per_s, "gbps": b.gbps, "msgs_per_s": b.msgs_per_s,
+                "send_polls": polls(&b.send_polls), "recv_polls": polls(&b.recv_polls),
+                "perftest": b.perftest.map(|p| json!({"gbps": p.gbps, "msgs_per_s": p.msgs_per_s})),
+                "ratio": b.perftest.and_then(|p| ratio(b.gbps, p.gbps)),
+            })
+        })
+        .collect()
+}
+
+pub fn json(r: &Report) -> Value {
+    json!({
+        "plugin": r.plugin.display().to_string(),
+        "plugin_name": r.plugin_name,
+        "version": r.version,
+        "device": r.device,
+        "quick": r.quick,
+        "perftest_device": r.perftest_device.as_ref().map(|d| json!({"ibdev": d.ibdev, "gid_index": d.gid_index})),
+        "latency": r.latency.iter().map(|l| json!({
+            "size": l.size, "iters": l.iters,
+            "typical_us": l.typical_us, "avg_us": l.avg_us, "p99_us": l.p99_us,
+            "polls": polls(&l.polls),
+            "perftest": l.perftest.map(|p| json!({"typical_us": p.typical_us, "avg_us": p.avg_us, "p99_us": p.p99_us})),
+            "ratio": l.perftest.and_then(|p| ratio(l.typical_us, p.typical_us)),
+        })).collect::<Vec<_>>(),
+        "bandwidth": stream_json(&r.bandwidth),
+        "msgrate": stream_json(&r.msgrate),
+        "allreduce": r.allreduce.iter().map(|t| json!({
+            "ranks": t.ranks, "iters": t.iters,
+            "rows": t.rows.iter().map(|a| json!({
+                "size": a.size, "count": a.count, "time_us": a.time_us,
+                "algbw": a.algbw, "busbw": a.busbw, "wrong": a.wrong,
+                "busbw_vs_perftest_bw": perftest_gbps_near(r, a.size).and_then(|g| ratio(a.busbw * 8.0, g)),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "scaling": r.scaling.iter().map(|c| json!({
+            "peers": c.peers, "setup_ms": c.setup_ms, "qps_per_peer": c.qps_per_peer,
+            "mrs_per_peer": c.mrs_per_peer, "mr_bytes_per_peer": c.mr_bytes_per_peer,
+        })).collect::<Vec<_>>(),
+        "notes": r.notes,
+    })
+}

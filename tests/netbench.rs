@@ -1,0 +1,140 @@
+//! The `netbench` example end to end: a quick run of every suite must report positive latencies
+//! and bandwidths for every size and exact all-reduce results, and a quick perftest comparison
+//! must yield ratios. Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says
+//! so and skips, unless `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Build the example
+//! and the plugin first: `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn have_device() -> bool {
+    let ok = halo_ibverbs::devices()
+        .map(|d| !d.is_empty())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
+            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
+        );
+        eprintln!("SKIPPED (no RDMA device): netbench");
+    }
+    ok
+}
+
+/// `target/<profile>/examples/netbench`, next to this test's `deps/` directory.
+fn netbench() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let p = dir.join("examples").join("netbench");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p halo-rdma --examples` (and the plugin with \
+         `cargo build -p rccl-net-plugin`)",
+        p.display()
+    );
+    p
+}
+
+/// Runs netbench with `args` and parses its JSON report.
+fn run(args: &[&str]) -> Value {
+    let mut child = Command::new(netbench())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start netbench");
+    let limit = Duration::from_secs(600);
+    let t0 = Instant::now();
+    while child.try_wait().expect("wait for netbench").is_none() {
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("netbench {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("netbench output");
+    assert!(
+        out.status.success(),
+        "netbench {args:?} failed: {}",
+        out.status
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "netbench {args:?} printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn rows<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
+    let r = v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} array"));
+    assert!(!r.is_empty(), "{key} has no rows");
+    r
+}
+
+fn positive(row: &Value, key: &str) -> f64 {
+    let x = row[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {row}"));
+    assert!(x > 0.0, "{key} is {x} in {row}");
+    x
+}
+
+#[test]
+fn quick_run_reports_every_suite() {
+    if !have_device() {
+        return;
+    }
+    let v = run(&["--quick", "--json"]);
+    for r in rows(&v, "latency") {
+        for k in ["typical_us", "avg_us", "p99_us"] {
+            positive(r, k);
+        }
+    }
+    for key in ["bandwidth", "msgrate"] {
+        for r in rows(&v, key) {
+            for k in ["mb_per_s", "gbps", "msgs_per_s"] {
+                positive(r, k);
+            }
+        }
+    }
+    let tables = rows(&v, "allreduce");
+    let ranks: Vec<u64> = tables.iter().filter_map(|t| t["ranks"].as_u64()).collect();
+    assert_eq!(ranks, [2, 4]);
+    for t in tables {
+        for r in rows(t, "rows") {
+            positive(r, "busbw");
+            assert_eq!(r["wrong"].as_u64(), Some(0), "wrong elements in {r}");
+        }
+    }
+    for r in rows(&v, "scaling") {
+        positive(r, "setup_ms");
+    }
+}
+
+#[test]
+fn perftest_comparison_yields_ratios() {
+    if !have_device() {
+        return;
+    }
+    let v = run(&[
+        "--quick",
+        "--json",
+        "--compare-perftest",
+        "--latency",
+        "--bandwidth",
+    ]);
+    for key in ["latency", "bandwidth"] {
+        for r in rows(&v, key) {
+            positive(r, "ratio");
+        }
+    }
+}
