@@ -50,8 +50,8 @@ scripts/softroce run2 --timeout 900 \
     --a "$conf --role recv --listen-on \$HALO_GUEST_IP:18600" \
     --b "$conf --role send --connect \$HALO_PEER_IP:18600"
 scripts/softroce run2 --timeout 600 \
-    --a 'target/debug/halo bench --listen $HALO_GUEST_IP:18700' \
-    --b 'target/debug/halo bench --peer $HALO_PEER_IP --ibdev rxe0 --gid-index $HALO_RDMA_GID_INDEX --quick --plot $HALO_GUEST_SHARE/bench.png && test -s $HALO_GUEST_SHARE/bench.png'
+    --a 'target/debug/halo bench --listen $HALO_GUEST_IP:18700 --plugin target/debug/librccl_net_plugin.so' \
+    --b 'target/debug/halo bench --peer $HALO_PEER_IP --ibdev rxe0 --gid-index $HALO_RDMA_GID_INDEX --plugin target/debug/librccl_net_plugin.so --quick --plot $HALO_GUEST_SHARE/bench.png && test -s $HALO_GUEST_SHARE/bench.png'
 
 step "done"
 echo "all tests passed in $(($(date +%s) - start)) s"

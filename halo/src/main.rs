@@ -110,6 +110,10 @@ struct NetBenchArgs {
     /// Seconds to keep trying to reach the peer (it may still be starting).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     connect_wait: u64,
+    /// The halo plugin library (librccl-net-halo.so) on this node: adds its latency, bandwidth and
+    /// 2-rank all-reduce rows. The peer needs it too: `halo bench --listen --plugin PATH`.
+    #[arg(long, value_name = "PATH")]
+    plugin: Option<PathBuf>,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -263,7 +267,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn run_net_bench(args: NetBenchArgs) -> Result<ExitCode> {
     if let Some(addr) = args.listen {
-        halo::bench::control::serve(addr, None)?;
+        halo::bench::control::serve(addr, args.plugin.as_deref())?;
         return Ok(ExitCode::SUCCESS);
     }
     let peer = args.peer.expect("clap requires --peer without --listen");
@@ -282,8 +286,7 @@ fn run_net_bench(args: NetBenchArgs) -> Result<ExitCode> {
         gid_index: args.gid_index,
         peer_ibdev: args.peer_ibdev,
         peer_gid_index: args.peer_gid_index,
-        netbench: None,
-        plugin: None,
+        plugin: args.plugin,
         quick: args.quick,
         tcp_streams: args.streams.max(1),
         connect_wait: std::time::Duration::from_secs(args.connect_wait),

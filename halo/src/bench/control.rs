@@ -7,6 +7,7 @@
 //! | `TCP-LAT` | `PORT <p>`, then echoes one ping-pong connection on that port |
 //! | `TCP-BW <streams>` | `PORT <p>`, then `BYTES <n>` once every stream has closed |
 //! | `RUN <program> <args…>` | `STARTED`, then `EXIT <code>` when it ends (only the servers listed in [`ALLOWED`]) |
+//! | `PLUGIN <version>` | `PORT <p>`: the plugin benchmark's member now serves one driver there |
 //! | `QUIT` | `BYE`, and the daemon ends |
 //!
 //! Nothing else is run: the control port never executes arbitrary commands.
@@ -20,8 +21,10 @@ use std::time::Duration;
 
 /// Default control port.
 pub const CONTROL_PORT: u16 = 18700;
-/// Programs the peer may start: the perftest servers and the plugin benchmark's server mode.
-pub const ALLOWED: [&str; 4] = ["ib_write_lat", "ib_write_bw", "ib_send_lat", "netbench"];
+/// Programs the peer may start: the perftest servers.
+pub const ALLOWED: [&str; 3] = ["ib_write_lat", "ib_write_bw", "ib_send_lat"];
+/// Port of the plugin benchmark's member (`PLUGIN` request).
+pub const PLUGIN_PORT: u16 = 18701;
 /// Longest a server program may run.
 const RUN_LIMIT: Duration = Duration::from_secs(900);
 
@@ -30,9 +33,9 @@ fn reply(s: &mut TcpStream, line: &str) -> Result<()> {
     Ok(())
 }
 
-/// Serves control connections on `bind` until a `QUIT`. `netbench` names the plugin benchmark
-/// binary that `RUN netbench …` starts.
-pub fn serve(bind: SocketAddr, netbench: Option<&std::path::Path>) -> Result<()> {
+/// Serves control connections on `bind` until a `QUIT`. `plugin` is this node's plugin library,
+/// for the `PLUGIN` request.
+pub fn serve(bind: SocketAddr, plugin: Option<&std::path::Path>) -> Result<()> {
     let listener =
         TcpListener::bind(bind).with_context(|| format!("binding the control port {bind}"))?;
     eprintln!(
@@ -59,15 +62,7 @@ pub fn serve(bind: SocketAddr, netbench: Option<&std::path::Path>) -> Result<()>
                     reply(&mut s, &format!("BYTES {bytes}"))?;
                 }
                 ["RUN", prog, args @ ..] if ALLOWED.contains(prog) => {
-                    let exe = match (*prog, netbench) {
-                        ("netbench", Some(p)) => p.to_path_buf(),
-                        ("netbench", None) => {
-                            reply(&mut s, "ERROR no netbench binary on this node")?;
-                            continue;
-                        }
-                        (p, _) => p.into(),
-                    };
-                    let mut child = match Command::new(&exe)
+                    let mut child = match Command::new(prog)
                         .args(args)
                         .stdin(Stdio::null())
                         .stdout(Stdio::null())
@@ -76,16 +71,32 @@ pub fn serve(bind: SocketAddr, netbench: Option<&std::path::Path>) -> Result<()>
                     {
                         Ok(c) => c,
                         Err(e) => {
-                            reply(
-                                &mut s,
-                                &format!("ERROR cannot start {}: {e}", exe.display()),
-                            )?;
+                            reply(&mut s, &format!("ERROR cannot start {prog}: {e}"))?;
                             continue;
                         }
                     };
                     reply(&mut s, "STARTED")?;
                     let code = wait_bounded(&mut child, RUN_LIMIT);
                     reply(&mut s, &format!("EXIT {code}"))?;
+                }
+                ["PLUGIN", version] => {
+                    let Some(lib) = plugin else {
+                        reply(&mut s, "ERROR no plugin library here: start `halo bench --listen --plugin PATH`")?;
+                        continue;
+                    };
+                    let cfg = halo_rdma::bench::MemberConfig {
+                        plugin: lib.to_path_buf(),
+                        version: version.parse().context("plugin ABI version")?,
+                        dev: 0,
+                        timeout: Duration::from_secs(120),
+                    };
+                    let bind_to = format!("{}:{PLUGIN_PORT}", bind.ip());
+                    std::thread::spawn(move || {
+                        if let Err(e) = halo_rdma::bench::serve_tcp(&cfg, &bind_to) {
+                            eprintln!("halo bench: plugin member: {e}");
+                        }
+                    });
+                    reply(&mut s, &format!("PORT {PLUGIN_PORT}"))?;
                 }
                 ["RUN", prog, ..] => {
                     reply(&mut s, &format!("ERROR {prog} is not a benchmark server"))?
@@ -230,7 +241,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("sh is not a benchmark server"));
-        peer.start("netbench", &[]).unwrap_err();
+        assert!(peer
+            .data_port("PLUGIN 10")
+            .unwrap_err()
+            .to_string()
+            .contains("no plugin library here"));
         peer.quit().unwrap();
         daemon.join().unwrap().unwrap();
     }

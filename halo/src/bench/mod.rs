@@ -30,8 +30,8 @@ pub struct BenchOptions {
     pub gid_index: u32,
     pub peer_ibdev: Option<String>,
     pub peer_gid_index: Option<u32>,
-    /// The plugin benchmark binary (`netbench`) on both nodes, and the plugin library.
-    pub netbench: Option<PathBuf>,
+    /// The plugin library here (the peer names its own with `--listen --plugin`): adds the
+    /// plugin's latency, bandwidth and 2-rank all-reduce rows.
     pub plugin: Option<PathBuf>,
     pub quick: bool,
     pub tcp_streams: usize,
@@ -62,11 +62,23 @@ pub struct PathSummary {
     pub error: Option<String>,
 }
 
+/// One rccl-tests style row of the 2-rank all-reduce through the plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllreduceRow {
+    pub bytes: u64,
+    pub count: u64,
+    pub time_us: f64,
+    pub algbw_gbs: f64,
+    pub busbw_gbs: f64,
+    pub wrong: usize,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub peer: String,
     pub summary: Vec<PathSummary>,
     pub rows: Vec<SizeRow>,
+    pub allreduce: Vec<AllreduceRow>,
 }
 
 /// Progress on stderr: one line per step, rewritten in place on a terminal.
@@ -106,6 +118,10 @@ impl Progress {
         }
     }
 }
+
+/// Plugin ABI version the benchmark drives (every supported RCCL has v8 or later; v10 is RCCL 7.0+).
+const PLUGIN_ABI: u32 = 10;
+const PLUGIN_PATH: &str = "RDMA (halo plugin)";
 
 fn latency_sizes(quick: bool) -> Vec<u64> {
     if quick {
@@ -187,7 +203,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             lat_sizes.len() + bw_sizes.len()
         } else {
             0
-        } + usize::from(opts.netbench.is_some() && rdma);
+        } + usize::from(opts.plugin.is_some());
     let mut progress = Progress::new(steps);
     let mut rows = Vec::new();
     let mut summary = Vec::new();
@@ -272,12 +288,80 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             perf.err().map(|e| format!("{e:#}")),
         ));
     }
+    // the RCCL plugin, through its C ABI, against the peer's plugin
+    let mut allreduce = Vec::new();
+    if let Some(lib) = &opts.plugin {
+        progress.next("RDMA through the halo plugin (latency, bandwidth, all-reduce)");
+        let plug: Result<()> = (|| {
+            let port = peer.data_port(&format!("PLUGIN {PLUGIN_ABI}"))?.port();
+            let o = halo_rdma::bench::Options {
+                plugin: lib.clone(),
+                version: PLUGIN_ABI,
+                dev: 0,
+                suites: halo_rdma::bench::Suites {
+                    latency: true,
+                    bandwidth: true,
+                    msgrate: false,
+                    allreduce: true,
+                    scaling: false,
+                },
+                quick: opts.quick,
+                window: 16,
+                perftest: None,
+                peer: halo_rdma::bench::PeerLink::Connect(format!("{}:{port}", peer.ip)),
+                timeout: Duration::from_secs(120),
+            };
+            let r = halo_rdma::bench::run(&o).map_err(anyhow::Error::msg)?;
+            for l in &r.latency {
+                rows.push(SizeRow {
+                    path: PLUGIN_PATH.into(),
+                    test: "latency",
+                    bytes: l.size as u64,
+                    latency_us: Some(l.typical_us),
+                    gbps: None,
+                });
+            }
+            for b in &r.bandwidth {
+                rows.push(SizeRow {
+                    path: PLUGIN_PATH.into(),
+                    test: "bandwidth",
+                    bytes: b.size as u64,
+                    latency_us: None,
+                    gbps: Some(b.gbps),
+                });
+            }
+            for t in r.allreduce.iter().filter(|t| t.ranks == 2) {
+                allreduce.extend(t.rows.iter().map(|a| AllreduceRow {
+                    bytes: a.size as u64,
+                    count: a.count as u64,
+                    time_us: a.time_us,
+                    algbw_gbs: a.algbw,
+                    busbw_gbs: a.busbw,
+                    wrong: a.wrong,
+                }));
+            }
+            if let Some(bad) = allreduce.iter().find(|a| a.wrong > 0) {
+                bail!(
+                    "all-reduce of {} bytes gave {} wrong elements",
+                    bad.bytes,
+                    bad.wrong
+                );
+            }
+            Ok(())
+        })();
+        summary.push(summarize(
+            PLUGIN_PATH,
+            &rows,
+            plug.err().map(|e| format!("{e:#}")),
+        ));
+    }
     progress.done();
     peer.quit()?;
     Ok(BenchReport {
         peer: opts.peer.to_string(),
         summary,
         rows,
+        allreduce,
     })
 }
 
@@ -316,6 +400,19 @@ pub fn render(r: &BenchReport) -> String {
             row.latency_us.map_or("-".into(), |v| format!("{v:.2}")),
             row.gbps.map_or("-".into(), |v| format!("{v:.3}"))
         ));
+    }
+    if !r.allreduce.is_empty() {
+        s.push_str("\nall-reduce through the plugin, 2 ranks, float sum\n");
+        s.push_str(&format!(
+            "{:>12} {:>12} {:>12} {:>12} {:>12} {:>7}\n",
+            "size(B)", "count", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "#wrong"
+        ));
+        for a in &r.allreduce {
+            s.push_str(&format!(
+                "{:>12} {:>12} {:>12.1} {:>12.6} {:>12.6} {:>7}\n",
+                a.bytes, a.count, a.time_us, a.algbw_gbs, a.busbw_gbs, a.wrong
+            ));
+        }
     }
     s
 }
