@@ -414,11 +414,20 @@ fn fallback() {
         let (r, rmh) = reg(p.rc, dst.ptr, dst.len, NCCL_PTR_CUDA);
         assert_eq!(r, ncclSuccess);
         assert_eq!(dev.regs.count(RegKind::GpuVa), 2);
-        // A range inside a GPU registration only takes a reference.
-        let (r, inner) = reg(p.rc, dst.ptr + 4096, 8192, NCCL_PTR_CUDA);
+        // The same range again only takes a reference; a range inside it gets its own.
+        let (r, again) = reg(p.rc, dst.ptr, dst.len, NCCL_PTR_CUDA);
         assert_eq!(r, ncclSuccess);
         assert_eq!(dev.regs.count(RegKind::GpuVa), 2, "cached by address range");
+        assert_eq!(NET.deregMr.unwrap()(p.rc, again), ncclSuccess);
+        let (r, inner) = reg(p.rc, dst.ptr + 4096, 8192, NCCL_PTR_CUDA);
+        assert_eq!(r, ncclSuccess);
+        assert_eq!(
+            dev.regs.count(RegKind::GpuVa),
+            3,
+            "sub-ranges are not shared"
+        );
         assert_eq!(NET.deregMr.unwrap()(p.rc, inner), ncclSuccess);
+        assert_eq!(dev.regs.count(RegKind::GpuVa), 2);
 
         let n = transfer(&p, src.ptr, smh, dst.ptr, dst.len, rmh, len);
         assert_eq!(n, len);

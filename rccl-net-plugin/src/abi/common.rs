@@ -142,7 +142,8 @@ pub fn reg_mr_dmabuf(
 pub fn dereg_mr(comm: *mut c_void, mhandle: *mut c_void) -> ncclResult_t {
     guard("deregMr", || {
         if mhandle.is_null() {
-            return Err(NetError::InvalidArgument("deregMr of a NULL handle".into()));
+            // Nothing was registered: nothing to give back (as NCCL's own transports do).
+            return Ok(());
         }
         // SAFETY: RCCL passes comms it got from this plugin.
         let dev = unsafe { net::comm_device(comm) }?;
@@ -298,21 +299,6 @@ pub fn close_listen(comm: *mut c_void) -> ncclResult_t {
             // SAFETY: from listen's Box::into_raw, closed once.
             drop(unsafe { Box::from_raw(comm as *mut ListenComm) });
         }
-        Ok(())
-    })
-}
-
-/// Virtual devices: only the trivial one-NIC device is offered.
-pub fn make_vdevice(d: *mut c_int, ndevs: c_int, devs: &[c_int]) -> ncclResult_t {
-    guard("makeVDevice", || {
-        let d = out(d, "d")?;
-        if ndevs != 1 {
-            return Err(NetError::InvalidUsage(format!(
-                "makeVDevice of {ndevs} devices: NIC merging is not supported"
-            )));
-        }
-        net::plugin()?.device(devs[0])?;
-        *d = devs[0];
         Ok(())
     })
 }

@@ -86,5 +86,5 @@ pub static ncclNetPlugin_v10: ncclNet_v10_t = ncclNet_v10_t {
     closeListen: Some(v6::close_listen),
     getDeviceMr: None,
     irecvConsumed: None,
-    makeVDevice: Some(v9::make_vdevice),
+    makeVDevice: None,
 };

@@ -2,7 +2,7 @@
 //! context that `listen`/`connect`/`finalize` carry; v12 widens vProps and adds rail/plane ids.
 
 use super::common as c;
-use super::{v10, v6, v7, v8, v9};
+use super::{v10, v6, v7, v8};
 use crate::net::NetError;
 use halo_ffi::*;
 use std::ffi::{c_int, c_void};
@@ -91,18 +91,6 @@ unsafe extern "C" fn get_properties_v12(
         }
     })
 }
-unsafe extern "C" fn make_vdevice_v12(
-    d: *mut c_int,
-    props: *mut ncclNetVDeviceProps_v12_t,
-) -> ncclResult_t {
-    // SAFETY: RCCL passes a valid vProps struct or NULL.
-    match unsafe { props.as_ref() } {
-        Some(p) => c::make_vdevice(d, p.ndevs, &p.devs),
-        None => super::guard("makeVDevice", || {
-            Err(NetError::InvalidArgument("NULL props".into()))
-        }),
-    }
-}
 
 #[no_mangle]
 pub static ncclNetPlugin_v11: ncclNet_v11_t = ncclNet_v11_t {
@@ -125,7 +113,7 @@ pub static ncclNetPlugin_v11: ncclNet_v11_t = ncclNet_v11_t {
     closeListen: Some(v6::close_listen),
     getDeviceMr: None,
     irecvConsumed: None,
-    makeVDevice: Some(v9::make_vdevice),
+    makeVDevice: None,
     finalize: Some(finalize),
     setNetAttr: None,
 };
@@ -151,7 +139,7 @@ pub static ncclNetPlugin_v12: ncclNet_v12_t = ncclNet_v12_t {
     closeListen: Some(v6::close_listen),
     getDeviceMr: None,
     irecvConsumed: None,
-    makeVDevice: Some(make_vdevice_v12),
+    makeVDevice: None,
     finalize: Some(finalize),
     setNetAttr: None,
 };

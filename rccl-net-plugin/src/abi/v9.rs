@@ -1,4 +1,4 @@
-//! `ncclNet_v9_t` (NCCL 2.24 … 2.25): `size_t` sizes in isend/irecv, `makeVDevice`, vProps.
+//! `ncclNet_v9_t` (NCCL 2.24 … 2.25): `size_t` sizes in isend/irecv, vProps (no `makeVDevice`: NIC merging is not offered).
 
 use super::common as c;
 use super::{v6, v7, v8};
@@ -47,18 +47,6 @@ pub(super) unsafe extern "C" fn irecv(
     // SAFETY: RCCL's sizes array has n entries (n is checked before any index is read).
     c::irecv(comm, n, data, |i| unsafe { *sizes.add(i) }, tags, mh, req)
 }
-pub(super) unsafe extern "C" fn make_vdevice(
-    d: *mut c_int,
-    props: *mut ncclNetVDeviceProps_v9_t,
-) -> ncclResult_t {
-    // SAFETY: RCCL passes a valid vProps struct or NULL.
-    match unsafe { props.as_ref() } {
-        Some(p) => c::make_vdevice(d, p.ndevs, &p.devs),
-        None => super::guard("makeVDevice", || {
-            Err(crate::net::NetError::InvalidArgument("NULL props".into()))
-        }),
-    }
-}
 
 #[no_mangle]
 pub static ncclNetPlugin_v9: ncclNet_v9_t = ncclNet_v9_t {
@@ -81,5 +69,7 @@ pub static ncclNetPlugin_v9: ncclNet_v9_t = ncclNet_v9_t {
     closeListen: Some(v6::close_listen),
     getDeviceMr: None,
     irecvConsumed: None,
-    makeVDevice: Some(make_vdevice),
+    // NULL: RCCL then uses the physical devices as they are (a failing makeVDevice would
+    // fail communicator init on hosts where RCCL wants to merge ports).
+    makeVDevice: None,
 };

@@ -500,6 +500,8 @@ pub struct RecvComm {
     flush: Option<Flush>,
     /// Clear-to-send writes posted; only every [`CTS_SIGNAL_EVERY`]th asks for a completion.
     cts_posted: u32,
+    /// Clear-to-send writes known to be finished (released from the send queue).
+    cts_reaped: u32,
 }
 
 impl RecvComm {
@@ -527,6 +529,7 @@ impl RecvComm {
                 .collect(),
             flush,
             cts_posted: 0,
+            cts_reaped: 0,
         });
         let me: *mut RecvComm = &mut *c;
         for r in c.reqs.iter_mut() {
@@ -546,6 +549,15 @@ impl RecvComm {
         bufs: &[(u64, u64, i32, Option<&MrHandle>)],
     ) -> NetResult<Option<*mut Request>> {
         self.link.check()?;
+        // Unsignaled clear-to-send writes hold their send-queue slots until a later signaled one
+        // is polled: never post more than the queue holds.
+        let sq = self.link.qp.caps().max_send_wr;
+        if self.cts_posted.wrapping_sub(self.cts_reaped) >= sq {
+            self.progress()?;
+            if self.cts_posted.wrapping_sub(self.cts_reaped) >= sq {
+                return Ok(None);
+            }
+        }
         let mut rb = [RecvBuf::default(); MAX_RECVS];
         if bufs.is_empty() || bufs.len() > MAX_RECVS {
             return Err(NetError::InvalidArgument(format!(
@@ -627,8 +639,7 @@ impl RecvComm {
                 rkey: self.remote_fifo_rkey,
             },
             sge: std::slice::from_ref(&sge),
-            // Unsignaled writes are released by the next signaled one: with at most FIFO_DEPTH
-            // receives in flight the send queue (2 x FIFO_DEPTH) never fills.
+            // Unsignaled writes are released by the next signaled one (see the check at the top).
             signaled: self.cts_posted % CTS_SIGNAL_EVERY == CTS_SIGNAL_EVERY - 1,
             inline,
         };
@@ -657,7 +668,11 @@ impl RecvComm {
         let n = self.link.poll(&mut wcs)?;
         for wc in &wcs[..n] {
             if wc.opcode != WcOpcode::RecvRdmaWithImm {
-                continue; // a clear-to-send write finished
+                if wc.wr_id & WR_CTS != 0 {
+                    // A signaled clear-to-send write finished, and with it every earlier one.
+                    self.cts_reaped = (wc.wr_id as u32).wrapping_add(1);
+                }
+                continue;
             }
             let Some(imm) = wc.imm else {
                 let ctx = self.link.context();

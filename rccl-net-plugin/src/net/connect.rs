@@ -47,6 +47,13 @@ fn random_psn() -> u32 {
     (crate::oob::random_u64().unwrap_or(0x5eed) as u32) & 0x00ff_ffff
 }
 
+/// Completion queue entries for a QP asking for `send_wr` + `recv_wr`. Devices may grant larger
+/// queues (rounded up to a power of two), and a QP in error flushes every posted request, signaled
+/// or not, into the CQ: leave room for the rounded sizes.
+fn cq_depth(send_wr: u32, recv_wr: u32, max_cqe: u32) -> u32 {
+    (send_wr.next_power_of_two() + recv_wr.next_power_of_two()).min(max_cqe.max(1))
+}
+
 /// A QP and CQ on `dev`, in INIT.
 fn create_qp(
     dev: &NetDevice,
@@ -57,7 +64,7 @@ fn create_qp(
     let (send_wr, recv_wr) = (send_wr.min(max_wr), recv_wr.min(max_wr));
     let cq = dev
         .ctx
-        .create_cq((send_wr + recv_wr).min(dev.dev_attr.max_cqe.max(1)), None)
+        .create_cq(cq_depth(send_wr, recv_wr, dev.dev_attr.max_cqe), None)
         .map_err(|e| {
             sys(format!(
                 "creating a completion queue on {}: {e}",

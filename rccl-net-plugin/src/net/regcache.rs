@@ -134,8 +134,10 @@ impl RegCache {
         })
     }
 
-    /// Takes a reference on a shareable registration of `kind` covering `[start, end)`, or
-    /// makes a new one with `register`.
+    /// Takes a reference on a shareable registration of `kind` of exactly `[start, end)`, or
+    /// makes a new one with `register`. Only exact ranges are shared: a registration kept alive
+    /// by one handle may cover memory that was freed and handed out again, and a range inside it
+    /// must not land on the old pages.
     pub fn acquire_with(
         &self,
         kind: RegKind,
@@ -147,7 +149,7 @@ impl RegCache {
         if kind.shared() {
             if let Some(e) = entries
                 .iter_mut()
-                .find(|e| e.kind == kind && e.start <= start && end <= e.end)
+                .find(|e| e.kind == kind && e.start == start && e.end == end)
             {
                 e.refs += 1;
                 return Ok(Self::handle(e));

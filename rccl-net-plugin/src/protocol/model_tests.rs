@@ -112,10 +112,19 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
     let (mut recv_done, mut send_done) = (0usize, 0usize);
     let total_sends: usize = groups.iter().map(|g| g.bufs.len()).sum();
     let mut step = 0usize;
+    // Work items: CTS rows, sends, tests, completions, and one wire op per chunk of every message.
+    let chunks: u64 = groups
+        .iter()
+        .flat_map(|g| g.sends.iter())
+        .map(|&s| s.div_ceil(max_msg) + 2)
+        .sum();
+    let step_limit = 24 * (chunks as usize + 8 * groups.len()) + 10_000;
     while recv_done < groups.len() || send_done < total_sends {
         step += 1;
+        // Every action gets a turn at least once in 24 steps, so this bound is only hit when
+        // nothing can move.
         prop_assert!(
-            step < 200_000,
+            step < step_limit,
             "no progress: recv_done {recv_done} send_done {send_done}"
         );
         // random schedule, with every action getting a turn now and then so the run always ends
@@ -647,5 +656,53 @@ fn send_queue_room_is_respected() {
             transmit: Some(_),
             ..
         }
+    ));
+}
+
+#[test]
+fn a_send_for_a_later_row_waits_instead_of_failing() {
+    // Row 0 offers tags 1 and 2; tag 1 posts twice before tag 2 posts once.
+    let mut send = SendState::new(1 << 20, 64);
+    let mut row = [CtsEntry::default(); MAX_RECVS];
+    for (k, tag) in [1, 2].into_iter().enumerate() {
+        row[k] = CtsEntry {
+            addr: 0x1000 * (k as u64 + 1),
+            size: 64,
+            rkey: 1,
+            tag,
+            nreqs: 2,
+            stamp: stamp(0),
+            ..CtsEntry::default()
+        }
+        .sealed();
+    }
+    let msg = |tag| SendMsg {
+        addr: 0,
+        lkey: 0,
+        size: 8,
+        tag,
+        host: true,
+    };
+    assert!(matches!(
+        send.post(&row, msg(1)).unwrap(),
+        SendPost::Posted { transmit: None, .. }
+    ));
+    assert_eq!(
+        send.post(&row, msg(1)).unwrap(),
+        SendPost::NotReady,
+        "tag 1 already matched in row 0"
+    );
+    assert!(matches!(
+        send.post(&row, msg(2)).unwrap(),
+        SendPost::Posted {
+            transmit: Some(_),
+            ..
+        }
+    ));
+    // a tag the row does not carry at all is still an error
+    let mut send = SendState::new(1 << 20, 64);
+    assert!(matches!(
+        send.post(&row, msg(3)),
+        Err(ProtoError::TagMismatch { .. })
     ));
 }

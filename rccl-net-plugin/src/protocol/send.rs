@@ -361,6 +361,11 @@ impl SendState {
         let Some(i) =
             (0..nreqs).find(|&i| row.matched & (1 << i) == 0 && row.entries[i].tag == msg.tag)
         else {
+            if row.entries[..nreqs].iter().any(|e| e.tag == msg.tag) {
+                // This tag's buffer in the current row is taken: the send belongs to a later row
+                // (another tag of a grouped receive has not posted yet). Try again later.
+                return Ok(SendPost::NotReady);
+            }
             return Err(ProtoError::TagMismatch {
                 tag: msg.tag,
                 posted: row.entries[..nreqs].iter().map(|e| e.tag).collect(),
