@@ -16,8 +16,9 @@ use halo::sysroot::SysRoot;
 /// Strix Halo RDMA cluster harness.
 ///
 /// Checks nodes for what RoCE v2, RCCL and vLLM need (`doctor`), runs the Ray cluster across
-/// them with the right environment (`cluster`), serves and benchmarks models with vLLM
-/// (`serve`, `bench-serve`) and creates the container that holds vLLM (`container`).
+/// them with the right environment (`cluster`), measures the network path between nodes
+/// (`bench`), serves and benchmarks models with vLLM (`serve`, `bench-serve`) and creates the
+/// container that holds vLLM (`container`).
 ///
 /// A typical first run, on the head node:
 ///   halo doctor --peer strix2
@@ -62,8 +63,9 @@ enum Cmd {
     Serve(ServeArgs),
     /// Measure the network path to a peer: TCP, raw RDMA (perftest) and the RCCL plugin
     ///
-    /// On the peer node:       halo bench --listen
-    /// On this node:           halo bench --peer 192.168.100.2 --ibdev rocep1s0f0 --gid-index 1
+    /// On the peer node:  halo bench --listen --plugin /opt/halo/lib/librccl-net-halo.so
+    /// On this node:      halo bench --peer 192.168.100.2 --ibdev rocep1s0f0 --gid-index 1 \
+    ///                        --plugin /opt/halo/lib/librccl-net-halo.so --plot bench.png
     ///
     /// Prints the comparison table (path, latency, bandwidth) and per-size rows; --json for
     /// scripts, --plot FILE.svg|png for a chart. TCP needs nothing but halo on both nodes;
