@@ -4,39 +4,10 @@
 //! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Build the example first
 //! (`cargo build -p halo-rdma --examples`).
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 use std::sync::Mutex;
-
-fn have_device() -> bool {
-    let ok = halo_ibverbs::devices()
-        .map(|d| !d.is_empty())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
-            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
-        );
-        eprintln!("SKIPPED (no RDMA device): allreduce");
-    }
-    ok
-}
-
-/// target/<profile>/examples/allreduce, next to the deps/ directory this test runs from.
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lies in target/<profile>/deps");
-    let bin = profile_dir.join("examples").join("allreduce");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build -p halo-rdma --examples`",
-        bin.display()
-    );
-    bin
-}
 
 /// One data row of the table: (size in bytes, #wrong).
 fn parse_table(out: &str) -> Vec<(usize, usize)> {
@@ -79,7 +50,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn run(ranks: usize) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(example_binary())
+    let out = Command::new(common::artifact("examples/allreduce"))
         .args([
             "--ranks",
             &ranks.to_string(),
@@ -121,14 +92,14 @@ fn run(ranks: usize) {
 
 #[test]
 fn ring_allreduce_two_ranks() {
-    if have_device() {
+    if common::have_rdma_device("allreduce") {
         run(2);
     }
 }
 
 #[test]
 fn ring_allreduce_four_ranks() {
-    if have_device() {
+    if common::have_rdma_device("allreduce") {
         run(4);
     }
 }

@@ -8,6 +8,8 @@
 //! `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
 //! The two-guest run is documented at the top of `examples/conformance.rs`.
 
+mod common;
+
 use halo_ffi::*;
 use halo_rdma::driver::{stderr_logger, Plugin};
 use std::io::Read;
@@ -22,35 +24,11 @@ struct Paths {
 
 /// The device check and the two built artifacts, or `None` to skip.
 fn setup(test: &str) -> Option<Paths> {
-    let ok = halo_ibverbs::devices()
-        .map(|d| !d.is_empty())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
-            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
-        );
-        eprintln!("SKIPPED (no RDMA device): conformance::{test}");
+    if !common::have_rdma_device(&format!("conformance::{test}")) {
         return None;
     }
-    // The test binary lives in target/<profile>/deps; examples and the cdylib are siblings of deps.
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary is inside target/<profile>/deps");
-    let example = profile_dir.join("examples").join("conformance");
-    let plugin = profile_dir.join("librccl_net_plugin.so");
-    assert!(
-        example.exists(),
-        "{} is missing: build the examples first (cargo build -p halo-rdma --examples)",
-        example.display()
-    );
-    assert!(
-        plugin.exists(),
-        "{} is missing: build the plugin first (cargo build -p rccl-net-plugin)",
-        plugin.display()
-    );
+    let example = common::artifact("examples/conformance");
+    let plugin = common::artifact("librccl_net_plugin.so");
     Some(Paths { example, plugin })
 }
 

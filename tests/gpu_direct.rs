@@ -30,20 +30,6 @@ const CHILD_ENV: &str = "HALO_GPU_DIRECT_CHILD";
 const FAKE_ROCM_DIR: &str = env!("HALO_FAKE_ROCM_DIR");
 const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn have_device(what: &str) -> bool {
-    let ok = halo_ibverbs::devices()
-        .map(|d| !d.is_empty())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
-            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
-        );
-        eprintln!("SKIPPED (no RDMA device): gpu_direct {what}");
-    }
-    ok
-}
-
 /// Runs `scenario` in a child; `standin` puts the stand-in ROCm on its library path. Returns
 /// the child's combined output after checking it succeeded.
 fn run_child(scenario: &str, standin: bool, env: &[(&str, &str)]) -> String {
@@ -174,7 +160,7 @@ fn absent_runtime() {
 /// refuses.
 #[test]
 fn probe_falls_back_to_registration_by_address() {
-    if !have_device("fallback") {
+    if !common::have_rdma_device("gpu_direct fallback") {
         return;
     }
     let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "fail")]);
@@ -199,7 +185,7 @@ fn probe_falls_back_to_registration_by_address() {
 /// regMr(CUDA) is refused, regMrDmaBuf fails with the NIC's reason, and the comm still works.
 #[test]
 fn dmabuf_only_without_nic_support_advertises_host_only() {
-    if !have_device("dmabuf_only") {
+    if !common::have_rdma_device("gpu_direct dmabuf_only") {
         return;
     }
     let out = run_child(
@@ -215,7 +201,7 @@ fn dmabuf_only_without_nic_support_advertises_host_only() {
 /// No ROCm at all: host memory only, and regMr(CUDA) is InvalidUsage with a log line.
 #[test]
 fn no_rocm_registers_host_memory_only() {
-    if !have_device("no_rocm") {
+    if !common::have_rdma_device("gpu_direct no_rocm") {
         return;
     }
     let out = run_child("no_rocm", false, &[]);

@@ -57,30 +57,7 @@ fn isend_irecv_test_do_not_allocate() {
     }
     unsafe {
         assert_eq!(NET.init.unwrap()(None), ncclSuccess);
-        let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
-        let mut lc: *mut c_void = null_mut();
-        assert_eq!(
-            NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
-            ncclSuccess
-        );
-        let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
-        let t0 = Instant::now();
-        while sc.is_null() || rc.is_null() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "connect/accept did not finish"
-            );
-            if sc.is_null() {
-                assert_eq!(
-                    NET.connect.unwrap()(0, handle.as_mut_ptr().cast(), &mut sc, null_mut()),
-                    ncclSuccess
-                );
-            }
-            if rc.is_null() {
-                assert_eq!(NET.accept.unwrap()(lc, &mut rc, null_mut()), ncclSuccess);
-            }
-        }
-        assert_eq!(NET.closeListen.unwrap()(lc), ncclSuccess);
+        let (sc, rc) = common::connect_pair(&NET);
         const MAX: usize = 1 << 16;
         let src: Vec<u8> = (0..MAX).map(|i| i as u8).collect();
         let mut dst = vec![0u8; MAX];

@@ -4,45 +4,15 @@
 //! so and skips, unless `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Build the example
 //! and the plugin first: `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
 
+mod common;
+
 use serde_json::Value;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn have_device() -> bool {
-    let ok = halo_ibverbs::devices()
-        .map(|d| !d.is_empty())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
-            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
-        );
-        eprintln!("SKIPPED (no RDMA device): netbench");
-    }
-    ok
-}
-
-/// `target/<profile>/examples/netbench`, next to this test's `deps/` directory.
-fn netbench() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let p = dir.join("examples").join("netbench");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build -p halo-rdma --examples` (and the plugin with \
-         `cargo build -p rccl-net-plugin`)",
-        p.display()
-    );
-    p
-}
-
 /// Runs netbench with `args` and parses its JSON report.
 fn run(args: &[&str]) -> Value {
-    let mut child = Command::new(netbench())
+    let mut child = Command::new(common::artifact("examples/netbench"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -90,7 +60,7 @@ fn positive(row: &Value, key: &str) -> f64 {
 
 #[test]
 fn quick_run_reports_every_suite() {
-    if !have_device() {
+    if !common::have_rdma_device("netbench") {
         return;
     }
     let v = run(&["--quick", "--json"]);
@@ -122,7 +92,7 @@ fn quick_run_reports_every_suite() {
 
 #[test]
 fn perftest_comparison_yields_ratios() {
-    if !have_device() {
+    if !common::have_rdma_device("netbench") {
         return;
     }
     let v = run(&[

@@ -25,38 +25,6 @@ fn have_device() -> bool {
     ok
 }
 
-/// Listens on device 0 and polls connect and accept (as RCCL's proxy does) until both comms exist.
-///
-/// # Safety
-/// The plugin must be initialised.
-unsafe fn connect_pair() -> (*mut c_void, *mut c_void) {
-    let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
-    let mut lc: *mut c_void = null_mut();
-    assert_eq!(
-        NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
-        ncclSuccess
-    );
-    let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
-    let t0 = Instant::now();
-    while sc.is_null() || rc.is_null() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "connect/accept did not finish"
-        );
-        if sc.is_null() {
-            assert_eq!(
-                NET.connect.unwrap()(0, handle.as_mut_ptr().cast(), &mut sc, null_mut()),
-                ncclSuccess
-            );
-        }
-        if rc.is_null() {
-            assert_eq!(NET.accept.unwrap()(lc, &mut rc, null_mut()), ncclSuccess);
-        }
-    }
-    assert_eq!(NET.closeListen.unwrap()(lc), ncclSuccess);
-    (sc, rc)
-}
-
 #[test]
 fn send_and_receive_through_the_v8_table() {
     if !have_device() {
@@ -68,7 +36,7 @@ fn send_and_receive_through_the_v8_table() {
         assert_eq!(NET.devices.unwrap()(&mut n), ncclSuccess);
         assert!(n >= 1);
         let t0 = Instant::now();
-        let (sc, rc) = connect_pair();
+        let (sc, rc) = common::connect_pair(&NET);
         eprintln!("connected in {:?}", t0.elapsed());
 
         for &len in &[0usize, 1, 4096, 1 << 20] {
@@ -197,7 +165,7 @@ fn connect_close_cycles_leak_nothing() {
         assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
         let mut buf = vec![0u8; 8192];
         let cycle = |buf: &mut Vec<u8>| {
-            let (sc, rc) = connect_pair();
+            let (sc, rc) = common::connect_pair(&NET);
             // a registration and a receive left in flight: close must clean up after both
             let mut mh: *mut c_void = null_mut();
             assert_eq!(
