@@ -1,5 +1,6 @@
-//! Ring all-reduce of f32 sums between N processes on one machine, through the plugin's v8
-//! function table with host buffers, printed like rccl-tests' `all_reduce_perf`.
+//! Ring all-reduce of f32 sums between N processes on one machine, through the plugin library's
+//! v8 table (loaded as RCCL loads it) with host buffers, printed like rccl-tests'
+//! `all_reduce_perf`. The ring itself is `halo_rdma::bench::Ring`, shared with netbench.
 //!
 //! ```text
 //! allreduce --ranks N (2|4) [--min-bytes 4K] [--max-bytes 16M] [--iters K] [--warmup W]
@@ -13,18 +14,16 @@
 //! timings and error counts to `D/result-r`, and rank 0 prints the table. Exit status is
 //! non-zero when any element is wrong or any rank fails.
 
-use halo_ffi::*;
-use rccl_net_plugin::abi::ncclNetPlugin_v8 as NET;
-use std::ffi::{c_char, c_int, c_ulong, c_void, CStr};
+use halo_ffi::{ncclDebugLogger_t, NCCL_NET_HANDLE_MAXSIZE};
+use halo_rdma::bench::{Net, Polls, Ring};
+use halo_rdma::driver::{Opaque, Plugin};
+use std::ffi::{c_char, c_int, c_ulong, CStr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
-use std::ptr::null_mut;
 use std::time::{Duration, Instant};
 
 /// Bound on every single wait of a rank (peer handle, connect, one transfer, result files).
 const WAIT: Duration = Duration::from_secs(120);
-/// Any tag works: operations on a comm match in posting order.
-const TAG: c_int = 7;
 
 #[derive(Clone)]
 struct Opts {
@@ -272,14 +271,6 @@ fn logger() -> ncclDebugLogger_t {
     })
 }
 
-fn check(what: &str, rc: ncclResult_t) -> Result<(), String> {
-    if rc == ncclSuccess {
-        Ok(())
-    } else {
-        Err(format!("{what} returned ncclResult {rc}"))
-    }
-}
-
 /// Writes `data` to `path` so that readers never see a partial file.
 fn publish(path: &Path, data: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
@@ -305,304 +296,6 @@ fn wait_for_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     }
 }
 
-/// A rank's connections and registered buffers.
-struct Ring {
-    rank: usize,
-    n: usize,
-    send: *mut c_void,
-    recv: *mut c_void,
-    /// In-place input and result; registered on both comms because it is a send source and,
-    /// in the all-gather, a receive target.
-    data: Vec<f32>,
-    data_send_mr: *mut c_void,
-    data_recv_mr: *mut c_void,
-    /// Landing place of the reduce-scatter's incoming chunks before they are added.
-    scratch: Vec<f32>,
-    scratch_mr: *mut c_void,
-}
-
-impl Ring {
-    fn connect(rank: usize, n: usize, dir: &Path, max_count: usize) -> Result<Ring, String> {
-        // SAFETY: the table's functions are called with valid out-pointers and the 128-byte
-        // handle buffers the ABI asks for; comms are used only after they were returned non-NULL.
-        unsafe {
-            check("init", NET.init.unwrap()(logger()))?;
-            let mut ndev: c_int = 0;
-            check("devices", NET.devices.unwrap()(&mut ndev))?;
-            if ndev < 1 {
-                return Err("the plugin found no device".into());
-            }
-            let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
-            let mut lc: *mut c_void = null_mut();
-            check(
-                "listen",
-                NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
-            )?;
-            publish(&dir.join(format!("handle-{rank}")), &handle)?;
-
-            let next = (rank + 1) % n;
-            let peer = wait_for_file(
-                &dir.join(format!("handle-{next}")),
-                &format!("handle of rank {next}"),
-            )?;
-            let mut peer_handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
-            if peer.len() != peer_handle.len() {
-                return Err(format!("handle of rank {next} has {} bytes", peer.len()));
-            }
-            peer_handle.copy_from_slice(&peer);
-
-            let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
-            let t0 = Instant::now();
-            while sc.is_null() || rc.is_null() {
-                if t0.elapsed() > WAIT {
-                    let prev = (rank + n - 1) % n;
-                    return Err(format!(
-                        "connection setup timed out after {WAIT:?} (connect to rank {next}: {}, accept from rank {prev}: {})",
-                        if sc.is_null() { "pending" } else { "done" },
-                        if rc.is_null() { "pending" } else { "done" }
-                    ));
-                }
-                if sc.is_null() {
-                    check(
-                        "connect",
-                        NET.connect.unwrap()(
-                            0,
-                            peer_handle.as_mut_ptr().cast(),
-                            &mut sc,
-                            null_mut(),
-                        ),
-                    )?;
-                }
-                if rc.is_null() {
-                    check("accept", NET.accept.unwrap()(lc, &mut rc, null_mut()))?;
-                }
-                std::thread::yield_now();
-            }
-            check("closeListen", NET.closeListen.unwrap()(lc))?;
-
-            let mut ring = Ring {
-                rank,
-                n,
-                send: sc,
-                recv: rc,
-                data: vec![0.0; max_count],
-                data_send_mr: null_mut(),
-                data_recv_mr: null_mut(),
-                scratch: vec![0.0; max_count.div_ceil(n).max(1)],
-                scratch_mr: null_mut(),
-            };
-            let data_bytes = std::mem::size_of_val(ring.data.as_slice());
-            let scratch_bytes = std::mem::size_of_val(ring.scratch.as_slice());
-            let data_ptr = ring.data.as_mut_ptr().cast::<c_void>();
-            let scratch_ptr = ring.scratch.as_mut_ptr().cast::<c_void>();
-            check(
-                "regMr(data, send)",
-                NET.regMr.unwrap()(
-                    sc,
-                    data_ptr,
-                    data_bytes,
-                    NCCL_PTR_HOST,
-                    &mut ring.data_send_mr,
-                ),
-            )?;
-            check(
-                "regMr(data, recv)",
-                NET.regMr.unwrap()(
-                    rc,
-                    data_ptr,
-                    data_bytes,
-                    NCCL_PTR_HOST,
-                    &mut ring.data_recv_mr,
-                ),
-            )?;
-            check(
-                "regMr(scratch)",
-                NET.regMr.unwrap()(
-                    rc,
-                    scratch_ptr,
-                    scratch_bytes,
-                    NCCL_PTR_HOST,
-                    &mut ring.scratch_mr,
-                ),
-            )?;
-            Ok(ring)
-        }
-    }
-
-    /// Element range of chunk `c` when `count` elements are split over the ranks.
-    fn chunk(&self, c: usize, count: usize) -> std::ops::Range<usize> {
-        c * count / self.n..(c + 1) * count / self.n
-    }
-
-    /// Sends data[src] to the next rank while receiving from the previous one into either
-    /// scratch or data[dst], and waits for both.
-    fn exchange(
-        &mut self,
-        src: std::ops::Range<usize>,
-        dst: std::ops::Range<usize>,
-        into_scratch: bool,
-        step: &str,
-    ) -> Result<(), String> {
-        let send_bytes = src.len() * 4;
-        let recv_bytes = dst.len() * 4;
-        // SAFETY: both ranges lie inside buffers registered on the comms they are used with;
-        // the buffers are neither moved nor touched until both requests report done.
-        let (send_ptr, recv_ptr, recv_mr) = unsafe {
-            let s = self.data.as_mut_ptr().add(src.start).cast::<c_void>();
-            if into_scratch {
-                (
-                    s,
-                    self.scratch.as_mut_ptr().cast::<c_void>(),
-                    self.scratch_mr,
-                )
-            } else {
-                (
-                    s,
-                    self.data.as_mut_ptr().add(dst.start).cast::<c_void>(),
-                    self.data_recv_mr,
-                )
-            }
-        };
-        let (mut sreq, mut rreq): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
-        let (mut sdone, mut rdone): (c_int, c_int) = (0, 0);
-        let (mut ssize, mut rsize): (c_int, c_int) = (-1, -1);
-        let t0 = Instant::now();
-        while sdone == 0 || rdone == 0 {
-            if t0.elapsed() > WAIT {
-                let state = |posted: bool, done: c_int| match (posted, done) {
-                    (false, _) => "not posted",
-                    (true, 0) => "pending",
-                    _ => "done",
-                };
-                return Err(format!(
-                    "{step}: timed out after {WAIT:?} (send {send_bytes} B to rank {}: {}, receive {recv_bytes} B from rank {}: {})",
-                    (self.rank + 1) % self.n,
-                    state(!sreq.is_null(), sdone),
-                    (self.rank + self.n - 1) % self.n,
-                    state(!rreq.is_null(), rdone)
-                ));
-            }
-            // SAFETY: see above; requests are tested only after they were returned non-NULL.
-            unsafe {
-                if rreq.is_null() {
-                    let mut data = [recv_ptr];
-                    let mut sizes = [recv_bytes as c_int];
-                    let mut tags = [TAG];
-                    let mut mhs = [recv_mr];
-                    check(
-                        step,
-                        NET.irecv.unwrap()(
-                            self.recv,
-                            1,
-                            data.as_mut_ptr(),
-                            sizes.as_mut_ptr(),
-                            tags.as_mut_ptr(),
-                            mhs.as_mut_ptr(),
-                            &mut rreq,
-                        ),
-                    )?;
-                }
-                if sreq.is_null() {
-                    check(
-                        step,
-                        NET.isend.unwrap()(
-                            self.send,
-                            send_ptr,
-                            send_bytes as c_int,
-                            TAG,
-                            self.data_send_mr,
-                            &mut sreq,
-                        ),
-                    )?;
-                }
-                if !sreq.is_null() && sdone == 0 {
-                    check(step, NET.test.unwrap()(sreq, &mut sdone, &mut ssize))?;
-                }
-                if !rreq.is_null() && rdone == 0 {
-                    check(step, NET.test.unwrap()(rreq, &mut rdone, &mut rsize))?;
-                }
-            }
-            std::thread::yield_now();
-        }
-        if ssize as usize != send_bytes || rsize as usize != recv_bytes {
-            return Err(format!("{step}: sizes sent {ssize} (expected {send_bytes}), received {rsize} (expected {recv_bytes})"));
-        }
-        Ok(())
-    }
-
-    /// Sums data[..count] over all ranks in place: reduce-scatter, then all-gather.
-    fn allreduce(&mut self, count: usize) -> Result<(), String> {
-        let (r, n) = (self.rank, self.n);
-        for s in 0..n - 1 {
-            let src = self.chunk((r + n - s) % n, count);
-            let dst = self.chunk((r + 2 * n - s - 1) % n, count);
-            self.exchange(
-                src,
-                dst.clone(),
-                true,
-                &format!("{count} elements, reduce-scatter step {s}"),
-            )?;
-            for (d, x) in self.data[dst.clone()]
-                .iter_mut()
-                .zip(&self.scratch[..dst.len()])
-            {
-                *d += *x;
-            }
-        }
-        // Rank r now holds the full sum of chunk r+1.
-        for s in 0..n - 1 {
-            let src = self.chunk((r + 1 + n - s) % n, count);
-            let dst = self.chunk((r + n - s) % n, count);
-            self.exchange(
-                src,
-                dst,
-                false,
-                &format!("{count} elements, all-gather step {s}"),
-            )?;
-        }
-        Ok(())
-    }
-
-    fn fill(&mut self, count: usize) {
-        let k = (self.rank + 1) as f32;
-        for (i, v) in self.data[..count].iter_mut().enumerate() {
-            *v = k * (i % 13) as f32;
-        }
-    }
-
-    /// Elements differing from the exact sum over ranks of (r+1)*(i%13); all values are small
-    /// integers, so f32 addition in any order is exact.
-    fn wrong(&self, count: usize) -> usize {
-        let k = (self.n * (self.n + 1) / 2) as f32;
-        self.data[..count]
-            .iter()
-            .enumerate()
-            .filter(|(i, v)| **v != k * (i % 13) as f32)
-            .count()
-    }
-
-    fn close(self) -> Result<(), String> {
-        // SAFETY: every request on these comms has completed; registrations go before the comms.
-        unsafe {
-            check(
-                "deregMr(data, send)",
-                NET.deregMr.unwrap()(self.send, self.data_send_mr),
-            )?;
-            check(
-                "deregMr(data, recv)",
-                NET.deregMr.unwrap()(self.recv, self.data_recv_mr),
-            )?;
-            check(
-                "deregMr(scratch)",
-                NET.deregMr.unwrap()(self.recv, self.scratch_mr),
-            )?;
-            check("closeSend", NET.closeSend.unwrap()(self.send))?;
-            check("closeRecv", NET.closeRecv.unwrap()(self.recv))?;
-        }
-        Ok(())
-    }
-}
-
 /// One size's outcome on one rank (rank 0 folds the others' into its own).
 #[derive(Clone, Copy)]
 struct Row {
@@ -611,42 +304,87 @@ struct Row {
     wrong: usize,
 }
 
-fn device_name() -> String {
-    // SAFETY: all-zero is a valid value of this plain C struct; the plugin fills it.
-    let mut p: ncclNetProperties_v8_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out-pointer; the name pointer, when set, is a NUL-terminated string owned by the plugin.
-    unsafe {
-        if NET.getProperties.unwrap()(0, &mut p) != ncclSuccess || p.name.is_null() {
-            return "?".into();
-        }
-        CStr::from_ptr(p.name).to_string_lossy().into_owned()
+fn device_name(plugin: &Plugin) -> String {
+    plugin
+        .properties(0)
+        .map(|p| p.name)
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The plugin library next to this example (`target/<profile>/librccl_net_plugin.so`).
+fn plugin_path() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let so = exe
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|profile| profile.join("librccl_net_plugin.so"))
+        .ok_or("cannot locate the target directory")?;
+    if so.is_file() {
+        Ok(so)
+    } else {
+        Err(format!(
+            "{} is missing: cargo build -p rccl-net-plugin",
+            so.display()
+        ))
     }
+}
+
+/// Listens, publishes the handle, and connects to rank r+1 while accepting from rank r-1.
+fn connect_ring(net: &Net, rank: usize, n: usize, dir: &Path) -> Result<(Opaque, Opaque), String> {
+    let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+    let lc = net
+        .plugin
+        .listen(0, &mut handle)
+        .map_err(|e| e.to_string())?;
+    publish(&dir.join(format!("handle-{rank}")), &handle)?;
+    let next = (rank + 1) % n;
+    let peer = wait_for_file(
+        &dir.join(format!("handle-{next}")),
+        &format!("handle of rank {next}"),
+    )?;
+    let mut peer_handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+    if peer.len() != peer_handle.len() {
+        return Err(format!("handle of rank {next} has {} bytes", peer.len()));
+    }
+    peer_handle.copy_from_slice(&peer);
+    let pair = net.connect_pair(0, lc, &mut peer_handle).map_err(|e| {
+        format!(
+            "ring connection (to rank {next}, from rank {}): {e}",
+            (rank + n - 1) % n
+        )
+    })?;
+    net.plugin.close_listen(lc).map_err(|e| e.to_string())?;
+    Ok(pair)
 }
 
 /// Runs every size on this rank; `Ok(false)` if any element was wrong.
 fn run_rank(o: &Opts, rank: usize, dir: &Path) -> Result<bool, String> {
-    let mut ring = Ring::connect(rank, o.ranks, dir, o.max_bytes / 4)?;
+    let mut plugin = Plugin::load(&plugin_path()?, 8)?;
+    plugin
+        .init(logger(), rank as u64)
+        .map_err(|e| e.to_string())?;
+    if plugin.devices().map_err(|e| e.to_string())? < 1 {
+        return Err("the plugin found no device".into());
+    }
+    let net = Net {
+        plugin: &plugin,
+        timeout: o.timeout.min(WAIT),
+    };
+    let (send, recv) = connect_ring(&net, rank, o.ranks, dir)?;
+    let mut ring = Ring::new(net, rank, o.ranks, send, recv, o.max_bytes / 4)?;
+    let mut polls = Polls::default();
     let mut rows = Vec::new();
     for bytes in sizes(o) {
-        let count = bytes / 4;
-        let mut total = Duration::ZERO;
-        let mut worst = 0;
-        for it in 0..o.warmup + o.iters {
-            ring.fill(count);
-            let t0 = Instant::now();
-            ring.allreduce(count)?;
-            if it >= o.warmup {
-                total += t0.elapsed();
-            }
-            worst = worst.max(ring.wrong(count));
-        }
+        let t = ring.run(bytes / 4, o.warmup, o.iters, &mut polls)?;
         rows.push(Row {
             bytes,
-            time_us: total.as_secs_f64() * 1e6 / o.iters as f64,
-            wrong: worst,
+            time_us: t.time_us,
+            wrong: t.wrong,
         });
     }
-    ring.close()?;
+    ring.release()?;
+    plugin.close_send(send).map_err(|e| e.to_string())?;
+    plugin.close_recv(recv).map_err(|e| e.to_string())?;
     let mine_ok = rows.iter().all(|r| r.wrong == 0);
     if rank != 0 {
         let text: String = rows
@@ -691,7 +429,7 @@ fn run_rank(o: &Opts, rank: usize, dir: &Path) -> Result<bool, String> {
             }
         }
     }
-    print_rows(o, &rows);
+    print_rows(o, &rows, &device_name(&plugin));
     Ok(rows.iter().all(|r| r.wrong == 0))
 }
 
@@ -700,7 +438,7 @@ fn bandwidths(o: &Opts, r: &Row) -> (f64, f64) {
     (algbw, algbw * 2.0 * (o.ranks - 1) as f64 / o.ranks as f64)
 }
 
-fn print_rows(o: &Opts, rows: &[Row]) {
+fn print_rows(o: &Opts, rows: &[Row], device: &str) {
     if o.json {
         let items: Vec<String> = rows
             .iter()
@@ -727,10 +465,7 @@ fn print_rows(o: &Opts, rows: &[Row]) {
     }
     println!(
         "# halo ring all-reduce: {} ranks, device 0 ({}), {} iterations after {} warm-up",
-        o.ranks,
-        device_name(),
-        o.iters,
-        o.warmup
+        o.ranks, device, o.iters, o.warmup
     );
     println!("#");
     println!(

@@ -16,7 +16,7 @@ mod scaling;
 mod suites;
 
 pub use member::{member_main, MemberConfig, MEMBER_FLAG};
-pub use ops::Polls;
+pub use ops::{Net, Polls, Ring, RingTiming};
 pub use perftest::{BandwidthStats, LatencyStats, PerftestDevice};
 pub use scaling::ScalingRow;
 
