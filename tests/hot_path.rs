@@ -44,15 +44,7 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn isend_irecv_test_do_not_allocate() {
-    let have = halo_ibverbs::devices()
-        .map(|d| !d.is_empty())
-        .unwrap_or(false);
-    if !have {
-        assert!(
-            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
-            "HALO_REQUIRE_RDMA=1 but no RDMA device"
-        );
-        eprintln!("SKIPPED (no RDMA device): hot_path");
+    if !common::have_rdma_device("hot_path") {
         return;
     }
     unsafe {

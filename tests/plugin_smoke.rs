@@ -11,23 +11,9 @@ use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
 use std::time::{Duration, Instant};
 
-fn have_device() -> bool {
-    let ok = halo_ibverbs::devices()
-        .map(|d| !d.is_empty())
-        .unwrap_or(false);
-    if !ok {
-        assert!(
-            std::env::var("HALO_REQUIRE_RDMA").as_deref() != Ok("1"),
-            "HALO_REQUIRE_RDMA=1 but no RDMA device is present"
-        );
-        eprintln!("SKIPPED (no RDMA device): plugin_smoke");
-    }
-    ok
-}
-
 #[test]
 fn send_and_receive_through_the_v8_table() {
-    if !have_device() {
+    if !common::have_rdma_device("plugin_smoke") {
         return;
     }
     unsafe {
@@ -154,7 +140,7 @@ fn count_dir(p: &str) -> usize {
 
 #[test]
 fn connect_close_cycles_leak_nothing() {
-    if !have_device() {
+    if !common::have_rdma_device("plugin_smoke") {
         return;
     }
     let cycles: usize = std::env::var("HALO_LEAK_CYCLES")
