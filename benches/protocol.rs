@@ -1,12 +1,14 @@
 //! Software overhead of the clear-to-send protocol core, with no device: one full message cycle
 //! on both sides — irecv post (the FIFO row), isend post (matching, the transmit's work requests),
 //! the send completion, the receive immediate, and `test` of every request on both sides — for a
-//! single receive and an 8-buffer multi-receive. Throughput is in messages, so criterion prints
-//! the time per message.
+//! single receive and an 8-buffer multi-receive — and one eager cycle (the send finds no row, goes
+//! into a bounce slot, the receive takes it and the row confirms it). Throughput is in messages,
+//! so criterion prints the time per message.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rccl_net_plugin::protocol::{
-    CtsEntry, RecvBuf, RecvPost, RecvState, SendMsg, SendPost, SendState, WireOp, MAX_RECVS,
+    CtsEntry, EagerAction, RecvBuf, RecvPost, RecvState, Resolved, SendMsg, SendPost, SendState,
+    WireOp, MAX_RECVS,
 };
 
 /// One message cycle of `n` buffers; panics on any protocol error (a broken bench, not a cost).
@@ -27,7 +29,7 @@ fn cycle(send: &mut SendState, recv: &mut RecvState, bufs: &[RecvBuf], msgs: &[S
                 sreqs[i] = req;
                 transmit = t.or(transmit);
             }
-            SendPost::NotReady => panic!("send not ready"),
+            SendPost::NotReady | SendPost::Eager { .. } => panic!("send not ready"),
         }
     }
     let t = transmit.expect("the last send completes the row");
@@ -48,6 +50,26 @@ fn cycle(send: &mut SendState, recv: &mut RecvState, bufs: &[RecvBuf], msgs: &[S
     black_box(recv.test(rreq).expect("recv test"));
 }
 
+/// One eager message cycle: the send goes before the receiver's row, which then confirms it.
+fn eager_cycle(send: &mut SendState, recv: &mut RecvState, buf: &RecvBuf, msg: &SendMsg) {
+    let empty = [CtsEntry::default(); MAX_RECVS];
+    let SendPost::Eager { req: sreq, send: e } = send.post(&empty, *msg).expect("send post") else {
+        panic!("send did not go eagerly");
+    };
+    let RecvPost::Posted {
+        req: rreq, entries, ..
+    } = recv.post(std::slice::from_ref(buf)).expect("recv post")
+    else {
+        panic!("receive FIFO full");
+    };
+    let copy = recv.on_eager(e.slot, black_box(e.header())).expect("eager");
+    assert!(matches!(copy, EagerAction::Copy { .. }));
+    assert_eq!(send.resolve(&entries), Ok(Resolved::Accepted));
+    send.on_eager_completion(e.seq).expect("eager completion");
+    black_box(send.test(sreq).expect("send test"));
+    black_box(recv.test(rreq).expect("recv test"));
+}
+
 fn protocol(c: &mut Criterion) {
     let mut g = c.benchmark_group("message_cycle");
     for n in [1usize, 8] {
@@ -57,6 +79,7 @@ fn protocol(c: &mut Criterion) {
                 size: 65536,
                 rkey: 0x77,
                 tag: i as i32,
+                host: true,
             })
             .collect();
         let msgs: Vec<SendMsg> = (0..n)
@@ -76,6 +99,26 @@ fn protocol(c: &mut Criterion) {
             b.iter(|| cycle(&mut send, &mut recv, &bufs, &msgs))
         });
     }
+    let buf = RecvBuf {
+        addr: 0x1000_0000,
+        size: 65536,
+        rkey: 0x77,
+        tag: 0,
+        host: true,
+    };
+    let msg = SendMsg {
+        addr: 0x2000_0000,
+        lkey: 0x55,
+        size: 4096,
+        tag: 0,
+        host: true,
+    };
+    let mut send = SendState::new(1 << 30, 1024).with_eager(8, 8192);
+    let mut recv = RecvState::new();
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("eager", |b| {
+        b.iter(|| eager_cycle(&mut send, &mut recv, &buf, &msg))
+    });
     g.finish();
 }
 

@@ -54,6 +54,10 @@ pub struct PluginConfig {
     /// (default: dma-buf, else by address, else not at all, whichever the probe at `init` proves),
     /// `dmabuf` or `va` (only that strategy), `none` (no GPU memory; ROCm is not even loaded).
     pub gpu_reg: GpuReg,
+    /// `HALO_EAGER_MAX`: largest message a receiver accepts on the eager path (bounce slots, no
+    /// clear-to-send round trip), 0..=65536 bytes, rounded up to whole KiB; 0 turns the path
+    /// off. Default 8192.
+    pub eager_max: u32,
 }
 
 impl Default for PluginConfig {
@@ -75,6 +79,7 @@ impl Default for PluginConfig {
             trace: false,
             max_msg_size: None,
             gpu_reg: GpuReg::Auto,
+            eager_max: 8192,
         }
     }
 }
@@ -206,6 +211,10 @@ impl PluginConfig {
                 None => d.gpu_reg,
                 Some(v) => parse_gpu_reg(&v)?,
             },
+            eager_max: match get(ENV_EAGER_MAX) {
+                None => d.eager_max,
+                Some(v) => (parse_int(ENV_EAGER_MAX, &v, 0, 65536)? as u32).next_multiple_of(1024),
+            },
         })
     }
 
@@ -232,6 +241,7 @@ const ENV_QPS_PER_CONNECTION: &str = "NCCL_IB_QPS_PER_CONNECTION";
 const ENV_SPLIT_DATA_ON_QPS: &str = "NCCL_IB_SPLIT_DATA_ON_QPS";
 const ENV_CONNECT_TIMEOUT_MS: &str = "HALO_CONNECT_TIMEOUT_MS";
 const ENV_MAX_MSG_SIZE: &str = "HALO_MAX_MSG_SIZE";
+const ENV_EAGER_MAX: &str = "HALO_EAGER_MAX";
 const ENV_DEBUG: &str = "NCCL_DEBUG";
 /// Name of the variable that picks the GPU memory registration strategy.
 pub const ENV_GPU_REG: &str = "HALO_GPU_REG";

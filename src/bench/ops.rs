@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 /// Any tag works: requests on one comm match in posting order.
 const TAG: c_int = 0x4242;
+/// Receives each end of the ping-pong keeps posted (RCCL's `NCCL_STEPS`).
+pub const PINGPONG_AHEAD: usize = 8;
 
 /// How often the plugin made the caller wait, summed over a run. These tell where time goes
 /// without a profiler: a NULL request is a round of "not yet", each `test` is one poll.
@@ -175,7 +177,8 @@ impl Net<'_> {
     }
 
     /// The initiating end of the ping-pong: `iters` round trips of `size` bytes, each timed.
-    /// The receive for the reply is posted before the send, as a pipelined RCCL step would.
+    /// Receives stay posted [`PINGPONG_AHEAD`] deep, as RCCL's proxy keeps its receive steps
+    /// posted ahead of the data, and a completed one is re-posted after the next send.
     pub fn ping(
         &self,
         send: Opaque,
@@ -188,15 +191,20 @@ impl Net<'_> {
         let mut r = Registered::new(self.plugin, recv, size)?;
         let mut rtts = Vec::with_capacity(iters);
         let result = (|| {
+            let mut rreqs = VecDeque::with_capacity(PINGPONG_AHEAD);
+            let mut posted = 0;
+            while posted < iters.min(PINGPONG_AHEAD) {
+                rreqs.push_back(self.irecv(recv, &mut r, size, c)?);
+                posted += 1;
+            }
             for _ in 0..iters {
                 let t0 = Instant::now();
-                let rreq = self.irecv(recv, &mut r, size, c)?;
                 let sreq = self.isend(send, &mut s, size, c)?;
+                let rreq = rreqs
+                    .pop_front()
+                    .expect("a receive is posted per round trip");
                 let (mut sdone, mut rdone) = (false, false);
                 while !(sdone && rdone) {
-                    if !sdone {
-                        sdone = self.poll(sreq, c)?.is_some();
-                    }
                     if !rdone {
                         rdone = match self.poll(rreq, c)? {
                             Some(n) if n != size => {
@@ -208,9 +216,16 @@ impl Net<'_> {
                             None => false,
                         };
                     }
+                    if !sdone {
+                        sdone = self.poll(sreq, c)?.is_some();
+                    }
                     self.expired(t0, &format!("ping-pong round trip of {size} bytes"))?;
                 }
                 rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+                if posted < iters {
+                    rreqs.push_back(self.irecv(recv, &mut r, size, c)?);
+                    posted += 1;
+                }
             }
             Ok(())
         })();
@@ -219,8 +234,9 @@ impl Net<'_> {
         result.map(|()| rtts)
     }
 
-    /// The answering end: each message is returned as soon as it arrives; the next receive is
-    /// posted before the reply goes out so the initiator never waits for a clear-to-send.
+    /// The answering end: each message is returned as soon as it arrives; receives stay posted
+    /// [`PINGPONG_AHEAD`] deep, so the initiator never waits for a clear-to-send, and a completed
+    /// one is re-posted once the reply is out.
     pub fn pong(
         &self,
         send: Opaque,
@@ -232,18 +248,22 @@ impl Net<'_> {
         let mut s = Registered::new(self.plugin, send, size)?;
         let mut r = Registered::new(self.plugin, recv, size)?;
         let result = (|| {
-            let mut rreq = (iters > 0)
-                .then(|| self.irecv(recv, &mut r, size, c))
-                .transpose()?;
-            for i in 0..iters {
-                let got = self.wait(rreq.expect("posted"), c, "ping-pong receive")?;
+            let mut rreqs = VecDeque::with_capacity(PINGPONG_AHEAD);
+            let mut posted = 0;
+            while posted < iters.min(PINGPONG_AHEAD) {
+                rreqs.push_back(self.irecv(recv, &mut r, size, c)?);
+                posted += 1;
+            }
+            while let Some(rreq) = rreqs.pop_front() {
+                let got = self.wait(rreq, c, "ping-pong receive")?;
                 if got != size {
                     return Err(format!("ping-pong message of {got} bytes, expected {size}"));
                 }
-                rreq = (i + 1 < iters)
-                    .then(|| self.irecv(recv, &mut r, size, c))
-                    .transpose()?;
                 let sreq = self.isend(send, &mut s, size, c)?;
+                if posted < iters {
+                    rreqs.push_back(self.irecv(recv, &mut r, size, c)?);
+                    posted += 1;
+                }
                 self.wait(sreq, c, "ping-pong reply")?;
             }
             Ok(())

@@ -5,11 +5,12 @@ use super::device::NetDevice;
 use super::error::{NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use super::regcache::MrHandle;
-use crate::log::{warn, NET};
+use crate::log::{info, warn, NET};
 use crate::oob::{OobError, OobStream};
 use crate::protocol::{
-    row_of, CtsEntry, ProtoError, RecvBuf, RecvPost, RecvState, SendMsg, SendPost, SendState,
-    Transmit, WireOp, CTS_ROW_BYTES, FIFO_DEPTH, MAX_RECVS, SIZES_ROW_BYTES,
+    row_of, CtsEntry, EagerAction, EagerHeader, EagerSend, ProtoError, RecvBuf, RecvPost,
+    RecvState, Resolved, SendMsg, SendPost, SendState, Transmit, WireOp, CTS_ROW_BYTES,
+    EAGER_HEADER_BYTES, FIFO_DEPTH, IMM_EAGER, IMM_EAGER_SLOT_MASK, MAX_RECVS, SIZES_ROW_BYTES,
 };
 use halo_ibverbs::{
     CompletionQueue, QueuePair, RecvWr, SendOp, SendWr, Sge, WcOpcode, WorkCompletion,
@@ -28,6 +29,52 @@ const LIVENESS_EVERY: u32 = 1 << 12;
 const CTS_SIGNAL_EVERY: u32 = 8;
 /// `wr_id` bit marking the receiver's clear-to-send writes (the low bits hold the sequence).
 const WR_CTS: u64 = 1 << 40;
+/// `wr_id` bit marking the sender's eager writes (the low bits hold the row sequence).
+const WR_EAGER: u64 = 1 << 41;
+
+/// The receiver's bounce slots for eager messages: `slots` of [`EAGER_HEADER_BYTES`] + `max`.
+pub struct EagerRing {
+    pub buf: RegisteredBuf,
+    pub slots: u16,
+    pub max: u32,
+}
+
+impl EagerRing {
+    /// Slots per receive comm. One row at a time goes ahead of its clear-to-send, so a few are
+    /// plenty; more only help when the receiver drains them late.
+    pub const SLOTS: u16 = 8;
+
+    /// `None` when `max` is 0 (the eager path is off).
+    pub fn new(dev: &NetDevice, max: u32) -> NetResult<Option<Self>> {
+        if max == 0 {
+            return Ok(None);
+        }
+        let stride = EAGER_HEADER_BYTES + max as usize;
+        let buf = RegisteredBuf::new(&dev.pd, usize::from(Self::SLOTS) * stride, "eager slots")?;
+        Ok(Some(EagerRing {
+            buf,
+            slots: Self::SLOTS,
+            max,
+        }))
+    }
+
+    fn stride(&self) -> usize {
+        EAGER_HEADER_BYTES + self.max as usize
+    }
+}
+
+/// Where a sender writes eager messages: the peer's [`EagerRing`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EagerTarget {
+    pub addr: u64,
+    pub rkey: u32,
+    /// 0: the peer has no eager path.
+    pub slots: u16,
+    /// The peer's slot payload size (the slot stride minus the header).
+    pub slot_max: u32,
+    /// Largest message sent eagerly: the smaller of the peer's slots and our own setting.
+    pub max: u32,
+}
 
 const REQ_MAGIC: u32 = 0x4841_4c4f;
 /// First word of a [`SendComm`].
@@ -234,10 +281,20 @@ pub struct SendComm {
     sizes_staging: RegisteredBuf,
     remote_sizes_addr: u64,
     remote_sizes_rkey: u32,
+    /// Source of eager headers that cannot go inline, one per slot.
+    eager_headers: RegisteredBuf,
+    eager: EagerTarget,
     reqs: Box<[Request]>,
+    /// Sends that went eagerly, and those of them the receiver refused.
+    pub eager_sent: u64,
+    pub eager_refused: u64,
 }
 
 impl SendComm {
+    /// Bytes of eager header staging to allocate for a send comm.
+    pub const EAGER_HEADER_STAGING_BYTES: usize = EagerRing::SLOTS as usize * EAGER_HEADER_BYTES;
+
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         link: Link,
         fifo: RegisteredBuf,
@@ -245,16 +302,24 @@ impl SendComm {
         remote_sizes_addr: u64,
         remote_sizes_rkey: u32,
         max_msg: u64,
+        eager_headers: RegisteredBuf,
+        eager: EagerTarget,
     ) -> Box<Self> {
         let sq = link.qp.caps().max_send_wr;
+        // Header staging has room for our own slot count only.
+        let slots = eager.slots.min(EagerRing::SLOTS);
         let mut c = Box::new(SendComm {
             kind: COMM_SEND,
             link,
-            proto: SendState::new(max_msg.min(1 << 31), sq),
+            proto: SendState::new(max_msg.min(1 << 31), sq).with_eager(slots, eager.max),
             fifo,
             sizes_staging,
             remote_sizes_addr,
             remote_sizes_rkey,
+            eager_headers,
+            eager,
+            eager_sent: 0,
+            eager_refused: 0,
             reqs: (0..FIFO_DEPTH * MAX_RECVS)
                 .map(|i| Request::new(i as u16))
                 .collect(),
@@ -305,6 +370,9 @@ impl SendComm {
                 ))
             }
         };
+        if self.proto.unconfirmed() {
+            self.resolve_eager()?;
+        }
         let row = self.fifo_row(self.proto.current_row());
         let msg = SendMsg {
             addr: data,
@@ -332,8 +400,86 @@ impl SendComm {
                 }
                 Ok(Some(&mut self.reqs[req as usize] as *mut Request))
             }
+            Ok(SendPost::Eager { req, send }) => {
+                self.post_eager(&send)?;
+                Ok(Some(&mut self.reqs[req as usize] as *mut Request))
+            }
             Err(e) => Err(self.link.proto_error(e)),
         }
+    }
+
+    /// Settles the eager row once the receiver's clear-to-send for it has landed.
+    fn resolve_eager(&mut self) -> NetResult<()> {
+        let row = self.fifo_row(self.proto.current_row());
+        match self.proto.resolve(&row) {
+            Ok(Resolved::Nothing | Resolved::Accepted) => Ok(()),
+            Ok(Resolved::Refused) => {
+                self.eager_refused += 1;
+                Ok(())
+            }
+            Ok(Resolved::Transmit(t)) => {
+                self.eager_refused += 1;
+                self.transmit(&t)
+            }
+            Err(e) => Err(self.link.proto_error(e)),
+        }
+    }
+
+    /// One WRITE_WITH_IMM of header + data into the receiver's bounce slot.
+    fn post_eager(&mut self, e: &EagerSend) -> NetResult<()> {
+        let hdr: EagerHeader = e.header();
+        let slot = usize::from(e.slot);
+        let len = e.msg.size as u32;
+        let total = EAGER_HEADER_BYTES + len as usize;
+        let inline = e.msg.host && total <= self.link.qp.caps().max_inline_data as usize;
+        let hdr_sge = if inline {
+            Sge {
+                addr: &hdr as *const EagerHeader as u64,
+                length: EAGER_HEADER_BYTES as u32,
+                lkey: 0,
+            }
+        } else {
+            let dst = self
+                .eager_headers
+                .ptr()
+                .wrapping_add(slot * EAGER_HEADER_BYTES) as *mut EagerHeader;
+            // SAFETY: the staging holds one header per slot; this slot's previous write has
+            // landed (the receiver drained the slot before we got the credit to reuse it).
+            unsafe { std::ptr::write_volatile(dst, hdr) };
+            Sge {
+                addr: dst as u64,
+                length: EAGER_HEADER_BYTES as u32,
+                lkey: self.eager_headers.lkey(),
+            }
+        };
+        let sges = [
+            hdr_sge,
+            Sge {
+                addr: e.msg.addr,
+                length: len,
+                lkey: e.msg.lkey,
+            },
+        ];
+        let nsge = if len > 0 { 2 } else { 1 };
+        let stride = EAGER_HEADER_BYTES as u64 + u64::from(self.eager.slot_max);
+        let wr = SendWr {
+            wr_id: WR_EAGER | u64::from(e.seq),
+            op: SendOp::WriteImm {
+                remote_addr: self.eager.addr + e.slot as u64 * stride,
+                rkey: self.eager.rkey,
+                imm: e.imm(),
+            },
+            sge: &sges[..nsge],
+            signaled: true,
+            inline,
+        };
+        self.eager_sent += 1;
+        self.link.qp.post_send(&[wr]).map_err(|err| {
+            let ctx = self.link.context();
+            self.link.fail(NetError::System(format!(
+                "posting an eager write: {err} ({ctx})"
+            )))
+        })
     }
 
     fn transmit(&mut self, t: &Transmit) -> NetResult<()> {
@@ -468,9 +614,18 @@ impl SendComm {
         let mut wcs = [WorkCompletion::default(); POLL_BATCH];
         let n = self.link.poll(&mut wcs)?;
         for wc in &wcs[..n] {
-            if let Err(e) = self.proto.on_completion(wc.wr_id as u32) {
+            let seq = wc.wr_id as u32;
+            let r = if wc.wr_id & WR_EAGER != 0 {
+                self.proto.on_eager_completion(seq)
+            } else {
+                self.proto.on_completion(seq)
+            };
+            if let Err(e) = r {
                 return Err(self.link.proto_error(e));
             }
+        }
+        if self.proto.unconfirmed() {
+            self.resolve_eager()?;
         }
         Ok(())
     }
@@ -479,6 +634,20 @@ impl SendComm {
         self.link.check()?;
         self.progress()?;
         self.proto.test(req).map_err(|e| self.link.proto_error(e))
+    }
+}
+
+impl Drop for SendComm {
+    fn drop(&mut self) {
+        if self.eager_sent > 0 {
+            info!(
+                NET,
+                "send comm to {} closed: {} eager sends, {} refused by the receiver",
+                self.link.peer,
+                self.eager_sent,
+                self.eager_refused
+            );
+        }
     }
 }
 
@@ -502,11 +671,31 @@ pub struct RecvComm {
     cts_posted: u32,
     /// Clear-to-send writes known to be finished (released from the send queue).
     cts_reaped: u32,
+    /// Bounce slots for eager messages (`None`: the eager path is off).
+    eager: Option<EagerRing>,
+    /// Eager messages copied into a posted receive.
+    pub eager_taken: u64,
+    /// Eager messages whose receive did not take them (the sender then sent them normally).
+    pub eager_dropped: u64,
 }
 
 impl RecvComm {
     pub const SIZES_BYTES: usize = FIFO_DEPTH * SIZES_ROW_BYTES;
     pub const CTS_STAGING_BYTES: usize = FIFO_DEPTH * CTS_ROW_BYTES;
+    /// Receives kept posted: one per row in flight plus the eager slots, with room to spare.
+    pub const RQ_STOCK: u32 = 2 * FIFO_DEPTH as u32;
+
+    /// Posts `n` receives (capped to the queue's size) for incoming immediates.
+    pub fn stock_receives(qp: &QueuePair, n: u32) -> halo_ibverbs::Result<()> {
+        let mut left = n.min(qp.caps().max_recv_wr) as usize;
+        let wrs = [RecvWr { wr_id: 0, sge: &[] }; POLL_BATCH];
+        while left > 0 {
+            let k = left.min(POLL_BATCH);
+            qp.post_recv(&wrs[..k])?;
+            left -= k;
+        }
+        Ok(())
+    }
 
     pub fn new(
         link: Link,
@@ -514,6 +703,7 @@ impl RecvComm {
         cts_staging: RegisteredBuf,
         remote_fifo_addr: u64,
         remote_fifo_rkey: u32,
+        eager: Option<EagerRing>,
         flush: Option<Flush>,
     ) -> Box<Self> {
         let mut c = Box::new(RecvComm {
@@ -530,6 +720,9 @@ impl RecvComm {
             flush,
             cts_posted: 0,
             cts_reaped: 0,
+            eager,
+            eager_taken: 0,
+            eager_dropped: 0,
         });
         let me: *mut RecvComm = &mut *c;
         for r in c.reqs.iter_mut() {
@@ -588,30 +781,23 @@ impl RecvComm {
                 size,
                 rkey,
                 tag,
+                // Eager messages are copied by the CPU: never into GPU memory.
+                host: self.eager.is_some() && mh.is_none_or(|m| !m.gpu),
             };
         }
-        let (req, seq, n, entries) = match self.proto.post(&rb[..bufs.len()]) {
+        let (req, seq, n, entries, eager) = match self.proto.post(&rb[..bufs.len()]) {
             Ok(RecvPost::NotReady) => return Ok(None),
             Ok(RecvPost::Posted {
                 req,
                 seq,
                 n,
                 entries,
-            }) => (req, seq, n, entries),
+                eager,
+            }) => (req, seq, n, entries, eager),
             Err(e) => return Err(self.link.proto_error(e)),
         };
-        // The receive for the immediate goes first, so it is there before the sender can answer.
-        self.link
-            .qp
-            .post_recv(&[RecvWr {
-                wr_id: u64::from(seq),
-                sge: &[],
-            }])
-            .map_err(|e| {
-                let ctx = self.link.context();
-                self.link
-                    .fail(NetError::System(format!("posting a receive: {e} ({ctx})")))
-            })?;
+        // A held eager message is settled before the row tells the sender about it.
+        self.apply_eager(eager);
         let row = row_of(seq);
         let bytes = n * std::mem::size_of::<CtsEntry>();
         let inline = bytes <= self.link.qp.caps().max_inline_data as usize;
@@ -663,9 +849,55 @@ impl RecvComm {
         r
     }
 
+    /// Carries out what the protocol decided about an eager slot.
+    fn apply_eager(&mut self, action: EagerAction) {
+        match action {
+            EagerAction::None | EagerAction::Hold => {}
+            EagerAction::Drop => self.eager_dropped += 1,
+            EagerAction::Copy { slot, dst, len } => {
+                self.eager_taken += 1;
+                let ring = self.eager.as_ref().expect("eager actions need the ring");
+                let src = ring
+                    .buf
+                    .ptr()
+                    .wrapping_add(usize::from(slot) * ring.stride() + EAGER_HEADER_BYTES);
+                // SAFETY: the slot's completion arrived, so its bytes are in place; `dst` is the
+                // posted host buffer, registered for at least `len` bytes (the protocol checked
+                // `len` against its capacity) and owned by the request until `test` reports it.
+                unsafe { std::ptr::copy_nonoverlapping(src, dst as *mut u8, len as usize) };
+            }
+        }
+    }
+
+    /// The header of eager slot `slot` after its completion.
+    fn eager_header(&mut self, imm: u32) -> NetResult<(u16, EagerHeader)> {
+        let slot = (imm & IMM_EAGER_SLOT_MASK) as u16;
+        let ctx = self.link.context();
+        let Some(ring) = self.eager.as_ref().filter(|r| slot < r.slots) else {
+            return Err(self.link.fail(NetError::Remote(format!(
+                "eager message in slot {slot}, which this receiver does not have ({ctx})"
+            ))));
+        };
+        let p = ring
+            .buf
+            .ptr()
+            .wrapping_add(usize::from(slot) * ring.stride());
+        // SAFETY: the slot lies inside the ring and its write completed.
+        let hdr = unsafe { std::ptr::read_volatile(p as *const EagerHeader) };
+        fence(Ordering::Acquire);
+        if u64::from(hdr.size) > u64::from(ring.max) {
+            return Err(self.link.fail(NetError::Remote(format!(
+                "eager message of {} bytes in a slot of {} ({ctx})",
+                hdr.size, ring.max
+            ))));
+        }
+        Ok((slot, hdr))
+    }
+
     fn progress(&mut self) -> NetResult<()> {
         let mut wcs = [WorkCompletion::default(); POLL_BATCH];
         let n = self.link.poll(&mut wcs)?;
+        let mut consumed = 0;
         for wc in &wcs[..n] {
             if wc.opcode != WcOpcode::RecvRdmaWithImm {
                 if wc.wr_id & WR_CTS != 0 {
@@ -674,17 +906,34 @@ impl RecvComm {
                 }
                 continue;
             }
+            consumed += 1;
             let Some(imm) = wc.imm else {
                 let ctx = self.link.context();
                 return Err(self.link.fail(NetError::Remote(format!(
                     "receive completed without immediate ({ctx})"
                 ))));
             };
+            if imm & !IMM_EAGER_SLOT_MASK == IMM_EAGER {
+                let (slot, hdr) = self.eager_header(imm)?;
+                match self.proto.on_eager(slot, hdr) {
+                    Ok(action) => self.apply_eager(action),
+                    Err(e) => return Err(self.link.proto_error(e)),
+                }
+                continue;
+            }
             let row = row_of(self.proto.next_done_seq());
             let sizes = self.sizes_row(row);
             if let Err(e) = self.proto.on_imm(imm, || sizes) {
                 return Err(self.link.proto_error(e));
             }
+        }
+        if consumed > 0 {
+            // Each immediate took one receive: put them back.
+            Self::stock_receives(&self.link.qp, consumed).map_err(|e| {
+                let ctx = self.link.context();
+                self.link
+                    .fail(NetError::System(format!("posting receives: {e} ({ctx})")))
+            })?;
         }
         Ok(())
     }
@@ -729,5 +978,19 @@ impl RecvComm {
         self.link.check()?;
         self.progress()?;
         self.proto.test(req).map_err(|e| self.link.proto_error(e))
+    }
+}
+
+impl Drop for RecvComm {
+    fn drop(&mut self) {
+        if self.eager_taken + self.eager_dropped > 0 {
+            info!(
+                NET,
+                "receive comm from {} closed: {} eager messages taken, {} dropped",
+                self.link.peer,
+                self.eager_taken,
+                self.eager_dropped
+            );
+        }
     }
 }

@@ -11,7 +11,7 @@
 //! comes back. A deadline bounds the whole exchange.
 
 use super::buffer::RegisteredBuf;
-use super::comm::{Link, RecvComm, SendComm};
+use super::comm::{EagerRing, EagerTarget, Link, RecvComm, SendComm};
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
@@ -77,7 +77,8 @@ fn create_qp(
         let caps = QpCaps {
             max_send_wr: send_wr,
             max_recv_wr: recv_wr,
-            max_send_sge: 1,
+            // An eager write gathers its header and the caller's data.
+            max_send_sge: 2,
             max_recv_sge: 1,
             max_inline_data: inline,
         };
@@ -118,6 +119,10 @@ fn local_info(dev: &NetDevice, qp: &QueuePair, psn: u32, nonce: u64, max_msg: u6
         sizes_rkey: 0,
         fifo_depth: FIFO_DEPTH as u32,
         max_recvs: MAX_RECVS as u32,
+        eager_addr: 0,
+        eager_rkey: 0,
+        eager_slots: 0,
+        eager_max_kib: 0,
     }
 }
 
@@ -203,6 +208,7 @@ struct SendSide {
     psn: u32,
     fifo: RegisteredBuf,
     sizes_staging: RegisteredBuf,
+    eager_headers: RegisteredBuf,
 }
 
 enum ConnectStage {
@@ -264,6 +270,11 @@ impl Connecting {
                     let fifo = RegisteredBuf::new(&dev.pd, SendComm::FIFO_BYTES, "send FIFO")?;
                     let sizes_staging =
                         RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes staging")?;
+                    let eager_headers = RegisteredBuf::new(
+                        &dev.pd,
+                        SendComm::EAGER_HEADER_STAGING_BYTES,
+                        "eager header staging",
+                    )?;
                     let psn = random_psn();
                     let mut info = local_info(dev, &qp, psn, self.handle.nonce, self.max_msg());
                     info.fifo_addr = fifo.addr();
@@ -277,6 +288,7 @@ impl Connecting {
                             psn,
                             fifo,
                             sizes_staging,
+                            eager_headers,
                         },
                     )
                 }
@@ -313,6 +325,14 @@ impl Connecting {
                         info.qps[0].qpn
                     );
                     let link = Link::new(Arc::clone(&self.dev), side.qp, side.cq, peer, stream);
+                    let slot_max = u32::from(info.eager_max_kib) * 1024;
+                    let eager = EagerTarget {
+                        addr: info.eager_addr,
+                        rkey: info.eager_rkey,
+                        slots: info.eager_slots,
+                        slot_max,
+                        max: slot_max.min(self.settings.cfg.eager_max),
+                    };
                     return Ok(Some(SendComm::new(
                         link,
                         side.fifo,
@@ -320,6 +340,8 @@ impl Connecting {
                         info.sizes_addr,
                         info.sizes_rkey,
                         max_msg,
+                        side.eager_headers,
+                        eager,
                     )));
                 }
             }
@@ -336,6 +358,7 @@ struct RecvSide {
     cq: CompletionQueue,
     sizes: RegisteredBuf,
     cts_staging: RegisteredBuf,
+    eager: Option<EagerRing>,
     flush: Option<Flush>,
     peer_info: ConnInfo,
 }
@@ -429,9 +452,15 @@ impl ListenComm {
                             RecvComm::CTS_STAGING_BYTES,
                             "clear-to-send staging",
                         )?;
+                        let eager = EagerRing::new(dev, self.settings.cfg.eager_max)?;
                         let flush = flush_qp(dev, &self.settings)?;
                         let psn = random_psn();
                         connect_qp(dev, &self.settings, &qp, psn, &info, peer)?;
+                        // Every immediate, ordinary or eager, takes one receive: stock the queue
+                        // before the peer can write.
+                        RecvComm::stock_receives(&qp, RecvComm::RQ_STOCK).map_err(|e| {
+                            sys(format!("posting receives on {}: {e}", dev.describe()))
+                        })?;
                         let mut mine = local_info(
                             dev,
                             &qp,
@@ -441,6 +470,12 @@ impl ListenComm {
                         );
                         mine.sizes_addr = sizes.addr();
                         mine.sizes_rkey = sizes.rkey();
+                        if let Some(e) = &eager {
+                            mine.eager_addr = e.buf.addr();
+                            mine.eager_rkey = e.buf.rkey();
+                            mine.eager_slots = e.slots;
+                            mine.eager_max_kib = (e.max / 1024) as u16;
+                        }
                         stream.queue_send(&mine.encode()).map_err(oob_err)?;
                         AcceptStage::AwaitReady(
                             stream,
@@ -450,6 +485,7 @@ impl ListenComm {
                                 cq,
                                 sizes,
                                 cts_staging,
+                                eager,
                                 flush,
                                 peer_info: info,
                             }),
@@ -477,6 +513,7 @@ impl ListenComm {
                             side.cts_staging,
                             side.peer_info.fifo_addr,
                             side.peer_info.fifo_rkey,
+                            side.eager,
                             side.flush,
                         )));
                     }

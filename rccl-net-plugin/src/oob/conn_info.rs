@@ -1,12 +1,12 @@
 //! Connection metadata each side sends over the bootstrap stream once TCP is up: everything
 //! the peer needs to bring its queue pairs to RTS and to write into our FIFO.
 //!
-//! Layout (little-endian), 96 bytes plus 8 per QP, nothing after:
+//! Layout (little-endian), 112 bytes plus 8 per QP, nothing after:
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `HALOCONN` |
-//! | 8 | 2 | format version (1) |
+//! | 8 | 2 | format version (2) |
 //! | 10 | 2 | number of QPs n, 1..=16 |
 //! | 12 | 8 | feature bits |
 //! | 20 | 8 | nonce of the listen handle |
@@ -23,7 +23,11 @@
 //! | 80 | 8 | sizes array address |
 //! | 88 | 4 | sizes array rkey |
 //! | 92 | 4 | receives per request (≥ 1) |
-//! | 96 | 8·n | per QP: QP number, initial PSN (24 bits each) |
+//! | 96 | 8 | eager bounce slots address |
+//! | 104 | 4 | eager bounce slots rkey |
+//! | 108 | 2 | eager bounce slots (0: no eager path) |
+//! | 110 | 2 | largest eager message in KiB (1 … 64 when there are slots) |
+//! | 112 | 8·n | per QP: QP number, initial PSN (24 bits each) |
 
 use super::wire::Reader;
 use super::HandleError;
@@ -31,11 +35,11 @@ use super::HandleError;
 /// First bytes of every connection metadata message.
 pub const CONN_INFO_MAGIC: [u8; 8] = *b"HALOCONN";
 /// The metadata format this build writes and reads.
-pub const CONN_INFO_VERSION: u16 = 1;
+pub const CONN_INFO_VERSION: u16 = 2;
 /// Most queue pairs one connection may use (`NCCL_IB_QPS_PER_CONNECTION` is capped to it).
 pub const MAX_QPS: usize = 16;
 
-const FIXED_LEN: usize = 96;
+const FIXED_LEN: usize = 112;
 const QP_LEN: usize = 8;
 /// QP numbers and PSNs are 24-bit quantities in the transport headers.
 const MAX_24BIT: u32 = 0x00ff_ffff;
@@ -71,6 +75,11 @@ pub struct ConnInfo {
     pub sizes_rkey: u32,
     pub fifo_depth: u32,
     pub max_recvs: u32,
+    /// The receiver's eager bounce slots (see `protocol`); `eager_slots` 0 turns the path off.
+    pub eager_addr: u64,
+    pub eager_rkey: u32,
+    pub eager_slots: u16,
+    pub eager_max_kib: u16,
 }
 
 impl ConnInfo {
@@ -97,6 +106,10 @@ impl ConnInfo {
         out.extend_from_slice(&self.sizes_addr.to_le_bytes());
         out.extend_from_slice(&self.sizes_rkey.to_le_bytes());
         out.extend_from_slice(&self.max_recvs.to_le_bytes());
+        out.extend_from_slice(&self.eager_addr.to_le_bytes());
+        out.extend_from_slice(&self.eager_rkey.to_le_bytes());
+        out.extend_from_slice(&self.eager_slots.to_le_bytes());
+        out.extend_from_slice(&self.eager_max_kib.to_le_bytes());
         debug_assert_eq!(out.len(), FIXED_LEN);
         for qp in &self.qps {
             out.extend_from_slice(&qp.qpn.to_le_bytes());
@@ -145,6 +158,10 @@ impl ConnInfo {
         let sizes_addr = r.u64()?;
         let sizes_rkey = r.u32()?;
         let max_recvs = r.u32()?;
+        let eager_addr = r.u64()?;
+        let eager_rkey = r.u32()?;
+        let eager_slots = r.u16()?;
+        let eager_max_kib = r.u16()?;
         let qps = (0..nqps)
             .map(|_| {
                 Ok(QpInfo {
@@ -172,6 +189,11 @@ impl ConnInfo {
                  receives per request {max_recvs})"
             ));
         }
+        if eager_slots > 0 && !(1..=64).contains(&eager_max_kib) {
+            return malformed(format!(
+                "{eager_slots} eager slots of {eager_max_kib} KiB (expected 1..=64 KiB)"
+            ));
+        }
         if let Some(qp) = qps.iter().find(|q| q.qpn > MAX_24BIT || q.psn > MAX_24BIT) {
             return malformed(format!(
                 "QP number {:#x} / PSN {:#x} exceeds 24 bits",
@@ -195,6 +217,10 @@ impl ConnInfo {
             sizes_rkey,
             fifo_depth,
             max_recvs,
+            eager_addr,
+            eager_rkey,
+            eager_slots,
+            eager_max_kib,
         })
     }
 }
@@ -228,22 +254,30 @@ pub(super) mod tests {
             sizes_rkey: 0x5678,
             fifo_depth: 32,
             max_recvs: 8,
+            eager_addr: 0x7f00_0000_3000,
+            eager_rkey: 0x9abc,
+            eager_slots: 8,
+            eager_max_kib: 8,
         }
     }
 
     #[test]
     fn layout_is_as_documented() {
         let b = sample().encode();
-        assert_eq!(b.len(), 96 + 2 * 8);
+        assert_eq!(b.len(), 112 + 2 * 8);
         assert_eq!(&b[0..8], b"HALOCONN");
-        assert_eq!(&b[8..10], &[1, 0]);
+        assert_eq!(&b[8..10], &[2, 0]);
         assert_eq!(&b[10..12], &[2, 0]);
         assert_eq!(&b[28..44], &sample().gid);
         assert_eq!(b[50], 2);
         assert_eq!(&b[52..56], &1024u32.to_le_bytes());
         assert_eq!(&b[92..96], &8u32.to_le_bytes());
-        assert_eq!(&b[96..100], &0x11u32.to_le_bytes());
-        assert_eq!(&b[100..104], &0xabcdefu32.to_le_bytes());
+        assert_eq!(&b[96..104], &0x7f00_0000_3000u64.to_le_bytes());
+        assert_eq!(&b[104..108], &0x9abcu32.to_le_bytes());
+        assert_eq!(&b[108..110], &8u16.to_le_bytes());
+        assert_eq!(&b[110..112], &8u16.to_le_bytes());
+        assert_eq!(&b[112..116], &0x11u32.to_le_bytes());
+        assert_eq!(&b[116..120], &0xabcdefu32.to_le_bytes());
     }
 
     #[test]
@@ -260,13 +294,15 @@ pub(super) mod tests {
             ConnInfo::decode(&c.encode())
         };
         assert_eq!(
-            check(&|c| c.version = 2),
+            check(&|c| c.version = 1),
             Err(HandleError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 1,
+                supported: 2
             })
         );
-        let malformed: [&dyn Fn(&mut ConnInfo); 9] = [
+        let malformed: [&dyn Fn(&mut ConnInfo); 11] = [
+            &|c| c.eager_max_kib = 0,
+            &|c| c.eager_max_kib = 65,
             &|c| c.qps.clear(),
             &|c| c.qps = vec![QpInfo { qpn: 1, psn: 1 }; MAX_QPS + 1],
             &|c| c.link_layer = 3,
@@ -338,12 +374,14 @@ pub(super) mod tests {
             1..=u32::MAX,
             1..=u32::MAX,
         );
-        (ids, port, qps, fifo).prop_map(
+        let eager = (any::<u64>(), any::<u32>(), 0u16..=16, 1u16..=64);
+        (ids, port, qps, fifo, eager).prop_map(
             |(
                 (features, nonce, gid, gid_index, lid),
                 (link_layer, mtu_bytes, max_msg_size),
                 qps,
                 (fifo_addr, fifo_rkey, sizes_addr, sizes_rkey, fifo_depth, max_recvs),
+                (eager_addr, eager_rkey, eager_slots, eager_max_kib),
             )| ConnInfo {
                 version: CONN_INFO_VERSION,
                 features,
@@ -361,6 +399,10 @@ pub(super) mod tests {
                 sizes_rkey,
                 fifo_depth,
                 max_recvs,
+                eager_addr,
+                eager_rkey,
+                eager_slots,
+                eager_max_kib,
             },
         )
     }

@@ -8,14 +8,23 @@
 //! says how to read the sizes. Completions arrive in order on an RC queue pair, so both sides can
 //! account them against their rows without any extra sequence numbers on the wire.
 //!
+//! Small messages have a second way in, the eager path. When a send finds no row for it yet, it
+//! may write header and data straight into a pre-registered bounce slot of the receiver (one
+//! WRITE_WITH_IMM, no round trip). The row is still written by the receiver when it posts the
+//! receive, and both sides then apply the same rule ([`eager_fits`]) to that row: either the
+//! receiver copies the slot into the posted buffer and the send is done, or both drop the slot
+//! and the send goes the ordinary way, against that row, from the caller's still-valid buffer.
+//! At most one row is sent eagerly ahead of its clear-to-send, so a refused row never reorders
+//! later sends; the rows also carry how many slots the receiver has drained (the sender's credit).
+//!
 //! [`SendState`] and [`RecvState`] are fed events ("posted", "row seen", "completion") and answer
 //! with what to put on the wire. The verbs layer in `net` only executes those answers.
 
 mod recv;
 mod send;
 
-pub use recv::{RecvBuf, RecvPost, RecvState};
-pub use send::{SendMsg, SendPost, SendState, Transmit, WireOp};
+pub use recv::{EagerAction, RecvBuf, RecvPost, RecvState};
+pub use send::{EagerSend, Resolved, SendMsg, SendPost, SendState, Transmit, WireOp};
 
 use bytemuck::{Pod, Zeroable};
 use std::fmt;
@@ -30,7 +39,70 @@ pub const IMM_SIZES_IN_ARRAY: u32 = 0x8000_0000;
 /// Immediate value: the sender's message did not fit the posted receive; nothing was written.
 pub const IMM_TRUNCATED: u32 = 0xFFFF_FFFF;
 /// Largest size carried directly in the immediate of a single receive.
-pub const IMM_MAX_SIZE: u64 = 0x7FFF_FFFF;
+pub const IMM_MAX_SIZE: u64 = 0x3FFF_FFFF;
+/// Immediate values `IMM_EAGER | slot`: an eager message landed in bounce slot `slot`.
+pub const IMM_EAGER: u32 = 0x4000_0000;
+/// Bits of an eager immediate that hold the slot.
+pub const IMM_EAGER_SLOT_MASK: u32 = 0xFFFF;
+
+/// `CtsEntry::flags`: the receive is one buffer in host memory, so an eager message that fits
+/// is copied into it by the receiver's CPU.
+pub const CTS_EAGER_OK: u16 = 1;
+
+/// Whether the eager message (`tag`, `size`) is taken by the posted receive whose first entry is
+/// `e`. Sender and receiver both decide with this, from the same row, so they always agree.
+pub fn eager_fits(e: &CtsEntry, tag: i32, size: u64) -> bool {
+    e.nreqs == 1 && e.flags & CTS_EAGER_OK != 0 && e.tag == tag && size <= e.size
+}
+
+/// What the sender writes in front of the data in a bounce slot. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct EagerHeader {
+    /// The receive (row sequence number) this message is meant for.
+    pub seq: u32,
+    pub tag: i32,
+    pub size: u32,
+    /// [`EagerHeader::compute_check`].
+    pub check: u32,
+}
+
+impl EagerHeader {
+    pub fn new(seq: u32, tag: i32, size: u32) -> Self {
+        let mut h = EagerHeader {
+            seq,
+            tag,
+            size,
+            check: 0,
+        };
+        h.check = h.compute_check();
+        h
+    }
+
+    pub fn compute_check(&self) -> u32 {
+        mix(&[self.seq, self.tag as u32, self.size, 0x4541_4752])
+    }
+
+    pub fn is_intact(&self) -> bool {
+        self.check == self.compute_check()
+    }
+}
+
+/// Bytes of [`EagerHeader`] at the start of every bounce slot.
+pub const EAGER_HEADER_BYTES: usize = std::mem::size_of::<EagerHeader>();
+
+/// A 32-bit mix of `words` (FNV-1a over the bytes, then a final avalanche).
+fn mix(words: &[u32]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for w in words {
+        for b in w.to_le_bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^ (h >> 15)
+}
 
 /// One receive buffer offered to the sender. 40 bytes, written by the receiver into the sender's
 /// FIFO memory with RDMA WRITE, so its layout is part of the wire format.
@@ -50,36 +122,31 @@ pub struct CtsEntry {
     /// Tag the matching send must carry.
     pub tag: i32,
     /// Entries in this row (1 ..= MAX_RECVS); equal in every entry of a row.
-    pub nreqs: u32,
+    pub nreqs: u16,
+    /// [`CTS_EAGER_OK`] or 0.
+    pub flags: u16,
     /// `stamp(seq)` of the request: tells a fresh row from stale memory.
     pub stamp: u32,
     /// [`CtsEntry::compute_check`] of the other fields.
     pub check: u32,
-    pub reserved: u32,
+    /// Eager bounce slots the receiver had drained when it wrote this row (wrapping count).
+    pub eager_done: u32,
 }
 
 impl CtsEntry {
-    /// A 32-bit mix of every field but `check` (FNV-1a over the bytes, then a final avalanche).
+    /// A 32-bit mix of every field but `check`.
     pub fn compute_check(&self) -> u32 {
-        let mut h: u32 = 0x811c_9dc5;
-        let words = [
+        mix(&[
             self.addr as u32,
             (self.addr >> 32) as u32,
             self.size as u32,
             (self.size >> 32) as u32,
             self.rkey,
             self.tag as u32,
-            self.nreqs,
+            u32::from(self.nreqs) | u32::from(self.flags) << 16,
             self.stamp,
-        ];
-        for w in words {
-            for b in w.to_le_bytes() {
-                h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-            }
-        }
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x7feb_352d);
-        h ^ (h >> 15)
+            self.eager_done,
+        ])
     }
 
     /// The entry with its check filled in.

@@ -1,6 +1,7 @@
 //! The protocol against a simple model: a simulated wire with delayed, in-order delivery.
 //! Every byte sent must land once, in the buffer the tag picks, with the exact size reported on
-//! both sides; oversize sends fail on both sides; no FIFO row is reused while still in use.
+//! both sides; oversize sends fail on both sides; no FIFO row is reused while still in use; an
+//! eager bounce slot is never written while it still holds a message.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -21,6 +22,8 @@ struct Group {
     sends: Vec<u64>,
     /// order in which the sender posts the group's sends.
     order: Vec<usize>,
+    /// The receive buffers are host memory (eager messages may be copied into them).
+    host: bool,
 }
 
 fn group() -> impl Strategy<Value = Group> {
@@ -29,9 +32,11 @@ fn group() -> impl Strategy<Value = Group> {
             (
                 prop::collection::vec((0u64..300, 0u64..330), n),
                 Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
+                prop::bool::weighted(0.8),
             )
         })
-        .prop_map(|(sz, order)| Group {
+        .prop_map(|(sz, order, host)| Group {
+            host,
             bufs: sz
                 .iter()
                 .enumerate()
@@ -60,6 +65,12 @@ enum Wire {
         torn: bool,
     },
     Data(WireOp, u32),
+    /// An eager write: header and data into a bounce slot.
+    Eager {
+        slot: u16,
+        hdr: EagerHeader,
+        data: Vec<u8>,
+    },
 }
 
 struct Sim {
@@ -73,8 +84,56 @@ struct Sim {
     smem: Vec<Vec<u8>>,
     to_sender: VecDeque<Wire>,
     to_receiver: VecDeque<Wire>,
-    send_cq: VecDeque<u32>,
+    /// (eager write?, row sequence)
+    send_cq: VecDeque<(bool, u32)>,
     recv_cq: VecDeque<u32>,
+    /// Receiver's bounce slots: header, payload, and whether the slot holds an undrained message.
+    slots: Vec<(EagerHeader, Vec<u8>, bool)>,
+    eager_sent: usize,
+    eager_taken: usize,
+    /// The slot the receiver holds for a receive not posted yet.
+    held: Option<u16>,
+}
+
+impl Sim {
+    /// Carries out an eager action on the receiver's memory.
+    fn apply(&mut self, a: EagerAction, slot_of_drop: Option<u16>) -> Result<(), TestCaseError> {
+        match a {
+            EagerAction::None => {}
+            EagerAction::Hold => {}
+            EagerAction::Drop => {
+                if let Some(s) = slot_of_drop {
+                    self.slots[s as usize].2 = false;
+                }
+            }
+            EagerAction::Copy { slot, dst, len } => {
+                let (hdr, data, busy) = &mut self.slots[slot as usize];
+                prop_assert!(*busy, "copy from an empty slot");
+                prop_assert_eq!(u64::from(hdr.size), len);
+                let (rid, roff) = ((dst >> 32) as usize, dst & 0xffff_ffff);
+                let dstm = &mut self.rmem[rid];
+                prop_assert!(
+                    (roff + len) as usize <= dstm.len(),
+                    "eager copy past the buffer"
+                );
+                dstm[roff as usize..(roff + len) as usize].copy_from_slice(&data[..len as usize]);
+                *busy = false;
+                self.eager_taken += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sender's resolution of its eager row; a resulting transmit goes on the wire.
+    fn resolve(&mut self) -> Result<(), TestCaseError> {
+        let row = self.fifo[self.send.current_row()];
+        if let Resolved::Transmit(t) = self.send.resolve(&row).unwrap() {
+            for op in t.ops() {
+                self.to_receiver.push_back(Wire::Data(op, t.seq));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn pattern(g: usize, b: usize, len: u64) -> Vec<u8> {
@@ -83,11 +142,17 @@ fn pattern(g: usize, b: usize, len: u64) -> Vec<u8> {
         .collect()
 }
 
-fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCaseError> {
+fn run(
+    groups: Vec<Group>,
+    choices: Vec<u8>,
+    max_msg: u64,
+    eager: (u16, u32),
+) -> Result<(), TestCaseError> {
     let nb = groups.iter().map(|g| g.bufs.len()).max().unwrap_or(1);
     let id = |g: usize, b: usize| g * nb + b;
+    let (eager_slots, eager_max) = eager;
     let mut sim = Sim {
-        send: SendState::new(max_msg, 4096),
+        send: SendState::new(max_msg, 4096).with_eager(eager_slots, eager_max),
         recv: RecvState::new(),
         fifo: [[CtsEntry::default(); MAX_RECVS]; FIFO_DEPTH],
         sizes: [[0; MAX_RECVS]; FIFO_DEPTH],
@@ -97,6 +162,10 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
         to_receiver: VecDeque::new(),
         send_cq: VecDeque::new(),
         recv_cq: VecDeque::new(),
+        slots: vec![(EagerHeader::default(), Vec::new(), false); usize::from(eager_slots)],
+        eager_sent: 0,
+        eager_taken: 0,
+        held: None,
     };
     for (g, grp) in groups.iter().enumerate() {
         for (b, (&(cap, _), &s)) in grp.bufs.iter().zip(&grp.sends).enumerate() {
@@ -145,8 +214,10 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                         size: cap,
                         rkey: 1000 + g as u32,
                         tag,
+                        host: groups[g].host,
                     })
                     .collect();
+                let held = sim.held.take();
                 match sim.recv.post(&bufs).unwrap() {
                     RecvPost::NotReady => prop_assert!(sim.recv.in_flight() as usize >= 1),
                     RecvPost::Posted {
@@ -154,8 +225,10 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                         seq,
                         n,
                         entries,
+                        eager,
                     } => {
                         prop_assert_eq!(seq as usize, g);
+                        sim.apply(eager, held)?;
                         recv_reqs.push_back((g, req));
                         sim.to_sender.push_back(Wire::Cts {
                             seq,
@@ -205,6 +278,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                 let b = groups[g].order[next_send_in_group];
                 let (_, tag) = groups[g].bufs[b];
                 let size = groups[g].sends[b];
+                sim.resolve()?;
                 let row = sim.fifo[sim.send.current_row()];
                 let msg = SendMsg {
                     addr: addr(id(g, b), 0),
@@ -215,13 +289,36 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                 };
                 match sim.send.post(&row, msg).unwrap() {
                     SendPost::NotReady => {}
+                    SendPost::Eager { req, send } => {
+                        prop_assert!(size <= u64::from(eager_max));
+                        prop_assert_eq!(send.seq as usize, g);
+                        prop_assert_eq!(
+                            next_send_in_group,
+                            0,
+                            "only a row's first send goes eagerly"
+                        );
+                        sim.eager_sent += 1;
+                        send_reqs.push_back((g, b, req));
+                        next_send_in_group += 1;
+                        if next_send_in_group == groups[g].bufs.len() {
+                            next_send_group += 1;
+                            next_send_in_group = 0;
+                        }
+                        sim.to_receiver.push_back(Wire::Eager {
+                            slot: send.slot,
+                            hdr: send.header(),
+                            data: sim.smem[id(g, b)].clone(),
+                        });
+                        prop_assert_eq!(send.imm(), IMM_EAGER | u32::from(send.slot));
+                    }
                     SendPost::Posted { req, transmit } => {
                         send_reqs.push_back((g, b, req));
                         next_send_in_group += 1;
                         if next_send_in_group == groups[g].bufs.len() {
                             next_send_group += 1;
                             next_send_in_group = 0;
-                            let t = transmit.expect("last send of a row transmits");
+                        }
+                        if let Some(t) = transmit {
                             prop_assert_eq!(t.seq as usize, g);
                             let ops: Vec<WireOp> = t.ops().collect();
                             prop_assert_eq!(ops.len() as u32, t.wqe_count());
@@ -233,14 +330,28 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                                 sim.to_receiver.push_back(Wire::Data(op, t.seq));
                             }
                         } else {
-                            prop_assert!(transmit.is_none());
+                            prop_assert!(
+                                next_send_in_group != 0,
+                                "the last send of a row transmits (unless its row was sent eagerly)"
+                            );
                         }
                     }
                 }
             }
             4 => {
                 // the wire delivers one op to the receiver
-                if let Some(Wire::Data(op, seq)) = sim.to_receiver.pop_front() {
+                let w = sim.to_receiver.pop_front();
+                if let Some(Wire::Eager { slot, hdr, data }) = w {
+                    let s = &mut sim.slots[slot as usize];
+                    prop_assert!(
+                        !s.2,
+                        "eager write into slot {} that still holds a message",
+                        slot
+                    );
+                    *s = (hdr, data, true);
+                    sim.recv_cq.push_back(IMM_EAGER | u32::from(slot));
+                    sim.send_cq.push_back((true, hdr.seq));
+                } else if let Some(Wire::Data(op, seq)) = w {
                     let mut copy = |local: u64,
                                     remote: u64,
                                     len: u32,
@@ -283,18 +394,33 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                                 copy(local_addr, remote_addr, len, rkey)?;
                             }
                             sim.recv_cq.push_back(imm);
-                            sim.send_cq.push_back(seq);
+                            sim.send_cq.push_back((false, seq));
                         }
                     }
                 }
             }
             5 => {
-                if let Some(seq) = sim.send_cq.pop_front() {
-                    sim.send.on_completion(seq).unwrap();
+                if let Some((eager, seq)) = sim.send_cq.pop_front() {
+                    if eager {
+                        sim.send.on_eager_completion(seq).unwrap();
+                    } else {
+                        sim.send.on_completion(seq).unwrap();
+                    }
                 }
                 if let Some(imm) = sim.recv_cq.pop_front() {
-                    let row = sim.sizes[row_of(sim.recv.next_done_seq())];
-                    sim.recv.on_imm(imm, || row).unwrap();
+                    if imm & !IMM_EAGER_SLOT_MASK == IMM_EAGER {
+                        let slot = (imm & IMM_EAGER_SLOT_MASK) as u16;
+                        let hdr = sim.slots[slot as usize].0;
+                        let a = sim.recv.on_eager(slot, hdr).unwrap();
+                        if a == EagerAction::Hold {
+                            prop_assert!(sim.held.is_none());
+                            sim.held = Some(slot);
+                        }
+                        sim.apply(a, Some(slot))?;
+                    } else {
+                        let row = sim.sizes[row_of(sim.recv.next_done_seq())];
+                        sim.recv.on_imm(imm, || row).unwrap();
+                    }
                 }
             }
             6 => {
@@ -338,6 +464,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
                 }
             }
             _ => {
+                sim.resolve()?;
                 if let Some(&(g, b, req)) = send_reqs.front() {
                     match sim.send.test(req) {
                         Ok(None) => {}
@@ -369,6 +496,11 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, max_msg: u64) -> Result<(), TestCas
     }
     prop_assert_eq!(sim.send.sq_used(), 0);
     prop_assert_eq!(sim.recv.in_flight(), 0);
+    prop_assert!(sim.eager_taken <= sim.eager_sent);
+    prop_assert!(!sim.slots.iter().any(|s| s.2), "a slot was never drained");
+    if eager_slots == 0 {
+        prop_assert_eq!(sim.eager_sent, 0);
+    }
     Ok(())
 }
 
@@ -377,8 +509,9 @@ proptest! {
     #[test]
     fn protocol_matches_model(groups in prop::collection::vec(group(), 1..80),
                               choices in prop::collection::vec(any::<u8>(), 16..64),
-                              max_msg in 1u64..128) {
-        run(groups, choices, max_msg)?;
+                              max_msg in 1u64..128,
+                              eager in (0u16..4, 0u32..400)) {
+        run(groups, choices, max_msg, eager)?;
     }
 }
 
@@ -392,6 +525,7 @@ fn single_small_message_folds_the_immediate_into_the_data() {
             size: 64,
             rkey: 5,
             tag: 3,
+            host: true,
         }])
         .unwrap()
     else {
@@ -441,6 +575,7 @@ fn zero_byte_message_is_a_bare_immediate() {
             size: 64,
             rkey: 5,
             tag: 0,
+            host: true,
         }])
         .unwrap()
     else {
@@ -543,6 +678,7 @@ fn fifo_depth_bounds_outstanding_receives() {
         size: 1,
         rkey: 1,
         tag: 0,
+        host: true,
     }];
     for _ in 0..FIFO_DEPTH {
         assert!(matches!(recv.post(&buf).unwrap(), RecvPost::Posted { .. }));
@@ -704,5 +840,125 @@ fn a_send_for_a_later_row_waits_instead_of_failing() {
     assert!(matches!(
         send.post(&row, msg(3)),
         Err(ProtoError::TagMismatch { .. })
+    ));
+}
+
+#[test]
+fn eager_send_is_held_then_copied_or_refused_by_the_row() {
+    let mut recv = RecvState::new();
+    let mut send = SendState::new(1 << 20, 64).with_eager(2, 64);
+    let empty = [CtsEntry::default(); MAX_RECVS];
+    let msg = |tag, size| SendMsg {
+        addr: 0x9000,
+        lkey: 9,
+        size,
+        tag,
+        host: true,
+    };
+    let buf = |host| RecvBuf {
+        addr: 0x1000,
+        size: 64,
+        rkey: 5,
+        tag: 3,
+        host,
+    };
+
+    // 1. No row yet: the send goes eagerly; the receiver holds it until the receive is posted.
+    let SendPost::Eager { req: s0, send: e0 } = send.post(&empty, msg(3, 8)).unwrap() else {
+        panic!("expected an eager send")
+    };
+    assert_eq!((e0.seq, e0.slot), (0, 0));
+    assert_eq!(
+        send.post(&empty, msg(3, 8)).unwrap(),
+        SendPost::NotReady,
+        "one row at a time goes ahead of its clear-to-send"
+    );
+    assert_eq!(recv.on_eager(e0.slot, e0.header()), Ok(EagerAction::Hold));
+    let RecvPost::Posted {
+        req: r0,
+        entries,
+        eager,
+        ..
+    } = recv.post(&[buf(true)]).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        eager,
+        EagerAction::Copy {
+            slot: 0,
+            dst: 0x1000,
+            len: 8
+        }
+    );
+    assert_eq!(entries[0].eager_done, 1, "the row returns the slot");
+    assert_eq!(recv.test(r0).unwrap().map(|(n, s)| (n, s[0])), Some((1, 8)));
+    let mut row = empty;
+    row[0] = entries[0];
+    assert_eq!(send.resolve(&row), Ok(Resolved::Accepted));
+    assert_eq!(send.test(s0), Ok(None), "the write has not completed");
+    send.on_eager_completion(0).unwrap();
+    assert_eq!(send.test(s0), Ok(Some(8)));
+
+    // 2. A receive into GPU memory does not take eager messages: both sides drop the slot and
+    //    the message goes the ordinary way, under the same request.
+    let SendPost::Eager { req: s1, send: e1 } = send.post(&empty, msg(3, 16)).unwrap() else {
+        panic!("expected an eager send")
+    };
+    assert_eq!((e1.seq, e1.slot), (1, 1));
+    let RecvPost::Posted {
+        req: r1,
+        entries,
+        eager,
+        ..
+    } = recv.post(&[buf(false)]).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(eager, EagerAction::None);
+    assert_eq!(entries[0].flags & CTS_EAGER_OK, 0);
+    assert_eq!(recv.on_eager(e1.slot, e1.header()), Ok(EagerAction::Drop));
+    assert_eq!(recv.eager_done(), 2);
+    let mut row = empty;
+    row[0] = entries[0];
+    let Ok(Resolved::Transmit(t)) = send.resolve(&row) else {
+        panic!("expected the refused message to be transmitted")
+    };
+    assert_eq!(
+        t.ops().collect::<Vec<_>>(),
+        vec![WireOp::WriteImm {
+            local_addr: 0x9000,
+            lkey: 9,
+            remote_addr: 0x1000,
+            rkey: 5,
+            len: 16,
+            imm: 16,
+            host: true,
+        }]
+    );
+    send.on_eager_completion(1).unwrap();
+    assert_eq!(
+        send.test(s1),
+        Ok(None),
+        "done only when the ordinary write completes"
+    );
+    send.on_completion(1).unwrap();
+    assert_eq!(send.test(s1), Ok(Some(16)));
+    recv.on_imm(16, || unreachable!()).unwrap();
+    assert_eq!(
+        recv.test(r1).unwrap().map(|(n, s)| (n, s[0])),
+        Some((1, 16))
+    );
+
+    // 3. Out of order or damaged eager messages are the peer's fault.
+    let mut bad = EagerHeader::new(7, 3, 8);
+    assert!(matches!(
+        recv.on_eager(0, bad),
+        Err(ProtoError::Protocol(_))
+    ));
+    bad.size = 9;
+    assert!(matches!(
+        recv.on_eager(0, bad),
+        Err(ProtoError::Protocol(_))
     ));
 }

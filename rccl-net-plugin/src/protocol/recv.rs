@@ -1,8 +1,8 @@
 //! Receiver half: turns `irecv`s into FIFO rows and immediates into completed requests.
 
 use super::{
-    row_of, stamp, CtsEntry, ProtoError, FIFO_DEPTH, IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY,
-    IMM_TRUNCATED, MAX_RECVS,
+    eager_fits, row_of, stamp, CtsEntry, EagerHeader, ProtoError, CTS_EAGER_OK, FIFO_DEPTH,
+    IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
 };
 
 /// One buffer of an `irecv`.
@@ -12,6 +12,22 @@ pub struct RecvBuf {
     pub size: u64,
     pub rkey: u32,
     pub tag: i32,
+    /// Host memory the CPU may write: an eager message can be copied into it.
+    pub host: bool,
+}
+
+/// What to do with an eager bounce slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EagerAction {
+    /// No eager message is involved.
+    None,
+    /// The message is for a receive not posted yet: keep the slot until it is.
+    Hold,
+    /// The posted receive does not take the message: the slot is free again, and the sender
+    /// will send the message the ordinary way.
+    Drop,
+    /// Copy `len` bytes of slot `slot`'s payload to `dst`; the receive is complete.
+    Copy { slot: u16, dst: u64, len: u64 },
 }
 
 /// Outcome of [`RecvState::post`]. Returned by value on the hot path: boxing would allocate.
@@ -27,6 +43,9 @@ pub enum RecvPost {
         seq: u32,
         n: usize,
         entries: [CtsEntry; MAX_RECVS],
+        /// An eager message held for this receive: `Copy` before the row is written (the
+        /// request is then already done), or `Drop`.
+        eager: EagerAction,
     },
 }
 
@@ -46,6 +65,8 @@ struct RecvReq {
     n: usize,
     capacity: [u64; MAX_RECVS],
     sizes: [u64; MAX_RECVS],
+    /// The first entry as offered: decides whether an eager message fits.
+    first: CtsEntry,
 }
 
 /// Receiver-side protocol state of one receive comm.
@@ -53,6 +74,10 @@ pub struct RecvState {
     post_seq: u32,
     done_seq: u32,
     reqs: [RecvReq; FIFO_DEPTH],
+    /// Eager slots drained (copied or dropped), told to the sender in every row.
+    eager_done: u32,
+    /// An eager message that arrived before its receive was posted: (slot, header).
+    held: Option<(u16, EagerHeader)>,
 }
 
 impl Default for RecvState {
@@ -67,7 +92,14 @@ impl RecvState {
             post_seq: 0,
             done_seq: 0,
             reqs: [RecvReq::default(); FIFO_DEPTH],
+            eager_done: 0,
+            held: None,
         }
+    }
+
+    /// Eager slots drained so far.
+    pub fn eager_done(&self) -> u32 {
+        self.eager_done
     }
 
     /// Receives posted whose immediate has not arrived.
@@ -93,6 +125,11 @@ impl RecvState {
             return Ok(RecvPost::NotReady);
         }
         let seq = self.post_seq;
+        let flags = if n == 1 && bufs[0].host {
+            CTS_EAGER_OK
+        } else {
+            0
+        };
         let mut entries = [CtsEntry::default(); MAX_RECVS];
         let mut capacity = [0u64; MAX_RECVS];
         for (i, b) in bufs.iter().enumerate() {
@@ -101,26 +138,98 @@ impl RecvState {
                 size: b.size,
                 rkey: b.rkey,
                 tag: b.tag,
-                nreqs: n as u32,
+                nreqs: n as u16,
+                flags,
                 stamp: stamp(seq),
                 ..CtsEntry::default()
-            }
-            .sealed();
+            };
             capacity[i] = b.size;
         }
-        self.reqs[r] = RecvReq {
+        let mut req = RecvReq {
             state: ReqState::Posted,
             seq,
             n,
             capacity,
             sizes: [0; MAX_RECVS],
+            first: entries[0],
         };
+        let mut eager = EagerAction::None;
+        if let Some((slot, hdr)) = self.held.take() {
+            // Everything before this receive has arrived, so the held message is for it.
+            debug_assert_eq!(hdr.seq, seq);
+            self.eager_done = self.eager_done.wrapping_add(1);
+            eager = if eager_fits(&entries[0], hdr.tag, u64::from(hdr.size)) {
+                req.state = ReqState::Done;
+                req.sizes[0] = u64::from(hdr.size);
+                self.done_seq = seq.wrapping_add(1);
+                EagerAction::Copy {
+                    slot,
+                    dst: entries[0].addr,
+                    len: u64::from(hdr.size),
+                }
+            } else {
+                EagerAction::Drop
+            };
+        }
+        for e in &mut entries[..n] {
+            e.eager_done = self.eager_done;
+            *e = e.sealed();
+        }
+        self.reqs[r] = req;
         self.post_seq = seq.wrapping_add(1);
         Ok(RecvPost::Posted {
             req: r as u16,
             seq,
             n,
             entries,
+            eager,
+        })
+    }
+
+    /// An eager message arrived in bounce slot `slot` with header `hdr` (read after its
+    /// completion, so every byte is in place).
+    pub fn on_eager(&mut self, slot: u16, hdr: EagerHeader) -> Result<EagerAction, ProtoError> {
+        if !hdr.is_intact() {
+            return Err(ProtoError::Protocol(format!(
+                "eager slot {slot} holds a damaged header {hdr:?}"
+            )));
+        }
+        if self.held.is_some() || hdr.seq != self.done_seq {
+            return Err(ProtoError::Protocol(format!(
+                "eager message for receive #{} while receive #{} is next{}",
+                hdr.seq,
+                self.done_seq,
+                if self.held.is_some() {
+                    " and an earlier eager message is still held"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if self.post_seq == self.done_seq {
+            self.held = Some((slot, hdr));
+            return Ok(EagerAction::Hold);
+        }
+        let r = row_of(self.done_seq);
+        let req = &mut self.reqs[r];
+        if req.state != ReqState::Posted || req.seq != hdr.seq {
+            return Err(ProtoError::Protocol(format!(
+                "eager message for receive #{} which is not waiting for data",
+                hdr.seq
+            )));
+        }
+        self.eager_done = self.eager_done.wrapping_add(1);
+        let size = u64::from(hdr.size);
+        if !eager_fits(&req.first, hdr.tag, size) {
+            return Ok(EagerAction::Drop);
+        }
+        req.sizes[0] = size;
+        req.state = ReqState::Done;
+        self.done_seq = self.done_seq.wrapping_add(1);
+        Ok(EagerAction::Copy {
+            slot,
+            dst: req.first.addr,
+            len: size,
         })
     }
 

@@ -1,8 +1,8 @@
 //! Sender half: matches `isend`s against the rows the receiver wrote into our FIFO.
 
 use super::{
-    row_of, stamp, CtsEntry, ProtoError, FIFO_DEPTH, IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY,
-    IMM_TRUNCATED, MAX_RECVS,
+    eager_fits, row_of, stamp, CtsEntry, EagerHeader, ProtoError, FIFO_DEPTH, IMM_EAGER,
+    IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
 };
 
 /// One `isend` as the protocol sees it.
@@ -27,6 +27,41 @@ pub enum SendPost {
         req: u16,
         transmit: Option<Transmit>,
     },
+    /// No row yet, so the send goes eagerly as request `req`: post `send`.
+    Eager { req: u16, send: EagerSend },
+}
+
+/// One eager write: header plus the message's data into bounce slot `slot` of the receiver, as a
+/// single signaled WRITE_WITH_IMM with immediate [`EagerSend::imm`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EagerSend {
+    pub seq: u32,
+    pub slot: u16,
+    pub msg: SendMsg,
+}
+
+impl EagerSend {
+    pub fn header(&self) -> EagerHeader {
+        EagerHeader::new(self.seq, self.msg.tag, self.msg.size as u32)
+    }
+
+    pub fn imm(&self) -> u32 {
+        IMM_EAGER | u32::from(self.slot)
+    }
+}
+
+/// Outcome of [`SendState::resolve`] for the row sent eagerly.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resolved {
+    /// No eager row is waiting for its clear-to-send, or the row has not arrived.
+    Nothing,
+    /// The receiver takes the eager message: the send is done once its write completes.
+    Accepted,
+    /// The receiver drops the slot: the message now waits for the rest of its row like any send.
+    Refused,
+    /// The receiver drops the slot and the message completes the row: post this.
+    Transmit(Transmit),
 }
 
 /// What to put on the wire for one fully matched row.
@@ -244,6 +279,16 @@ enum ReqState {
     Done,
     /// The row was truncated: the whole row failed.
     Failed,
+    /// Sent eagerly; the receiver's row has not said yet whether it takes the message.
+    Eager,
+    /// Sent eagerly and taken by the receiver; waiting for the write's completion.
+    EagerTaken,
+}
+
+/// A row's eager send, from posting until its row arrives.
+#[derive(Clone, Copy, Debug, Default)]
+struct EagerOut {
+    msg: SendMsg,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -264,17 +309,32 @@ struct Row {
     truncated: Option<(u64, u64)>,
     entries: [CtsEntry; MAX_RECVS],
     msgs: [SendMsg; MAX_RECVS],
+    /// The transmit of row `tx_seq` waits for its signaled completion.
+    awaiting: bool,
+    tx_seq: u32,
+    /// The eager send of this row, until the row arrives.
+    eager: Option<EagerOut>,
+    /// The eager write of row `eager_seq` waits for its completion.
+    eager_wr: bool,
+    eager_seq: u32,
 }
 
 /// Sender-side protocol state of one send comm.
 pub struct SendState {
     seq: u32,
-    next_completion: u32,
     rows: [Row; FIFO_DEPTH],
     reqs: [SendReq; FIFO_DEPTH * MAX_RECVS],
     max_msg: u64,
     sq_depth: u32,
     sq_used: u32,
+    /// Bounce slots at the receiver (0: no eager path) and the largest eager message.
+    eager_slots: u32,
+    eager_max: u64,
+    /// Eager writes posted, and the receiver's count of drained slots from the latest row.
+    eager_sent: u32,
+    eager_done_seen: u32,
+    /// The current row was sent eagerly and its clear-to-send has not been seen.
+    unconfirmed: bool,
 }
 
 impl SendState {
@@ -284,13 +344,31 @@ impl SendState {
         assert!(max_msg > 0 && max_msg <= u64::from(u32::MAX));
         SendState {
             seq: 0,
-            next_completion: 0,
             rows: [Row::default(); FIFO_DEPTH],
             reqs: [SendReq::default(); FIFO_DEPTH * MAX_RECVS],
             max_msg,
             sq_depth,
             sq_used: 0,
+            eager_slots: 0,
+            eager_max: 0,
+            eager_sent: 0,
+            eager_done_seen: 0,
+            unconfirmed: false,
         }
+    }
+
+    /// Enables the eager path: the receiver has `slots` bounce slots of `max` payload bytes.
+    pub fn with_eager(mut self, slots: u16, max: u32) -> Self {
+        if slots > 0 && max > 0 {
+            self.eager_slots = u32::from(slots);
+            self.eager_max = u64::from(max);
+        }
+        self
+    }
+
+    /// The current row was sent eagerly and waits for [`Self::resolve`].
+    pub fn unconfirmed(&self) -> bool {
+        self.unconfirmed
     }
 
     /// Sequence number of the row the next send matches.
@@ -303,9 +381,49 @@ impl SendState {
         row_of(self.seq)
     }
 
-    /// Rows transmitted whose completion has not arrived.
-    pub fn transmits_in_flight(&self) -> u32 {
-        self.seq.wrapping_sub(self.next_completion)
+    /// Checks FIFO row `fifo_row` for request `seq`: `Ok(None)` while it has not fully landed,
+    /// else its entry count.
+    fn arrived(seq: u32, fifo_row: &[CtsEntry; MAX_RECVS]) -> Result<Option<usize>, ProtoError> {
+        let want = stamp(seq);
+        let head = fifo_row[0];
+        if head.stamp != want || !head.is_intact() {
+            // Not written yet, or still landing.
+            return Ok(None);
+        }
+        let nreqs = usize::from(head.nreqs);
+        if nreqs == 0 || nreqs > MAX_RECVS {
+            return Err(ProtoError::Protocol(format!(
+                "receive row {seq} announces {} buffers (1..={MAX_RECVS} allowed)",
+                head.nreqs
+            )));
+        }
+        // The row is one RDMA WRITE, but nothing orders its bytes: wait until every entry is stamped.
+        if fifo_row[..nreqs]
+            .iter()
+            .any(|e| e.stamp != want || !e.is_intact())
+        {
+            return Ok(None);
+        }
+        if let Some(bad) = fifo_row[..nreqs].iter().find(|e| e.nreqs != head.nreqs) {
+            return Err(ProtoError::Protocol(format!(
+                "receive row {seq} mixes entry counts {} and {}",
+                head.nreqs, bad.nreqs
+            )));
+        }
+        Ok(Some(nreqs))
+    }
+
+    /// Starts matching row `r` against the arrived `fifo_row` of `nreqs` entries.
+    fn open_row(&mut self, r: usize, fifo_row: &[CtsEntry; MAX_RECVS], nreqs: usize) {
+        self.eager_done_seen = fifo_row[0].eager_done;
+        let row = &mut self.rows[r];
+        row.matching = true;
+        row.nreqs = nreqs;
+        row.matched = 0;
+        row.truncated = None;
+        row.entries = [CtsEntry::default(); MAX_RECVS];
+        row.entries[..nreqs].copy_from_slice(&fifo_row[..nreqs]);
+        row.msgs = [SendMsg::default(); MAX_RECVS];
     }
 
     /// Post a send against `fifo_row`, a snapshot of FIFO row [`Self::current_row`].
@@ -314,6 +432,10 @@ impl SendState {
         fifo_row: &[CtsEntry; MAX_RECVS],
         msg: SendMsg,
     ) -> Result<SendPost, ProtoError> {
+        if self.unconfirmed {
+            // The eager row must be resolved first; it may still take this send's place.
+            return Ok(SendPost::NotReady);
+        }
         let r = row_of(self.seq);
         let row = &self.rows[r];
         if !row.matching {
@@ -321,47 +443,115 @@ impl SendState {
                 // The caller still holds requests of this row's previous use.
                 return Ok(SendPost::NotReady);
             }
-            let want = stamp(self.seq);
-            let head = fifo_row[0];
-            if head.stamp != want || !head.is_intact() {
-                // Not written yet, or still landing.
-                return Ok(SendPost::NotReady);
+            match Self::arrived(self.seq, fifo_row)? {
+                Some(nreqs) => self.open_row(r, fifo_row, nreqs),
+                None => return Ok(self.try_eager(r, msg)),
             }
-            let nreqs = head.nreqs as usize;
-            if nreqs == 0 || nreqs > MAX_RECVS {
-                return Err(ProtoError::Protocol(format!(
-                    "receive row {} announces {} buffers (1..={MAX_RECVS} allowed)",
-                    self.seq, head.nreqs
-                )));
-            }
-            // The row is one RDMA WRITE, but nothing orders its bytes: wait until every entry is stamped.
-            if fifo_row[..nreqs]
-                .iter()
-                .any(|e| e.stamp != want || !e.is_intact())
-            {
-                return Ok(SendPost::NotReady);
-            }
-            if let Some(bad) = fifo_row[..nreqs].iter().find(|e| e.nreqs != head.nreqs) {
-                return Err(ProtoError::Protocol(format!(
-                    "receive row {} mixes entry counts {} and {}",
-                    self.seq, head.nreqs, bad.nreqs
-                )));
-            }
-            let row = &mut self.rows[r];
-            *row = Row {
-                matching: true,
-                nreqs,
-                ..Row::default()
-            };
-            row.entries[..nreqs].copy_from_slice(&fifo_row[..nreqs]);
         }
+        self.match_send(r, msg, true)
+    }
 
+    /// The send cannot match a row yet: send it eagerly when the receiver has a free slot.
+    fn try_eager(&mut self, r: usize, msg: SendMsg) -> SendPost {
+        let credit = self.eager_sent.wrapping_sub(self.eager_done_seen) < self.eager_slots;
+        if !credit || msg.size > self.eager_max || self.sq_used >= self.sq_depth {
+            return SendPost::NotReady;
+        }
+        let slot = (self.eager_sent % self.eager_slots) as u16;
+        self.eager_sent = self.eager_sent.wrapping_add(1);
+        self.unconfirmed = true;
+        self.sq_used += 1;
+        let row = &mut self.rows[r];
+        row.matching = false;
+        row.live = 1;
+        row.eager = Some(EagerOut { msg });
+        row.eager_wr = true;
+        row.eager_seq = self.seq;
+        let req = r * MAX_RECVS;
+        self.reqs[req] = SendReq {
+            state: ReqState::Eager,
+            size: msg.size,
+        };
+        SendPost::Eager {
+            req: req as u16,
+            send: EagerSend {
+                seq: self.seq,
+                slot,
+                msg,
+            },
+        }
+    }
+
+    /// The row of the eager send arrived (or not) in `fifo_row`, a snapshot of
+    /// [`Self::current_row`]: settle the send the same way the receiver does.
+    pub fn resolve(&mut self, fifo_row: &[CtsEntry; MAX_RECVS]) -> Result<Resolved, ProtoError> {
+        if !self.unconfirmed {
+            return Ok(Resolved::Nothing);
+        }
+        let r = row_of(self.seq);
+        let Some(nreqs) = Self::arrived(self.seq, fifo_row)? else {
+            return Ok(Resolved::Nothing);
+        };
+        let msg = self.rows[r]
+            .eager
+            .expect("an unconfirmed row has its eager send")
+            .msg;
+        let req = r * MAX_RECVS;
+        if eager_fits(&fifo_row[0], msg.tag, msg.size) {
+            self.eager_done_seen = fifo_row[0].eager_done;
+            let row = &mut self.rows[r];
+            row.eager = None;
+            row.nreqs = 1;
+            self.reqs[req].state = if row.eager_wr {
+                ReqState::EagerTaken
+            } else {
+                ReqState::Done
+            };
+            self.unconfirmed = false;
+            self.seq = self.seq.wrapping_add(1);
+            return Ok(Resolved::Accepted);
+        }
+        // Refused: match the message against its row like a fresh send, under the same request.
+        let completes = nreqs == 1;
+        if completes {
+            let mut t = Transmit {
+                seq: self.seq,
+                nreqs: 1,
+                msgs: [SendMsg::default(); MAX_RECVS],
+                entries: [CtsEntry::default(); MAX_RECVS],
+                truncated: false,
+                max_msg: self.max_msg,
+            };
+            t.msgs[0] = msg;
+            t.entries[0] = fifo_row[0];
+            if self.sq_used + t.wqe_count() > self.sq_depth {
+                // Retried on a later call, once completions free the queue.
+                return Ok(Resolved::Nothing);
+            }
+        }
+        self.open_row(r, fifo_row, nreqs);
+        self.rows[r].eager = None;
+        self.unconfirmed = false;
+        match self.match_send(r, msg, false)? {
+            SendPost::Posted {
+                transmit: Some(t), ..
+            } => Ok(Resolved::Transmit(t)),
+            SendPost::Posted { transmit: None, .. } => Ok(Resolved::Refused),
+            other => Err(ProtoError::InvalidUsage(format!(
+                "refused eager send could not take its row: {other:?}"
+            ))),
+        }
+    }
+
+    /// Matches `msg` into the open row `r`. `fresh`: a new request (else the row's refused eager
+    /// send, which already holds request 0 of the row).
+    fn match_send(&mut self, r: usize, msg: SendMsg, fresh: bool) -> Result<SendPost, ProtoError> {
         let row = &self.rows[r];
         let nreqs = row.nreqs;
         let Some(i) =
             (0..nreqs).find(|&i| row.matched & (1 << i) == 0 && row.entries[i].tag == msg.tag)
         else {
-            if row.entries[..nreqs].iter().any(|e| e.tag == msg.tag) {
+            if fresh && row.entries[..nreqs].iter().any(|e| e.tag == msg.tag) {
                 // This tag's buffer in the current row is taken: the send belongs to a later row
                 // (another tag of a grouped receive has not posted yet). Try again later.
                 return Ok(SendPost::NotReady);
@@ -372,7 +562,8 @@ impl SendState {
             });
         };
 
-        let completes_row = row.matched.count_ones() as usize + 1 == nreqs;
+        let k = row.matched.count_ones() as usize;
+        let completes_row = k + 1 == nreqs;
         let mut transmit = None;
         if completes_row {
             let mut t = Transmit {
@@ -399,12 +590,15 @@ impl SendState {
 
         let row = &mut self.rows[r];
         row.matched |= 1 << i;
-        row.live += 1;
+        if fresh {
+            row.live += 1;
+        }
         row.msgs[i] = msg;
         if msg.size > row.entries[i].size && row.truncated.is_none() {
             row.truncated = Some((msg.size, row.entries[i].size));
         }
-        let req = r * MAX_RECVS + i;
+        // Requests of a row are numbered in matching order, so a refused eager send keeps its own.
+        let req = r * MAX_RECVS + k;
         self.reqs[req] = SendReq {
             state: ReqState::Matched,
             size: msg.size,
@@ -414,6 +608,8 @@ impl SendState {
             let row = &mut self.rows[r];
             row.matching = false;
             row.wqes = t.wqe_count();
+            row.awaiting = true;
+            row.tx_seq = self.seq;
             self.sq_used += row.wqes;
             for j in 0..nreqs {
                 self.reqs[r * MAX_RECVS + j].state = ReqState::InFlight;
@@ -426,16 +622,34 @@ impl SendState {
         })
     }
 
-    /// The signaled completion of the transmit of row `seq` arrived.
-    pub fn on_completion(&mut self, seq: u32) -> Result<(), ProtoError> {
-        if seq != self.next_completion || self.transmits_in_flight() == 0 {
-            return Err(ProtoError::Protocol(format!(
-                "send completion for row {seq}, expected row {}",
-                self.next_completion
-            )));
-        }
+    /// The eager write of row `seq` completed: its data has left the caller's buffer.
+    pub fn on_eager_completion(&mut self, seq: u32) -> Result<(), ProtoError> {
         let r = row_of(seq);
         let row = &mut self.rows[r];
+        if !row.eager_wr || row.eager_seq != seq {
+            return Err(ProtoError::Protocol(format!(
+                "eager write completion for row {seq}, which has no eager write in flight"
+            )));
+        }
+        row.eager_wr = false;
+        self.sq_used -= 1;
+        let req = &mut self.reqs[r * MAX_RECVS];
+        if req.state == ReqState::EagerTaken {
+            req.state = ReqState::Done;
+        }
+        Ok(())
+    }
+
+    /// The signaled completion of the transmit of row `seq` arrived.
+    pub fn on_completion(&mut self, seq: u32) -> Result<(), ProtoError> {
+        let r = row_of(seq);
+        let row = &mut self.rows[r];
+        if !row.awaiting || row.tx_seq != seq {
+            return Err(ProtoError::Protocol(format!(
+                "send completion for row {seq}, which has no transmit in flight"
+            )));
+        }
+        row.awaiting = false;
         self.sq_used -= row.wqes;
         row.wqes = 0;
         let state = if row.truncated.is_some() {
@@ -446,7 +660,6 @@ impl SendState {
         for j in 0..row.nreqs {
             self.reqs[r * MAX_RECVS + j].state = state;
         }
-        self.next_completion = self.next_completion.wrapping_add(1);
         Ok(())
     }
 
@@ -464,7 +677,9 @@ impl SendState {
             ReqState::Free => Err(ProtoError::InvalidUsage(format!(
                 "send request {req} is not in flight"
             ))),
-            ReqState::Matched | ReqState::InFlight => Ok(None),
+            ReqState::Matched | ReqState::InFlight | ReqState::Eager | ReqState::EagerTaken => {
+                Ok(None)
+            }
             ReqState::Done => {
                 self.reqs[idx].state = ReqState::Free;
                 row.live -= 1;
