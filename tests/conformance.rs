@@ -1,7 +1,8 @@
 //! Conformance of the built plugin `.so` through its exported tables, driven like RCCL's proxy:
-//! seeded random traffic for every ABI version via `examples/conformance`, one run with 64 MiB
-//! messages, and fault cases (garbage handle, handle to a closed listener, bad environment value,
-//! peer killed mid-transfer) with their error codes and time bounds.
+//! seeded random traffic for every ABI version via `examples/conformance` (with the eager path on
+//! for v6, v8, v10 and v12), one run with 64 MiB messages, several QPs per connection, stray
+//! connections to a listener, and fault cases (garbage handle, handle to a closed listener, bad
+//! environment value, peer killed mid-transfer) with their error codes and time bounds.
 //!
 //! Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
 //! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Needs the example built first:
@@ -129,7 +130,8 @@ fn random_traffic_through_every_table_version() {
                 "--seed",
                 &(1000 + v).to_string(),
             ],
-            &[],
+            // The eager path (off by default) gets the same random traffic in half the runs.
+            &[("HALO_EAGER_MAX", if v % 2 == 0 { "8192" } else { "0" })],
             Duration::from_secs(300),
         );
         assert_pass(&run);
@@ -159,6 +161,43 @@ fn large_messages_v10() {
         Duration::from_secs(600),
     );
     assert_pass(&run);
+}
+
+#[test]
+fn several_queue_pairs_per_connection() {
+    let Some(p) = setup("several_queue_pairs_per_connection") else {
+        return;
+    };
+    // Split every large message over 4 QPs, then whole large rows over 3 QPs in turn.
+    for (qps, split) in [("4", "1"), ("3", "0")] {
+        let run = run_example(
+            &p,
+            &[
+                "--version",
+                "10",
+                "--role",
+                "both",
+                "--messages",
+                "120",
+                "--max-size",
+                &(4usize << 20).to_string(),
+                "--seed",
+                &format!("4{qps}{split}"),
+            ],
+            &[
+                ("NCCL_IB_QPS_PER_CONNECTION", qps),
+                ("NCCL_IB_SPLIT_DATA_ON_QPS", split),
+            ],
+            Duration::from_secs(600),
+        );
+        assert_pass(&run);
+        let extra = format!("(+{} data QPs)", qps.parse::<u32>().unwrap() - 1);
+        assert!(
+            run.stderr.contains(&extra),
+            "the connection did not use {qps} QPs:\n{}",
+            run.stderr
+        );
+    }
 }
 
 /// The plugin loaded into this process, the way the core loads it.
@@ -228,6 +267,48 @@ fn handle_to_a_closed_listener_fails_quickly() {
         err.code == ncclRemoteError || err.code == ncclSystemError,
         "{err}"
     );
+}
+
+#[test]
+fn stray_connections_do_not_hold_up_the_peer() {
+    let Some(p) = setup("stray_connections_do_not_hold_up_the_peer") else {
+        return;
+    };
+    use std::io::Write;
+    let plugin = load_v10(&p);
+    let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+    let listen = plugin.listen(0, &mut handle).expect("listen");
+    let addr = rccl_net_plugin::oob::ListenHandle::decode(&handle)
+        .expect("our own handle")
+        .addr;
+    // One connection that never says anything, one that sends garbage, one that hangs up.
+    let _silent = std::net::TcpStream::connect(addr).expect("silent connection");
+    let mut garbage = std::net::TcpStream::connect(addr).expect("garbage connection");
+    garbage.write_all(&[0x5a; 300]).expect("write garbage");
+    drop(std::net::TcpStream::connect(addr).expect("short connection"));
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    let (mut send, mut recv) = (None, None);
+    while send.is_none() || recv.is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the real peer was held up by stray connections"
+        );
+        if send.is_none() {
+            let c = plugin.connect(0, &mut handle).expect("connect");
+            send = (!c.is_null()).then_some(c);
+        }
+        if recv.is_none() {
+            let c = plugin
+                .accept(listen)
+                .expect("accept despite stray connections");
+            recv = (!c.is_null()).then_some(c);
+        }
+    }
+    eprintln!("connected past 3 stray connections in {:?}", t0.elapsed());
+    plugin.close_send(send.unwrap()).expect("closeSend");
+    plugin.close_recv(recv.unwrap()).expect("closeRecv");
+    plugin.close_listen(listen).expect("closeListen");
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //! before its receive goes at once into the receiver's bounce slot, and the receive, when posted,
 //! takes it (bytes and sizes checked); a receive that cannot take it (a multi-receive, a buffer too
 //! small) makes the message go the ordinary way, with the same results as without the eager path;
-//! with `HALO_EAGER_MAX=0` such a send waits for the receiver. Needs an RDMA device (run inside
-//! the Soft-RoCE guest); elsewhere it says so and skips, unless `HALO_REQUIRE_RDMA=1`.
+//! with the path off (the default, `HALO_EAGER_MAX=0`) such a send waits for the receiver. The
+//! setting is read once per process, so each test runs its body in a child with the setting.
+//! Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
+//! `HALO_REQUIRE_RDMA=1`.
 
 mod common;
 
@@ -136,6 +138,31 @@ unsafe fn wait_all(reqs: &[*mut c_void]) -> Vec<(ncclResult_t, [c_int; 8])> {
     out.into_iter().map(Option::unwrap).collect()
 }
 
+/// In the parent: runs `test` again in a child with `HALO_EAGER_MAX=eager_max`, checks that it
+/// passed and printed `done`, and returns false. In that child: returns true (run the body).
+fn in_child(test: &str, eager_max: &str, done: &str) -> bool {
+    if std::env::var_os("HALO_EAGER_TEST_CHILD").is_some() {
+        return true;
+    }
+    if !common::have_rdma_device(&format!("eager::{test}")) {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("HALO_EAGER_MAX", eager_max)
+        .env("HALO_EAGER_TEST_CHILD", "1")
+        .output()
+        .expect("re-run this test");
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    assert!(out.status.success(), "{test} failed in its child");
+    assert!(
+        err.contains(done),
+        "the child of {test} did not run its check"
+    );
+    false
+}
+
 unsafe fn setup(test: &str) -> Option<(*mut c_void, *mut c_void)> {
     if !common::have_rdma_device(test) {
         return None;
@@ -148,8 +175,12 @@ unsafe fn setup(test: &str) -> Option<(*mut c_void, *mut c_void)> {
 
 #[test]
 fn small_sends_go_before_their_receive() {
-    if std::env::var_os("HALO_EAGER_MAX").is_some() {
-        return; // the re-executed child of `with_the_eager_path_off_small_sends_wait`
+    if !in_child(
+        "small_sends_go_before_their_receive",
+        "8192",
+        "100 sends posted ahead of their receives: verified",
+    ) {
+        return;
     }
     unsafe {
         let Some((sc, rc)) = setup("eager::small_sends_go_before_their_receive") else {
@@ -228,7 +259,7 @@ fn small_sends_go_before_their_receive() {
         );
         eprintln!("oversize eager send failed on both sides with nothing written");
 
-        // 4. Above the eager limit (8 KiB by default) a send waits for its receive.
+        // 4. Above the eager limit (8 KiB here) a send waits for its receive.
         let large = Buf::new(sc, 65536, 5);
         let mut ldst = Buf::new(rc, 65536, 0);
         assert!(
@@ -269,28 +300,11 @@ fn small_sends_go_before_their_receive() {
 
 #[test]
 fn with_the_eager_path_off_small_sends_wait() {
-    if std::env::var_os("HALO_EAGER_MAX").is_none() {
-        // The setting is read once per process: run this test again in a child that has it.
-        if !common::have_rdma_device("eager::with_the_eager_path_off_small_sends_wait") {
-            return;
-        }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "with_the_eager_path_off_small_sends_wait",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("HALO_EAGER_MAX", "0")
-            .output()
-            .expect("re-run this test");
-        let err = String::from_utf8_lossy(&out.stderr);
-        eprintln!("{err}");
-        assert!(out.status.success(), "child failed");
-        assert!(
-            err.contains("eager path off: verified"),
-            "the child ran the check"
-        );
+    if !in_child(
+        "with_the_eager_path_off_small_sends_wait",
+        "0",
+        "eager path off: verified",
+    ) {
         return;
     }
     unsafe {

@@ -55,8 +55,8 @@ pub struct PluginConfig {
     /// `dmabuf` or `va` (only that strategy), `none` (no GPU memory; ROCm is not even loaded).
     pub gpu_reg: GpuReg,
     /// `HALO_EAGER_MAX`: largest message a receiver accepts on the eager path (bounce slots, no
-    /// clear-to-send round trip), 0..=65536 bytes, rounded up to whole KiB; 0 turns the path
-    /// off. Default 8192.
+    /// clear-to-send round trip), 0..=65536 bytes, rounded up to whole KiB; 0 (the default) turns
+    /// the path off. Off by default because it did not pay on Soft-RoCE (see the README).
     pub eager_max: u32,
 }
 
@@ -79,7 +79,7 @@ impl Default for PluginConfig {
             trace: false,
             max_msg_size: None,
             gpu_reg: GpuReg::Auto,
-            eager_max: 8192,
+            eager_max: 0,
         }
     }
 }

@@ -39,7 +39,17 @@ impl Plan {
                 latency: pow2(8, 1 << 20),
                 bandwidth: pow2(64 << 10, 64 << 20),
                 msgrate: pow2(8, 4096),
-                allreduce: vec![64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20],
+                // 4 KiB and 16 KiB: one decode step's all-reduce of a TP=2 model (hidden size
+                // 2048 … 8192, bf16), where every step is a fresh send/receive pair.
+                allreduce: vec![
+                    4 << 10,
+                    16 << 10,
+                    64 << 10,
+                    1 << 20,
+                    4 << 20,
+                    16 << 20,
+                    64 << 20,
+                ],
                 peers: vec![1, 2, 4, 8],
             }
         }
@@ -71,6 +81,8 @@ impl Plan {
             (1, 2)
         } else if size >= 4 << 20 {
             (1, 3)
+        } else if size <= 16 << 10 {
+            (5, 50)
         } else {
             (2, 10)
         }

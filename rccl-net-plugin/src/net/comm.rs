@@ -15,6 +15,7 @@ use crate::protocol::{
 use halo_ibverbs::{
     CompletionQueue, QueuePair, RecvWr, SendOp, SendWr, Sge, WcOpcode, WorkCompletion,
 };
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -31,6 +32,22 @@ const CTS_SIGNAL_EVERY: u32 = 8;
 const WR_CTS: u64 = 1 << 40;
 /// `wr_id` bit marking the sender's eager writes (the low bits hold the row sequence).
 const WR_EAGER: u64 = 1 << 41;
+/// `wr_id` bit marking the last data write of a spread row on a data QP (low bits: sequence).
+const WR_DATA: u64 = 1 << 42;
+/// Rows carrying at least this many bytes are spread over the connection's queue pairs; smaller
+/// ones gain nothing from it and would pay the wait for the data before the immediate.
+pub const SPREAD_MIN_BYTES: u64 = 64 << 10;
+
+/// A transmit whose immediate (and sizes) must wait: its data is still landing on other queue
+/// pairs, or an earlier such transmit is still waiting.
+#[derive(Clone, Copy)]
+struct Deferred {
+    t: Transmit,
+    /// Data QPs whose last write of this row has not completed.
+    acks_left: u32,
+    /// The `Write`s are already posted (else the whole transmit waits).
+    data_posted: bool,
+}
 
 /// The receiver's bounce slots for eager messages: `slots` of [`EAGER_HEADER_BYTES`] + `max`.
 pub struct EagerRing {
@@ -284,6 +301,13 @@ pub struct SendComm {
     /// Source of eager headers that cannot go inline, one per slot.
     eager_headers: RegisteredBuf,
     eager: EagerTarget,
+    /// Queue pairs 1.. of the connection (`NCCL_IB_QPS_PER_CONNECTION`); QP 0 is the link's.
+    data_qps: Vec<QueuePair>,
+    /// `NCCL_IB_SPLIT_DATA_ON_QPS`: split each message over all QPs, else whole rows in turn.
+    split: bool,
+    rr_next: usize,
+    /// Transmits waiting for their immediate, in row order (capacity FIFO_DEPTH: no allocation).
+    deferred: VecDeque<Deferred>,
     reqs: Box<[Request]>,
     /// Sends that went eagerly, and those of them the receiver refused.
     pub eager_sent: u64,
@@ -304,20 +328,31 @@ impl SendComm {
         max_msg: u64,
         eager_headers: RegisteredBuf,
         eager: EagerTarget,
+        data_qps: Vec<QueuePair>,
+        split: bool,
     ) -> Box<Self> {
         let sq = link.qp.caps().max_send_wr;
         // Header staging has room for our own slot count only.
         let slots = eager.slots.min(EagerRing::SLOTS);
+        let mut proto = SendState::new(max_msg.min(1 << 31), sq).with_eager(slots, eager.max);
+        if !data_qps.is_empty() {
+            let parts = if split { data_qps.len() as u32 + 1 } else { 1 };
+            proto = proto.with_qps(parts, SPREAD_MIN_BYTES);
+        }
         let mut c = Box::new(SendComm {
             kind: COMM_SEND,
             link,
-            proto: SendState::new(max_msg.min(1 << 31), sq).with_eager(slots, eager.max),
+            proto,
             fifo,
             sizes_staging,
             remote_sizes_addr,
             remote_sizes_rkey,
             eager_headers,
             eager,
+            data_qps,
+            split,
+            rr_next: 0,
+            deferred: VecDeque::with_capacity(FIFO_DEPTH),
             eager_sent: 0,
             eager_refused: 0,
             reqs: (0..FIFO_DEPTH * MAX_RECVS)
@@ -482,9 +517,113 @@ impl SendComm {
         })
     }
 
+    /// Puts a transmit on the wire: all on QP 0, or its data spread over the QPs and the rest
+    /// deferred until that data has landed. Immediates always go out in row order.
     fn transmit(&mut self, t: &Transmit) -> NetResult<()> {
+        if !t.spread() {
+            if self.deferred.is_empty() {
+                return self.post_ops(t, false);
+            }
+            self.deferred.push_back(Deferred {
+                t: *t,
+                acks_left: 0,
+                data_posted: false,
+            });
+        } else {
+            let acks_left = self.post_spread_data(t)?;
+            self.deferred.push_back(Deferred {
+                t: *t,
+                acks_left,
+                data_posted: true,
+            });
+        }
+        self.flush_deferred()
+    }
+
+    fn qp(&self, i: usize) -> &QueuePair {
+        if i == 0 {
+            &self.link.qp
+        } else {
+            &self.data_qps[i - 1]
+        }
+    }
+
+    /// Posts the `Write`s of a spread transmit over the QPs; the last one on each data QP (not
+    /// QP 0, which stays ordered with the immediate) is signaled. Returns how many were.
+    fn post_spread_data(&mut self, t: &Transmit) -> NetResult<u32> {
+        let n = self.data_qps.len() + 1;
+        let row_qp = self.rr_next % n;
+        self.rr_next = self.rr_next.wrapping_add(1);
+        let qp_of = |k: usize| if self.split { k % n } else { row_qp };
+        let mut last = [usize::MAX; crate::oob::MAX_QPS];
+        let writes = t.ops().filter(|op| matches!(op, WireOp::Write { .. }));
+        for (k, _) in writes.enumerate() {
+            last[qp_of(k)] = k;
+        }
+        let writes = t.ops().filter(|op| matches!(op, WireOp::Write { .. }));
+        for (k, op) in writes.enumerate() {
+            let WireOp::Write {
+                local_addr,
+                lkey,
+                remote_addr,
+                rkey,
+                len,
+                ..
+            } = op
+            else {
+                continue;
+            };
+            let q = qp_of(k);
+            let signaled = q != 0 && last[q] == k;
+            let sge = Sge {
+                addr: local_addr,
+                length: len,
+                lkey,
+            };
+            let wr = SendWr {
+                wr_id: if signaled {
+                    WR_DATA | u64::from(t.seq)
+                } else {
+                    u64::MAX
+                },
+                op: SendOp::Write { remote_addr, rkey },
+                sge: std::slice::from_ref(&sge),
+                signaled,
+                inline: false,
+            };
+            if let Err(e) = self.qp(q).post_send(&[wr]) {
+                let ctx = self.link.context();
+                return Err(self.link.fail(NetError::System(format!(
+                    "posting RDMA writes on data QP {q}: {e} ({ctx})"
+                ))));
+            }
+        }
+        Ok((1..n).filter(|&q| last[q] != usize::MAX).count() as u32)
+    }
+
+    /// Posts the deferred transmits whose data has landed, oldest first.
+    fn flush_deferred(&mut self) -> NetResult<()> {
+        while let Some(d) = self.deferred.front().copied() {
+            if d.acks_left > 0 {
+                break;
+            }
+            self.deferred.pop_front();
+            self.post_ops(&d.t, d.data_posted)?;
+        }
+        self.proto.set_eager_allowed(self.deferred.is_empty());
+        Ok(())
+    }
+
+    /// Posts the work requests of `t` on QP 0 (without its `Write`s when `skip_writes`).
+    fn post_ops(&mut self, t: &Transmit, skip_writes: bool) -> NetResult<()> {
         let max_inline = self.link.qp.caps().max_inline_data as usize;
-        let total = t.wqe_count() as usize;
+        let total = if skip_writes {
+            t.ops()
+                .filter(|op| !matches!(op, WireOp::Write { .. }))
+                .count()
+        } else {
+            t.wqe_count() as usize
+        };
         let mut sges = [Sge {
             addr: 0,
             length: 0,
@@ -494,7 +633,10 @@ impl SendComm {
         let mut n = 0;
         let mut posted = 0;
         let mut sizes_copy = [0u64; MAX_RECVS];
-        for op in t.ops() {
+        for op in t
+            .ops()
+            .filter(|op| !skip_writes || !matches!(op, WireOp::Write { .. }))
+        {
             posted += 1;
             let last = posted == total;
             let wr_id = if last { u64::from(t.seq) } else { u64::MAX };
@@ -613,8 +755,26 @@ impl SendComm {
     fn progress(&mut self) -> NetResult<()> {
         let mut wcs = [WorkCompletion::default(); POLL_BATCH];
         let n = self.link.poll(&mut wcs)?;
+        let mut landed = false;
         for wc in &wcs[..n] {
             let seq = wc.wr_id as u32;
+            if wc.wr_id & WR_DATA != 0 {
+                match self
+                    .deferred
+                    .iter_mut()
+                    .find(|d| d.t.seq == seq && d.acks_left > 0)
+                {
+                    Some(d) => d.acks_left -= 1,
+                    None => {
+                        let ctx = self.link.context();
+                        return Err(self.link.fail(NetError::Internal(format!(
+                            "data completion for row {seq}, which waits for none ({ctx})"
+                        ))));
+                    }
+                }
+                landed = true;
+                continue;
+            }
             let r = if wc.wr_id & WR_EAGER != 0 {
                 self.proto.on_eager_completion(seq)
             } else {
@@ -623,6 +783,9 @@ impl SendComm {
             if let Err(e) = r {
                 return Err(self.link.proto_error(e));
             }
+        }
+        if landed {
+            self.flush_deferred()?;
         }
         if self.proto.unconfirmed() {
             self.resolve_eager()?;
@@ -677,6 +840,8 @@ pub struct RecvComm {
     pub eager_taken: u64,
     /// Eager messages whose receive did not take them (the sender then sent them normally).
     pub eager_dropped: u64,
+    /// Queue pairs 1.. of the connection: the sender writes spread data through them.
+    _data_qps: Vec<QueuePair>,
 }
 
 impl RecvComm {
@@ -697,6 +862,7 @@ impl RecvComm {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         link: Link,
         sizes: RegisteredBuf,
@@ -705,6 +871,7 @@ impl RecvComm {
         remote_fifo_rkey: u32,
         eager: Option<EagerRing>,
         flush: Option<Flush>,
+        data_qps: Vec<QueuePair>,
     ) -> Box<Self> {
         let mut c = Box::new(RecvComm {
             kind: COMM_RECV,
@@ -723,6 +890,7 @@ impl RecvComm {
             eager,
             eager_taken: 0,
             eager_dropped: 0,
+            _data_qps: data_qps,
         });
         let me: *mut RecvComm = &mut *c;
         for r in c.reqs.iter_mut() {

@@ -16,9 +16,10 @@ use super::device::NetDevice;
 use super::error::{NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use crate::config::PluginConfig;
-use crate::log::{info, NET};
+use crate::log::{info, warn, NET};
 use crate::oob::{
     ConnInfo, ListenHandle, OobConnector, OobListener, OobStream, QpInfo, CONN_INFO_VERSION,
+    MAX_QPS,
 };
 use crate::protocol::{FIFO_DEPTH, MAX_RECVS};
 use halo_ibverbs::{CompletionQueue, Gid, LinkLayer, Mtu, QpCaps, QueuePair, RtrParams, RtsParams};
@@ -60,17 +61,50 @@ fn create_qp(
     send_wr: u32,
     recv_wr: u32,
 ) -> NetResult<(QueuePair, CompletionQueue)> {
+    create_qps(dev, send_wr, recv_wr, 1).map(|(mut qps, cq)| (qps.remove(0), cq))
+}
+
+/// `n` QPs on `dev` sharing one CQ, in INIT. Only the first gets `recv_wr` receives; the others
+/// carry RDMA WRITEs without immediates, which consume none. The CQ is sized for all of them.
+fn create_qps(
+    dev: &NetDevice,
+    send_wr: u32,
+    recv_wr: u32,
+    n: usize,
+) -> NetResult<(Vec<QueuePair>, CompletionQueue)> {
     let max_wr = dev.dev_attr.max_qp_wr.max(1);
     let (send_wr, recv_wr) = (send_wr.min(max_wr), recv_wr.min(max_wr));
     let cq = dev
         .ctx
-        .create_cq(cq_depth(send_wr, recv_wr, dev.dev_attr.max_cqe), None)
+        .create_cq(
+            (cq_depth(send_wr, recv_wr, dev.dev_attr.max_cqe) * n as u32)
+                .min(dev.dev_attr.max_cqe.max(1)),
+            None,
+        )
         .map_err(|e| {
             sys(format!(
                 "creating a completion queue on {}: {e}",
                 dev.describe()
             ))
         })?;
+    let mut qps = Vec::with_capacity(n);
+    for i in 0..n {
+        qps.push(create_qp_on(
+            dev,
+            &cq,
+            send_wr,
+            if i == 0 { recv_wr } else { 1 },
+        )?);
+    }
+    Ok((qps, cq))
+}
+
+fn create_qp_on(
+    dev: &NetDevice,
+    cq: &CompletionQueue,
+    send_wr: u32,
+    recv_wr: u32,
+) -> NetResult<QueuePair> {
     let mut last_err = None;
     // Ask for enough inline room for a whole clear-to-send row; take less where the device offers less.
     for inline in [256, 64, 0] {
@@ -82,11 +116,11 @@ fn create_qp(
             max_recv_sge: 1,
             max_inline_data: inline,
         };
-        match dev.pd.create_rc_qp(&cq, &cq, caps) {
+        match dev.pd.create_rc_qp(cq, cq, caps) {
             Ok(qp) => {
                 qp.to_init(dev.port, data_access())
                     .map_err(|e| sys(format!("QP to INIT on {}: {e}", dev.describe())))?;
-                return Ok((qp, cq));
+                return Ok(qp);
             }
             Err(e) => last_err = Some(e),
         }
@@ -98,7 +132,7 @@ fn create_qp(
     )))
 }
 
-fn local_info(dev: &NetDevice, qp: &QueuePair, psn: u32, nonce: u64, max_msg: u64) -> ConnInfo {
+fn local_info(dev: &NetDevice, qps: &[QueuePair], psn: u32, nonce: u64, max_msg: u64) -> ConnInfo {
     ConnInfo {
         version: CONN_INFO_VERSION,
         features: FEATURES,
@@ -109,10 +143,13 @@ fn local_info(dev: &NetDevice, qp: &QueuePair, psn: u32, nonce: u64, max_msg: u6
         link_layer: u8::from(dev.port_attr.link_layer == LinkLayer::Ethernet),
         mtu_bytes: dev.port_attr.active_mtu.bytes(),
         max_msg_size: max_msg,
-        qps: vec![QpInfo {
-            qpn: qp.qp_num(),
-            psn,
-        }],
+        qps: qps
+            .iter()
+            .map(|qp| QpInfo {
+                qpn: qp.qp_num(),
+                psn,
+            })
+            .collect(),
         fifo_addr: 0,
         fifo_rkey: 0,
         sizes_addr: 0,
@@ -126,13 +163,36 @@ fn local_info(dev: &NetDevice, qp: &QueuePair, psn: u32, nonce: u64, max_msg: u6
     }
 }
 
-/// Brings `qp` to RTS against the peer described by `peer`.
+/// Brings `qps[i]` to RTS against the peer's QP `i`, for every QP; the peer must have as many.
+fn connect_qps(
+    dev: &NetDevice,
+    s: &ConnSettings,
+    qps: &[QueuePair],
+    my_psn: u32,
+    peer: &ConnInfo,
+    addr: impl std::fmt::Display + Copy,
+) -> NetResult<()> {
+    if peer.qps.len() != qps.len() {
+        return Err(NetError::Remote(format!(
+            "peer {addr} offers {} queue pairs for a connection of {}",
+            peer.qps.len(),
+            qps.len()
+        )));
+    }
+    for (qp, remote) in qps.iter().zip(&peer.qps) {
+        connect_qp(dev, s, qp, my_psn, peer, *remote, addr)?;
+    }
+    Ok(())
+}
+
+/// Brings `qp` to RTS against the peer's QP `remote`, on the path described by `peer`.
 fn connect_qp(
     dev: &NetDevice,
     s: &ConnSettings,
     qp: &QueuePair,
     my_psn: u32,
     peer: &ConnInfo,
+    remote: QpInfo,
     addr: impl std::fmt::Display,
 ) -> NetResult<()> {
     if peer.features & FEATURES != FEATURES {
@@ -147,7 +207,6 @@ fn connect_qp(
             peer.fifo_depth, peer.max_recvs
         )));
     }
-    let remote = peer.qps[0];
     let path_mtu =
         Mtu::at_most(peer.mtu_bytes.min(dev.port_attr.active_mtu.bytes())).unwrap_or(Mtu::Mtu1024);
     let ib = dev.port_attr.link_layer == LinkLayer::Infiniband;
@@ -190,8 +249,14 @@ fn flush_qp(dev: &NetDevice, s: &ConnSettings) -> NetResult<Option<Flush>> {
     }
     let (qp, cq) = create_qp(dev, FLUSH_SLOTS as u32, 1)?;
     let psn = random_psn();
-    let me = local_info(dev, &qp, psn, 0, dev.max_msg_size(&s.cfg));
-    connect_qp(dev, s, &qp, psn, &me, "itself (flush QP)")?;
+    let me = local_info(
+        dev,
+        std::slice::from_ref(&qp),
+        psn,
+        0,
+        dev.max_msg_size(&s.cfg),
+    );
+    connect_qp(dev, s, &qp, psn, &me, me.qps[0], "itself (flush QP)")?;
     let sink = RegisteredBuf::new(&dev.pd, FLUSH_SLOTS, "flush sink")?;
     Ok(Some(Flush::new(qp, cq, sink)))
 }
@@ -203,7 +268,8 @@ fn oob_err(e: crate::oob::OobError) -> NetError {
 // ---------------------------------------------------------------- connect (sender)
 
 struct SendSide {
-    qp: QueuePair,
+    /// QP 0 carries everything but spread data; the others only data.
+    qps: Vec<QueuePair>,
     cq: CompletionQueue,
     psn: u32,
     fifo: RegisteredBuf,
@@ -266,7 +332,12 @@ impl Connecting {
                 Some(mut stream) => {
                     let dev = &self.dev;
                     let sq = (FIFO_DEPTH * (MAX_RECVS + 4)) as u32;
-                    let (qp, cq) = create_qp(dev, sq, 1)?;
+                    let nqps = self
+                        .settings
+                        .cfg
+                        .qps_per_connection
+                        .clamp(1, MAX_QPS as u32);
+                    let (qps, cq) = create_qps(dev, sq, 1, nqps as usize)?;
                     let fifo = RegisteredBuf::new(&dev.pd, SendComm::FIFO_BYTES, "send FIFO")?;
                     let sizes_staging =
                         RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes staging")?;
@@ -276,14 +347,14 @@ impl Connecting {
                         "eager header staging",
                     )?;
                     let psn = random_psn();
-                    let mut info = local_info(dev, &qp, psn, self.handle.nonce, self.max_msg());
+                    let mut info = local_info(dev, &qps, psn, self.handle.nonce, self.max_msg());
                     info.fifo_addr = fifo.addr();
                     info.fifo_rkey = fifo.rkey();
                     stream.queue_send(&info.encode()).map_err(oob_err)?;
                     ConnectStage::AwaitPeer(
                         stream,
                         SendSide {
-                            qp,
+                            qps,
                             cq,
                             psn,
                             fifo,
@@ -306,7 +377,7 @@ impl Connecting {
                                 "{peer} answered for another connection (nonce mismatch)"
                             )));
                         }
-                        connect_qp(&self.dev, &self.settings, &side.qp, side.psn, &info, peer)?;
+                        connect_qps(&self.dev, &self.settings, &side.qps, side.psn, &info, peer)?;
                         stream.queue_send(READY).map_err(oob_err)?;
                         ConnectStage::Finish(stream, side, info)
                     }
@@ -319,12 +390,20 @@ impl Connecting {
                     let max_msg = self.max_msg().min(info.max_msg_size.max(1));
                     info!(
                         NET,
-                        "connected to {peer}: {} qp {:#x} -> remote qp {:#x}",
+                        "connected to {peer}: {} qp {:#x} -> remote qp {:#x}{}",
                         self.dev.describe(),
-                        side.qp.qp_num(),
-                        info.qps[0].qpn
+                        side.qps[0].qp_num(),
+                        info.qps[0].qpn,
+                        if side.qps.len() > 1 {
+                            format!(" (+{} data QPs)", side.qps.len() - 1)
+                        } else {
+                            String::new()
+                        }
                     );
-                    let link = Link::new(Arc::clone(&self.dev), side.qp, side.cq, peer, stream);
+                    let mut qps = side.qps;
+                    let data_qps = qps.split_off(1);
+                    let qp0 = qps.pop().expect("QP 0");
+                    let link = Link::new(Arc::clone(&self.dev), qp0, side.cq, peer, stream);
                     let slot_max = u32::from(info.eager_max_kib) * 1024;
                     let eager = EagerTarget {
                         addr: info.eager_addr,
@@ -342,6 +421,8 @@ impl Connecting {
                         max_msg,
                         side.eager_headers,
                         eager,
+                        data_qps,
+                        self.settings.cfg.split_data_on_qps,
                     )));
                 }
             }
@@ -354,7 +435,7 @@ impl Connecting {
 // ---------------------------------------------------------------- listen / accept (receiver)
 
 struct RecvSide {
-    qp: QueuePair,
+    qps: Vec<QueuePair>,
     cq: CompletionQueue,
     sizes: RegisteredBuf,
     cts_staging: RegisteredBuf,
@@ -363,10 +444,8 @@ struct RecvSide {
     peer_info: ConnInfo,
 }
 
-enum AcceptStage {
-    AwaitInfo(OobStream, SocketAddr),
-    AwaitReady(OobStream, SocketAddr, Box<RecvSide>),
-}
+/// Connections a listen comm keeps waiting on at once; further ones wait in the backlog.
+const MAX_CANDIDATES: usize = 16;
 
 /// A listening endpoint; `accept` polls it.
 pub struct ListenComm {
@@ -374,7 +453,12 @@ pub struct ListenComm {
     settings: ConnSettings,
     listener: OobListener,
     nonce: u64,
-    pending: Option<AcceptStage>,
+    /// Connections that have not sent their info yet.
+    candidates: Vec<(OobStream, SocketAddr)>,
+    /// The peer whose info matched: waiting for its ready message.
+    chosen: Option<(OobStream, SocketAddr, Box<RecvSide>)>,
+    /// Why the last dropped connection was dropped (for the timeout message).
+    last_refused: Option<String>,
     deadline: Option<Instant>,
 }
 
@@ -399,7 +483,9 @@ impl ListenComm {
                 settings,
                 listener,
                 nonce,
-                pending: None,
+                candidates: Vec::new(),
+                chosen: None,
+                last_refused: None,
                 deadline: None,
             }),
             handle,
@@ -407,6 +493,10 @@ impl ListenComm {
     }
 
     /// One step of `accept`; the comm once a connection is up.
+    ///
+    /// Every incoming TCP connection is a candidate until it sends connection info for this
+    /// listener's handle; one that closes, sends garbage or another handle's nonce is dropped with
+    /// a warning, so a stray connection never holds up the real peer.
     pub fn poll_accept(&mut self) -> NetResult<Option<Box<RecvComm>>> {
         let now = Instant::now();
         let deadline = *self
@@ -414,118 +504,159 @@ impl ListenComm {
             .get_or_insert(now + self.settings.cfg.connect_timeout);
         if now > deadline {
             return Err(NetError::Remote(format!(
-                "no peer completed a connection to {} within {} ms (HALO_CONNECT_TIMEOUT_MS)",
+                "no peer completed a connection to {} within {} ms (HALO_CONNECT_TIMEOUT_MS){}",
                 self.listener.local_addr(),
-                self.settings.cfg.connect_timeout.as_millis()
+                self.settings.cfg.connect_timeout.as_millis(),
+                match &self.last_refused {
+                    Some(why) => format!("; last connection refused: {why}"),
+                    None => String::new(),
+                }
             )));
         }
-        let stage = match self.pending.take() {
-            Some(s) => s,
-            None => match self.listener.poll_accept().map_err(oob_err)? {
-                None => return Ok(None),
+        if let Some((stream, peer, side)) = self.chosen.take() {
+            return self.finish(stream, peer, side);
+        }
+        while self.candidates.len() < MAX_CANDIDATES {
+            match self.listener.poll_accept().map_err(oob_err)? {
                 Some(stream) => {
                     let peer = stream.peer_addr();
-                    AcceptStage::AwaitInfo(stream, peer)
+                    self.candidates.push((stream, peer));
                 }
-            },
-        };
-        let next = match stage {
-            AcceptStage::AwaitInfo(mut stream, peer) => {
-                match stream.poll_recv().map_err(oob_err)? {
-                    None => AcceptStage::AwaitInfo(stream, peer),
-                    Some(bytes) => {
-                        let info = ConnInfo::decode(&bytes).map_err(|e| {
-                            NetError::Remote(format!("bad connection info from {peer}: {e}"))
-                        })?;
-                        if info.nonce != self.nonce {
-                            return Err(NetError::Remote(format!(
-                            "{peer} connected with the handle of another listener (nonce mismatch)"
-                        )));
-                        }
-                        let dev = &self.dev;
-                        let (qp, cq) =
-                            create_qp(dev, (2 * FIFO_DEPTH) as u32, (2 * FIFO_DEPTH) as u32)?;
-                        let sizes =
-                            RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes array")?;
-                        let cts_staging = RegisteredBuf::new(
-                            &dev.pd,
-                            RecvComm::CTS_STAGING_BYTES,
-                            "clear-to-send staging",
-                        )?;
-                        let eager = EagerRing::new(dev, self.settings.cfg.eager_max)?;
-                        let flush = flush_qp(dev, &self.settings)?;
-                        let psn = random_psn();
-                        connect_qp(dev, &self.settings, &qp, psn, &info, peer)?;
-                        // Every immediate, ordinary or eager, takes one receive: stock the queue
-                        // before the peer can write.
-                        RecvComm::stock_receives(&qp, RecvComm::RQ_STOCK).map_err(|e| {
-                            sys(format!("posting receives on {}: {e}", dev.describe()))
-                        })?;
-                        let mut mine = local_info(
-                            dev,
-                            &qp,
-                            psn,
-                            self.nonce,
-                            dev.max_msg_size(&self.settings.cfg),
-                        );
-                        mine.sizes_addr = sizes.addr();
-                        mine.sizes_rkey = sizes.rkey();
-                        if let Some(e) = &eager {
-                            mine.eager_addr = e.buf.addr();
-                            mine.eager_rkey = e.buf.rkey();
-                            mine.eager_slots = e.slots;
-                            mine.eager_max_kib = (e.max / 1024) as u16;
-                        }
-                        stream.queue_send(&mine.encode()).map_err(oob_err)?;
-                        AcceptStage::AwaitReady(
-                            stream,
-                            peer,
-                            Box::new(RecvSide {
-                                qp,
-                                cq,
-                                sizes,
-                                cts_staging,
-                                eager,
-                                flush,
-                                peer_info: info,
-                            }),
-                        )
-                    }
-                }
+                None => break,
             }
-            AcceptStage::AwaitReady(mut stream, peer, side) => {
-                stream.poll_flush().map_err(oob_err)?;
-                match stream.poll_recv().map_err(oob_err)? {
-                    None => AcceptStage::AwaitReady(stream, peer, side),
-                    Some(msg) if msg == READY => {
-                        info!(
-                            NET,
-                            "accepted {peer}: {} qp {:#x} <- remote qp {:#x}",
-                            self.dev.describe(),
-                            side.qp.qp_num(),
-                            side.peer_info.qps[0].qpn
-                        );
-                        let side = *side;
-                        let link = Link::new(Arc::clone(&self.dev), side.qp, side.cq, peer, stream);
-                        return Ok(Some(RecvComm::new(
-                            link,
-                            side.sizes,
-                            side.cts_staging,
-                            side.peer_info.fifo_addr,
-                            side.peer_info.fifo_rkey,
-                            side.eager,
-                            side.flush,
-                        )));
-                    }
-                    Some(_) => {
-                        return Err(NetError::Remote(format!(
-                            "{peer} sent garbage instead of the ready message"
-                        )))
-                    }
+        }
+        let mut i = 0;
+        while i < self.candidates.len() {
+            let got = self.candidates[i].0.poll_recv();
+            let (mut stream, peer) = match got {
+                Ok(None) => {
+                    i += 1;
+                    continue;
                 }
-            }
-        };
-        self.pending = Some(next);
+                _ => self.candidates.swap_remove(i),
+            };
+            let info = match got.map_err(|e| e.to_string()).and_then(|b| {
+                let info = ConnInfo::decode(&b.unwrap_or_default())
+                    .map_err(|e| format!("bad connection info: {e}"))?;
+                if info.nonce != self.nonce {
+                    return Err("it holds the handle of another listener (nonce mismatch)".into());
+                }
+                Ok(info)
+            }) {
+                Ok(info) => info,
+                Err(why) => {
+                    let why = format!("{peer}: {why}");
+                    warn!(
+                        NET,
+                        "ignoring a connection to {}: {why}",
+                        self.listener.local_addr()
+                    );
+                    self.last_refused = Some(why);
+                    continue;
+                }
+            };
+            let side = self.start(&mut stream, peer, info)?;
+            self.chosen = Some((stream, peer, side));
+            return Ok(None);
+        }
         Ok(None)
+    }
+
+    /// The peer's info arrived: build our end, bring the QPs up and answer with our info.
+    fn start(
+        &mut self,
+        stream: &mut OobStream,
+        peer: SocketAddr,
+        info: ConnInfo,
+    ) -> NetResult<Box<RecvSide>> {
+        let dev = &self.dev;
+        // As many QPs as the sender asked for (decode caps them at MAX_QPS).
+        let (qps, cq) = create_qps(
+            dev,
+            (2 * FIFO_DEPTH) as u32,
+            (2 * FIFO_DEPTH) as u32,
+            info.qps.len(),
+        )?;
+        let sizes = RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes array")?;
+        let cts_staging = RegisteredBuf::new(
+            &dev.pd,
+            RecvComm::CTS_STAGING_BYTES,
+            "clear-to-send staging",
+        )?;
+        let eager = EagerRing::new(dev, self.settings.cfg.eager_max)?;
+        let flush = flush_qp(dev, &self.settings)?;
+        let psn = random_psn();
+        connect_qps(dev, &self.settings, &qps, psn, &info, peer)?;
+        // Every immediate, ordinary or eager, takes one receive: stock the queue
+        // before the peer can write.
+        RecvComm::stock_receives(&qps[0], RecvComm::RQ_STOCK)
+            .map_err(|e| sys(format!("posting receives on {}: {e}", dev.describe())))?;
+        let mut mine = local_info(
+            dev,
+            &qps,
+            psn,
+            self.nonce,
+            dev.max_msg_size(&self.settings.cfg),
+        );
+        mine.sizes_addr = sizes.addr();
+        mine.sizes_rkey = sizes.rkey();
+        if let Some(e) = &eager {
+            mine.eager_addr = e.buf.addr();
+            mine.eager_rkey = e.buf.rkey();
+            mine.eager_slots = e.slots;
+            mine.eager_max_kib = (e.max / 1024) as u16;
+        }
+        stream.queue_send(&mine.encode()).map_err(oob_err)?;
+        Ok(Box::new(RecvSide {
+            qps,
+            cq,
+            sizes,
+            cts_staging,
+            eager,
+            flush,
+            peer_info: info,
+        }))
+    }
+
+    /// Waits for the peer's ready message, then hands out the comm.
+    fn finish(
+        &mut self,
+        mut stream: OobStream,
+        peer: SocketAddr,
+        side: Box<RecvSide>,
+    ) -> NetResult<Option<Box<RecvComm>>> {
+        stream.poll_flush().map_err(oob_err)?;
+        match stream.poll_recv().map_err(oob_err)? {
+            None => {
+                self.chosen = Some((stream, peer, side));
+                Ok(None)
+            }
+            Some(msg) if msg == READY => {
+                info!(
+                    NET,
+                    "accepted {peer}: {} qp {:#x} <- remote qp {:#x}",
+                    self.dev.describe(),
+                    side.qps[0].qp_num(),
+                    side.peer_info.qps[0].qpn
+                );
+                let mut side = *side;
+                let data_qps = side.qps.split_off(1);
+                let qp0 = side.qps.pop().expect("QP 0");
+                let link = Link::new(Arc::clone(&self.dev), qp0, side.cq, peer, stream);
+                Ok(Some(RecvComm::new(
+                    link,
+                    side.sizes,
+                    side.cts_staging,
+                    side.peer_info.fifo_addr,
+                    side.peer_info.fifo_rkey,
+                    side.eager,
+                    side.flush,
+                    data_qps,
+                )))
+            }
+            Some(_) => Err(NetError::Remote(format!(
+                "{peer} sent garbage instead of the ready message"
+            ))),
+        }
     }
 }

@@ -147,12 +147,20 @@ fn run(
     choices: Vec<u8>,
     max_msg: u64,
     eager: (u16, u32),
+    spread: (u32, u64),
 ) -> Result<(), TestCaseError> {
     let nb = groups.iter().map(|g| g.bufs.len()).max().unwrap_or(1);
     let id = |g: usize, b: usize| g * nb + b;
     let (eager_slots, eager_max) = eager;
     let mut sim = Sim {
-        send: SendState::new(max_msg, 4096).with_eager(eager_slots, eager_max),
+        send: {
+            let s = SendState::new(max_msg, 4096).with_eager(eager_slots, eager_max);
+            if spread.0 > 0 {
+                s.with_qps(spread.0, spread.1)
+            } else {
+                s
+            }
+        },
         recv: RecvState::new(),
         fifo: [[CtsEntry::default(); MAX_RECVS]; FIFO_DEPTH],
         sizes: [[0; MAX_RECVS]; FIFO_DEPTH],
@@ -510,8 +518,9 @@ proptest! {
     fn protocol_matches_model(groups in prop::collection::vec(group(), 1..80),
                               choices in prop::collection::vec(any::<u8>(), 16..64),
                               max_msg in 1u64..128,
-                              eager in (0u16..4, 0u32..400)) {
-        run(groups, choices, max_msg, eager)?;
+                              eager in (0u16..4, 0u32..400),
+                              spread in (0u32..4, 0u64..600)) {
+        run(groups, choices, max_msg, eager, spread)?;
     }
 }
 
@@ -961,4 +970,85 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
         recv.on_eager(0, bad),
         Err(ProtoError::Protocol(_))
     ));
+}
+
+#[test]
+fn spread_rows_split_messages_and_keep_the_immediate_apart() {
+    let row = |size| {
+        let mut row = [CtsEntry::default(); MAX_RECVS];
+        row[0] = CtsEntry {
+            addr: 0x1000,
+            size,
+            rkey: 5,
+            tag: 0,
+            nreqs: 1,
+            stamp: stamp(0),
+            ..CtsEntry::default()
+        }
+        .sealed();
+        row
+    };
+    let msg = |size| SendMsg {
+        addr: 0x8000,
+        lkey: 9,
+        size,
+        tag: 0,
+        host: true,
+    };
+    let write = |off: u64, len: u32| WireOp::Write {
+        local_addr: 0x8000 + off,
+        lkey: 9,
+        remote_addr: 0x1000 + off,
+        rkey: 5,
+        len,
+        host: true,
+    };
+    let imm = |imm| WireOp::WriteImm {
+        local_addr: 0,
+        lkey: 0,
+        remote_addr: 0x1000,
+        rkey: 5,
+        len: 0,
+        imm,
+        host: true,
+    };
+    // Split over 4 QPs: four chunks of 250, then a bare immediate.
+    let mut send = SendState::new(1 << 20, 64).with_qps(4, 1000);
+    let SendPost::Posted {
+        transmit: Some(t), ..
+    } = send.post(&row(4096), msg(1000)).unwrap()
+    else {
+        panic!()
+    };
+    assert!(t.spread());
+    assert_eq!(
+        t.ops().collect::<Vec<_>>(),
+        vec![
+            write(0, 250),
+            write(250, 250),
+            write(500, 250),
+            write(750, 250),
+            imm(1000)
+        ]
+    );
+    assert_eq!(t.wqe_count(), 5);
+    // Whole rows in turn (parts 1): one write, then a bare immediate.
+    let mut send = SendState::new(1 << 20, 64).with_qps(1, 1000);
+    let SendPost::Posted {
+        transmit: Some(t), ..
+    } = send.post(&row(4096), msg(1000)).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(t.ops().collect::<Vec<_>>(), vec![write(0, 1000), imm(1000)]);
+    // Below the threshold nothing changes: the data carries the immediate.
+    let mut send = SendState::new(1 << 20, 64).with_qps(4, 1000);
+    let SendPost::Posted {
+        transmit: Some(t), ..
+    } = send.post(&row(4096), msg(999)).unwrap()
+    else {
+        panic!()
+    };
+    assert!(!t.spread());
+    assert_eq!(t.wqe_count(), 1);
 }

@@ -73,6 +73,10 @@ pub struct Transmit {
     entries: [CtsEntry; MAX_RECVS],
     truncated: bool,
     max_msg: u64,
+    /// Spread over several queue pairs: each message in up to `parts` chunks, and the
+    /// immediate always in a work request of its own (posted once the data has landed).
+    spread: bool,
+    parts: u64,
 }
 
 /// One work request of a [`Transmit`], in posting order. Only the last one is signaled.
@@ -126,11 +130,22 @@ impl Transmit {
 
     /// Whether the last data chunk itself carries the immediate (no separate zero-byte write).
     fn fold_imm_into_data(&self) -> bool {
-        !self.truncated && !self.sizes_in_array() && self.msgs[0].size > 0
+        !self.spread && !self.truncated && !self.sizes_in_array() && self.msgs[0].size > 0
+    }
+
+    /// Whether the data goes over several queue pairs (see [`SendState::with_qps`]): the
+    /// `Write`s may then be posted on any of them, and the rest only once they have landed.
+    pub fn spread(&self) -> bool {
+        self.spread
+    }
+
+    /// Largest chunk of a message of `size` bytes.
+    fn chunk_len(&self, size: u64) -> u64 {
+        size.div_ceil(self.parts.max(1)).clamp(1, self.max_msg)
     }
 
     fn chunks(&self, size: u64) -> u64 {
-        size.div_ceil(self.max_msg)
+        size.div_ceil(self.chunk_len(size))
     }
 
     /// Work requests this transmit posts; the send queue must have room for all of them.
@@ -212,7 +227,7 @@ impl Iterator for TransmitOps<'_> {
                         self.offset = 0;
                         continue;
                     }
-                    let len = (msg.size - self.offset).min(t.max_msg);
+                    let len = (msg.size - self.offset).min(t.chunk_len(msg.size));
                     let (local_addr, remote_addr) =
                         (msg.addr + self.offset, dst.addr + self.offset);
                     self.offset += len;
@@ -335,6 +350,12 @@ pub struct SendState {
     eager_done_seen: u32,
     /// The current row was sent eagerly and its clear-to-send has not been seen.
     unconfirmed: bool,
+    /// The caller cannot post an eager write now (see [`Self::set_eager_allowed`]).
+    eager_blocked: bool,
+    /// Rows of at least `spread_min` payload bytes are spread over queue pairs, each message in
+    /// `spread_parts` chunks (0: no spreading).
+    spread_min: u64,
+    spread_parts: u64,
 }
 
 impl SendState {
@@ -354,6 +375,31 @@ impl SendState {
             eager_sent: 0,
             eager_done_seen: 0,
             unconfirmed: false,
+            eager_blocked: false,
+            spread_min: 0,
+            spread_parts: 0,
+        }
+    }
+
+    /// Spreads rows of at least `min_bytes` over several queue pairs: each message in `parts`
+    /// chunks (1: whole messages, for round-robin over queue pairs).
+    pub fn with_qps(mut self, parts: u32, min_bytes: u64) -> Self {
+        self.spread_parts = u64::from(parts.max(1));
+        self.spread_min = min_bytes.max(1);
+        self
+    }
+
+    /// Whether an eager write may be posted now. The caller blocks it while an earlier row's
+    /// immediate waits for its data: an eager message must not overtake it.
+    pub fn set_eager_allowed(&mut self, ok: bool) {
+        self.eager_blocked = !ok;
+    }
+
+    /// Applies the spreading rule to a transmit about to be counted.
+    fn shape(&self, t: &mut Transmit) {
+        if self.spread_parts > 0 && !t.truncated && t.payload_bytes() >= self.spread_min {
+            t.spread = true;
+            t.parts = self.spread_parts;
         }
     }
 
@@ -454,7 +500,11 @@ impl SendState {
     /// The send cannot match a row yet: send it eagerly when the receiver has a free slot.
     fn try_eager(&mut self, r: usize, msg: SendMsg) -> SendPost {
         let credit = self.eager_sent.wrapping_sub(self.eager_done_seen) < self.eager_slots;
-        if !credit || msg.size > self.eager_max || self.sq_used >= self.sq_depth {
+        if !credit
+            || self.eager_blocked
+            || msg.size > self.eager_max
+            || self.sq_used >= self.sq_depth
+        {
             return SendPost::NotReady;
         }
         let slot = (self.eager_sent % self.eager_slots) as u16;
@@ -521,9 +571,12 @@ impl SendState {
                 entries: [CtsEntry::default(); MAX_RECVS],
                 truncated: false,
                 max_msg: self.max_msg,
+                spread: false,
+                parts: 1,
             };
             t.msgs[0] = msg;
             t.entries[0] = fifo_row[0];
+            self.shape(&mut t);
             if self.sq_used + t.wqe_count() > self.sq_depth {
                 // Retried on a later call, once completions free the queue.
                 return Ok(Resolved::Nothing);
@@ -573,8 +626,11 @@ impl SendState {
                 entries: row.entries,
                 truncated: row.truncated.is_some() || msg.size > row.entries[i].size,
                 max_msg: self.max_msg,
+                spread: false,
+                parts: 1,
             };
             t.msgs[i] = msg;
+            self.shape(&mut t);
             let wqes = t.wqe_count();
             if self.sq_used + wqes > self.sq_depth {
                 if wqes > self.sq_depth {
