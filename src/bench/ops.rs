@@ -150,6 +150,23 @@ impl Net<'_> {
         }
     }
 
+    /// Posts `n` receives of `size` bytes into `r`, oldest first: the receives a loop keeps
+    /// posted ahead of the data.
+    fn post_ahead(
+        &self,
+        recv: Opaque,
+        r: &mut Registered,
+        size: usize,
+        n: usize,
+        c: &mut Polls,
+    ) -> Result<VecDeque<Opaque>, String> {
+        let mut reqs = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            reqs.push_back(self.irecv(recv, r, size, c)?);
+        }
+        Ok(reqs)
+    }
+
     /// One `test`; `Some(size)` when done.
     fn poll(&self, req: Opaque, c: &mut Polls) -> Result<Option<usize>, String> {
         let mut size = [-1 as c_int];
@@ -191,12 +208,8 @@ impl Net<'_> {
         let mut r = Registered::new(self.plugin, recv, size)?;
         let mut rtts = Vec::with_capacity(iters);
         let result = (|| {
-            let mut rreqs = VecDeque::with_capacity(PINGPONG_AHEAD);
-            let mut posted = 0;
-            while posted < iters.min(PINGPONG_AHEAD) {
-                rreqs.push_back(self.irecv(recv, &mut r, size, c)?);
-                posted += 1;
-            }
+            let mut rreqs = self.post_ahead(recv, &mut r, size, iters.min(PINGPONG_AHEAD), c)?;
+            let mut posted = rreqs.len();
             for _ in 0..iters {
                 let t0 = Instant::now();
                 let sreq = self.isend(send, &mut s, size, c)?;
@@ -248,12 +261,8 @@ impl Net<'_> {
         let mut s = Registered::new(self.plugin, send, size)?;
         let mut r = Registered::new(self.plugin, recv, size)?;
         let result = (|| {
-            let mut rreqs = VecDeque::with_capacity(PINGPONG_AHEAD);
-            let mut posted = 0;
-            while posted < iters.min(PINGPONG_AHEAD) {
-                rreqs.push_back(self.irecv(recv, &mut r, size, c)?);
-                posted += 1;
-            }
+            let mut rreqs = self.post_ahead(recv, &mut r, size, iters.min(PINGPONG_AHEAD), c)?;
+            let mut posted = rreqs.len();
             while let Some(rreq) = rreqs.pop_front() {
                 let got = self.wait(rreq, c, "ping-pong receive")?;
                 if got != size {
@@ -335,12 +344,8 @@ impl Net<'_> {
     ) -> Result<(), String> {
         let mut r = Registered::new(self.plugin, recv, size)?;
         let result = (|| {
-            let mut inflight = VecDeque::with_capacity(window);
-            let mut posted = 0;
-            while posted < count.min(window) {
-                inflight.push_back(self.irecv(recv, &mut r, size, c)?);
-                posted += 1;
-            }
+            let mut inflight = self.post_ahead(recv, &mut r, size, count.min(window), c)?;
+            let mut posted = inflight.len();
             ready()?;
             let mut last_progress = Instant::now();
             while let Some(&front) = inflight.front() {
