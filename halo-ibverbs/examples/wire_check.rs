@@ -223,7 +223,7 @@ fn run() -> AnyResult<()> {
 
     qp.to_init(PORT, access)?;
     if role == "a" {
-        qp.post_recv(&[RecvWr { wr_id: 1, sge: &[] }])?;
+        post_recv(&qp, &[RecvWr { wr_id: 1, sge: &[] }])?;
     }
     qp.to_rtr(&RtrParams::new(
         theirs.qpn, theirs.psn, theirs.gid, gid.index, PORT, path_mtu,
@@ -254,29 +254,35 @@ fn run() -> AnyResult<()> {
         // Keep the buffer registered until the peer's READ is done.
         expect_byte(&mut stream, b'D')?;
     } else {
-        qp.post_send(&[SendWr {
-            wr_id: 1,
-            op: SendOp::WriteImm {
-                remote_addr: theirs.addr + LEN as u64,
-                rkey: theirs.rkey,
-                imm: LEN as u32,
-            },
-            sge: &[sge(0)],
-            signaled: true,
-            inline: false,
-        }])?;
+        post_send(
+            &qp,
+            &[SendWr {
+                wr_id: 1,
+                op: SendOp::WriteImm {
+                    remote_addr: theirs.addr + LEN as u64,
+                    rkey: theirs.rkey,
+                    imm: LEN as u32,
+                },
+                sge: &[sge(0)],
+                signaled: true,
+                inline: false,
+            }],
+        )?;
         next_completion(&cq, "our WRITE_WITH_IMM")?;
         println!("wrote {LEN} bytes into the peer's buffer");
-        qp.post_send(&[SendWr {
-            wr_id: 2,
-            op: SendOp::Read {
-                remote_addr: theirs.addr,
-                rkey: theirs.rkey,
-            },
-            sge: &[sge(LEN)],
-            signaled: true,
-            inline: false,
-        }])?;
+        post_send(
+            &qp,
+            &[SendWr {
+                wr_id: 2,
+                op: SendOp::Read {
+                    remote_addr: theirs.addr,
+                    rkey: theirs.rkey,
+                },
+                sge: &[sge(LEN)],
+                signaled: true,
+                inline: false,
+            }],
+        )?;
         next_completion(&cq, "our RDMA READ")?;
         let expected: Vec<u8> = (0..LEN).map(pattern(0x5A)).collect();
         if buf[LEN..] != expected[..] {
@@ -290,4 +296,17 @@ fn run() -> AnyResult<()> {
     drop(buf);
     println!("wire check passed (role {role})");
     Ok(())
+}
+
+/// Posts send work requests whose buffers stay registered until the caller has polled their
+/// completions (each test keeps its buffers to its end).
+fn post_send(qp: &halo_ibverbs::QueuePair, wrs: &[SendWr<'_>]) -> halo_ibverbs::Result<()> {
+    // SAFETY: see above; inline payloads live on the caller's stack during the call.
+    unsafe { qp.post_send(wrs) }
+}
+
+/// Posts receive work requests under the same promise as [`post_send`].
+fn post_recv(qp: &halo_ibverbs::QueuePair, wrs: &[RecvWr<'_>]) -> halo_ibverbs::Result<()> {
+    // SAFETY: see [`post_send`].
+    unsafe { qp.post_recv(wrs) }
 }

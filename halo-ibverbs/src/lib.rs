@@ -5,6 +5,13 @@
 //! their PD (and the QP its CQs) alive, so nothing is destroyed while something still uses it.
 //! libibverbs is loaded at run time; without it [`devices`] returns
 //! [`VerbsError::LibraryUnavailable`] instead of failing to start.
+//!
+//! Posting is the one place the types cannot carry the promise. A work request names memory by
+//! raw address and key, and the NIC reads or writes it *after* the call returns, until the
+//! completion is polled: no Rust lifetime spans that, and a data path that ties each SGE to a
+//! borrowed region would have to keep every borrow alive across `test` calls from C. So
+//! [`QueuePair::post_send`] and [`QueuePair::post_recv`] are `unsafe fn`s whose contract says
+//! exactly what must stay valid for how long; everything else in this crate is safe to call.
 
 mod cq;
 mod device;

@@ -139,7 +139,17 @@ fn failed_index<T>(base: *const T, bad: *const T, n: usize) -> usize {
 impl QueuePair {
     /// Posts a batch of send-queue work requests with one `ibv_post_send`. On failure the error
     /// names the first work request not posted; those before it were posted.
-    pub fn post_send(&self, wrs: &[SendWr<'_>]) -> Result<()> {
+    ///
+    /// # Safety
+    /// The SGEs are raw addresses that the provider or the NIC dereference, so the caller
+    /// promises for every work request:
+    /// - inline: the bytes are readable until this call returns;
+    /// - otherwise: the range lies in a memory region registered under its `lkey`, which stays
+    ///   registered and allocated until the work request's completion has been polled (or the
+    ///   QP is destroyed); for an RDMA READ, nothing else reads or writes the range meanwhile;
+    /// - the peer's `remote_addr`/`rkey` are the peer's business (a bad one fails the work
+    ///   request with a remote access error, never touches local memory).
+    pub unsafe fn post_send(&self, wrs: &[SendWr<'_>]) -> Result<()> {
         if wrs.is_empty() {
             return Ok(());
         }
@@ -228,7 +238,13 @@ impl QueuePair {
 
     /// Posts a batch of receive work requests with one `ibv_post_recv`. On failure the error names
     /// the first work request not posted; those before it were posted.
-    pub fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every SGE's range lies in a memory region registered under its `lkey` that stays
+    /// registered, allocated and otherwise unused until the receive's completion has been polled
+    /// (or the QP is destroyed): an incoming SEND writes it. Receives without SGEs (for
+    /// WRITE_WITH_IMM only) have nothing to promise.
+    pub unsafe fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
         if wrs.is_empty() {
             return Ok(());
         }

@@ -192,38 +192,44 @@ fn write_with_imm_then_read_back() {
     let dst = Buffer::new(&lb.pd, LEN, |_| 0);
     let back = Buffer::new(&lb.pd, LEN, |_| 0);
 
-    lb.b.post_recv(&[RecvWr {
-        wr_id: 100,
-        sge: &[],
-    }])
+    post_recv(
+        &lb.b,
+        &[RecvWr {
+            wr_id: 100,
+            sge: &[],
+        }],
+    )
     .expect("post_recv");
     // One chained post: an unsignaled WRITE of the first half, then WRITE_WITH_IMM of the rest.
     let half = LEN / 2;
     let first = [src.sge(0, half)];
     let second = [src.sge(half, LEN - half)];
-    lb.a.post_send(&[
-        SendWr {
-            wr_id: 1,
-            op: SendOp::Write {
-                remote_addr: dst.mr.addr(),
-                rkey: dst.mr.rkey(),
+    post_send(
+        &lb.a,
+        &[
+            SendWr {
+                wr_id: 1,
+                op: SendOp::Write {
+                    remote_addr: dst.mr.addr(),
+                    rkey: dst.mr.rkey(),
+                },
+                sge: &first,
+                signaled: false,
+                inline: false,
             },
-            sge: &first,
-            signaled: false,
-            inline: false,
-        },
-        SendWr {
-            wr_id: 2,
-            op: SendOp::WriteImm {
-                remote_addr: dst.mr.addr() + half as u64,
-                rkey: dst.mr.rkey(),
-                imm: IMM,
+            SendWr {
+                wr_id: 2,
+                op: SendOp::WriteImm {
+                    remote_addr: dst.mr.addr() + half as u64,
+                    rkey: dst.mr.rkey(),
+                    imm: IMM,
+                },
+                sge: &second,
+                signaled: true,
+                inline: false,
             },
-            sge: &second,
-            signaled: true,
-            inline: false,
-        },
-    ])
+        ],
+    )
     .expect("post_send");
 
     let sent = next_completion(&lb.cq_a, "WRITE_WITH_IMM on the requester");
@@ -238,16 +244,19 @@ fn write_with_imm_then_read_back() {
     assert_eq!(dst.bytes(), src.bytes(), "written bytes differ");
     eprintln!("verified {LEN} bytes, imm={:#x}", got.imm.unwrap());
 
-    lb.a.post_send(&[SendWr {
-        wr_id: 3,
-        op: SendOp::Read {
-            remote_addr: dst.mr.addr(),
-            rkey: dst.mr.rkey(),
-        },
-        sge: &[back.sge(0, LEN)],
-        signaled: true,
-        inline: false,
-    }])
+    post_send(
+        &lb.a,
+        &[SendWr {
+            wr_id: 3,
+            op: SendOp::Read {
+                remote_addr: dst.mr.addr(),
+                rkey: dst.mr.rkey(),
+            },
+            sge: &[back.sge(0, LEN)],
+            signaled: true,
+            inline: false,
+        }],
+    )
     .expect("post_send READ");
     let read = next_completion(&lb.cq_a, "RDMA READ");
     read.check().expect("READ completion");
@@ -269,16 +278,19 @@ fn send_recv_inline_send_and_completion_channel() {
 
     let src = Buffer::new(&lb.pd, 200, pattern(3));
     let recv = Buffer::new(&lb.pd, 512, |_| 0);
-    lb.b.post_recv(&[
-        RecvWr {
-            wr_id: 10,
-            sge: &[recv.sge(0, 256)],
-        },
-        RecvWr {
-            wr_id: 11,
-            sge: &[recv.sge(256, 256)],
-        },
-    ])
+    post_recv(
+        &lb.b,
+        &[
+            RecvWr {
+                wr_id: 10,
+                sge: &[recv.sge(0, 256)],
+            },
+            RecvWr {
+                wr_id: 11,
+                sge: &[recv.sge(256, 256)],
+            },
+        ],
+    )
     .expect("post_recv");
     lb.cq_b.req_notify(false).expect("req_notify");
 
@@ -289,22 +301,25 @@ fn send_recv_inline_send_and_completion_channel() {
         length: inline_payload.len() as u32,
         lkey: 0,
     }];
-    lb.a.post_send(&[
-        SendWr {
-            wr_id: 20,
-            op: SendOp::Send,
-            sge: &[src.sge(0, 200)],
-            signaled: true,
-            inline: false,
-        },
-        SendWr {
-            wr_id: 21,
-            op: SendOp::SendImm { imm: 0x1234_5678 },
-            sge: &inline_sge,
-            signaled: true,
-            inline: true,
-        },
-    ])
+    post_send(
+        &lb.a,
+        &[
+            SendWr {
+                wr_id: 20,
+                op: SendOp::Send,
+                sge: &[src.sge(0, 200)],
+                signaled: true,
+                inline: false,
+            },
+            SendWr {
+                wr_id: 21,
+                op: SendOp::SendImm { imm: 0x1234_5678 },
+                sge: &inline_sge,
+                signaled: true,
+                inline: true,
+            },
+        ],
+    )
     .expect("post_send");
 
     assert!(
@@ -350,11 +365,11 @@ fn send_recv_inline_send_and_completion_channel() {
         signaled: true,
         inline: true,
     };
-    let err = lb.a.post_send(&[inline_wr]).unwrap_err();
+    let err = post_send(&lb.a, &[inline_wr]).unwrap_err();
     assert!(matches!(err, VerbsError::InvalidArgument(_)), "{err}");
     eprintln!("refused as expected: {err}");
     let many = [RecvWr { wr_id: 0, sge: &[] }; MAX_WRS_PER_POST + 1];
-    let err = lb.b.post_recv(&many).unwrap_err();
+    let err = post_recv(&lb.b, &many).unwrap_err();
     assert!(matches!(err, VerbsError::InvalidArgument(_)), "{err}");
     eprintln!("refused as expected: {err}");
 }
@@ -368,16 +383,19 @@ fn write_with_bad_rkey_fails_with_remote_access_error() {
     let lb = Loopback::new(&ctx, small_caps(), None);
     let src = Buffer::new(&lb.pd, 64, pattern(1));
     let dst = Buffer::new(&lb.pd, 64, |_| 0);
-    lb.a.post_send(&[SendWr {
-        wr_id: 0xBAD,
-        op: SendOp::Write {
-            remote_addr: dst.mr.addr(),
-            rkey: dst.mr.rkey() ^ 0x00ff_ff00,
-        },
-        sge: &[src.sge(0, 64)],
-        signaled: true,
-        inline: false,
-    }])
+    post_send(
+        &lb.a,
+        &[SendWr {
+            wr_id: 0xBAD,
+            op: SendOp::Write {
+                remote_addr: dst.mr.addr(),
+                rkey: dst.mr.rkey() ^ 0x00ff_ff00,
+            },
+            sge: &[src.sge(0, 64)],
+            signaled: true,
+            inline: false,
+        }],
+    )
     .expect("post_send");
     let wc = next_completion(&lb.cq_a, "WRITE with a bad rkey");
     assert_eq!(wc.wr_id, 0xBAD);
@@ -420,4 +438,17 @@ fn dmabuf_registration_failure_is_reported() {
         Err(other) => panic!("unexpected error: {other}"),
         Ok(mr) => panic!("registered a memfd as a dma-buf: {mr:?}"),
     }
+}
+
+/// Posts send work requests whose buffers stay registered until the caller has polled their
+/// completions (each test keeps its buffers to its end).
+fn post_send(qp: &QueuePair, wrs: &[SendWr<'_>]) -> halo_ibverbs::Result<()> {
+    // SAFETY: see above; inline payloads live on the caller's stack during the call.
+    unsafe { qp.post_send(wrs) }
+}
+
+/// Posts receive work requests under the same promise as [`post_send`].
+fn post_recv(qp: &QueuePair, wrs: &[RecvWr<'_>]) -> halo_ibverbs::Result<()> {
+    // SAFETY: see [`post_send`].
+    unsafe { qp.post_recv(wrs) }
 }

@@ -11,17 +11,20 @@
 //! comes back. A deadline bounds the whole exchange.
 
 use super::buffer::RegisteredBuf;
-use super::comm::{EagerRing, EagerTarget, Link, RecvComm, SendComm};
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
+use super::link::Link;
+use super::poster::{Remote, Staging, Targets};
+use super::recv_comm::{EagerRing, RecvComm, RecvParts};
+use super::send_comm::{SendComm, SendParts};
 use crate::config::PluginConfig;
 use crate::log::{info, warn, NET};
-use crate::oob::{
-    ConnInfo, ListenHandle, OobConnector, OobListener, OobStream, QpInfo, CONN_INFO_VERSION,
-    MAX_QPS,
+use crate::oob::{ConnInfo, ListenHandle, OobConnector, OobListener, OobStream, QpInfo};
+use crate::protocol::{
+    check_peer_protocol, SendConfig, FEATURES, FIFO_DEPTH, INLINE_WANTED, MAX_QPS, MAX_RECVS,
+    PROTOCOL_VERSION, SPREAD_MIN_BYTES,
 };
-use crate::protocol::{FIFO_DEPTH, MAX_RECVS};
 use halo_ibverbs::{CompletionQueue, Gid, LinkLayer, Mtu, QpCaps, QueuePair, RtrParams, RtsParams};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,8 +33,6 @@ use std::time::Instant;
 use super::regcache::data_access;
 
 const READY: &[u8] = b"ready";
-/// Feature bits of this build's wire protocol; a peer must support every one of them.
-const FEATURES: u64 = 0x1;
 
 /// Per-connection settings: the device-wide config plus what the communicator overrides.
 #[derive(Clone)]
@@ -106,8 +107,9 @@ fn create_qp_on(
     recv_wr: u32,
 ) -> NetResult<QueuePair> {
     let mut last_err = None;
-    // Ask for enough inline room for a whole clear-to-send row; take less where the device offers less.
-    for inline in [256, 64, 0] {
+    // Ask for enough inline room for a whole clear-to-send row; take less where the device
+    // offers less (Soft-RoCE: 256 bytes).
+    for inline in [INLINE_WANTED, 256, 64, 0] {
         let caps = QpCaps {
             max_send_wr: send_wr,
             max_recv_wr: recv_wr,
@@ -134,7 +136,7 @@ fn create_qp_on(
 
 fn local_info(dev: &NetDevice, qps: &[QueuePair], psn: u32, nonce: u64, max_msg: u64) -> ConnInfo {
     ConnInfo {
-        version: CONN_INFO_VERSION,
+        version: PROTOCOL_VERSION,
         features: FEATURES,
         nonce,
         gid: dev.gid.gid.0,
@@ -195,12 +197,8 @@ fn connect_qp(
     remote: QpInfo,
     addr: impl std::fmt::Display,
 ) -> NetResult<()> {
-    if peer.features & FEATURES != FEATURES {
-        return Err(NetError::Remote(format!(
-            "peer {addr} lacks protocol features {:#x}: use the same plugin build on all nodes",
-            FEATURES & !peer.features
-        )));
-    }
+    check_peer_protocol(peer.version, peer.features)
+        .map_err(|why| NetError::Remote(format!("peer {addr}: {why}")))?;
     if peer.fifo_depth != FIFO_DEPTH as u32 || peer.max_recvs != MAX_RECVS as u32 {
         return Err(NetError::Remote(format!(
             "peer {addr} uses FIFO depth {} x {} receives, this build {FIFO_DEPTH} x {MAX_RECVS}",
@@ -369,6 +367,11 @@ impl Connecting {
                 match stream.poll_recv().map_err(oob_err)? {
                     None => ConnectStage::AwaitPeer(stream, side),
                     Some(bytes) => {
+                        if let Some((version, _)) = ConnInfo::preamble(&bytes) {
+                            check_peer_protocol(version, FEATURES).map_err(|why| {
+                                NetError::Remote(format!("connection to {peer} refused: {why}"))
+                            })?;
+                        }
                         let info = ConnInfo::decode(&bytes).map_err(|e| {
                             NetError::Remote(format!("bad connection info from {peer}: {e}"))
                         })?;
@@ -400,30 +403,39 @@ impl Connecting {
                             String::new()
                         }
                     );
-                    let mut qps = side.qps;
-                    let data_qps = qps.split_off(1);
-                    let qp0 = qps.pop().expect("QP 0");
-                    let link = Link::new(Arc::clone(&self.dev), qp0, side.cq, peer, stream);
+                    let link = Link::new(Arc::clone(&self.dev), side.qps, side.cq, peer, stream);
                     let slot_max = u32::from(info.eager_max_kib) * 1024;
-                    let eager = EagerTarget {
-                        addr: info.eager_addr,
-                        rkey: info.eager_rkey,
-                        slots: info.eager_slots,
-                        slot_max,
-                        max: slot_max.min(self.settings.cfg.eager_max),
+                    let cfg = SendConfig {
+                        max_msg: max_msg.min(1 << 31),
+                        sq_depth: link.qps[0].caps().max_send_wr,
+                        qps: link.qps.len(),
+                        split: self.settings.cfg.split_data_on_qps,
+                        spread_min: SPREAD_MIN_BYTES,
+                        // Header staging has room for our own slot count only.
+                        eager_slots: info.eager_slots.min(EagerRing::SLOTS),
+                        eager_max: slot_max.min(self.settings.cfg.eager_max),
                     };
-                    return Ok(Some(SendComm::new(
+                    return Ok(Some(SendComm::new(SendParts {
                         link,
-                        side.fifo,
-                        side.sizes_staging,
-                        info.sizes_addr,
-                        info.sizes_rkey,
-                        max_msg,
-                        side.eager_headers,
-                        eager,
-                        data_qps,
-                        self.settings.cfg.split_data_on_qps,
-                    )));
+                        fifo: side.fifo,
+                        staging: Staging {
+                            rows: side.sizes_staging,
+                            eager_headers: Some(side.eager_headers),
+                        },
+                        targets: Targets {
+                            fifo: Remote::default(),
+                            sizes: Remote {
+                                addr: info.sizes_addr,
+                                rkey: info.sizes_rkey,
+                            },
+                            eager: Remote {
+                                addr: info.eager_addr,
+                                rkey: info.eager_rkey,
+                            },
+                            eager_slot_max: slot_max,
+                        },
+                        cfg,
+                    })));
                 }
             }
         };
@@ -535,6 +547,9 @@ impl ListenComm {
                 }
                 _ => self.candidates.swap_remove(i),
             };
+            if let Ok(Some(bytes)) = &got {
+                self.refuse_other_version(&mut stream, peer, bytes)?;
+            }
             let info = match got.map_err(|e| e.to_string()).and_then(|b| {
                 let info = ConnInfo::decode(&b.unwrap_or_default())
                     .map_err(|e| format!("bad connection info: {e}"))?;
@@ -560,6 +575,35 @@ impl ListenComm {
             return Ok(None);
         }
         Ok(None)
+    }
+
+    /// A peer for this listener that speaks another protocol version: tell it ours (so it fails
+    /// naming both versions too) and fail the accept, naming both.
+    fn refuse_other_version(
+        &self,
+        stream: &mut OobStream,
+        peer: SocketAddr,
+        bytes: &[u8],
+    ) -> NetResult<()> {
+        let Some((version, nonce)) = ConnInfo::preamble(bytes) else {
+            return Ok(());
+        };
+        if nonce != self.nonce || version == PROTOCOL_VERSION {
+            return Ok(());
+        }
+        let Err(why) = check_peer_protocol(version, FEATURES) else {
+            return Ok(());
+        };
+        let mut mine = local_info(&self.dev, &[], 0, self.nonce, 0);
+        mine.qps.clear();
+        // Best effort: the answer is small enough for the socket buffer.
+        if stream.queue_send(&mine.encode()).is_ok() {
+            let _ = stream.poll_flush();
+        }
+        Err(NetError::Remote(format!(
+            "connection from {peer} to {} refused: {why}",
+            self.listener.local_addr()
+        )))
     }
 
     /// The peer's info arrived: build our end, bring the QPs up and answer with our info.
@@ -639,20 +683,25 @@ impl ListenComm {
                     side.qps[0].qp_num(),
                     side.peer_info.qps[0].qpn
                 );
-                let mut side = *side;
-                let data_qps = side.qps.split_off(1);
-                let qp0 = side.qps.pop().expect("QP 0");
-                let link = Link::new(Arc::clone(&self.dev), qp0, side.cq, peer, stream);
-                Ok(Some(RecvComm::new(
+                let side = *side;
+                let link = Link::new(Arc::clone(&self.dev), side.qps, side.cq, peer, stream);
+                Ok(Some(RecvComm::new(RecvParts {
                     link,
-                    side.sizes,
-                    side.cts_staging,
-                    side.peer_info.fifo_addr,
-                    side.peer_info.fifo_rkey,
-                    side.eager,
-                    side.flush,
-                    data_qps,
-                )))
+                    sizes: side.sizes,
+                    staging: Staging {
+                        rows: side.cts_staging,
+                        eager_headers: None,
+                    },
+                    targets: Targets {
+                        fifo: Remote {
+                            addr: side.peer_info.fifo_addr,
+                            rkey: side.peer_info.fifo_rkey,
+                        },
+                        ..Targets::default()
+                    },
+                    eager: side.eager,
+                    flush: side.flush,
+                })))
             }
             Some(_) => Err(NetError::Remote(format!(
                 "{peer} sent garbage instead of the ready message"

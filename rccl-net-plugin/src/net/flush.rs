@@ -76,7 +76,9 @@ impl Flush {
             signaled: true,
             inline: false,
         };
-        self.qp.post_send(&[wr]).map_err(|e| {
+        // SAFETY: the READ lands in our own registered sink (alive as long as the QP) and reads
+        // the caller's registered GPU buffer, which RCCL keeps until the flush is tested.
+        unsafe { self.qp.post_send(&[wr]) }.map_err(|e| {
             let qpn = self.qp.qp_num();
             self.fail(NetError::System(format!(
                 "posting the flush READ of {addr:#x} on flush qp {qpn:#x}: {e}"

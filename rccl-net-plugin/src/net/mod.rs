@@ -2,18 +2,24 @@
 //! `ncclNet_vN_t`; nothing here knows about ABI versions.
 
 mod buffer;
-mod comm;
 mod connect;
 mod device;
 mod error;
 mod flush;
+mod link;
+mod poster;
+mod recv_comm;
 mod regcache;
+mod request;
+mod send_comm;
 
-pub use comm::{RecvComm, Request, SendComm, COMM_RECV, COMM_SEND};
 pub use connect::{ConnSettings, Connecting, ListenComm};
 pub use device::NetDevice;
 pub use error::{NetError, NetResult};
+pub use recv_comm::{RecvComm, COMM_RECV};
 pub use regcache::{data_access, MrHandle, RegCache, RegKind};
+pub use request::Request;
+pub use send_comm::{SendComm, COMM_SEND};
 
 use crate::config::PluginConfig;
 use crate::log::{info, INIT, NET};

@@ -6,7 +6,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `HALOCONN` |
-//! | 8 | 2 | format version (2) |
+//! | 8 | 2 | wire protocol version (`protocol::PROTOCOL_VERSION`) |
 //! | 10 | 2 | number of QPs n, 1..=16 |
 //! | 12 | 8 | feature bits |
 //! | 20 | 8 | nonce of the listen handle |
@@ -28,16 +28,18 @@
 //! | 108 | 2 | eager bounce slots (0: no eager path) |
 //! | 110 | 2 | largest eager message in KiB (1 … 64 when there are slots) |
 //! | 112 | 8·n | per QP: QP number, initial PSN (24 bits each) |
+//!
+//! The first 28 bytes (magic, version, QP count, features, nonce) keep this layout in every
+//! version, so a peer of another version can still be told which version it met
+//! ([`ConnInfo::preamble`]).
 
 use super::wire::Reader;
 use super::HandleError;
 
 /// First bytes of every connection metadata message.
 pub const CONN_INFO_MAGIC: [u8; 8] = *b"HALOCONN";
-/// The metadata format this build writes and reads.
-pub const CONN_INFO_VERSION: u16 = 2;
-/// Most queue pairs one connection may use (`NCCL_IB_QPS_PER_CONNECTION` is capped to it).
-pub const MAX_QPS: usize = 16;
+/// The metadata format is part of the wire protocol and carries its version.
+pub use crate::protocol::{MAX_QPS, PROTOCOL_VERSION as CONN_INFO_VERSION};
 
 const FIXED_LEN: usize = 112;
 const QP_LEN: usize = 8;
@@ -116,6 +118,17 @@ impl ConnInfo {
             out.extend_from_slice(&qp.psn.to_le_bytes());
         }
         out
+    }
+
+    /// Version and nonce of a message in any version's format (`None`: not connection info).
+    pub fn preamble(bytes: &[u8]) -> Option<(u16, u64)> {
+        let mut r = Reader::new(bytes);
+        if r.bytes::<8>().ok()? != CONN_INFO_MAGIC {
+            return None;
+        }
+        let version = r.u16().ok()?;
+        r.bytes::<10>().ok()?;
+        Some((version, r.u64().ok()?))
     }
 
     /// Parses and checks a peer's message.
@@ -266,7 +279,7 @@ pub(super) mod tests {
         let b = sample().encode();
         assert_eq!(b.len(), 112 + 2 * 8);
         assert_eq!(&b[0..8], b"HALOCONN");
-        assert_eq!(&b[8..10], &[2, 0]);
+        assert_eq!(&b[8..10], &CONN_INFO_VERSION.to_le_bytes());
         assert_eq!(&b[10..12], &[2, 0]);
         assert_eq!(&b[28..44], &sample().gid);
         assert_eq!(b[50], 2);
@@ -278,6 +291,21 @@ pub(super) mod tests {
         assert_eq!(&b[110..112], &8u16.to_le_bytes());
         assert_eq!(&b[112..116], &0x11u32.to_le_bytes());
         assert_eq!(&b[116..120], &0xabcdefu32.to_le_bytes());
+    }
+
+    #[test]
+    fn preamble_reads_version_and_nonce_of_any_version() {
+        let mut c = sample();
+        assert_eq!(
+            ConnInfo::preamble(&c.encode()),
+            Some((CONN_INFO_VERSION, c.nonce))
+        );
+        c.version = 2;
+        c.qps.clear();
+        let old = c.encode();
+        assert_eq!(ConnInfo::preamble(&old), Some((2, c.nonce)));
+        assert_eq!(ConnInfo::preamble(&old[..27]), None);
+        assert_eq!(ConnInfo::preamble(b"HALOHAND and more bytes here.."), None);
     }
 
     #[test]
@@ -297,7 +325,7 @@ pub(super) mod tests {
             check(&|c| c.version = 1),
             Err(HandleError::UnsupportedVersion {
                 found: 1,
-                supported: 2
+                supported: CONN_INFO_VERSION
             })
         );
         let malformed: [&dyn Fn(&mut ConnInfo); 11] = [

@@ -1,0 +1,293 @@
+//! Carries out the protocol core's work requests: each [`Post`] becomes one verbs work request
+//! on its queue pair, addressed into the peer's memory, with small host data inline and the rest
+//! staged in our registered buffers. Consecutive posts for one queue pair go in one
+//! `ibv_post_send`. Nothing here decides what to send or when.
+
+use super::buffer::RegisteredBuf;
+use crate::protocol::{
+    eager_slot_offset, fifo_row_offset, sizes_row_offset, Post, PostOp, PostSink, RecvSink,
+    CTS_ROW_BYTES, EAGER_HEADER_BYTES, SIZES_ROW_BYTES,
+};
+use halo_ibverbs::{QueuePair, SendOp, SendWr, Sge, VerbsError, MAX_WRS_PER_POST};
+
+/// A memory region of the peer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Remote {
+    pub addr: u64,
+    pub rkey: u32,
+}
+
+/// The peer's memory the posts of one comm address.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Targets {
+    /// Sender: the receiver's sizes array and eager ring. Receiver: the sender's FIFO.
+    pub fifo: Remote,
+    pub sizes: Remote,
+    pub eager: Remote,
+    /// Payload bytes of one of the peer's bounce slots.
+    pub eager_slot_max: u32,
+}
+
+/// Our registered staging for posts that cannot go inline: one area per row or slot, which the
+/// protocol reuses only after the previous write from it has completed.
+pub struct Staging {
+    /// Receiver: one clear-to-send row per FIFO row. Sender: one sizes row per FIFO row.
+    pub rows: RegisteredBuf,
+    /// Sender: one eager header per bounce slot (empty on a receiver).
+    pub eager_headers: Option<RegisteredBuf>,
+}
+
+/// Where a receiver's eager bounce slots live in our memory.
+#[derive(Clone, Copy)]
+pub struct SlotRing {
+    pub base: *mut u8,
+    pub slots: u16,
+    pub slot_max: u32,
+}
+
+/// A post that failed: the queue pair and the verbs error.
+pub struct PostFailure {
+    pub qp: usize,
+    pub err: VerbsError,
+}
+
+/// The sink the protocol core posts into for the duration of one call.
+pub struct Poster<'a> {
+    qps: &'a [QueuePair],
+    targets: &'a Targets,
+    staging: &'a Staging,
+    ring: Option<SlotRing>,
+    max_inline: usize,
+    pending: [Option<Post>; MAX_WRS_PER_POST],
+    n: usize,
+    qp: usize,
+    /// Work requests handed to the provider by this poster.
+    pub posted: u32,
+    failure: Option<PostFailure>,
+}
+
+impl<'a> Poster<'a> {
+    pub fn new(
+        qps: &'a [QueuePair],
+        targets: &'a Targets,
+        staging: &'a Staging,
+        ring: Option<SlotRing>,
+    ) -> Self {
+        Poster {
+            max_inline: qps[0].caps().max_inline_data as usize,
+            qps,
+            targets,
+            staging,
+            ring,
+            pending: [None; MAX_WRS_PER_POST],
+            n: 0,
+            qp: 0,
+            posted: 0,
+            failure: None,
+        }
+    }
+
+    /// Posts what is still pending; the first failure of this poster, if any.
+    pub fn finish(mut self) -> Result<u32, PostFailure> {
+        self.flush();
+        match self.failure {
+            Some(f) => Err(f),
+            None => Ok(self.posted),
+        }
+    }
+
+    fn flush(&mut self) {
+        let n = std::mem::take(&mut self.n);
+        if n == 0 || self.failure.is_some() {
+            return;
+        }
+        let mut sges = [[Sge::default(); 2]; MAX_WRS_PER_POST];
+        let mut meta = [(SendOp::Send, 0usize, false); MAX_WRS_PER_POST];
+        for i in 0..n {
+            let Some(p) = self.pending[i].as_ref() else {
+                continue;
+            };
+            meta[i] = self.translate(p, &mut sges[i]);
+        }
+        let wrs: [SendWr<'_>; MAX_WRS_PER_POST] = std::array::from_fn(|i| {
+            let p = self.pending[i].as_ref();
+            let (op, nsge, inline) = meta[i];
+            SendWr {
+                wr_id: p.map_or(0, |p| p.wr_id),
+                op,
+                sge: &sges[i][..nsge],
+                signaled: p.is_some_and(|p| p.signaled),
+                inline,
+            }
+        });
+        let qp = &self.qps[self.qp];
+        // SAFETY: every SGE is either inline (it points into `self.pending` or `sges`, alive
+        // until this call returns), or lies in a registered region that outlives the work
+        // request: the caller's buffer (registered under its lkey and owned by the request until
+        // `test` reports it done) or our staging rows (reused only after their write completed).
+        match unsafe { qp.post_send(&wrs[..n]) } {
+            Ok(()) => self.posted += n as u32,
+            Err(err) => self.failure = Some(PostFailure { qp: self.qp, err }),
+        }
+        self.pending = [None; MAX_WRS_PER_POST];
+    }
+
+    /// The verbs form of `p`: opcode, SGEs used, inline.
+    fn translate(&self, p: &Post, sge: &mut [Sge; 2]) -> (SendOp, usize, bool) {
+        let t = self.targets;
+        match &p.op {
+            PostOp::Data {
+                local_addr,
+                lkey,
+                len,
+                host,
+                remote_addr,
+                rkey,
+                imm,
+            } => {
+                sge[0] = Sge {
+                    addr: *local_addr,
+                    length: *len,
+                    lkey: *lkey,
+                };
+                let (remote_addr, rkey) = (*remote_addr, *rkey);
+                let op = match imm {
+                    Some(imm) => SendOp::WriteImm {
+                        remote_addr,
+                        rkey,
+                        imm: *imm,
+                    },
+                    None => SendOp::Write { remote_addr, rkey },
+                };
+                // Small host data goes inside the work request: no DMA read before the send.
+                let inline = *host && *len > 0 && *len as usize <= self.max_inline;
+                (op, usize::from(*len > 0), inline)
+            }
+            PostOp::Sizes { row, sizes, n } => {
+                let bytes = n * 8;
+                let inline = bytes <= self.max_inline;
+                sge[0] = if inline {
+                    Sge {
+                        addr: sizes.as_ptr() as u64,
+                        length: bytes as u32,
+                        lkey: 0,
+                    }
+                } else {
+                    self.stage(row * SIZES_ROW_BYTES, sizes.as_ptr().cast(), bytes)
+                };
+                let op = SendOp::Write {
+                    remote_addr: t.sizes.addr + sizes_row_offset(*row),
+                    rkey: t.sizes.rkey,
+                };
+                (op, 1, inline)
+            }
+            PostOp::Cts { row, entries, n } => {
+                let bytes = n * std::mem::size_of::<crate::protocol::CtsEntry>();
+                let inline = bytes <= self.max_inline;
+                sge[0] = if inline {
+                    Sge {
+                        addr: entries.as_ptr() as u64,
+                        length: bytes as u32,
+                        lkey: 0,
+                    }
+                } else {
+                    self.stage(row * CTS_ROW_BYTES, entries.as_ptr().cast(), bytes)
+                };
+                let op = SendOp::Write {
+                    remote_addr: t.fifo.addr + fifo_row_offset(*row),
+                    rkey: t.fifo.rkey,
+                };
+                (op, 1, inline)
+            }
+            PostOp::Eager {
+                slot,
+                header,
+                local_addr,
+                lkey,
+                len,
+                host,
+                imm,
+            } => {
+                let inline = *host && EAGER_HEADER_BYTES + *len as usize <= self.max_inline;
+                sge[0] = if inline {
+                    Sge {
+                        addr: header as *const _ as u64,
+                        length: EAGER_HEADER_BYTES as u32,
+                        lkey: 0,
+                    }
+                } else {
+                    let headers = self
+                        .staging
+                        .eager_headers
+                        .as_ref()
+                        .expect("a send comm stages eager headers");
+                    let dst = headers
+                        .ptr()
+                        .wrapping_add(usize::from(*slot) * EAGER_HEADER_BYTES);
+                    // SAFETY: the staging holds one header per slot; this slot's previous write
+                    // has landed (the receiver drained the slot before we got the credit).
+                    unsafe { std::ptr::write_volatile(dst.cast(), *header) };
+                    Sge {
+                        addr: dst as u64,
+                        length: EAGER_HEADER_BYTES as u32,
+                        lkey: headers.lkey(),
+                    }
+                };
+                sge[1] = Sge {
+                    addr: *local_addr,
+                    length: *len,
+                    lkey: *lkey,
+                };
+                let op = SendOp::WriteImm {
+                    remote_addr: t.eager.addr + eager_slot_offset(*slot, t.eager_slot_max),
+                    rkey: t.eager.rkey,
+                    imm: *imm,
+                };
+                (op, if *len > 0 { 2 } else { 1 }, inline)
+            }
+        }
+    }
+
+    /// Copies `bytes` from `src` into our staging rows at `offset`.
+    fn stage(&self, offset: usize, src: *const u8, bytes: usize) -> Sge {
+        let dst = self.staging.rows.ptr().wrapping_add(offset);
+        // SAFETY: the staging buffer holds FIFO_DEPTH rows of the largest row size; this row's
+        // previous write completed before the protocol reused the row.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, bytes) };
+        Sge {
+            addr: dst as u64,
+            length: bytes as u32,
+            lkey: self.staging.rows.lkey(),
+        }
+    }
+}
+
+impl PostSink for Poster<'_> {
+    fn post(&mut self, p: &Post) {
+        if self.failure.is_some() {
+            return;
+        }
+        if self.n > 0 && (p.qp != self.qp || self.n == MAX_WRS_PER_POST) {
+            self.flush();
+        }
+        self.qp = p.qp;
+        self.pending[self.n] = Some(*p);
+        self.n += 1;
+    }
+}
+
+impl RecvSink for Poster<'_> {
+    fn copy_eager(&mut self, slot: u16, dst: u64, len: u64) {
+        let ring = self
+            .ring
+            .expect("eager copies need the receiver's slot ring");
+        debug_assert!(slot < ring.slots && len <= u64::from(ring.slot_max));
+        let src = ring
+            .base
+            .wrapping_add(eager_slot_offset(slot, ring.slot_max) as usize + EAGER_HEADER_BYTES);
+        // SAFETY: the slot's completion arrived, so its bytes are in place; `dst` is the posted
+        // host buffer, registered for at least `len` bytes (the protocol checked `len` against
+        // its capacity) and owned by the request until `test` reports it.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst as *mut u8, len as usize) };
+    }
+}

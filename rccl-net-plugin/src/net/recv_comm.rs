@@ -1,0 +1,311 @@
+//! The receiving end of a connection: hands `irecv`s and completions to the protocol core
+//! ([`Receiver`]) and posts what it answers; `iflush` reads back GPU memory.
+
+use super::buffer::RegisteredBuf;
+use super::device::NetDevice;
+use super::error::{NetError, NetResult};
+use super::flush::{Flush, FLUSH_SLOTS};
+use super::link::{Link, POLL_BATCH};
+use super::poster::{Poster, SlotRing, Staging, Targets};
+use super::regcache::MrHandle;
+use super::request::Request;
+use crate::log::{info, NET};
+use crate::protocol::{
+    eager_slot_offset, EagerHeader, Receiver, RecvBuf, RecvConfig, CTS_ROW_BYTES, FIFO_DEPTH,
+    MAX_RECVS, SIZES_ROW_BYTES,
+};
+use halo_ibverbs::{QueuePair, RecvWr, WcOpcode, WorkCompletion};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+/// First word of a [`RecvComm`].
+pub const COMM_RECV: u32 = 0x4852_4356;
+
+/// The receiver's bounce slots for eager messages: `slots` of [`EAGER_HEADER_BYTES`] + `max`.
+pub struct EagerRing {
+    pub buf: RegisteredBuf,
+    pub slots: u16,
+    pub max: u32,
+}
+
+impl EagerRing {
+    /// Slots per receive comm. One row at a time goes ahead of its clear-to-send, so a few are
+    /// plenty; more only help when the receiver drains them late.
+    pub const SLOTS: u16 = 8;
+
+    /// `None` when `max` is 0 (the eager path is off).
+    pub fn new(dev: &NetDevice, max: u32) -> NetResult<Option<Self>> {
+        if max == 0 {
+            return Ok(None);
+        }
+        let bytes = eager_slot_offset(Self::SLOTS, max) as usize;
+        let buf = RegisteredBuf::new(&dev.pd, bytes, "eager slots")?;
+        Ok(Some(EagerRing {
+            buf,
+            slots: Self::SLOTS,
+            max,
+        }))
+    }
+
+    fn ring(&self) -> SlotRing {
+        SlotRing {
+            base: self.buf.ptr(),
+            slots: self.slots,
+            slot_max: self.max,
+        }
+    }
+}
+
+/// What a receive comm is made of, from `accept`.
+pub struct RecvParts {
+    pub link: Link,
+    /// The sender writes the sizes of multi-receives here.
+    pub sizes: RegisteredBuf,
+    /// Clear-to-send rows that cannot go inline.
+    pub staging: Staging,
+    /// The sender's FIFO.
+    pub targets: Targets,
+    pub eager: Option<EagerRing>,
+    /// Present when the device may receive into GPU memory.
+    pub flush: Option<Flush>,
+}
+
+/// The receiving end of a connection. `kind` comes first, as in `SendComm`.
+#[repr(C)]
+pub struct RecvComm {
+    kind: u32,
+    pub link: Link,
+    core: Receiver,
+    sizes: RegisteredBuf,
+    staging: Staging,
+    targets: Targets,
+    eager: Option<EagerRing>,
+    flush: Option<Flush>,
+    /// Receive requests (`0..FIFO_DEPTH`), then flush requests (one per flush slot).
+    reqs: Box<[Request]>,
+}
+
+impl RecvComm {
+    pub const SIZES_BYTES: usize = FIFO_DEPTH * SIZES_ROW_BYTES;
+    pub const CTS_STAGING_BYTES: usize = FIFO_DEPTH * CTS_ROW_BYTES;
+    /// Receives kept posted: one per row in flight plus the eager slots, with room to spare.
+    pub const RQ_STOCK: u32 = 2 * FIFO_DEPTH as u32;
+
+    /// Posts `n` receives (capped to the queue's size) for incoming immediates.
+    pub fn stock_receives(qp: &QueuePair, n: u32) -> halo_ibverbs::Result<()> {
+        let mut left = n.min(qp.caps().max_recv_wr) as usize;
+        let wrs = [RecvWr { wr_id: 0, sge: &[] }; POLL_BATCH];
+        while left > 0 {
+            let k = left.min(POLL_BATCH);
+            // SAFETY: these receives have no SGEs: an immediate writes no local memory.
+            unsafe { qp.post_recv(&wrs[..k])? };
+            left -= k;
+        }
+        Ok(())
+    }
+
+    pub fn new(p: RecvParts) -> Box<Self> {
+        let cfg = RecvConfig {
+            sq_depth: p.link.qps[0].caps().max_send_wr,
+            eager_slots: p.eager.as_ref().map_or(0, |e| e.slots),
+            eager_max: p.eager.as_ref().map_or(0, |e| e.max),
+        };
+        let mut c = Box::new(RecvComm {
+            kind: COMM_RECV,
+            link: p.link,
+            core: Receiver::new(cfg),
+            sizes: p.sizes,
+            staging: p.staging,
+            targets: p.targets,
+            eager: p.eager,
+            flush: p.flush,
+            reqs: Box::new([]),
+        });
+        let me: *mut RecvComm = &mut *c;
+        c.reqs = Request::table_for_recv(me, FIFO_DEPTH + FLUSH_SLOTS);
+        c
+    }
+
+    pub fn dev(&self) -> &Arc<NetDevice> {
+        &self.link.dev
+    }
+
+    /// `irecv` of `bufs` (address, capacity, tag, memory handle); `Ok(None)` when it cannot be
+    /// posted yet.
+    pub fn irecv(
+        &mut self,
+        bufs: &[(u64, u64, i32, Option<&MrHandle>)],
+    ) -> NetResult<Option<*mut Request>> {
+        self.link.check()?;
+        if !self.core.cts_room() {
+            // Completions of earlier clear-to-send writes free the send queue.
+            self.progress()?;
+        }
+        let mut rb = [RecvBuf::default(); MAX_RECVS];
+        if bufs.is_empty() || bufs.len() > MAX_RECVS {
+            return Err(NetError::InvalidArgument(format!(
+                "irecv of {} buffers (1..={MAX_RECVS} allowed)",
+                bufs.len()
+            )));
+        }
+        for (i, &(addr, size, tag, mh)) in bufs.iter().enumerate() {
+            let rkey = match mh {
+                Some(m) => {
+                    if size > 0 && (addr < m.start || addr + size > m.end) {
+                        return Err(NetError::InvalidArgument(format!(
+                            "irecv buffer {i} {addr:#x}+{size} outside its registration {:#x}..{:#x}",
+                            m.start, m.end
+                        )));
+                    }
+                    m.rkey
+                }
+                None if size == 0 => 0,
+                None => {
+                    return Err(NetError::InvalidArgument(format!(
+                        "irecv buffer {i} has no memory handle"
+                    )))
+                }
+            };
+            rb[i] = RecvBuf {
+                addr,
+                size,
+                rkey,
+                tag,
+                // Eager messages are copied by the CPU: never into GPU memory.
+                host: mh.is_none_or(|m| !m.gpu),
+            };
+        }
+        let ring = self.eager.as_ref().map(EagerRing::ring);
+        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
+        let r = self.core.irecv(&rb[..bufs.len()], &mut out);
+        out.finish()
+            .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
+        match r {
+            Ok(Some(req)) => Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(self.link.proto_error(e)),
+        }
+    }
+
+    fn progress(&mut self) -> NetResult<()> {
+        let mut wcs = [WorkCompletion::default(); POLL_BATCH];
+        let n = self.link.poll(&mut wcs)?;
+        let ring = self.eager.as_ref().map(EagerRing::ring);
+        let sizes = self.sizes.ptr();
+        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
+        let mut r = Ok(());
+        for wc in &wcs[..n] {
+            r = if wc.opcode != WcOpcode::RecvRdmaWithImm {
+                self.core.on_send_completion(wc.wr_id)
+            } else {
+                match wc.imm {
+                    Some(imm) => self.core.on_imm(
+                        imm,
+                        |row| read_sizes_row(sizes, row),
+                        |slot| read_slot_header(ring, slot),
+                        &mut out,
+                    ),
+                    None => Err(crate::protocol::ProtoError::Protocol(
+                        "receive completed without immediate".into(),
+                    )),
+                }
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+        out.finish()
+            .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
+        r.map_err(|e| self.link.proto_error(e))?;
+        let restock = self.core.take_restock();
+        if restock > 0 {
+            // Each immediate took one receive: put them back.
+            Self::stock_receives(&self.link.qps[0], restock).map_err(|e| {
+                self.link
+                    .fail_with(NetError::System, format_args!("posting receives: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `iflush` of a completed receive: a READ from the last non-empty buffer in GPU memory;
+    /// `Ok(None)` when no buffer is in GPU memory (nothing to flush).
+    pub fn iflush(
+        &mut self,
+        bufs: &[(u64, u64, Option<&MrHandle>)],
+    ) -> NetResult<Option<*mut Request>> {
+        self.link.check()?;
+        let Some((addr, _, Some(mh))) = bufs
+            .iter()
+            .rev()
+            .find(|(_, size, mh)| *size > 0 && mh.is_some_and(|m| m.gpu))
+        else {
+            return Ok(None);
+        };
+        let Some(flush) = self.flush.as_mut() else {
+            return Err(NetError::Internal(format!(
+                "iflush of GPU memory {addr:#x} on a comm without a flush QP ({})",
+                self.link.context()
+            )));
+        };
+        let slot = flush.post(*addr, mh.rkey)?;
+        Ok(Some(&mut self.reqs[FIFO_DEPTH + slot] as *mut Request))
+    }
+
+    /// RDMA READs the flushes of this comm completed.
+    pub fn flush_reads_done(&self) -> u64 {
+        self.flush.as_ref().map_or(0, Flush::reads_done)
+    }
+
+    pub(super) fn test(&mut self, req: u16) -> NetResult<Option<(usize, [u64; MAX_RECVS])>> {
+        if let Some(slot) = (req as usize).checked_sub(FIFO_DEPTH) {
+            let flush = self
+                .flush
+                .as_mut()
+                .ok_or_else(|| NetError::Internal("flush request without a flush QP".into()))?;
+            return Ok(flush.test(slot)?.then_some((0, [0; MAX_RECVS])));
+        }
+        self.link.check()?;
+        self.progress()?;
+        self.core.test(req).map_err(|e| self.link.proto_error(e))
+    }
+}
+
+/// Sizes row `row` of the sizes array at `base`, after the immediate announcing it completed.
+fn read_sizes_row(base: *const u8, row: usize) -> [u64; MAX_RECVS] {
+    debug_assert!(row < FIFO_DEPTH);
+    // SAFETY: the sizes array holds FIFO_DEPTH rows written by the NIC; the immediate that
+    // announced them completed, so the bytes are in memory.
+    let r = unsafe { std::ptr::read_volatile(base.cast::<[u64; MAX_RECVS]>().add(row)) };
+    fence(Ordering::Acquire);
+    r
+}
+
+/// The header of bounce slot `slot` after its completion (zeroed when there is no ring: the
+/// protocol refuses the slot before asking).
+fn read_slot_header(ring: Option<SlotRing>, slot: u16) -> EagerHeader {
+    let Some(ring) = ring.filter(|r| slot < r.slots) else {
+        return EagerHeader::default();
+    };
+    let p = ring
+        .base
+        .wrapping_add(eager_slot_offset(slot, ring.slot_max) as usize);
+    // SAFETY: the slot lies inside the ring and its write completed.
+    let hdr = unsafe { std::ptr::read_volatile(p.cast::<EagerHeader>()) };
+    fence(Ordering::Acquire);
+    hdr
+}
+
+impl Drop for RecvComm {
+    fn drop(&mut self) {
+        if self.core.eager_taken + self.core.eager_dropped > 0 {
+            info!(
+                NET,
+                "receive comm from {} closed: {} eager messages taken, {} dropped",
+                self.link.peer,
+                self.core.eager_taken,
+                self.core.eager_dropped
+            );
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The sending end of a connection: hands `isend`s and completions to the protocol core
+//! ([`Sender`]) and posts what it answers.
+
+use super::buffer::RegisteredBuf;
+use super::error::{NetError, NetResult};
+use super::link::{Link, POLL_BATCH};
+use super::poster::{Poster, Staging, Targets};
+use super::regcache::MrHandle;
+use super::request::Request;
+use crate::log::{info, NET};
+use crate::protocol::{
+    CtsEntry, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH, MAX_RECVS,
+};
+use halo_ibverbs::WorkCompletion;
+use std::sync::atomic::{fence, Ordering};
+
+/// First word of a [`SendComm`].
+pub const COMM_SEND: u32 = 0x4853_4e44;
+
+/// What a send comm is made of, from `connect`.
+pub struct SendParts {
+    pub link: Link,
+    /// Our FIFO: the receiver RDMA-writes clear-to-send rows here.
+    pub fifo: RegisteredBuf,
+    /// Sizes rows and eager headers that cannot go inline.
+    pub staging: Staging,
+    /// The receiver's sizes array and bounce slots.
+    pub targets: Targets,
+    pub cfg: SendConfig,
+}
+
+/// The sending end of a connection. `kind` comes first so a `void*` comm can be told apart.
+#[repr(C)]
+pub struct SendComm {
+    kind: u32,
+    pub link: Link,
+    core: Sender,
+    fifo: RegisteredBuf,
+    staging: Staging,
+    targets: Targets,
+    reqs: Box<[Request]>,
+}
+
+impl SendComm {
+    /// Bytes of FIFO memory to allocate for a send comm.
+    pub const FIFO_BYTES: usize = FIFO_DEPTH * CTS_ROW_BYTES;
+    /// Bytes of eager header staging: one header per bounce slot we may use.
+    pub const EAGER_HEADER_STAGING_BYTES: usize =
+        super::recv_comm::EagerRing::SLOTS as usize * EAGER_HEADER_BYTES;
+
+    pub fn new(p: SendParts) -> Box<Self> {
+        let mut c = Box::new(SendComm {
+            kind: COMM_SEND,
+            link: p.link,
+            core: Sender::new(p.cfg),
+            fifo: p.fifo,
+            staging: p.staging,
+            targets: p.targets,
+            reqs: Box::new([]),
+        });
+        let me: *mut SendComm = &mut *c;
+        c.reqs = Request::table_for_send(me, FIFO_DEPTH * MAX_RECVS);
+        c
+    }
+
+    /// `isend`: `Ok(None)` when it cannot be posted yet.
+    pub fn isend(
+        &mut self,
+        data: u64,
+        size: u64,
+        tag: i32,
+        mh: Option<&MrHandle>,
+    ) -> NetResult<Option<*mut Request>> {
+        self.link.check()?;
+        let lkey = match mh {
+            Some(m) => {
+                if size > 0 && (data < m.start || data + size > m.end) {
+                    return Err(NetError::InvalidArgument(format!(
+                        "isend of {data:#x}+{size} outside its registration {:#x}..{:#x}",
+                        m.start, m.end
+                    )));
+                }
+                m.lkey
+            }
+            None if size == 0 => 0,
+            None => {
+                return Err(NetError::InvalidArgument(
+                    "isend of data without a memory handle".into(),
+                ))
+            }
+        };
+        let msg = SendMsg {
+            addr: data,
+            lkey,
+            size,
+            tag,
+            // Inline sends are copied by the CPU: never from GPU memory.
+            host: mh.is_none_or(|m| !m.gpu),
+        };
+        crate::log::trace!(
+            NET,
+            "isend {size} bytes tag {tag} row {} ({})",
+            self.core.seq(),
+            self.link.peer
+        );
+        let fifo = FifoView(self.fifo.ptr());
+        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
+        let r = self.core.isend(|row| fifo.row(row), msg, &mut out);
+        out.finish()
+            .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
+        match r {
+            Ok(Some(req)) => Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request)),
+            Ok(None) => {
+                // Waiting for the receiver: a dead receiver never answers, so watch the peer here too.
+                self.link.idle_tick()?;
+                Ok(None)
+            }
+            Err(e) => Err(self.link.proto_error(e)),
+        }
+    }
+
+    fn progress(&mut self) -> NetResult<()> {
+        let mut wcs = [WorkCompletion::default(); POLL_BATCH];
+        let n = self.link.poll(&mut wcs)?;
+        for wc in &wcs[..n] {
+            if let Err(e) = self.core.on_completion(wc.wr_id) {
+                return Err(self.link.proto_error(e));
+            }
+        }
+        let fifo = FifoView(self.fifo.ptr());
+        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
+        let r = self.core.progress(|row| fifo.row(row), &mut out);
+        out.finish()
+            .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
+        r.map_err(|e| self.link.proto_error(e))
+    }
+
+    pub(super) fn test(&mut self, req: u16) -> NetResult<Option<u64>> {
+        self.link.check()?;
+        self.progress()?;
+        self.core.test(req).map_err(|e| self.link.proto_error(e))
+    }
+}
+
+/// Our FIFO memory, which the NIC writes while we read it.
+#[derive(Clone, Copy)]
+struct FifoView(*const u8);
+
+impl FifoView {
+    fn row(&self, row: usize) -> [CtsEntry; MAX_RECVS] {
+        debug_assert!(row < FIFO_DEPTH);
+        // SAFETY: the FIFO holds FIFO_DEPTH rows and lives as long as the comm; the NIC writes it
+        // concurrently, hence the volatile read (a torn row is caught by the per-entry stamps).
+        let r = unsafe { std::ptr::read_volatile(self.0.cast::<[CtsEntry; MAX_RECVS]>().add(row)) };
+        fence(Ordering::Acquire);
+        r
+    }
+}
+
+impl Drop for SendComm {
+    fn drop(&mut self) {
+        if self.core.eager_sent > 0 {
+            info!(
+                NET,
+                "send comm to {} closed: {} eager sends, {} refused by the receiver",
+                self.link.peer,
+                self.core.eager_sent,
+                self.core.eager_refused
+            );
+        }
+    }
+}

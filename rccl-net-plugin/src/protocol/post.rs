@@ -1,0 +1,70 @@
+//! Work requests as the protocol core hands them to the verbs layer, which only translates them
+//! (addresses of its own buffers, inline or staged) and posts them in the order given.
+
+use super::wire::{CtsEntry, EagerHeader, MAX_RECVS};
+
+/// One work request for queue pair `qp` of the connection (0 carries everything but spread data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Post {
+    pub qp: usize,
+    /// [`super::WrId`], encoded.
+    pub wr_id: u64,
+    /// Ask for a completion. Unsignaled work requests keep their send-queue slot until a later
+    /// signaled one on the same queue pair completes; the core accounts for that.
+    pub signaled: bool,
+    pub op: PostOp,
+}
+
+/// What a [`Post`] writes.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PostOp {
+    /// RDMA WRITE (WRITE_WITH_IMM when `imm` is set) of `len` bytes of the caller's registered
+    /// memory (`len` 0: no local buffer is read).
+    Data {
+        local_addr: u64,
+        lkey: u32,
+        len: u32,
+        /// The local bytes are CPU-readable host memory (they may go inline).
+        host: bool,
+        remote_addr: u64,
+        rkey: u32,
+        imm: Option<u32>,
+    },
+    /// RDMA WRITE of `sizes[..n]` into row `row` of the receiver's sizes array.
+    Sizes {
+        row: usize,
+        sizes: [u64; MAX_RECVS],
+        n: usize,
+    },
+    /// RDMA WRITE_WITH_IMM `imm` of `header` followed by `len` bytes of the caller's memory
+    /// into bounce slot `slot` of the receiver.
+    Eager {
+        slot: u16,
+        header: EagerHeader,
+        local_addr: u64,
+        lkey: u32,
+        len: u32,
+        host: bool,
+        imm: u32,
+    },
+    /// RDMA WRITE of `entries[..n]` into row `row` of the sender's FIFO.
+    Cts {
+        row: usize,
+        entries: [CtsEntry; MAX_RECVS],
+        n: usize,
+    },
+}
+
+/// Where the core puts its work requests. Posting is in call order; a failure is the sink's to
+/// record (the comm is failed by the caller once the core returns).
+pub trait PostSink {
+    fn post(&mut self, p: &Post);
+}
+
+/// The receiver's sink: it also copies eager messages out of their bounce slots. The core calls
+/// this before the clear-to-send row that hands the slot back is posted.
+pub trait RecvSink: PostSink {
+    /// Copy `len` payload bytes of bounce slot `slot` into host memory at `dst`.
+    fn copy_eager(&mut self, slot: u16, dst: u64, len: u64);
+}

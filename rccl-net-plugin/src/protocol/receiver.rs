@@ -1,0 +1,187 @@
+//! The receiving end of a connection as one state machine: posting receives ([`RecvState`]),
+//! the clear-to-send writes that offer them and their send-queue accounting, eager bounce slots,
+//! and the receive-queue entries each immediate consumes.
+
+use super::post::{Post, PostOp, RecvSink};
+use super::recv::{EagerAction, RecvBuf, RecvPost, RecvState};
+use super::wire::{row_of, EagerHeader, WrId, IMM_EAGER, IMM_EAGER_SLOT_MASK, MAX_RECVS};
+use super::ProtoError;
+
+/// Clear-to-send writes per signaled one: fewer completions for the receiver to poll.
+pub const CTS_SIGNAL_EVERY: u32 = 8;
+
+/// How a receive comm is set up.
+#[derive(Clone, Copy, Debug)]
+pub struct RecvConfig {
+    /// Work requests the send queue (which carries the clear-to-send writes) holds.
+    pub sq_depth: u32,
+    /// Our bounce slots (0: no eager path) and their payload size.
+    pub eager_slots: u16,
+    pub eager_max: u32,
+}
+
+/// Receiver-side protocol of one receive comm.
+pub struct Receiver {
+    state: RecvState,
+    cfg: RecvConfig,
+    /// Clear-to-send writes posted; only every [`CTS_SIGNAL_EVERY`]th asks for a completion.
+    cts_posted: u32,
+    /// Clear-to-send writes known to be finished (released from the send queue).
+    cts_reaped: u32,
+    /// Receive-queue entries consumed by immediates and not yet posted again.
+    restock: u32,
+    /// Eager messages copied into a posted receive.
+    pub eager_taken: u64,
+    /// Eager messages whose receive did not take them (the sender then sent them normally).
+    pub eager_dropped: u64,
+}
+
+impl Receiver {
+    pub fn new(cfg: RecvConfig) -> Self {
+        Receiver {
+            state: RecvState::new(),
+            cfg,
+            cts_posted: 0,
+            cts_reaped: 0,
+            restock: 0,
+            eager_taken: 0,
+            eager_dropped: 0,
+        }
+    }
+
+    /// Whether the send queue has room for one more clear-to-send write. Unsignaled writes hold
+    /// their slots until a later signaled one is polled: never post more than the queue holds.
+    pub fn cts_room(&self) -> bool {
+        self.cts_posted.wrapping_sub(self.cts_reaped) < self.cfg.sq_depth
+    }
+
+    /// `irecv` of `bufs`. `Ok(None)`: not yet (every FIFO row or the send queue is in use).
+    /// `host` in a buffer says the CPU may write it; eager messages go only into such buffers.
+    pub fn irecv(
+        &mut self,
+        bufs: &[RecvBuf],
+        out: &mut impl RecvSink,
+    ) -> Result<Option<u16>, ProtoError> {
+        if !self.cts_room() {
+            return Ok(None);
+        }
+        let mut rb = [RecvBuf::default(); MAX_RECVS];
+        if bufs.is_empty() || bufs.len() > MAX_RECVS {
+            return Err(ProtoError::InvalidUsage(format!(
+                "irecv of {} buffers (1..={MAX_RECVS} allowed)",
+                bufs.len()
+            )));
+        }
+        for (dst, b) in rb.iter_mut().zip(bufs) {
+            *dst = RecvBuf {
+                host: b.host && self.cfg.eager_slots > 0,
+                ..*b
+            };
+        }
+        let RecvPost::Posted {
+            req,
+            seq,
+            n,
+            entries,
+            eager,
+        } = self.state.post(&rb[..bufs.len()])?
+        else {
+            return Ok(None);
+        };
+        // A held eager message is settled before the row hands its slot back to the sender.
+        self.apply_eager(eager, out);
+        let signaled = self.cts_posted % CTS_SIGNAL_EVERY == CTS_SIGNAL_EVERY - 1;
+        out.post(&Post {
+            qp: 0,
+            wr_id: if signaled {
+                WrId::Cts(self.cts_posted)
+            } else {
+                WrId::Untracked
+            }
+            .encode(),
+            signaled,
+            op: PostOp::Cts {
+                row: row_of(seq),
+                entries,
+                n,
+            },
+        });
+        self.cts_posted = self.cts_posted.wrapping_add(1);
+        Ok(Some(req))
+    }
+
+    /// A successful send-queue completion: a signaled clear-to-send write finished, and with it
+    /// every earlier one.
+    pub fn on_send_completion(&mut self, wr_id: u64) -> Result<(), ProtoError> {
+        match WrId::decode(wr_id) {
+            Some(WrId::Cts(n))
+                if n.wrapping_sub(self.cts_reaped)
+                    < self.cts_posted.wrapping_sub(self.cts_reaped) =>
+            {
+                self.cts_reaped = n.wrapping_add(1);
+                Ok(())
+            }
+            _ => Err(ProtoError::Protocol(format!(
+                "completion of work request {wr_id:#x}, which no clear-to-send write posted"
+            ))),
+        }
+    }
+
+    /// A WRITE_WITH_IMM arrived with `imm` (it consumed one receive-queue entry).
+    /// `sizes_row(row)` reads the sizes array row, `slot_header(slot)` the header of a bounce slot.
+    pub fn on_imm(
+        &mut self,
+        imm: u32,
+        sizes_row: impl FnOnce(usize) -> [u64; MAX_RECVS],
+        slot_header: impl FnOnce(u16) -> EagerHeader,
+        out: &mut impl RecvSink,
+    ) -> Result<(), ProtoError> {
+        self.restock += 1;
+        if imm & !IMM_EAGER_SLOT_MASK == IMM_EAGER {
+            let slot = (imm & IMM_EAGER_SLOT_MASK) as u16;
+            if slot >= self.cfg.eager_slots {
+                return Err(ProtoError::Protocol(format!(
+                    "eager message in slot {slot}, which this receiver does not have"
+                )));
+            }
+            let hdr = slot_header(slot);
+            if hdr.size > self.cfg.eager_max {
+                return Err(ProtoError::Protocol(format!(
+                    "eager message of {} bytes in a slot of {}",
+                    hdr.size, self.cfg.eager_max
+                )));
+            }
+            let action = self.state.on_eager(slot, hdr)?;
+            self.apply_eager(action, out);
+            return Ok(());
+        }
+        let row = row_of(self.state.next_done_seq());
+        self.state.on_imm(imm, || sizes_row(row)).map(drop)
+    }
+
+    /// Receive-queue entries to post again (immediates consumed since the last call).
+    pub fn take_restock(&mut self) -> u32 {
+        std::mem::take(&mut self.restock)
+    }
+
+    /// Collect request `req`: `None` while in progress; the received sizes once done.
+    pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
+        self.state.test(req)
+    }
+
+    /// Receives posted whose data has not arrived.
+    pub fn in_flight(&self) -> u32 {
+        self.state.in_flight()
+    }
+
+    fn apply_eager(&mut self, action: EagerAction, out: &mut impl RecvSink) {
+        match action {
+            EagerAction::None | EagerAction::Hold => {}
+            EagerAction::Drop => self.eager_dropped += 1,
+            EagerAction::Copy { slot, dst, len } => {
+                self.eager_taken += 1;
+                out.copy_eager(slot, dst, len);
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The sending end of a connection as one state machine: matching ([`SendState`]), the work
+//! requests of each row on the connection's queue pairs, their completion accounting, and the
+//! multi-QP rule that a row's immediate goes out only after its data has landed.
+
+use super::post::{Post, PostOp, PostSink};
+use super::send::{EagerSend, Resolved, SendMsg, SendPost, SendState, Transmit, WireOp};
+use super::wire::{CtsEntry, WrId, FIFO_DEPTH, MAX_QPS, MAX_RECVS};
+use super::ProtoError;
+use std::collections::VecDeque;
+
+/// Rows carrying at least this many bytes are spread over the connection's queue pairs; smaller
+/// ones gain nothing from it and would pay the wait for the data before the immediate.
+pub const SPREAD_MIN_BYTES: u64 = 64 << 10;
+
+/// How a send comm is set up.
+#[derive(Clone, Copy, Debug)]
+pub struct SendConfig {
+    /// Largest single RDMA WRITE.
+    pub max_msg: u64,
+    /// Work requests each send queue holds.
+    pub sq_depth: u32,
+    /// Queue pairs of the connection (1 ..= [`MAX_QPS`]).
+    pub qps: usize,
+    /// Split each spread message over all queue pairs (else whole rows on them in turn).
+    pub split: bool,
+    /// Rows of at least this many payload bytes are spread (when `qps` > 1).
+    pub spread_min: u64,
+    /// The receiver's bounce slots (0: no eager path) and the largest eager message.
+    pub eager_slots: u16,
+    pub eager_max: u32,
+}
+
+/// A transmit whose immediate (and sizes) must wait: its data is still landing on other queue
+/// pairs, or an earlier such transmit is still waiting.
+#[derive(Clone, Copy, Debug)]
+struct Deferred {
+    t: Transmit,
+    /// Data queue pairs whose last write of this row has not completed.
+    acks_left: u32,
+    /// The `Write`s are already posted (else the whole transmit waits).
+    data_posted: bool,
+}
+
+/// Sender-side protocol of one send comm.
+pub struct Sender {
+    state: SendState,
+    qps: usize,
+    split: bool,
+    rr_next: usize,
+    /// Transmits waiting for their immediate, in row order (capacity FIFO_DEPTH: no allocation).
+    deferred: VecDeque<Deferred>,
+    /// A data queue pair reported landed data since the last [`Self::progress`].
+    landed: bool,
+    /// Sends that went eagerly, and those of them the receiver refused.
+    pub eager_sent: u64,
+    pub eager_refused: u64,
+}
+
+impl Sender {
+    pub fn new(cfg: SendConfig) -> Self {
+        let mut state =
+            SendState::new(cfg.max_msg, cfg.sq_depth).with_eager(cfg.eager_slots, cfg.eager_max);
+        let qps = cfg.qps.clamp(1, MAX_QPS);
+        if qps > 1 {
+            let parts = if cfg.split { qps as u32 } else { 1 };
+            state = state.with_qps(parts, cfg.spread_min);
+        }
+        Sender {
+            state,
+            qps,
+            split: cfg.split,
+            rr_next: 0,
+            deferred: VecDeque::with_capacity(FIFO_DEPTH),
+            landed: false,
+            eager_sent: 0,
+            eager_refused: 0,
+        }
+    }
+
+    /// Sequence number of the row the next send matches.
+    pub fn seq(&self) -> u32 {
+        self.state.seq()
+    }
+
+    /// `isend`: `fifo(row)` reads FIFO row `row` as the NIC left it. `Ok(None)`: not yet (the
+    /// receiver has not offered a buffer, or the send queue is full); call again later.
+    pub fn isend(
+        &mut self,
+        fifo: impl Fn(usize) -> [CtsEntry; MAX_RECVS],
+        msg: SendMsg,
+        out: &mut impl PostSink,
+    ) -> Result<Option<u16>, ProtoError> {
+        if self.state.unconfirmed() {
+            self.resolve_eager(&fifo, out)?;
+        }
+        let row = fifo(self.state.current_row());
+        match self.state.post(&row, msg)? {
+            SendPost::NotReady => Ok(None),
+            SendPost::Posted { req, transmit } => {
+                if let Some(t) = transmit {
+                    self.transmit(&t, out);
+                }
+                Ok(Some(req))
+            }
+            SendPost::Eager { req, send } => {
+                self.post_eager(&send, out);
+                Ok(Some(req))
+            }
+        }
+    }
+
+    /// A successful completion on any of the connection's queue pairs.
+    pub fn on_completion(&mut self, wr_id: u64) -> Result<(), ProtoError> {
+        match WrId::decode(wr_id) {
+            Some(WrId::Transmit(seq)) => self.state.on_completion(seq),
+            Some(WrId::Eager(seq)) => self.state.on_eager_completion(seq),
+            Some(WrId::DataLanded(seq)) => {
+                let d = self
+                    .deferred
+                    .iter_mut()
+                    .find(|d| d.t.seq == seq && d.acks_left > 0)
+                    .ok_or_else(|| {
+                        ProtoError::Protocol(format!(
+                            "data completion for row {seq}, which waits for none"
+                        ))
+                    })?;
+                d.acks_left -= 1;
+                self.landed = true;
+                Ok(())
+            }
+            _ => Err(ProtoError::Protocol(format!(
+                "completion of work request {wr_id:#x}, which no send posted"
+            ))),
+        }
+    }
+
+    /// After a batch of completions: posts the immediates whose data has landed and settles an
+    /// eager row whose clear-to-send has arrived.
+    pub fn progress(
+        &mut self,
+        fifo: impl Fn(usize) -> [CtsEntry; MAX_RECVS],
+        out: &mut impl PostSink,
+    ) -> Result<(), ProtoError> {
+        if std::mem::take(&mut self.landed) {
+            self.flush_deferred(out);
+        }
+        if self.state.unconfirmed() {
+            self.resolve_eager(&fifo, out)?;
+        }
+        Ok(())
+    }
+
+    /// Collect request `req`: `None` while in progress, the size sent once done.
+    pub fn test(&mut self, req: u16) -> Result<Option<u64>, ProtoError> {
+        self.state.test(req)
+    }
+
+    /// Work requests posted and not yet known complete.
+    pub fn sq_used(&self) -> u32 {
+        self.state.sq_used()
+    }
+
+    /// Settles the eager row once the receiver's clear-to-send for it has landed.
+    fn resolve_eager(
+        &mut self,
+        fifo: &impl Fn(usize) -> [CtsEntry; MAX_RECVS],
+        out: &mut impl PostSink,
+    ) -> Result<(), ProtoError> {
+        let row = fifo(self.state.current_row());
+        match self.state.resolve(&row)? {
+            Resolved::Nothing | Resolved::Accepted => {}
+            Resolved::Refused => self.eager_refused += 1,
+            Resolved::Transmit(t) => {
+                self.eager_refused += 1;
+                self.transmit(&t, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// One signaled WRITE_WITH_IMM of header + data into the receiver's bounce slot.
+    fn post_eager(&mut self, e: &EagerSend, out: &mut impl PostSink) {
+        self.eager_sent += 1;
+        out.post(&Post {
+            qp: 0,
+            wr_id: WrId::Eager(e.seq).encode(),
+            signaled: true,
+            op: PostOp::Eager {
+                slot: e.slot,
+                header: e.header(),
+                local_addr: e.msg.addr,
+                lkey: e.msg.lkey,
+                len: e.msg.size as u32,
+                host: e.msg.host,
+                imm: e.imm(),
+            },
+        });
+    }
+
+    /// Puts a transmit on the wire: all on QP 0, or its data spread over the QPs and the rest
+    /// deferred until that data has landed. Immediates always go out in row order.
+    fn transmit(&mut self, t: &Transmit, out: &mut impl PostSink) {
+        if !t.spread() {
+            if self.deferred.is_empty() {
+                self.post_on_qp0(t, false, out);
+                return;
+            }
+            self.deferred.push_back(Deferred {
+                t: *t,
+                acks_left: 0,
+                data_posted: false,
+            });
+        } else {
+            let acks_left = self.post_spread_data(t, out);
+            self.deferred.push_back(Deferred {
+                t: *t,
+                acks_left,
+                data_posted: true,
+            });
+        }
+        self.flush_deferred(out);
+    }
+
+    /// Posts the `Write`s of a spread transmit over the QPs; the last one on each data QP (not
+    /// QP 0, which stays ordered with the immediate) is signaled. Returns how many were.
+    fn post_spread_data(&mut self, t: &Transmit, out: &mut impl PostSink) -> u32 {
+        let n = self.qps;
+        let row_qp = self.rr_next % n;
+        self.rr_next = self.rr_next.wrapping_add(1);
+        let split = self.split;
+        let qp_of = |k: usize| if split { k % n } else { row_qp };
+        let is_write = |op: &WireOp| matches!(op, WireOp::Write { .. });
+        let mut last = [usize::MAX; MAX_QPS];
+        for (k, _) in t.ops().filter(is_write).enumerate() {
+            last[qp_of(k)] = k;
+        }
+        for (k, op) in t.ops().filter(is_write).enumerate() {
+            let q = qp_of(k);
+            let signaled = q != 0 && last[q] == k;
+            out.post(&Post {
+                qp: q,
+                wr_id: if signaled {
+                    WrId::DataLanded(t.seq)
+                } else {
+                    WrId::Untracked
+                }
+                .encode(),
+                signaled,
+                op: post_op(op),
+            });
+        }
+        (1..n).filter(|&q| last[q] != usize::MAX).count() as u32
+    }
+
+    /// Posts the deferred transmits whose data has landed, oldest first.
+    fn flush_deferred(&mut self, out: &mut impl PostSink) {
+        while let Some(d) = self.deferred.front().copied() {
+            if d.acks_left > 0 {
+                break;
+            }
+            self.deferred.pop_front();
+            self.post_on_qp0(&d.t, d.data_posted, out);
+        }
+        // An eager message must not overtake an immediate that waits for its data.
+        self.state.set_eager_allowed(self.deferred.is_empty());
+    }
+
+    /// Posts the work requests of `t` on QP 0 (without its `Write`s when `skip_writes`); the
+    /// last one is signaled and accounts for the whole row.
+    fn post_on_qp0(&mut self, t: &Transmit, skip_writes: bool, out: &mut impl PostSink) {
+        let mut ops = t
+            .ops()
+            .filter(|op| !skip_writes || !matches!(op, WireOp::Write { .. }))
+            .peekable();
+        while let Some(op) = ops.next() {
+            let last = ops.peek().is_none();
+            out.post(&Post {
+                qp: 0,
+                wr_id: if last {
+                    WrId::Transmit(t.seq)
+                } else {
+                    WrId::Untracked
+                }
+                .encode(),
+                signaled: last,
+                op: post_op(op),
+            });
+        }
+    }
+}
+
+fn post_op(op: WireOp) -> PostOp {
+    match op {
+        WireOp::Write {
+            local_addr,
+            lkey,
+            remote_addr,
+            rkey,
+            len,
+            host,
+        } => PostOp::Data {
+            local_addr,
+            lkey,
+            len,
+            host,
+            remote_addr,
+            rkey,
+            imm: None,
+        },
+        WireOp::WriteImm {
+            local_addr,
+            lkey,
+            remote_addr,
+            rkey,
+            len,
+            imm,
+            host,
+        } => PostOp::Data {
+            local_addr,
+            lkey,
+            len,
+            host,
+            remote_addr,
+            rkey,
+            imm: Some(imm),
+        },
+        WireOp::WriteSizes { row, sizes, n } => PostOp::Sizes { row, sizes, n },
+    }
+}
