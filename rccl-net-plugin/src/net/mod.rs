@@ -7,12 +7,14 @@ mod connect;
 mod device;
 mod error;
 mod flush;
+mod reg;
 mod regcache;
 
 pub use comm::{RecvComm, Request, SendComm, COMM_RECV, COMM_SEND};
 pub use connect::{ConnSettings, Connecting, ListenComm};
 pub use device::NetDevice;
 pub use error::{NetError, NetResult};
+pub use reg::{register, register_dmabuf};
 pub use regcache::{data_access, MrHandle, RegCache, RegKind};
 
 use crate::config::PluginConfig;
