@@ -4,9 +4,8 @@ use super::guard;
 use crate::log;
 use crate::net::{
     self, ListenComm, MrHandle, NetError, NetResult, Props, RecvComm, Request, SendComm,
+    HANDLE_SIZE, MAX_RECVS,
 };
-use crate::oob::HANDLE_SIZE;
-use crate::protocol::MAX_RECVS;
 use halo_ffi::*;
 use std::ffi::{c_int, c_void};
 
