@@ -1,6 +1,5 @@
 //! Device discovery and the device context, the root of every verbs resource.
 
-use std::ffi::CStr;
 use std::mem;
 use std::path::PathBuf;
 use std::ptr::NonNull;
@@ -321,22 +320,6 @@ impl Context {
             ))
         })
     }
-}
-
-/// Converts a NUL-terminated C string owned by libibverbs into an owned string.
-///
-/// # Safety
-/// `ptr` must be NULL or point to a NUL-terminated string valid for the duration of the call.
-pub(crate) unsafe fn owned_c_str(ptr: *const libc::c_char) -> Option<String> {
-    if ptr.is_null() {
-        return None;
-    }
-    // SAFETY: guaranteed by the caller.
-    Some(
-        unsafe { CStr::from_ptr(ptr) }
-            .to_string_lossy()
-            .into_owned(),
-    )
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::ffi::CStr;
 use std::fmt;
 
-use crate::wc::WcError;
+use crate::wc::{WcError, WorkCompletion};
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, VerbsError>;
@@ -148,9 +148,24 @@ impl fmt::Display for VerbsError {
 
 impl std::error::Error for VerbsError {}
 
+// The completion type knows nothing of this crate's error type, so that `wc` stays below
+// `error` in the module graph; the conversion that needs both lives here.
+impl WorkCompletion {
+    /// Like [`WorkCompletion::result`], with the work request and QP in the error.
+    pub fn check(&self) -> Result<()> {
+        self.result().map_err(|error| VerbsError::Completion {
+            error,
+            wr_id: self.wr_id,
+            qp_num: self.qp_num,
+            vendor_err: self.vendor_err,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wc::WcStatus;
 
     #[test]
     fn os_error_names_call_object_and_errno_text() {
@@ -220,5 +235,31 @@ mod tests {
     fn from_ret_prefers_positive_return_code() {
         let e = VerbsError::from_ret("ibv_dealloc_pd", "rxe0", libc::EBUSY);
         assert_eq!(e.errno(), Some(libc::EBUSY));
+    }
+
+    #[test]
+    fn check_carries_work_request_context() {
+        let wc = WorkCompletion {
+            wr_id: 42,
+            status: WcStatus::Error(WcError::RemoteAccessError),
+            qp_num: 0x99,
+            ..WorkCompletion::default()
+        };
+        assert_eq!(wc.result(), Err(WcError::RemoteAccessError));
+        match wc.check() {
+            Err(VerbsError::Completion {
+                error,
+                wr_id,
+                qp_num,
+                ..
+            }) => {
+                assert_eq!(
+                    (error, wr_id, qp_num),
+                    (WcError::RemoteAccessError, 42, 0x99)
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(WorkCompletion::default().check().is_ok());
     }
 }

@@ -1,11 +1,9 @@
 //! Work completions: what the adapter reports for each finished work request.
 
+use std::ffi::CStr;
 use std::fmt;
 
 use rdma_mummy_sys::{ibv_wc, ibv_wc_flags, ibv_wc_opcode, ibv_wc_status, ibv_wc_status_str};
-
-use crate::device::owned_c_str;
-use crate::error::VerbsError;
 
 /// Why a work request failed (`enum ibv_wc_status` without `IBV_WC_SUCCESS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -268,16 +266,22 @@ impl WorkCompletion {
             WcStatus::Error(e) => Err(e),
         }
     }
+}
 
-    /// Like [`WorkCompletion::result`], with the work request and QP in the error.
-    pub fn check(&self) -> Result<(), VerbsError> {
-        self.result().map_err(|error| VerbsError::Completion {
-            error,
-            wr_id: self.wr_id,
-            qp_num: self.qp_num,
-            vendor_err: self.vendor_err,
-        })
+/// Converts a NUL-terminated C string owned by libibverbs into an owned string.
+///
+/// # Safety
+/// `ptr` must be NULL or point to a NUL-terminated string valid for the duration of the call.
+unsafe fn owned_c_str(ptr: *const libc::c_char) -> Option<String> {
+    if ptr.is_null() {
+        return None;
     }
+    // SAFETY: guaranteed by the caller.
+    Some(
+        unsafe { CStr::from_ptr(ptr) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 #[cfg(test)]
@@ -324,31 +328,5 @@ mod tests {
         assert!(text.ends_with("(status 10)"), "{text}");
         let text = WcError::RetryExceeded.to_string();
         assert!(text.contains("retry"), "{text}");
-    }
-
-    #[test]
-    fn check_carries_work_request_context() {
-        let wc = WorkCompletion {
-            wr_id: 42,
-            status: WcStatus::Error(WcError::RemoteAccessError),
-            qp_num: 0x99,
-            ..WorkCompletion::default()
-        };
-        assert_eq!(wc.result(), Err(WcError::RemoteAccessError));
-        match wc.check() {
-            Err(VerbsError::Completion {
-                error,
-                wr_id,
-                qp_num,
-                ..
-            }) => {
-                assert_eq!(
-                    (error, wr_id, qp_num),
-                    (WcError::RemoteAccessError, 42, 0x99)
-                );
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert!(WorkCompletion::default().check().is_ok());
     }
 }

@@ -1,13 +1,11 @@
 //! Functions shared by the per-version tables, in version-neutral argument types.
 
 use super::guard;
-use crate::gpu;
 use crate::log;
 use crate::net::{
     self, ListenComm, MrHandle, NetError, NetResult, Props, RecvComm, Request, SendComm,
+    HANDLE_SIZE, MAX_RECVS,
 };
-use crate::oob::HANDLE_SIZE;
-use crate::protocol::MAX_RECVS;
 use halo_ffi::*;
 use std::ffi::{c_int, c_void};
 
@@ -113,7 +111,7 @@ pub fn reg_mr(
         // SAFETY: RCCL passes comms it got from this plugin.
         let dev = unsafe { net::comm_device(comm) }?;
         // SAFETY: RCCL keeps the buffer allocated until deregMr.
-        let h = unsafe { gpu::register(&dev, ty, data as u64, size as u64) }?;
+        let h = unsafe { net::register(&dev, ty, data as u64, size as u64) }?;
         *out_h = Box::into_raw(h) as *mut c_void;
         Ok(())
     })
@@ -133,7 +131,7 @@ pub fn reg_mr_dmabuf(
         // SAFETY: RCCL passes comms it got from this plugin.
         let dev = unsafe { net::comm_device(comm) }?;
         // SAFETY: RCCL keeps the buffer allocated until deregMr and owns fd during the call.
-        let h = unsafe { gpu::register_dmabuf(&dev, ty, data as u64, size as u64, offset, fd) }?;
+        let h = unsafe { net::register_dmabuf(&dev, ty, data as u64, size as u64, offset, fd) }?;
         *out_h = Box::into_raw(h) as *mut c_void;
         Ok(())
     })

@@ -1,5 +1,6 @@
-//! GPU memory: ROCm loaded at run time, the per-device registration strategy chosen by a probe at
-//! `init`, and the registration of `NCCL_PTR_CUDA` buffers and RCCL-exported dma-bufs.
+//! GPU memory: ROCm loaded at run time and the per-device registration strategy chosen by a probe
+//! at `init`. Registering `NCCL_PTR_CUDA` buffers and RCCL-exported dma-bufs through that strategy
+//! is `net`'s business (`net::register`, `net::register_dmabuf`); nothing here knows `net`.
 //!
 //! Strategies, tried in this order (`HALO_GPU_REG` narrows the choice):
 //! 1. dma-buf: `hsa_amd_portable_export_dmabuf` → `ibv_reg_dmabuf_mr(iova = address)` → close.
@@ -8,17 +9,14 @@
 //!    where the GPU memory is ordinary pageable memory.
 //! 3. none: `NCCL_PTR_CUDA` is not advertised and RCCL stages GPU data through host buffers.
 
-mod reg;
 mod rocm;
 
-pub use reg::{register, register_dmabuf};
 pub use rocm::{runtime, DeviceAlloc, DmaBuf, MemKind, Rocm};
 
 use crate::config::GpuReg;
 use crate::log::{info, INIT, NET};
-use crate::net::data_access;
 use halo_ffi::{NCCL_PTR_CUDA, NCCL_PTR_DMABUF, NCCL_PTR_HOST};
-use halo_ibverbs::ProtectionDomain;
+use halo_ibverbs::{AccessFlags, ProtectionDomain};
 
 /// How one device registers GPU memory, as proven by the probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,9 +64,10 @@ impl GpuSupport {
 /// Size of the probe's `hipMalloc` buffer.
 const PROBE_BYTES: usize = 1 << 16;
 
-/// Finds out how `dev` (its name, for the log) can register GPU memory. Every outcome is logged
-/// at INFO: the winning strategy and why the ones before it lost.
-pub fn probe(pd: &ProtectionDomain, dev: &str, mode: GpuReg) -> GpuSupport {
+/// Finds out how `dev` (its name, for the log) can register GPU memory with the `access` rights
+/// the caller's regions need. Every outcome is logged at INFO: the winning strategy and why the
+/// ones before it lost.
+pub fn probe(pd: &ProtectionDomain, dev: &str, mode: GpuReg, access: AccessFlags) -> GpuSupport {
     if mode == GpuReg::None {
         info!(
             INIT | NET,
@@ -94,7 +93,7 @@ pub fn probe(pd: &ProtectionDomain, dev: &str, mode: GpuReg) -> GpuSupport {
     if mode == GpuReg::Va {
         lost.push("dma-buf: skipped (HALO_GPU_REG=va)".to_string());
     } else {
-        match probe_dmabuf(pd, rt, &buf) {
+        match probe_dmabuf(pd, rt, &buf, access) {
             Ok(()) => {
                 info!(
                     INIT | NET,
@@ -113,7 +112,7 @@ pub fn probe(pd: &ProtectionDomain, dev: &str, mode: GpuReg) -> GpuSupport {
         lost.push("by address: skipped (HALO_GPU_REG=dmabuf)".to_string());
     } else {
         // SAFETY: `buf` stays allocated until after the region is dropped at the end of the arm.
-        match unsafe { pd.reg_mr(buf.ptr as *mut u8, buf.len, data_access()) } {
+        match unsafe { pd.reg_mr(buf.ptr as *mut u8, buf.len, access) } {
             Ok(mr) => {
                 drop(mr);
                 info!(
@@ -139,10 +138,15 @@ pub fn probe(pd: &ProtectionDomain, dev: &str, mode: GpuReg) -> GpuSupport {
     GpuSupport::NONE
 }
 
-fn probe_dmabuf(pd: &ProtectionDomain, rt: &'static Rocm, buf: &DeviceAlloc) -> Result<(), String> {
+fn probe_dmabuf(
+    pd: &ProtectionDomain,
+    rt: &'static Rocm,
+    buf: &DeviceAlloc,
+    access: AccessFlags,
+) -> Result<(), String> {
     let d = rt.export_dmabuf(buf.ptr, buf.len)?;
     // SAFETY: the region takes its own reference on the dma-buf; it is dropped before `buf`.
-    let mr = unsafe { pd.reg_dmabuf_mr(d.offset, buf.len, buf.ptr, d.fd, data_access()) }
+    let mr = unsafe { pd.reg_dmabuf_mr(d.offset, buf.len, buf.ptr, d.fd, access) }
         .map_err(|e| e.to_string())?;
     drop(mr);
     Ok(())

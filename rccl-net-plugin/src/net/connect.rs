@@ -34,6 +34,10 @@ use super::regcache::data_access;
 
 const READY: &[u8] = b"ready";
 
+// The connection info is part of the wire protocol: one version, one limit on queue pairs.
+const _: () = assert!(crate::oob::CONN_INFO_VERSION == PROTOCOL_VERSION);
+const _: () = assert!(crate::oob::MAX_QPS == MAX_QPS);
+
 /// Per-connection settings: the device-wide config plus what the communicator overrides.
 #[derive(Clone)]
 pub struct ConnSettings {

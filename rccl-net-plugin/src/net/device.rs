@@ -1,7 +1,7 @@
 //! Discovery of the RDMA ports the plugin offers to RCCL, and their properties.
 
 use super::error::{NetError, NetResult};
-use super::regcache::RegCache;
+use super::regcache::{data_access, RegCache};
 use crate::config::{AddrFamily, PluginConfig};
 use crate::gpu::GpuSupport;
 use crate::log::{info, warn, INIT, NET};
@@ -198,7 +198,12 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
                     continue;
                 }
             };
-            let gpu = crate::gpu::probe(&pd, &format!("{}:{port}", info.name), cfg.gpu_reg);
+            let gpu = crate::gpu::probe(
+                &pd,
+                &format!("{}:{port}", info.name),
+                cfg.gpu_reg,
+                data_access(),
+            );
             let netdev = gid.netdev.clone();
             let pci = info
                 .sysfs_device_path

@@ -9,6 +9,7 @@ mod flush;
 mod link;
 mod poster;
 mod recv_comm;
+mod reg;
 mod regcache;
 mod request;
 mod send_comm;
@@ -17,14 +18,18 @@ pub use connect::{ConnSettings, Connecting, ListenComm};
 pub use device::NetDevice;
 pub use error::{NetError, NetResult};
 pub use recv_comm::{RecvComm, COMM_RECV};
+pub use reg::{register, register_dmabuf};
 pub use regcache::{data_access, MrHandle, RegCache, RegKind};
 pub use request::Request;
 pub use send_comm::{SendComm, COMM_SEND};
+// Sizes in net's own signatures (the listen handle, the buffers of one receive), so that callers
+// need nothing below net.
+pub use crate::oob::HANDLE_SIZE;
+pub use crate::protocol::MAX_RECVS;
 
 use crate::config::PluginConfig;
 use crate::log::{info, INIT, NET};
-use crate::oob::{ListenHandle, HANDLE_SIZE, HANDLE_USED};
-use crate::protocol::MAX_RECVS;
+use crate::oob::{ListenHandle, HANDLE_USED};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -38,8 +38,11 @@ use super::HandleError;
 
 /// First bytes of every connection metadata message.
 pub const CONN_INFO_MAGIC: [u8; 8] = *b"HALOCONN";
-/// The metadata format is part of the wire protocol and carries its version.
-pub use crate::protocol::{MAX_QPS, PROTOCOL_VERSION as CONN_INFO_VERSION};
+/// The format this build writes and reads. It is part of the wire protocol and carries that
+/// protocol's version (`net` checks at compile time that the two agree).
+pub const CONN_INFO_VERSION: u16 = 3;
+/// Most queue pairs one connection info carries.
+pub const MAX_QPS: usize = 16;
 
 const FIXED_LEN: usize = 112;
 const QP_LEN: usize = 8;

@@ -1,8 +1,10 @@
 //! `regMr` and `regMrDmaBuf` for every memory type, through the device's proven strategy.
 
-use super::{runtime, MemKind, Strategy};
+use super::device::NetDevice;
+use super::error::{NetError, NetResult};
+use super::regcache::{data_access, MrHandle, RegKind};
+use crate::gpu::{runtime, MemKind, Strategy};
 use crate::log::{info, warn_once, NET};
-use crate::net::{data_access, MrHandle, NetDevice, NetError, NetResult, RegKind};
 use halo_ffi::{NCCL_PTR_CUDA, NCCL_PTR_HOST};
 
 /// `regMr(type)`: host memory by address; GPU memory through the device's strategy.
