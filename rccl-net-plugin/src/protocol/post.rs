@@ -67,4 +67,6 @@ pub trait PostSink {
 pub trait RecvSink: PostSink {
     /// Copy `len` payload bytes of bounce slot `slot` into host memory at `dst`.
     fn copy_eager(&mut self, slot: u16, dst: u64, len: u64);
+    /// Bounce slot `slot` was dropped unread (its receive did not take the message).
+    fn release_eager(&mut self, _slot: u16) {}
 }

@@ -177,7 +177,10 @@ impl Receiver {
     fn apply_eager(&mut self, action: EagerAction, out: &mut impl RecvSink) {
         match action {
             EagerAction::None | EagerAction::Hold => {}
-            EagerAction::Drop => self.eager_dropped += 1,
+            EagerAction::Drop { slot } => {
+                self.eager_dropped += 1;
+                out.release_eager(slot);
+            }
             EagerAction::Copy { slot, dst, len } => {
                 self.eager_taken += 1;
                 out.copy_eager(slot, dst, len);

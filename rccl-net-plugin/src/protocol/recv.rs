@@ -25,7 +25,7 @@ pub enum EagerAction {
     Hold,
     /// The posted receive does not take the message: the slot is free again, and the sender
     /// will send the message the ordinary way.
-    Drop,
+    Drop { slot: u16 },
     /// Copy `len` bytes of slot `slot`'s payload to `dst`; the receive is complete.
     Copy { slot: u16, dst: u64, len: u64 },
 }
@@ -168,7 +168,7 @@ impl RecvState {
                     len: u64::from(hdr.size),
                 }
             } else {
-                EagerAction::Drop
+                EagerAction::Drop { slot }
             };
         }
         for e in &mut entries[..n] {
@@ -221,7 +221,7 @@ impl RecvState {
         self.eager_done = self.eager_done.wrapping_add(1);
         let size = u64::from(hdr.size);
         if !eager_fits(&req.first, hdr.tag, size) {
-            return Ok(EagerAction::Drop);
+            return Ok(EagerAction::Drop { slot });
         }
         req.sizes[0] = size;
         req.state = ReqState::Done;
