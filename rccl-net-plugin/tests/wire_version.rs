@@ -61,7 +61,8 @@ fn send_frame(s: &mut TcpStream, msg: &[u8]) {
 fn recv_frame(s: &mut TcpStream) -> Vec<u8> {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("a framed message from the plugin");
+    s.read_exact(&mut len)
+        .expect("a framed message from the plugin");
     let mut msg = vec![0u8; u32::from_le_bytes(len) as usize];
     s.read_exact(&mut msg).unwrap();
     msg
