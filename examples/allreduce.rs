@@ -1,6 +1,6 @@
 //! Ring all-reduce of f32 sums between N processes on one machine, through the plugin library's
 //! v8 table (loaded as RCCL loads it) with host buffers, printed like rccl-tests'
-//! `all_reduce_perf`. The ring itself is `halo_rdma::bench::Ring`, shared with netbench.
+//! `all_reduce_perf`. The ring itself is `halo_harness::bench::Ring`, shared with netbench.
 //!
 //! ```text
 //! allreduce --ranks N (2|4) [--min-bytes 4K] [--max-bytes 16M] [--iters K] [--warmup W]
@@ -14,10 +14,11 @@
 //! timings and error counts to `D/result-r`, and rank 0 prints the table. Exit status is
 //! non-zero when any element is wrong or any rank fails.
 
-use halo_ffi::{ncclDebugLogger_t, NCCL_NET_HANDLE_MAXSIZE};
-use halo_rdma::bench::{Net, Polls, Ring};
-use halo_rdma::driver::{Opaque, Plugin};
-use std::ffi::{c_char, c_int, c_ulong, CStr};
+use halo_ffi::NCCL_NET_HANDLE_MAXSIZE;
+use halo_harness::bench::{Net, Polls, Ring};
+use halo_harness::driver::{Opaque, Plugin};
+use halo_harness::log::quiet_logger;
+use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -233,44 +234,6 @@ fn kill_all(children: &mut Vec<(usize, Child)>) {
     children.clear();
 }
 
-/// Passes WARN lines through always and INFO lines under `NCCL_DEBUG=INFO|TRACE`, like the core.
-extern "C" fn rank_logger(
-    level: c_int,
-    _flags: c_ulong,
-    file: *const c_char,
-    line: c_int,
-    _fmt: *const c_char,
-    msg: *const c_char,
-) {
-    let verbose = matches!(std::env::var("NCCL_DEBUG").as_deref(), Ok("INFO" | "TRACE"));
-    if level > 2 && !verbose {
-        return;
-    }
-    // SAFETY: the plugin passes NUL-terminated strings.
-    let (file, msg) = unsafe {
-        (
-            CStr::from_ptr(file).to_string_lossy(),
-            CStr::from_ptr(msg).to_string_lossy(),
-        )
-    };
-    eprintln!(
-        "[pid {} log {level}] {file}:{line} {msg}",
-        std::process::id()
-    );
-}
-
-fn logger() -> ncclDebugLogger_t {
-    type Fixed = extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, *const c_char);
-    // SAFETY: the plugin always calls its logger with fmt "%s" and one string argument; on x86-64
-    // and aarch64 Linux a variadic pointer argument is passed like a named one.
-    Some(unsafe {
-        std::mem::transmute::<
-            Fixed,
-            unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...),
-        >(rank_logger as Fixed)
-    })
-}
-
 /// Writes `data` to `path` so that readers never see a partial file.
 fn publish(path: &Path, data: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
@@ -313,20 +276,9 @@ fn device_name(plugin: &Plugin) -> String {
 
 /// The plugin library next to this example (`target/<profile>/librccl_net_plugin.so`).
 fn plugin_path() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
-    let so = exe
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|profile| profile.join("librccl_net_plugin.so"))
-        .ok_or("cannot locate the target directory")?;
-    if so.is_file() {
-        Ok(so)
-    } else {
-        Err(format!(
-            "{} is missing: cargo build -p rccl-net-plugin",
-            so.display()
-        ))
-    }
+    halo_harness::artifacts::plugin_library_if_built().ok_or_else(|| {
+        "the plugin is not built next to this example: cargo build -p rccl-net-plugin".to_string()
+    })
 }
 
 /// Listens, publishes the handle, and connects to rank r+1 while accepting from rank r-1.
@@ -361,7 +313,7 @@ fn connect_ring(net: &Net, rank: usize, n: usize, dir: &Path) -> Result<(Opaque,
 fn run_rank(o: &Opts, rank: usize, dir: &Path) -> Result<bool, String> {
     let mut plugin = Plugin::load(&plugin_path()?, 8)?;
     plugin
-        .init(logger(), rank as u64)
+        .init(quiet_logger(), rank as u64)
         .map_err(|e| e.to_string())?;
     if plugin.devices().map_err(|e| e.to_string())? < 1 {
         return Err("the plugin found no device".into());

@@ -17,7 +17,8 @@
 //! and size are printed); 3 in `--kill-peer-after` mode when the sender saw the expected error.
 
 use halo_ffi::{ncclRemoteError, ncclSystemError, NCCL_NET_HANDLE_MAXSIZE};
-use halo_rdma::driver::{handle_from_hex, handle_to_hex, stderr_logger, Opaque, Plugin};
+use halo_harness::driver::{handle_from_hex, handle_to_hex, Opaque, Plugin};
+use halo_harness::log::stderr_logger;
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::io::{BufRead, BufReader, Read, Write};

@@ -16,7 +16,7 @@
 //!     --plugin target/release/librccl_net_plugin.so --compare-perftest --ibdev rxe0 --gid-index 1
 //! ```
 
-use halo_rdma::bench::{self, MemberConfig, Options, PeerLink, PerftestDevice, Suites};
+use halo_harness::bench::{self, MemberConfig, Options, PeerLink, PerftestDevice, Suites};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,9 +27,7 @@ const USAGE: &str = "usage: netbench [--plugin PATH] [--version N] [--dev N] [--
 
 /// The plugin built next to this example (`target/<profile>/examples/netbench`).
 fn default_plugin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("librccl_net_plugin.so");
-    p.exists().then_some(p)
+    halo_harness::artifacts::plugin_library_if_built()
 }
 
 enum Mode {

@@ -1,8 +1,8 @@
 //! Runs the `allreduce` example (N processes, ring all-reduce through the plugin) for 2 and 4
 //! ranks with small sizes and checks its table: every size present, no wrong element. Needs an
 //! RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
-//! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Build the example first
-//! (`cargo build -p halo-rdma --examples`).
+//! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Under `cargo test` the example is built
+//! on demand; run directly (in the guest), it must be built already (`cargo build --examples`).
 
 mod common;
 
@@ -50,7 +50,9 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn run(ranks: usize) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(common::artifact("examples/allreduce"))
+    // the example loads the plugin built next to it
+    halo_harness::artifacts::plugin_library();
+    let out = Command::new(halo_harness::artifacts::example("allreduce"))
         .args([
             "--ranks",
             &ranks.to_string(),

@@ -5,14 +5,17 @@
 //! environment value, peer killed mid-transfer) with their error codes and time bounds.
 //!
 //! Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
-//! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Needs the example built first:
+//! `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Under `cargo test` the example and the
+//! plugin are built on demand; run directly (in the guest), they must be built already:
 //! `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
 //! The two-guest run is documented at the top of `examples/conformance.rs`.
 
 mod common;
 
 use halo_ffi::*;
-use halo_rdma::driver::{stderr_logger, Plugin};
+use halo_harness::artifacts;
+use halo_harness::driver::Plugin;
+use halo_harness::log::stderr_logger;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
@@ -28,8 +31,8 @@ fn setup(test: &str) -> Option<Paths> {
     if !common::have_rdma_device(&format!("conformance::{test}")) {
         return None;
     }
-    let example = common::artifact("examples/conformance");
-    let plugin = common::artifact("librccl_net_plugin.so");
+    let example = artifacts::example("conformance");
+    let plugin = artifacts::plugin_library();
     Some(Paths { example, plugin })
 }
 
@@ -115,7 +118,7 @@ fn random_traffic_through_every_table_version() {
     let Some(p) = setup("random_traffic_through_every_table_version") else {
         return;
     };
-    for v in halo_rdma::driver::VERSIONS {
+    for v in halo_harness::driver::VERSIONS {
         let run = run_example(
             &p,
             &[

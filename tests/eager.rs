@@ -168,7 +168,10 @@ unsafe fn setup(test: &str) -> Option<(*mut c_void, *mut c_void)> {
         return None;
     }
     unsafe {
-        assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
+        assert_eq!(
+            NET.init.unwrap()(halo_harness::log::stderr_logger()),
+            ncclSuccess
+        );
         Some(common::connect_pair(&NET))
     }
 }

@@ -84,7 +84,7 @@ fn child_entry() {
     let Ok(s) = std::env::var(CHILD_ENV) else {
         return;
     };
-    rccl_net_plugin::log::set_logger(common::logger());
+    rccl_net_plugin::log::set_logger(halo_harness::log::stderr_logger());
     match s.as_str() {
         "standin_runtime" => standin_runtime(),
         "absent_runtime" => absent_runtime(),
@@ -221,7 +221,10 @@ unsafe fn props() -> ncclNetProperties_v9_t {
 }
 
 unsafe fn init_and_connect() -> Pair {
-    assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
+    assert_eq!(
+        NET.init.unwrap()(halo_harness::log::stderr_logger()),
+        ncclSuccess
+    );
     let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
     let mut lc: *mut c_void = null_mut();
     assert_eq!(

@@ -1,8 +1,9 @@
 //! The `netbench` example end to end: a quick run of every suite must report positive latencies
 //! and bandwidths for every size and exact all-reduce results, and a quick perftest comparison
 //! must yield ratios. Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says
-//! so and skips, unless `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Build the example
-//! and the plugin first: `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
+//! so and skips, unless `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Under `cargo test`
+//! the example is built on demand; run directly (in the guest), the example and the plugin must be
+//! built already: `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
 
 mod common;
 
@@ -12,7 +13,9 @@ use std::time::{Duration, Instant};
 
 /// Runs netbench with `args` and parses its JSON report.
 fn run(args: &[&str]) -> Value {
-    let mut child = Command::new(common::artifact("examples/netbench"))
+    // the example loads the plugin built next to it
+    halo_harness::artifacts::plugin_library();
+    let mut child = Command::new(halo_harness::artifacts::example("netbench"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

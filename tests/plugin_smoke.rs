@@ -17,7 +17,10 @@ fn send_and_receive_through_the_v8_table() {
         return;
     }
     unsafe {
-        assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
+        assert_eq!(
+            NET.init.unwrap()(halo_harness::log::stderr_logger()),
+            ncclSuccess
+        );
         let mut n: c_int = 0;
         assert_eq!(NET.devices.unwrap()(&mut n), ncclSuccess);
         assert!(n >= 1);
@@ -148,7 +151,10 @@ fn connect_close_cycles_leak_nothing() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     unsafe {
-        assert_eq!(NET.init.unwrap()(common::logger()), ncclSuccess);
+        assert_eq!(
+            NET.init.unwrap()(halo_harness::log::stderr_logger()),
+            ncclSuccess
+        );
         let mut buf = vec![0u8; 8192];
         let cycle = |buf: &mut Vec<u8>| {
             let (sc, rc) = common::connect_pair(&NET);

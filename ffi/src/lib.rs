@@ -15,6 +15,10 @@ pub use properties::*;
 pub use tables::*;
 
 use core::ffi::{c_char, c_int, c_ulong, c_void};
+use core::ops::RangeInclusive;
+
+/// The `ncclNetPlugin_vN` versions this interface covers (and the plugin exports): v6 to v12.
+pub const ABI_VERSIONS: RangeInclusive<u32> = 6..=12;
 
 // ---- Result codes ------------------------------------------------------------------
 

@@ -7,20 +7,9 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The plugin library of this build (`target/<profile>/librccl_net_plugin.so`), built first.
 fn plugin_so() -> PathBuf {
-    // target/<profile>/deps/plugin_probe-… → target/<profile>/librccl_net_plugin.so
-    let exe = std::env::current_exe().expect("test executable path");
-    let so = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("librccl_net_plugin.so");
-    assert!(
-        so.is_file(),
-        "{} is missing: build it first (cargo build -p rccl-net-plugin)",
-        so.display()
-    );
-    so
+    halo_harness::artifacts::plugin_library()
 }
 
 fn plugin_check(lib: &str) -> Value {

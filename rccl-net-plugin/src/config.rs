@@ -66,7 +66,7 @@ impl Default for PluginConfig {
             ib_hca: None,
             gid_index: None,
             roce_version: 2,
-            addr_family: AddrFamily::Inet,
+            addr_family: AddrFamily::V4,
             addr_range: None,
             timeout: 20,
             retry_cnt: 7,
@@ -97,14 +97,9 @@ pub enum GpuReg {
     None,
 }
 
-/// Address family of the GID picked automatically (`NCCL_IB_ADDR_FAMILY`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AddrFamily {
-    /// `AF_INET`: IPv4-mapped GIDs.
-    Inet,
-    /// `AF_INET6`: native IPv6 GIDs.
-    Inet6,
-}
+/// Address family of the GID picked automatically (`NCCL_IB_ADDR_FAMILY`): `AF_INET` is
+/// [`AddrFamily::V4`] (IPv4-mapped GIDs), `AF_INET6` [`AddrFamily::V6`] (native IPv6 GIDs).
+pub use halo_ibverbs::AddrFamily;
 
 /// A variable holds a value the plugin cannot use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,8 +282,8 @@ fn parse_gid_index(value: &str) -> Result<Option<u32>, ConfigError> {
 
 fn parse_addr_family(value: &str) -> Result<AddrFamily, ConfigError> {
     match value.trim() {
-        "AF_INET" => Ok(AddrFamily::Inet),
-        "AF_INET6" => Ok(AddrFamily::Inet6),
+        "AF_INET" => Ok(AddrFamily::V4),
+        "AF_INET6" => Ok(AddrFamily::V6),
         _ => Err(ConfigError::new(
             ENV_ADDR_FAMILY,
             value,
@@ -524,7 +519,7 @@ mod tests {
         assert_eq!(c.retry_cnt, 7);
         assert_eq!(c.qps_per_connection, 1);
         assert_eq!(c.connect_timeout, Duration::from_secs(60));
-        assert_eq!(c.addr_family, AddrFamily::Inet);
+        assert_eq!(c.addr_family, AddrFamily::V4);
     }
 
     #[test]
@@ -649,11 +644,11 @@ mod tests {
     fn addr_family() {
         assert_eq!(
             with(&[(ENV_ADDR_FAMILY, "AF_INET6")]).unwrap().addr_family,
-            AddrFamily::Inet6
+            AddrFamily::V6
         );
         assert_eq!(
             with(&[(ENV_ADDR_FAMILY, "AF_INET")]).unwrap().addr_family,
-            AddrFamily::Inet
+            AddrFamily::V4
         );
         for bad in ["INET6", "af_inet", "AF_UNIX", "6"] {
             let e = with(&[(ENV_ADDR_FAMILY, bad)]).unwrap_err();

@@ -10,11 +10,12 @@
 //! | `PLUGIN <version>` | `PORT <p>`: the plugin benchmark's member now serves one driver there |
 //! | `QUIT` | `BYE`, and the daemon ends |
 //!
-//! Nothing else is run: the control port never executes arbitrary commands.
+//! Nothing else is run: the control port never executes arbitrary commands. The lines travel
+//! over the benchmark engine's control channel ([`Control`]).
 
 use super::tcp;
 use anyhow::{anyhow, bail, Context, Result};
-use std::io::{BufRead, BufReader, Write};
+use halo_harness::bench::control::Control;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -28,9 +29,8 @@ pub const PLUGIN_PORT: u16 = 18701;
 /// Longest a server program may run.
 const RUN_LIMIT: Duration = Duration::from_secs(900);
 
-fn reply(s: &mut TcpStream, line: &str) -> Result<()> {
-    s.write_all(format!("{line}\n").as_bytes())?;
-    Ok(())
+fn reply(s: &mut Control, line: &str) -> Result<()> {
+    s.send(line).map_err(anyhow::Error::msg)
 }
 
 /// Serves control connections on `bind` until a `QUIT`. `plugin` is this node's plugin library,
@@ -43,10 +43,11 @@ pub fn serve(bind: SocketAddr, plugin: Option<&std::path::Path>) -> Result<()> {
         listener.local_addr()?
     );
     for conn in listener.incoming() {
-        let mut s = conn.context("accepting a control connection")?;
-        let peer = s.peer_addr()?;
-        let mut lines = BufReader::new(s.try_clone()?).lines();
-        while let Some(line) = lines.next().transpose()? {
+        let conn = conn.context("accepting a control connection")?;
+        let peer = conn.peer_addr()?;
+        let mut s =
+            Control::tcp(conn, format!("control client {peer}")).map_err(anyhow::Error::msg)?;
+        while let Some(line) = s.next_line(Duration::MAX).map_err(anyhow::Error::msg)? {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
                 ["TCP-LAT"] => {
@@ -84,7 +85,7 @@ pub fn serve(bind: SocketAddr, plugin: Option<&std::path::Path>) -> Result<()> {
                         reply(&mut s, "ERROR no plugin library here: start `halo bench --listen --plugin PATH`")?;
                         continue;
                     };
-                    let cfg = halo_rdma::bench::MemberConfig {
+                    let cfg = halo_harness::bench::MemberConfig {
                         plugin: lib.to_path_buf(),
                         version: version.parse().context("plugin ABI version")?,
                         dev: 0,
@@ -92,7 +93,7 @@ pub fn serve(bind: SocketAddr, plugin: Option<&std::path::Path>) -> Result<()> {
                     };
                     let bind_to = format!("{}:{PLUGIN_PORT}", bind.ip());
                     std::thread::spawn(move || {
-                        if let Err(e) = halo_rdma::bench::serve_tcp(&cfg, &bind_to) {
+                        if let Err(e) = halo_harness::bench::serve_tcp(&cfg, &bind_to) {
                             eprintln!("halo bench: plugin member: {e}");
                         }
                     });
@@ -134,8 +135,7 @@ fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> i32 {
 /// The measuring side's connection to a peer's control port.
 pub struct Peer {
     pub ip: IpAddr,
-    stream: TcpStream,
-    lines: std::io::Lines<BufReader<TcpStream>>,
+    ctl: Control,
 }
 
 impl Peer {
@@ -154,27 +154,22 @@ impl Peer {
                 ),
             }
         };
-        stream.set_read_timeout(Some(RUN_LIMIT))?;
-        let lines = BufReader::new(stream.try_clone()?).lines();
-        Ok(Peer {
-            ip: addr.ip(),
-            stream,
-            lines,
-        })
+        let ctl = Control::tcp(stream, format!("the peer {addr}")).map_err(anyhow::Error::msg)?;
+        Ok(Peer { ip: addr.ip(), ctl })
     }
 
     /// Sends one request line.
     pub fn send(&mut self, line: &str) -> Result<()> {
-        self.stream.write_all(format!("{line}\n").as_bytes())?;
-        Ok(())
+        self.ctl.send(line).map_err(anyhow::Error::msg)
     }
 
     /// The next answer line; `ERROR …` answers become errors.
     pub fn answer(&mut self) -> Result<String> {
         let line = self
-            .lines
-            .next()
-            .ok_or_else(|| anyhow!("the peer closed the control connection"))??;
+            .ctl
+            .next_line(RUN_LIMIT)
+            .map_err(anyhow::Error::msg)?
+            .ok_or_else(|| anyhow!("the peer closed the control connection"))?;
         if let Some(e) = line.strip_prefix("ERROR ") {
             bail!("peer: {e}");
         }

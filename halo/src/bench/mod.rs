@@ -6,12 +6,12 @@
 //! test through the listener's control port (see [`control`]).
 
 pub mod control;
-pub mod perftest;
 pub mod plot;
 pub mod tcp;
 
 use anyhow::{bail, Context, Result};
 use control::Peer;
+use halo_harness::bench::perftest;
 use plot::Series;
 use serde::Serialize;
 use std::io::IsTerminal;
@@ -250,10 +250,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 let out = perftest_client(
                     &mut peer,
                     "ib_write_lat",
-                    perftest::args(&peer_dev, peer_gid, size, iters),
-                    perftest::args(dev, opts.gid_index, size, iters),
+                    perftest::args(&peer_dev, peer_gid, size as usize, iters),
+                    perftest::args(dev, opts.gid_index, size as usize, iters),
                 )?;
-                let (typical, _, _) = perftest::parse_latency(&out)?;
+                let typical = perftest::parse_latency(&out, size as usize)
+                    .map_err(anyhow::Error::msg)?
+                    .typical_us;
                 rows.push(SizeRow {
                     path: "RDMA (perftest)".into(),
                     test: "latency",
@@ -268,10 +270,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 let out = perftest_client(
                     &mut peer,
                     "ib_write_bw",
-                    perftest::args(&peer_dev, peer_gid, size, iters),
-                    perftest::args(dev, opts.gid_index, size, iters),
+                    perftest::args(&peer_dev, peer_gid, size as usize, iters),
+                    perftest::args(dev, opts.gid_index, size as usize, iters),
                 )?;
-                let mbps = perftest::parse_bandwidth(&out)?;
+                let (mbps, _) =
+                    perftest::parse_bandwidth(&out, size as usize).map_err(anyhow::Error::msg)?;
                 rows.push(SizeRow {
                     path: "RDMA (perftest)".into(),
                     test: "bandwidth",
@@ -294,11 +297,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         progress.next("RDMA through the halo plugin (latency, bandwidth, all-reduce)");
         let plug: Result<()> = (|| {
             let port = peer.data_port(&format!("PLUGIN {PLUGIN_ABI}"))?.port();
-            let o = halo_rdma::bench::Options {
+            let o = halo_harness::bench::Options {
                 plugin: lib.clone(),
                 version: PLUGIN_ABI,
                 dev: 0,
-                suites: halo_rdma::bench::Suites {
+                suites: halo_harness::bench::Suites {
                     latency: true,
                     bandwidth: true,
                     msgrate: false,
@@ -308,10 +311,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                 quick: opts.quick,
                 window: 16,
                 perftest: None,
-                peer: halo_rdma::bench::PeerLink::Connect(format!("{}:{port}", peer.ip)),
+                peer: halo_harness::bench::PeerLink::Connect(format!("{}:{port}", peer.ip)),
                 timeout: Duration::from_secs(120),
             };
-            let r = halo_rdma::bench::run(&o).map_err(anyhow::Error::msg)?;
+            let r = halo_harness::bench::run(&o).map_err(anyhow::Error::msg)?;
             for l in &r.latency {
                 rows.push(SizeRow {
                     path: PLUGIN_PATH.into(),

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::plugin::PLUGIN_FILE;
+use super::plugin::{is_halo_plugin, PLUGIN_FILE};
 use super::{Check, Facts};
 
 pub fn checks(env: &BTreeMap<String, String>, facts: &Facts) -> Vec<Check> {
@@ -15,11 +15,6 @@ pub fn checks(env: &BTreeMap<String, String>, facts: &Facts) -> Vec<Check> {
         gid_index(get("NCCL_IB_GID_INDEX"), facts),
         socket_ifname(get("NCCL_SOCKET_IFNAME"), iface),
     ]
-}
-
-/// True when an `NCCL_NET_PLUGIN` value selects the halo library (by path, file or short name).
-pub fn is_halo_plugin(value: &str) -> bool {
-    value == "halo" || value.rsplit('/').next() == Some(PLUGIN_FILE)
 }
 
 fn ib_disable(v: Option<&str>) -> Check {

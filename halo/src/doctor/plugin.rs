@@ -9,7 +9,6 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::env::is_halo_plugin;
 use super::{Check, DoctorOptions};
 
 /// File name RCCL resolves for `NCCL_NET_PLUGIN=halo`.
@@ -24,6 +23,17 @@ const SEARCH_DIRS: [&str; 5] = [
     "/usr/lib64",
     "/usr/lib",
 ];
+
+/// True when an `NCCL_NET_PLUGIN` value selects the halo library (by path, file or short name).
+pub fn is_halo_plugin(value: &str) -> bool {
+    value == "halo" || value.rsplit('/').next() == Some(PLUGIN_FILE)
+}
+
+/// The ABI versions the library must export, as the checks name them: `v6..v12`.
+fn abi_versions() -> String {
+    let v = halo_ffi::ABI_VERSIONS;
+    format!("v{}..v{}", v.start(), v.end())
+}
 
 pub const CHECK_ID: &str = "plugin.library";
 pub const CHECK_TITLE: &str = "halo net plugin library";
@@ -88,13 +98,13 @@ impl PluginProbe for LoadingProbe {
             Ok(r) if r.missing.is_empty() && r.devices.is_empty() => Check::fail(
                 CHECK_ID,
                 CHECK_TITLE,
-                format!("{shown}: loads, exports v6..v12, but init reports no device: {}", r.init_error.unwrap_or_default()),
+                format!("{shown}: loads, exports {}, but init reports no device: {}", abi_versions(), r.init_error.unwrap_or_default()),
                 "fix the RDMA checks above (device ACTIVE, RoCE v2 GID); NCCL_IB_HCA / NCCL_IB_GID_INDEX must match a usable port",
             ),
             Ok(r) if r.missing.is_empty() => Check::pass(
                 CHECK_ID,
                 CHECK_TITLE,
-                format!("{shown}: exports v6..v12, init ok, {}", r.devices.join("; ")),
+                format!("{shown}: exports {}, init ok, {}", abi_versions(), r.devices.join("; ")),
             ),
             Ok(r) => Check::fail(
                 CHECK_ID,

@@ -2,12 +2,12 @@
 
 use super::error::{NetError, NetResult};
 use super::regcache::{data_access, RegCache};
-use crate::config::{AddrFamily, PluginConfig};
+use crate::config::PluginConfig;
 use crate::gpu::GpuSupport;
 use crate::log::{info, warn, INIT, NET};
 use halo_ibverbs::{
-    AddrFamily as GidFamily, Context, DeviceAttr, GidEntry, GidSelector, LinkLayer, PortAttr,
-    PortState, ProtectionDomain, VerbsError,
+    Context, DeviceAttr, GidEntry, GidSelector, LinkLayer, PortAttr, PortState, ProtectionDomain,
+    VerbsError,
 };
 use std::ffi::CString;
 use std::net::IpAddr;
@@ -63,10 +63,7 @@ fn gid_selector(cfg: &PluginConfig) -> GidSelector {
     GidSelector {
         index: cfg.gid_index,
         roce_version: cfg.roce_version,
-        family: Some(match cfg.addr_family {
-            AddrFamily::Inet => GidFamily::V4,
-            AddrFamily::Inet6 => GidFamily::V6,
-        }),
+        family: Some(cfg.addr_family),
         subnet: cfg.addr_range,
     }
 }

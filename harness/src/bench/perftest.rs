@@ -50,14 +50,7 @@ impl Perftest {
     pub fn write_lat(&mut self, size: usize, iters: usize) -> Result<LatencyStats, String> {
         let extra = [];
         let out = self.run("ib_write_lat", size, iters.max(5), &extra)?;
-        let row = table_row(&out, size)?;
-        // #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%
-        let num = |i: usize| parse_col(&row, i, "ib_write_lat");
-        Ok(LatencyStats {
-            typical_us: num(4)?,
-            avg_us: num(5)?,
-            p99_us: num(7)?,
-        })
+        parse_latency(&out, size)
     }
 
     pub fn write_bw(
@@ -70,12 +63,8 @@ impl Perftest {
         let depth = window.min(iters).to_string();
         let extra = ["-t", depth.as_str(), "--report_gbits"];
         let out = self.run("ib_write_bw", size, iters, &extra)?;
-        let row = table_row(&out, size)?;
-        // #bytes #iterations BW-peak BW-average MsgRate[Mpps]
-        Ok(BandwidthStats {
-            gbps: parse_col(&row, 3, "ib_write_bw")?,
-            msgs_per_s: parse_col(&row, 4, "ib_write_bw")? * 1e6,
-        })
+        let (gbps, msgs_per_s) = parse_bandwidth(&out, size)?;
+        Ok(BandwidthStats { gbps, msgs_per_s })
     }
 
     /// Starts the server, then the client (retried while the server is not listening yet);
@@ -89,24 +78,11 @@ impl Perftest {
     ) -> Result<String, String> {
         let port = self.dev.port.wrapping_add(self.runs).to_string();
         self.runs = self.runs.wrapping_add(1);
-        let gid = self.dev.gid_index.to_string();
-        let (size_s, iters_s) = (size.to_string(), iters.to_string());
-        let base: Vec<&str> = [
-            "-d",
-            self.dev.ibdev.as_str(),
-            "-x",
-            gid.as_str(),
-            "-s",
-            size_s.as_str(),
-            "-n",
-            iters_s.as_str(),
-            "-F",
-            "-p",
-            port.as_str(),
-        ]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .collect();
+        let base: Vec<String> = args(&self.dev.ibdev, self.dev.gid_index, size, iters)
+            .into_iter()
+            .chain(["-p".to_string(), port])
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
         let mut server = Reaped(Some(
             Command::new(tool)
                 .args(&base)
@@ -182,6 +158,45 @@ fn wait_output(mut child: Child, timeout: Duration) -> Result<Output, String> {
     }
 }
 
+/// Arguments shared by the server and the client of one run: device, GID index, message size,
+/// iterations, and no CPU frequency check.
+pub fn args(ibdev: &str, gid_index: u32, size: usize, iters: usize) -> Vec<String> {
+    vec![
+        "-d".into(),
+        ibdev.into(),
+        "-x".into(),
+        gid_index.to_string(),
+        "-s".into(),
+        size.to_string(),
+        "-n".into(),
+        iters.to_string(),
+        "-F".into(),
+    ]
+}
+
+/// `ib_write_lat`'s (or `ib_send_lat`'s) result for `size`.
+pub fn parse_latency(out: &str, size: usize) -> Result<LatencyStats, String> {
+    let row = table_row(out, size)?;
+    // #bytes #iterations t_min t_max t_typical t_avg t_stdev 99% 99.9%
+    let num = |i: usize| parse_col(&row, i, "ib_write_lat");
+    Ok(LatencyStats {
+        typical_us: num(4)?,
+        avg_us: num(5)?,
+        p99_us: num(7)?,
+    })
+}
+
+/// `ib_write_bw`'s result for `size`: the average bandwidth (Gb/s with `--report_gbits`, else
+/// MB/s) and the message rate per second.
+pub fn parse_bandwidth(out: &str, size: usize) -> Result<(f64, f64), String> {
+    let row = table_row(out, size)?;
+    // #bytes #iterations BW-peak BW-average MsgRate[Mpps]
+    Ok((
+        parse_col(&row, 3, "ib_write_bw")?,
+        parse_col(&row, 4, "ib_write_bw")? * 1e6,
+    ))
+}
+
 /// The result line for `size` below the `#bytes` header.
 fn table_row(out: &str, size: usize) -> Result<Vec<String>, String> {
     out.lines()
@@ -211,5 +226,24 @@ mod tests {
         let r = table_row(bw, 65536).unwrap();
         assert_eq!(parse_col(&r, 3, "t").unwrap(), 94.66);
         assert!(table_row(bw, 8).is_err());
+        assert!(parse_bandwidth("Couldn't connect to 1.2.3.4", 8).is_err());
+    }
+
+    #[test]
+    fn reads_latency_and_megabyte_bandwidth_tables() {
+        let lat = "
+---------------------------------------------------------------------------------------
+ #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    t_stdev[usec]   99% percentile[usec]   99.9% percentile[usec] 
+ 8       1000          4.98           12.31        5.23               5.31             0.40            6.85                   12.31  
+---------------------------------------------------------------------------------------
+";
+        let bw = "
+ #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]
+ 1048576    200              6331.12            6330.48   \t\t   0.006330
+---------------------------------------------------------------------------------------
+";
+        let l = parse_latency(lat, 8).unwrap();
+        assert_eq!((l.typical_us, l.avg_us, l.p99_us), (5.23, 5.31, 6.85));
+        assert_eq!(parse_bandwidth(bw, 1048576).unwrap().0, 6330.48);
     }
 }

@@ -1,6 +1,7 @@
 //! The line-based control channel between the driving process and its peers (members): the
 //! stdin/stdout pipes of a spawned member, or a TCP stream in two-node mode. Plugin traffic never
-//! goes over it; it only carries handles, commands and results.
+//! goes over it; it only carries handles, commands and results. `halo bench` speaks its own
+//! requests to its peer node over the same channel.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -60,18 +61,28 @@ impl Control {
             .map_err(|e| format!("cannot write to {}: {e}", self.who))
     }
 
-    /// The next line, split into words.
-    pub fn recv(&mut self, timeout: Duration) -> Result<Vec<String>, String> {
+    /// The next line as sent; `Ok(None)` once the other end has closed the channel.
+    pub fn next_line(&mut self, timeout: Duration) -> Result<Option<String>, String> {
         match self.lines.recv_timeout(timeout) {
-            Ok(Ok(l)) => Ok(l.split_whitespace().map(str::to_owned).collect()),
+            Ok(Ok(l)) => Ok(Some(l)),
             Ok(Err(e)) => Err(format!("cannot read from {}: {e}", self.who)),
             Err(RecvTimeoutError::Timeout) => {
                 Err(format!("{} did not answer within {timeout:?}", self.who))
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(format!("{} closed the control channel", self.who))
-            }
+            Err(RecvTimeoutError::Disconnected) => Ok(None),
         }
+    }
+
+    /// The next line; the channel closing is an error.
+    pub fn recv_line(&mut self, timeout: Duration) -> Result<String, String> {
+        self.next_line(timeout)?
+            .ok_or_else(|| format!("{} closed the control channel", self.who))
+    }
+
+    /// The next line, split into words.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Vec<String>, String> {
+        let l = self.recv_line(timeout)?;
+        Ok(l.split_whitespace().map(str::to_owned).collect())
     }
 
     /// The next line, which must start with `word`; returns the words after it.

@@ -3,8 +3,8 @@
 
 use super::control::{field, Control};
 use super::ops::{Net, Polls, Ring};
-use super::quiet_logger;
 use crate::driver::{handle_from_hex, handle_to_hex, Opaque, Plugin};
+use crate::log::quiet_logger;
 use halo_ffi::NCCL_NET_HANDLE_MAXSIZE;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 
 use halo_ffi::*;
 use libloading::Library;
-use std::ffi::{c_char, c_int, c_ulong, c_void, CStr};
+use std::ffi::{c_int, c_void, CStr};
 use std::fmt;
 use std::ptr::null_mut;
 
@@ -71,38 +71,21 @@ fn check(call: &'static str, code: ncclResult_t) -> Result<(), NetError> {
     }
 }
 
-/// Prints the plugin's log lines to stderr. The plugin always logs with the format `"%s"` and one
-/// string argument; on x86-64 and aarch64 Linux a variadic pointer argument is passed like a named
-/// one, so this fixed-signature function receives it correctly.
-extern "C" fn stderr_log_line(
-    level: c_int,
-    _flags: c_ulong,
-    file: *const c_char,
-    line: c_int,
-    _fmt: *const c_char,
-    msg: *const c_char,
-) {
-    let text = |p: *const c_char| {
-        if p.is_null() {
-            String::new()
-        } else {
-            // SAFETY: the plugin passes NUL-terminated strings that outlive the call.
-            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-        }
-    };
-    eprintln!("[log {level}] {}:{line} {}", text(file), text(msg));
+/// Opens a plugin library with `dlopen`, as RCCL's loader does.
+pub fn open(path: &std::path::Path) -> Result<Library, libloading::Error> {
+    // SAFETY: loading runs the library's initialisers; the plugin has none with preconditions.
+    unsafe { Library::new(path) }
 }
 
-/// A logger for `init` that writes every plugin log line to stderr.
-pub fn stderr_logger() -> ncclDebugLogger_t {
-    type Fixed = extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, *const c_char);
-    // SAFETY: see `stderr_log_line`: the one call shape the plugin uses is ABI-compatible.
-    Some(unsafe {
-        std::mem::transmute::<
-            Fixed,
-            unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...),
-        >(stderr_log_line as Fixed)
-    })
+/// The `ncclNetPlugin_vN` symbols of [`ABI_VERSIONS`] that `lib` does not export.
+pub fn missing_tables(lib: &Library) -> Vec<String> {
+    ABI_VERSIONS
+        .map(|v| format!("ncclNetPlugin_v{v}"))
+        .filter(|name| {
+            // SAFETY: only the symbol's presence is checked.
+            unsafe { lib.get::<*const u8>(name.as_bytes()) }.is_err()
+        })
+        .collect()
 }
 
 /// The ABI versions this driver speaks; v7 and v9 differ from a neighbour only in details RCCL
@@ -121,9 +104,13 @@ enum Table {
 /// What `getProperties` reported for one device.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
+    /// Empty when the plugin reports no name.
     pub name: String,
     pub max_recvs: usize,
     pub ptr_support: c_int,
+    pub port: c_int,
+    /// Mbps.
+    pub speed: c_int,
 }
 
 /// One loaded plugin table. `init` must be called before anything else; for v11+ it creates the
@@ -154,9 +141,12 @@ macro_rules! entry {
 impl Plugin {
     /// Opens `path` and copies its `ncclNetPlugin_v{version}` table.
     pub fn load(path: &std::path::Path, version: u32) -> Result<Plugin, String> {
-        // SAFETY: loading runs the library's initialisers; the plugin has none with preconditions.
-        let lib =
-            unsafe { Library::new(path) }.map_err(|e| format!("dlopen {}: {e}", path.display()))?;
+        let lib = open(path).map_err(|e| format!("dlopen {}: {e}", path.display()))?;
+        Plugin::from_library(lib, version)
+    }
+
+    /// Copies the `ncclNetPlugin_v{version}` table of an opened library, which it keeps loaded.
+    pub fn from_library(lib: Library, version: u32) -> Result<Plugin, String> {
         let symbol = format!("ncclNetPlugin_v{version}\0");
         macro_rules! table {
             ($ty:ty, $variant:ident) => {{
@@ -269,7 +259,13 @@ impl Plugin {
                     // SAFETY: the plugin returns a NUL-terminated name that lives as long as it does.
                     unsafe { CStr::from_ptr(p.name) }.to_string_lossy().into_owned()
                 };
-                DeviceInfo { name, max_recvs: p.maxRecvs.max(0) as usize, ptr_support: p.ptrSupport }
+                DeviceInfo {
+                    name,
+                    max_recvs: p.maxRecvs.max(0) as usize,
+                    ptr_support: p.ptrSupport,
+                    port: p.port,
+                    speed: p.speed,
+                }
             }};
         }
         Ok(match self.table {

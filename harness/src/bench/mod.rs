@@ -7,7 +7,7 @@
 //! and stdout), or one [`serve_tcp`] process on another host. Results come back typed
 //! ([`Report`]); [`report`] prints them as text or JSON.
 
-mod control;
+pub mod control;
 mod member;
 mod ops;
 pub mod perftest;
@@ -21,9 +21,10 @@ pub use perftest::{BandwidthStats, LatencyStats, PerftestDevice};
 pub use scaling::ScalingRow;
 
 use crate::driver::Plugin;
+use crate::log::quiet_logger;
 use control::Control;
 use perftest::Perftest;
-use std::ffi::{c_char, c_int, c_ulong, CStr, OsString};
+use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -160,47 +161,6 @@ impl Report {
             .iter()
             .all(|t| t.rows.iter().all(|r| r.wrong == 0))
     }
-}
-
-/// Passes the plugin's warnings through, and its info lines under `NCCL_DEBUG=INFO|TRACE`.
-extern "C" fn quiet_log_line(
-    level: c_int,
-    _flags: c_ulong,
-    file: *const c_char,
-    line: c_int,
-    _fmt: *const c_char,
-    msg: *const c_char,
-) {
-    let verbose = matches!(std::env::var("NCCL_DEBUG").as_deref(), Ok("INFO" | "TRACE"));
-    if level > 2 && !verbose {
-        return;
-    }
-    let text = |p: *const c_char| {
-        if p.is_null() {
-            String::new()
-        } else {
-            // SAFETY: the plugin passes NUL-terminated strings that outlive the call.
-            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-        }
-    };
-    eprintln!(
-        "[pid {} log {level}] {}:{line} {}",
-        std::process::id(),
-        text(file),
-        text(msg)
-    );
-}
-
-pub(crate) fn quiet_logger() -> halo_ffi::ncclDebugLogger_t {
-    type Fixed = extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, *const c_char);
-    // SAFETY: the plugin always logs with the format "%s" and one string argument; on x86-64 and
-    // aarch64 Linux a variadic pointer argument is passed like a named one.
-    Some(unsafe {
-        std::mem::transmute::<
-            Fixed,
-            unsafe extern "C" fn(c_int, c_ulong, *const c_char, c_int, *const c_char, ...),
-        >(quiet_log_line as Fixed)
-    })
 }
 
 /// Serves one driving process (`netbench --connect HOST:PORT`) that connects to `bind`.
