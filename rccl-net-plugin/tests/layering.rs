@@ -10,7 +10,7 @@
 //! `log` and `config` sit below everything. No module imports one above it, and the modules form
 //! a DAG. The same holds for the modules of `halo-ibverbs`, whose completions (`wc`) know nothing
 //! of the crate's error type and its errors nothing of devices. The source is read as text:
-comments and string literals are left out, every
+//! comments and string literals are left out, every
 //! `crate::m` path (also inside `use crate::{…}` groups) and every `super::` chain that reaches
 //! the crate root counts as a use of `m`.
 
