@@ -5,10 +5,11 @@
 
 use super::buffer::RegisteredBuf;
 use crate::protocol::{
-    eager_slot_offset, fifo_row_offset, sizes_row_offset, Post, PostOp, PostSink, RecvSink,
-    CTS_ROW_BYTES, EAGER_HEADER_BYTES, SIZES_ROW_BYTES,
+    eager_slot_offset, fifo_row_offset, sizes_row_offset, EagerHeader, Post, PostOp, PostSink,
+    RecvSink, CTS_ROW_BYTES, EAGER_HEADER_BYTES, SIZES_ROW_BYTES,
 };
 use halo_ibverbs::{QueuePair, SendOp, SendWr, Sge, VerbsError, MAX_WRS_PER_POST};
+use std::mem::MaybeUninit;
 
 /// A memory region of the peer.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,14 +52,35 @@ pub struct PostFailure {
     pub err: VerbsError,
 }
 
-/// The sink the protocol core posts into for the duration of one call.
+/// Inline bytes a batch may carry: a full clear-to-send row per work request.
+const ARENA_BYTES: usize = MAX_WRS_PER_POST * CTS_ROW_BYTES;
+
+/// A translated work request waiting for its batch. Inline bytes that live in no caller memory
+/// (rows, sizes, headers) are copied into the poster's arena; `arena` then holds their offset,
+/// turned into an address only when the batch is posted (the poster may move until then).
+#[derive(Clone, Copy)]
+struct Pending {
+    wr_id: u64,
+    op: SendOp,
+    sge: [Sge; 2],
+    nsge: u8,
+    signaled: bool,
+    inline: bool,
+    /// `sge[0]` points at this offset of the arena instead of its own `addr`.
+    arena: Option<u16>,
+}
+
+/// The sink the protocol core posts into for the duration of one call. Building one costs
+/// nothing (its arrays stay uninitialised until used): the data path creates one per call.
 pub struct Poster<'a> {
     qps: &'a [QueuePair],
     targets: &'a Targets,
     staging: &'a Staging,
     ring: Option<SlotRing>,
     max_inline: usize,
-    pending: [Option<Post>; MAX_WRS_PER_POST],
+    pending: [MaybeUninit<Pending>; MAX_WRS_PER_POST],
+    arena: [MaybeUninit<u8>; ARENA_BYTES],
+    arena_used: usize,
     n: usize,
     qp: usize,
     /// Work requests handed to the provider by this poster.
@@ -79,7 +101,9 @@ impl<'a> Poster<'a> {
             targets,
             staging,
             ring,
-            pending: [None; MAX_WRS_PER_POST],
+            pending: [const { MaybeUninit::uninit() }; MAX_WRS_PER_POST],
+            arena: [const { MaybeUninit::uninit() }; ARENA_BYTES],
+            arena_used: 0,
             n: 0,
             qp: 0,
             posted: 0,
@@ -98,43 +122,70 @@ impl<'a> Poster<'a> {
 
     fn flush(&mut self) {
         let n = std::mem::take(&mut self.n);
+        self.arena_used = 0;
         if n == 0 || self.failure.is_some() {
             return;
         }
+        let base = self.arena.as_ptr() as u64;
         let mut sges = [[Sge::default(); 2]; MAX_WRS_PER_POST];
-        let mut meta = [(SendOp::Send, 0usize, false); MAX_WRS_PER_POST];
-        for i in 0..n {
-            let Some(p) = self.pending[i].as_ref() else {
-                continue;
-            };
-            meta[i] = self.translate(p, &mut sges[i]);
-        }
-        let wrs: [SendWr<'_>; MAX_WRS_PER_POST] = std::array::from_fn(|i| {
-            let p = self.pending[i].as_ref();
-            let (op, nsge, inline) = meta[i];
-            SendWr {
-                wr_id: p.map_or(0, |p| p.wr_id),
-                op,
-                sge: &sges[i][..nsge],
-                signaled: p.is_some_and(|p| p.signaled),
-                inline,
+        let mut wrs = [const { MaybeUninit::<SendWr<'_>>::uninit() }; MAX_WRS_PER_POST];
+        for (sge, p) in sges.iter_mut().zip(&self.pending[..n]) {
+            // SAFETY: entries 0..n were written by `post` since the last flush.
+            let p = unsafe { p.assume_init_ref() };
+            *sge = p.sge;
+            if let Some(off) = p.arena {
+                sge[0].addr = base + u64::from(off);
             }
-        });
+        }
+        for i in 0..n {
+            // SAFETY: as above.
+            let p = unsafe { self.pending[i].assume_init_ref() };
+            wrs[i].write(SendWr {
+                wr_id: p.wr_id,
+                op: p.op,
+                sge: &sges[i][..usize::from(p.nsge)],
+                signaled: p.signaled,
+                inline: p.inline,
+            });
+        }
+        // SAFETY: the first n entries were just initialised.
+        let wrs = unsafe { std::slice::from_raw_parts(wrs.as_ptr().cast::<SendWr<'_>>(), n) };
         let qp = &self.qps[self.qp];
-        // SAFETY: every SGE is either inline (it points into `self.pending` or `sges`, alive
-        // until this call returns), or lies in a registered region that outlives the work
-        // request: the caller's buffer (registered under its lkey and owned by the request until
-        // `test` reports it done) or our staging rows (reused only after their write completed).
-        match unsafe { qp.post_send(&wrs[..n]) } {
+        // SAFETY: every SGE is either inline (it points into the arena, unchanged until this
+        // call returns), or lies in a registered region that outlives the work request: the
+        // caller's buffer (registered under its lkey and owned by the request until `test`
+        // reports it done) or our staging rows (reused only after their write completed).
+        match unsafe { qp.post_send(wrs) } {
             Ok(()) => self.posted += n as u32,
             Err(err) => self.failure = Some(PostFailure { qp: self.qp, err }),
         }
-        self.pending = [None; MAX_WRS_PER_POST];
     }
 
-    /// The verbs form of `p`: opcode, SGEs used, inline.
-    fn translate(&self, p: &Post, sge: &mut [Sge; 2]) -> (SendOp, usize, bool) {
+    /// Copies `bytes` into the arena; its offset.
+    fn keep(&mut self, src: *const u8, bytes: usize) -> u16 {
+        let off = self.arena_used;
+        debug_assert!(off + bytes <= ARENA_BYTES);
+        // SAFETY: the arena has room for a full row per pending work request, and `src` is
+        // `bytes` readable bytes of a post the caller holds during this call.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, self.arena.as_mut_ptr().add(off).cast(), bytes)
+        };
+        self.arena_used += bytes.next_multiple_of(8);
+        off as u16
+    }
+
+    /// The verbs form of `p`.
+    fn translate(&mut self, p: &Post) -> Pending {
         let t = self.targets;
+        let mut w = Pending {
+            wr_id: p.wr_id,
+            op: SendOp::Send,
+            sge: [Sge::default(); 2],
+            nsge: 1,
+            signaled: p.signaled,
+            inline: false,
+            arena: None,
+        };
         match &p.op {
             PostOp::Data {
                 local_addr,
@@ -145,13 +196,13 @@ impl<'a> Poster<'a> {
                 rkey,
                 imm,
             } => {
-                sge[0] = Sge {
+                w.sge[0] = Sge {
                     addr: *local_addr,
                     length: *len,
                     lkey: *lkey,
                 };
                 let (remote_addr, rkey) = (*remote_addr, *rkey);
-                let op = match imm {
+                w.op = match imm {
                     Some(imm) => SendOp::WriteImm {
                         remote_addr,
                         rkey,
@@ -159,45 +210,45 @@ impl<'a> Poster<'a> {
                     },
                     None => SendOp::Write { remote_addr, rkey },
                 };
+                w.nsge = u8::from(*len > 0);
                 // Small host data goes inside the work request: no DMA read before the send.
-                let inline = *host && *len > 0 && *len as usize <= self.max_inline;
-                (op, usize::from(*len > 0), inline)
+                w.inline = *host && *len > 0 && *len as usize <= self.max_inline;
             }
             PostOp::Sizes { row, sizes, n } => {
                 let bytes = n * 8;
-                let inline = bytes <= self.max_inline;
-                sge[0] = if inline {
+                w.inline = bytes <= self.max_inline;
+                w.sge[0] = if w.inline {
+                    w.arena = Some(self.keep(sizes.as_ptr().cast(), bytes));
                     Sge {
-                        addr: sizes.as_ptr() as u64,
+                        addr: 0,
                         length: bytes as u32,
                         lkey: 0,
                     }
                 } else {
                     self.stage(row * SIZES_ROW_BYTES, sizes.as_ptr().cast(), bytes)
                 };
-                let op = SendOp::Write {
+                w.op = SendOp::Write {
                     remote_addr: t.sizes.addr + sizes_row_offset(*row),
                     rkey: t.sizes.rkey,
                 };
-                (op, 1, inline)
             }
             PostOp::Cts { row, entries, n } => {
                 let bytes = n * std::mem::size_of::<crate::protocol::CtsEntry>();
-                let inline = bytes <= self.max_inline;
-                sge[0] = if inline {
+                w.inline = bytes <= self.max_inline;
+                w.sge[0] = if w.inline {
+                    w.arena = Some(self.keep(entries.as_ptr().cast(), bytes));
                     Sge {
-                        addr: entries.as_ptr() as u64,
+                        addr: 0,
                         length: bytes as u32,
                         lkey: 0,
                     }
                 } else {
                     self.stage(row * CTS_ROW_BYTES, entries.as_ptr().cast(), bytes)
                 };
-                let op = SendOp::Write {
+                w.op = SendOp::Write {
                     remote_addr: t.fifo.addr + fifo_row_offset(*row),
                     rkey: t.fifo.rkey,
                 };
-                (op, 1, inline)
             }
             PostOp::Eager {
                 slot,
@@ -208,10 +259,12 @@ impl<'a> Poster<'a> {
                 host,
                 imm,
             } => {
-                let inline = *host && EAGER_HEADER_BYTES + *len as usize <= self.max_inline;
-                sge[0] = if inline {
+                w.inline = *host && EAGER_HEADER_BYTES + *len as usize <= self.max_inline;
+                w.sge[0] = if w.inline {
+                    let hdr: *const EagerHeader = header;
+                    w.arena = Some(self.keep(hdr.cast(), EAGER_HEADER_BYTES));
                     Sge {
-                        addr: header as *const _ as u64,
+                        addr: 0,
                         length: EAGER_HEADER_BYTES as u32,
                         lkey: 0,
                     }
@@ -233,19 +286,20 @@ impl<'a> Poster<'a> {
                         lkey: headers.lkey(),
                     }
                 };
-                sge[1] = Sge {
+                w.sge[1] = Sge {
                     addr: *local_addr,
                     length: *len,
                     lkey: *lkey,
                 };
-                let op = SendOp::WriteImm {
+                w.nsge = if *len > 0 { 2 } else { 1 };
+                w.op = SendOp::WriteImm {
                     remote_addr: t.eager.addr + eager_slot_offset(*slot, t.eager_slot_max),
                     rkey: t.eager.rkey,
                     imm: *imm,
                 };
-                (op, if *len > 0 { 2 } else { 1 }, inline)
             }
         }
+        w
     }
 
     /// Copies `bytes` from `src` into our staging rows at `offset`.
@@ -271,7 +325,8 @@ impl PostSink for Poster<'_> {
             self.flush();
         }
         self.qp = p.qp;
-        self.pending[self.n] = Some(*p);
+        let w = self.translate(p);
+        self.pending[self.n].write(w);
         self.n += 1;
     }
 }
