@@ -25,6 +25,8 @@ struct Buf {
 }
 
 impl Buf {
+    /// # Safety
+    /// `comm` is a live comm of the plugin.
     unsafe fn new(comm: *mut c_void, len: usize, seed: u8) -> Buf {
         let mut mem: Vec<u8> = (0..len)
             .map(|i| {
@@ -37,6 +39,8 @@ impl Buf {
             .collect();
         let mut mh = null_mut();
         assert_eq!(
+            // SAFETY: `comm` is live (the caller's contract); `mem` is `len` bytes whose heap
+            // buffer the returned Buf keeps, unmoved, until `release` deregisters it.
             unsafe {
                 NET.regMr.unwrap()(comm, mem.as_mut_ptr().cast(), len, NCCL_PTR_HOST, &mut mh)
             },
@@ -45,8 +49,12 @@ impl Buf {
         Buf { mem, mh, comm }
     }
 
+    /// # Safety
+    /// `self.comm` is still open and no request on this buffer is in flight.
     unsafe fn release(self) {
         assert_eq!(
+            // SAFETY: `mh` was registered on `comm` by `new`, and the caller's contract keeps
+            // `comm` open and the buffer idle.
             unsafe { NET.deregMr.unwrap()(self.comm, self.mh) },
             ncclSuccess
         );
@@ -54,9 +62,14 @@ impl Buf {
 }
 
 /// One `isend` call; NULL when the plugin says "not yet".
+///
+/// # Safety
+/// `sc` is a live send comm, `b` is registered on it and holds at least `len` bytes, and `b`
+/// stays alive until the returned request completes.
 unsafe fn isend_once(sc: *mut c_void, b: &Buf, len: usize, tag: c_int) -> *mut c_void {
     let mut req = null_mut();
     assert_eq!(
+        // SAFETY: the comm, the buffer and `len` are as the caller promises; `req` is a local.
         unsafe {
             NET.isend.unwrap()(
                 sc,
@@ -73,9 +86,13 @@ unsafe fn isend_once(sc: *mut c_void, b: &Buf, len: usize, tag: c_int) -> *mut c
 }
 
 /// Calls `isend` until it posts (the receiver's row may still be on its way).
+///
+/// # Safety
+/// As for [`isend_once`].
 unsafe fn isend(sc: *mut c_void, b: &Buf, len: usize, tag: c_int) -> *mut c_void {
     let t0 = Instant::now();
     loop {
+        // SAFETY: forwarded contract; a NULL result posted nothing, so retrying is fine.
         let req = unsafe { isend_once(sc, b, len, tag) };
         if !req.is_null() {
             return req;
@@ -85,6 +102,10 @@ unsafe fn isend(sc: *mut c_void, b: &Buf, len: usize, tag: c_int) -> *mut c_void
 }
 
 /// A (multi-)receive of whole buffers with their tags.
+///
+/// # Safety
+/// `rc` is a live receive comm, every buffer is registered on it, and the buffers stay alive
+/// until the returned request completes.
 unsafe fn irecv(rc: *mut c_void, bufs: &mut [(&mut Buf, c_int)]) -> *mut c_void {
     let mut data: Vec<*mut c_void> = bufs
         .iter_mut()
@@ -97,6 +118,8 @@ unsafe fn irecv(rc: *mut c_void, bufs: &mut [(&mut Buf, c_int)]) -> *mut c_void 
     loop {
         let mut req = null_mut();
         assert_eq!(
+            // SAFETY: the comm and the buffers are as the caller promises; the four arrays
+            // are locals with one entry per buffer, as many as the count passed.
             unsafe {
                 NET.irecv.unwrap()(
                     rc,
@@ -118,6 +141,10 @@ unsafe fn irecv(rc: *mut c_void, bufs: &mut [(&mut Buf, c_int)]) -> *mut c_void 
 }
 
 /// Polls every request until all are done; returns each one's `test` result and sizes.
+///
+/// # Safety
+/// Each of `reqs` is a live request of the plugin, with at most 8 buffers, that nothing else
+/// tests.
 unsafe fn wait_all(reqs: &[*mut c_void]) -> Vec<(ncclResult_t, [c_int; 8])> {
     let mut out: Vec<Option<(ncclResult_t, [c_int; 8])>> = vec![None; reqs.len()];
     let t0 = Instant::now();
@@ -129,6 +156,8 @@ unsafe fn wait_all(reqs: &[*mut c_void]) -> Vec<(ncclResult_t, [c_int; 8])> {
             }
             let mut done = 0;
             let mut sizes = [-1 as c_int; 8];
+            // SAFETY: a request whose slot is still empty has not been reported done or
+            // failed, so it is live (the caller's contract); `sizes` has room for 8 buffers.
             let r = unsafe { NET.test.unwrap()(*req, &mut done, sizes.as_mut_ptr()) };
             if r != ncclSuccess || done != 0 {
                 *slot = Some((r, sizes));
@@ -163,10 +192,13 @@ fn in_child(test: &str, eager_max: &str, done: &str) -> bool {
     false
 }
 
-unsafe fn setup(test: &str) -> Option<(*mut c_void, *mut c_void)> {
+/// Initialises the plugin and connects a pair of comms; None (skipped) without a device.
+fn setup(test: &str) -> Option<(*mut c_void, *mut c_void)> {
     if !common::have_rdma_device(test) {
         return None;
     }
+    // SAFETY: the plugin's own v8 table, linked into this binary; `connect_pair` gets it once
+    // `init` has succeeded.
     unsafe {
         assert_eq!(
             NET.init.unwrap()(halo_harness::log::stderr_logger()),
@@ -185,11 +217,14 @@ fn small_sends_go_before_their_receive() {
     ) {
         return;
     }
+    let Some((sc, rc)) = setup("eager::small_sends_go_before_their_receive") else {
+        return;
+    };
+    // SAFETY: `sc` and `rc` are the live comms `setup` connected, closed only at the end; every
+    // buffer is registered on the comm it is used with, holds at least the bytes each call
+    // names and outlives its requests (all are waited for before `release`); a request is
+    // tested only until it is reported done.
     unsafe {
-        let Some((sc, rc)) = setup("eager::small_sends_go_before_their_receive") else {
-            return;
-        };
-
         // 1. Posted before any receive exists: accepted at once, completed by the receive.
         let src = Buf::new(sc, 100, 1);
         let mut dst = Buf::new(rc, 4096, 0);
@@ -310,10 +345,14 @@ fn with_the_eager_path_off_small_sends_wait() {
     ) {
         return;
     }
+    let Some((sc, rc)) = setup("eager::with_the_eager_path_off_small_sends_wait") else {
+        return;
+    };
+    // SAFETY: `sc` and `rc` are the live comms `setup` connected, closed only at the end; every
+    // buffer is registered on the comm it is used with, holds at least the bytes each call
+    // names and outlives its requests (all are waited for before `release`); a request is
+    // tested only until it is reported done.
     unsafe {
-        let Some((sc, rc)) = setup("eager::with_the_eager_path_off_small_sends_wait") else {
-            return;
-        };
         let src = Buf::new(sc, 8, 1);
         let mut dst = Buf::new(rc, 8, 0);
         for _ in 0..1000 {

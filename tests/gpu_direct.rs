@@ -214,47 +214,71 @@ struct Pair {
     rc: *mut c_void,
 }
 
-unsafe fn props() -> ncclNetProperties_v9_t {
+/// Device 0's properties as the plugin's v9 table reports them.
+fn props() -> ncclNetProperties_v9_t {
     let mut p = ncclNetProperties_v9_t::zeroed();
-    assert_eq!(NET.getProperties.unwrap()(0, &mut p), ncclSuccess);
+    assert_eq!(
+        // SAFETY: the plugin's own v9 table, linked into this binary; `p` is a live v9
+        // properties struct (and before `init` the plugin only reports an error).
+        unsafe { NET.getProperties.unwrap()(0, &mut p) },
+        ncclSuccess
+    );
     p
 }
 
-unsafe fn init_and_connect() -> Pair {
-    assert_eq!(
-        NET.init.unwrap()(halo_harness::log::stderr_logger()),
-        ncclSuccess
-    );
-    let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
-    let mut lc: *mut c_void = null_mut();
-    assert_eq!(
-        NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
-        ncclSuccess
-    );
-    let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
-    let t0 = Instant::now();
-    while sc.is_null() || rc.is_null() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "connect/accept");
-        if sc.is_null() {
-            assert_eq!(
-                NET.connect.unwrap()(0, handle.as_mut_ptr().cast(), &mut sc, null_mut()),
-                ncclSuccess
-            );
+/// Initialises the plugin and connects a send comm to a receive comm on device 0, polling
+/// connect and accept as RCCL's proxy does.
+fn init_and_connect() -> Pair {
+    // SAFETY: calls through the plugin's own v9 table (linked into this binary), `init` first;
+    // every pointer passed is to a local of this function (the 128-byte handle, the comm
+    // slots) and `lc` is the listen comm the plugin just returned, closed last.
+    unsafe {
+        assert_eq!(
+            NET.init.unwrap()(halo_harness::log::stderr_logger()),
+            ncclSuccess
+        );
+        let mut handle = [0u8; NCCL_NET_HANDLE_MAXSIZE];
+        let mut lc: *mut c_void = null_mut();
+        assert_eq!(
+            NET.listen.unwrap()(0, handle.as_mut_ptr().cast(), &mut lc),
+            ncclSuccess
+        );
+        let (mut sc, mut rc): (*mut c_void, *mut c_void) = (null_mut(), null_mut());
+        let t0 = Instant::now();
+        while sc.is_null() || rc.is_null() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "connect/accept");
+            if sc.is_null() {
+                assert_eq!(
+                    NET.connect.unwrap()(0, handle.as_mut_ptr().cast(), &mut sc, null_mut()),
+                    ncclSuccess
+                );
+            }
+            if rc.is_null() {
+                assert_eq!(NET.accept.unwrap()(lc, &mut rc, null_mut()), ncclSuccess);
+            }
         }
-        if rc.is_null() {
-            assert_eq!(NET.accept.unwrap()(lc, &mut rc, null_mut()), ncclSuccess);
-        }
+        assert_eq!(NET.closeListen.unwrap()(lc), ncclSuccess);
+        Pair { sc, rc }
     }
-    assert_eq!(NET.closeListen.unwrap()(lc), ncclSuccess);
-    Pair { sc, rc }
 }
 
+/// `regMr` of `len` bytes at `p` as memory type `ty`: the result and the handle.
+///
+/// # Safety
+/// `comm` is a live comm of the plugin, and `[p, p + len)` stays mapped until the handle is
+/// deregistered.
 unsafe fn reg(comm: *mut c_void, p: u64, len: usize, ty: c_int) -> (ncclResult_t, *mut c_void) {
     let mut h: *mut c_void = null_mut();
-    let r = NET.regMr.unwrap()(comm, p as *mut c_void, len, ty, &mut h);
+    // SAFETY: `comm` and the range are as the caller promises; `h` is a local.
+    let r = unsafe { NET.regMr.unwrap()(comm, p as *mut c_void, len, ty, &mut h) };
     (r, h)
 }
 
+/// Tests `req` until it is done.
+///
+/// # Safety
+/// `req` is a live request of the plugin that nothing else tests; `sizes` is NULL or has room
+/// for the request's sizes.
 unsafe fn wait(req: *mut c_void, sizes: *mut c_int, what: &str) {
     let t0 = Instant::now();
     let mut done = 0;
@@ -264,7 +288,9 @@ unsafe fn wait(req: *mut c_void, sizes: *mut c_int, what: &str) {
             "{what} never completed"
         );
         assert_eq!(
-            NET.test.unwrap()(req, &mut done, sizes),
+            // SAFETY: `req` is live until this call reports it done (the loop then stops) and
+            // `sizes` is as the caller promises; `done` is a local.
+            unsafe { NET.test.unwrap()(req, &mut done, sizes) },
             ncclSuccess,
             "{what}"
         );
@@ -272,6 +298,10 @@ unsafe fn wait(req: *mut c_void, sizes: *mut c_int, what: &str) {
 }
 
 /// Sends `len` bytes from `src` to `dst` (both registered) and returns the receive's size.
+///
+/// # Safety
+/// `p`'s comms are live; `smh` registers `len` bytes at `src` on `p.sc` and `rmh` registers
+/// `dst_len` bytes at `dst` on `p.rc`, all of them mapped until this returns.
 unsafe fn transfer(
     p: &Pair,
     src: u64,
@@ -287,15 +317,19 @@ unsafe fn transfer(
     let mut tags = [7 as c_int];
     let mut mhs = [rmh];
     assert_eq!(
-        NET.irecv.unwrap()(
-            p.rc,
-            1,
-            data.as_mut_ptr(),
-            sizes.as_mut_ptr(),
-            tags.as_mut_ptr(),
-            mhs.as_mut_ptr(),
-            &mut rreq
-        ),
+        // SAFETY: the comm and the buffer are as the caller promises; the arrays hold one
+        // entry each and are locals, as is the request slot.
+        unsafe {
+            NET.irecv.unwrap()(
+                p.rc,
+                1,
+                data.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                tags.as_mut_ptr(),
+                mhs.as_mut_ptr(),
+                &mut rreq,
+            )
+        },
         ncclSuccess
     );
     assert!(!rreq.is_null());
@@ -304,33 +338,46 @@ unsafe fn transfer(
     while sreq.is_null() {
         assert!(t0.elapsed() < Duration::from_secs(30), "isend never posted");
         assert_eq!(
-            NET.isend.unwrap()(p.sc, src as *mut c_void, len, 7, smh, &mut sreq),
+            // SAFETY: the comm and the buffer are as the caller promises; `sreq` is a local.
+            unsafe { NET.isend.unwrap()(p.sc, src as *mut c_void, len, 7, smh, &mut sreq) },
             ncclSuccess
         );
     }
     let mut ssize = [-1 as c_int];
     let mut rsize = [-1 as c_int];
-    wait(sreq, ssize.as_mut_ptr(), "send");
-    wait(rreq, rsize.as_mut_ptr(), "receive");
+    // SAFETY: both requests were just posted and only these calls test them; each sizes array
+    // has room for its request's one buffer.
+    unsafe {
+        wait(sreq, ssize.as_mut_ptr(), "send");
+        wait(rreq, rsize.as_mut_ptr(), "receive");
+    }
     assert_eq!(ssize[0] as usize, len);
     rsize[0] as usize
 }
 
 /// `iflush` of one received buffer; the request (NULL = nothing to flush).
+///
+/// # Safety
+/// `p.rc` is live and `rmh` registers at least `len` bytes at `dst` on it, mapped until the
+/// returned request completes.
 unsafe fn iflush(p: &Pair, dst: u64, len: usize, rmh: *mut c_void) -> *mut c_void {
     let mut req: *mut c_void = null_mut();
     let mut data = [dst as *mut c_void];
     let mut sizes = [len as c_int];
     let mut mhs = [rmh];
     assert_eq!(
-        NET.iflush.unwrap()(
-            p.rc,
-            1,
-            data.as_mut_ptr(),
-            sizes.as_mut_ptr(),
-            mhs.as_mut_ptr(),
-            &mut req
-        ),
+        // SAFETY: the comm and the buffer are as the caller promises; the arrays hold one
+        // entry each and are locals, as is the request slot.
+        unsafe {
+            NET.iflush.unwrap()(
+                p.rc,
+                1,
+                data.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                mhs.as_mut_ptr(),
+                &mut req,
+            )
+        },
         ncclSuccess
     );
     req
@@ -343,30 +390,38 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// A host-memory transfer of 4 KiB, proving the comms are usable.
+///
+/// # Safety
+/// `p`'s comms are live.
 unsafe fn host_roundtrip(p: &Pair) {
     let src = pattern(4096, 5);
     let mut dst = vec![0u8; 4096];
-    let (r, smh) = reg(p.sc, src.as_ptr() as u64, src.len(), NCCL_PTR_HOST);
-    assert_eq!(r, ncclSuccess);
-    let (r, rmh) = reg(p.rc, dst.as_mut_ptr() as u64, dst.len(), NCCL_PTR_HOST);
-    assert_eq!(r, ncclSuccess);
-    let n = transfer(
-        p,
-        src.as_ptr() as u64,
-        smh,
-        dst.as_mut_ptr() as u64,
-        dst.len(),
-        rmh,
-        src.len(),
-    );
-    assert_eq!(n, src.len());
-    assert_eq!(dst, src);
-    assert!(
-        iflush(p, dst.as_ptr() as u64, n, rmh).is_null(),
-        "host receives need no flush"
-    );
-    assert_eq!(NET.deregMr.unwrap()(p.sc, smh), ncclSuccess);
-    assert_eq!(NET.deregMr.unwrap()(p.rc, rmh), ncclSuccess);
+    // SAFETY: `p`'s comms are live (the caller's contract); `src` and `dst` are registered on
+    // them, outlive the transfer (both requests are waited for) and are deregistered before
+    // they drop; a host receive leaves no flush request behind.
+    unsafe {
+        let (r, smh) = reg(p.sc, src.as_ptr() as u64, src.len(), NCCL_PTR_HOST);
+        assert_eq!(r, ncclSuccess);
+        let (r, rmh) = reg(p.rc, dst.as_mut_ptr() as u64, dst.len(), NCCL_PTR_HOST);
+        assert_eq!(r, ncclSuccess);
+        let n = transfer(
+            p,
+            src.as_ptr() as u64,
+            smh,
+            dst.as_mut_ptr() as u64,
+            dst.len(),
+            rmh,
+            src.len(),
+        );
+        assert_eq!(n, src.len());
+        assert_eq!(dst, src);
+        assert!(
+            iflush(p, dst.as_ptr() as u64, n, rmh).is_null(),
+            "host receives need no flush"
+        );
+        assert_eq!(NET.deregMr.unwrap()(p.sc, smh), ncclSuccess);
+        assert_eq!(NET.deregMr.unwrap()(p.rc, rmh), ncclSuccess);
+    }
 }
 
 fn memfd() -> c_int {

@@ -16,6 +16,10 @@ fn send_and_receive_through_the_v8_table() {
     if !common::have_rdma_device("plugin_smoke") {
         return;
     }
+    // SAFETY: the plugin's own v8 table, linked into this binary, called in RCCL's order (`init`
+    // first, each comm closed once, last); every pointer passed is to a live local, and each
+    // buffer is registered on its comm and deregistered only after its request was tested to
+    // completion (and not after).
     unsafe {
         assert_eq!(
             NET.init.unwrap()(halo_harness::log::stderr_logger()),
@@ -150,6 +154,9 @@ fn connect_close_cycles_leak_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    // SAFETY: the plugin's own v8 table, linked into this binary, `init` first; each cycle
+    // closes only the comms it connected, and `buf`, registered on the receive comm and left
+    // under an in-flight receive, outlives every comm that could still write to it.
     unsafe {
         assert_eq!(
             NET.init.unwrap()(halo_harness::log::stderr_logger()),
