@@ -215,18 +215,7 @@ impl<'a> Poster<'a> {
                 w.inline = *host && *len > 0 && *len as usize <= self.max_inline;
             }
             PostOp::Sizes { row, sizes, n } => {
-                let bytes = n * 8;
-                w.inline = bytes <= self.max_inline;
-                w.sge[0] = if w.inline {
-                    w.arena = Some(self.keep(sizes.as_ptr().cast(), bytes));
-                    Sge {
-                        addr: 0,
-                        length: bytes as u32,
-                        lkey: 0,
-                    }
-                } else {
-                    self.stage(row * SIZES_ROW_BYTES, sizes.as_ptr().cast(), bytes)
-                };
+                self.our_bytes(&mut w, row * SIZES_ROW_BYTES, sizes.as_ptr().cast(), n * 8);
                 w.op = SendOp::Write {
                     remote_addr: t.sizes.addr + sizes_row_offset(*row),
                     rkey: t.sizes.rkey,
@@ -234,17 +223,7 @@ impl<'a> Poster<'a> {
             }
             PostOp::Cts { row, entries, n } => {
                 let bytes = n * std::mem::size_of::<crate::protocol::CtsEntry>();
-                w.inline = bytes <= self.max_inline;
-                w.sge[0] = if w.inline {
-                    w.arena = Some(self.keep(entries.as_ptr().cast(), bytes));
-                    Sge {
-                        addr: 0,
-                        length: bytes as u32,
-                        lkey: 0,
-                    }
-                } else {
-                    self.stage(row * CTS_ROW_BYTES, entries.as_ptr().cast(), bytes)
-                };
+                self.our_bytes(&mut w, row * CTS_ROW_BYTES, entries.as_ptr().cast(), bytes);
                 w.op = SendOp::Write {
                     remote_addr: t.fifo.addr + fifo_row_offset(*row),
                     rkey: t.fifo.rkey,
@@ -300,6 +279,22 @@ impl<'a> Poster<'a> {
             }
         }
         w
+    }
+
+    /// Bytes of our own (a row, sizes) as `w`'s data: inline from the arena when they fit, else
+    /// from our staging rows at `offset`.
+    fn our_bytes(&mut self, w: &mut Pending, offset: usize, src: *const u8, bytes: usize) {
+        w.inline = bytes <= self.max_inline;
+        w.sge[0] = if w.inline {
+            w.arena = Some(self.keep(src, bytes));
+            Sge {
+                addr: 0,
+                length: bytes as u32,
+                lkey: 0,
+            }
+        } else {
+            self.stage(offset, src, bytes)
+        };
     }
 
     /// Copies `bytes` from `src` into our staging rows at `offset`.
