@@ -111,10 +111,11 @@ impl<'a> Poster<'a> {
         }
     }
 
-    /// Posts what is still pending; the first failure of this poster, if any.
-    pub fn finish(mut self) -> Result<u32, PostFailure> {
+    /// Posts what is still pending; the first failure of this poster, if any. Takes `&mut self`:
+    /// moving a poster would copy its arena.
+    pub fn finish(&mut self) -> Result<u32, PostFailure> {
         self.flush();
-        match self.failure {
+        match self.failure.take() {
             Some(f) => Err(f),
             None => Ok(self.posted),
         }

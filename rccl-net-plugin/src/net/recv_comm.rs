@@ -190,6 +190,9 @@ impl RecvComm {
     fn progress(&mut self) -> NetResult<()> {
         let mut wcs = [WorkCompletion::default(); POLL_BATCH];
         let n = self.link.poll(&mut wcs)?;
+        if n == 0 {
+            return Ok(());
+        }
         let ring = self.eager.as_ref().map(EagerRing::ring);
         let sizes = self.sizes.ptr();
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);

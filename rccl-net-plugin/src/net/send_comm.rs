@@ -127,6 +127,9 @@ impl SendComm {
                 return Err(self.link.proto_error(e));
             }
         }
+        if !self.core.wants_progress() {
+            return Ok(());
+        }
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = self.core.progress(|row| fifo.row(row), &mut out);

@@ -134,6 +134,12 @@ impl Sender {
         }
     }
 
+    /// Whether [`Self::progress`] has anything to do: landed data whose immediates may go out,
+    /// or an eager row waiting for its clear-to-send.
+    pub fn wants_progress(&self) -> bool {
+        self.landed || self.state.unconfirmed()
+    }
+
     /// After a batch of completions: posts the immediates whose data has landed and settles an
     /// eager row whose clear-to-send has arrived.
     pub fn progress(
