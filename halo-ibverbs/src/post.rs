@@ -167,7 +167,8 @@ impl QueuePair {
             }
         }
 
-        let mut sges = [const { MaybeUninit::<ibv_sge>::uninit() }; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
+        let mut sges =
+            [const { MaybeUninit::<ibv_sge>::uninit() }; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
         let mut raw = [const { MaybeUninit::<ibv_send_wr>::uninit() }; MAX_WRS_PER_POST];
         for (i, wr) in wrs.iter().enumerate() {
             // SAFETY: ibv_send_wr is plain old data (integers, pointers, unions of them) for which
@@ -245,7 +246,8 @@ impl QueuePair {
             return Ok(());
         }
         check_batch(self, wrs.len(), wrs.iter().map(|w| w.sge.len()))?;
-        let mut sges = [const { MaybeUninit::<ibv_sge>::uninit() }; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
+        let mut sges =
+            [const { MaybeUninit::<ibv_sge>::uninit() }; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
         let mut raw = [const { MaybeUninit::<ibv_recv_wr>::uninit() }; MAX_WRS_PER_POST];
         for (i, wr) in wrs.iter().enumerate() {
             raw[i].write(ibv_recv_wr {
@@ -283,7 +285,8 @@ mod tests {
 
     #[test]
     fn sges_are_staged_per_work_request() {
-        let mut slots = [const { MaybeUninit::<ibv_sge>::uninit() }; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
+        let mut slots =
+            [const { MaybeUninit::<ibv_sge>::uninit() }; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
         let src = [
             Sge {
                 addr: 1,
