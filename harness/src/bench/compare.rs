@@ -316,8 +316,15 @@ pub struct SummaryTable {
     pub rows: Vec<SummaryRow>,
 }
 
+/// Mean of the positive readings: every figure is a positive quantity, and a zero is a failed
+/// reading (perftest prints a bandwidth of 0.00 for runs too short for its clock).
 fn mean(v: &[Option<f64>]) -> Option<f64> {
-    let got: Vec<f64> = v.iter().flatten().copied().collect();
+    let got: Vec<f64> = v
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .collect();
     (!got.is_empty()).then(|| got.iter().sum::<f64>() / got.len() as f64)
 }
 
@@ -501,7 +508,7 @@ pub fn text(c: &Comparison) -> String {
     }
     let _ = writeln!(
         s,
-        "# mean: over the rounds; vs_best: mean / the best other plugin's mean (named); vs_pt: mean / perftest's mean"
+        "# mean: over the rounds (zero readings left out); vs_best: mean / the best other plugin's mean (named); vs_pt: mean / perftest's mean"
     );
     let name_w = order.iter().map(|n| n.len()).max().unwrap_or(0).max(8);
     for t in summary(c) {
@@ -692,6 +699,8 @@ mod tests {
         assert_eq!(row("c").values, vec![Some(20.0), None]);
         assert_eq!(row("c").mean, Some(20.0));
         assert_eq!(row("perftest").mean, Some(4.0));
+        assert_eq!(mean(&[Some(0.0), Some(0.84)]), Some(0.84));
+        assert_eq!(mean(&[Some(0.0), None]), None);
         let bw = t.iter().find(|t| t.key == "bandwidth").unwrap();
         let a = bw.rows.iter().find(|r| r.name == "a").unwrap();
         assert_eq!(
