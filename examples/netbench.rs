@@ -15,15 +15,32 @@
 //! scripts/softroce run --timeout 900 -- target/release/examples/netbench \
 //!     --plugin target/release/librccl_net_plugin.so --compare-perftest --ibdev rxe0 --gid-index 1
 //! ```
+//!
+//! Comparison of several plugins: `--compare NAME=PATH[,NAME=PATH...]` (repeatable) instead of
+//! `--plugin`, `--env NAME:VAR=VALUE` (repeatable) for what plugin NAME needs in its environment,
+//! `--rounds N` (default 2). Each round runs every plugin once, in the order given, each in a
+//! child process (`netbench --plugin PATH --json` with that plugin's environment, which its far
+//! ends inherit), then perftest once with `--compare-perftest`; the result is one table per figure
+//! with every plugin's value per round and its ratio to the best other plugin and to perftest.
+//!
+//! ```text
+//! netbench --compare halo=librccl_net_plugin.so,nccl-ib=nccl-ib.so --env nccl-ib:NCCL_IB_HCA=rxe1 \
+//!     --env halo:NCCL_IB_HCA=rxe1 --compare-perftest --ibdev rxe1 --gid-index 1 --quick
+//! ```
+//! (`scripts/compare-peers.sh` sets up such a run on Soft-RoCE.)
 
+use halo_harness::bench::compare::{self, CompareOptions, Entrant};
 use halo_harness::bench::{self, MemberConfig, Options, PeerLink, PerftestDevice, Suites};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 const USAGE: &str = "usage: netbench [--plugin PATH] [--version N] [--dev N] [--json] [--quick] \
 [--window N] [--timeout SECS] [--compare-perftest [--ibdev DEV] [--gid-index N] [--perftest-port P]] \
-[--latency] [--bandwidth] [--msgrate] [--allreduce] [--scaling] [--server ADDR:PORT | --connect HOST:PORT]";
+[--latency] [--bandwidth] [--msgrate] [--allreduce] [--scaling] [--server ADDR:PORT | --connect HOST:PORT]
+       netbench --compare NAME=PATH[,NAME=PATH...] [--env NAME:VAR=VALUE]... [--rounds N] [other options as above, \
+but --plugin, --server and --connect]";
 
 /// The plugin built next to this example (`target/<profile>/examples/netbench`).
 fn default_plugin() -> Option<PathBuf> {
@@ -33,6 +50,35 @@ fn default_plugin() -> Option<PathBuf> {
 enum Mode {
     Run(Options, bool),
     Serve(MemberConfig, String),
+    Compare(CompareOptions, bool),
+}
+
+/// `NAME=PATH[,NAME=PATH...]` of `--compare`.
+fn parse_entrants(list: &str, into: &mut Vec<Entrant>) -> Result<(), String> {
+    for item in list.split(',').filter(|i| !i.is_empty()) {
+        let (name, path) = item
+            .split_once('=')
+            .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+            .ok_or(format!("--compare {item}: expected NAME=PATH"))?;
+        into.push(Entrant {
+            name: name.into(),
+            plugin: PathBuf::from(path),
+            env: Vec::new(),
+        });
+    }
+    Ok(())
+}
+
+/// `NAME:VAR=VALUE` of `--env`.
+fn parse_env(item: &str) -> Result<(String, String, String), String> {
+    let (name, assign) = item
+        .split_once(':')
+        .ok_or(format!("--env {item}: expected NAME:VAR=VALUE"))?;
+    let (var, value) = assign
+        .split_once('=')
+        .filter(|(v, _)| !v.is_empty())
+        .ok_or(format!("--env {item}: expected NAME:VAR=VALUE"))?;
+    Ok((name.into(), var.into(), value.into()))
 }
 
 fn parse(args: &[String]) -> Result<Mode, String> {
@@ -53,6 +99,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         scaling: false,
     };
     let (mut server, mut connect) = (None, None);
+    let (mut entrants, mut envs, mut rounds) = (Vec::new(), Vec::new(), 2usize);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || {
@@ -80,9 +127,85 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--scaling" => suites.scaling = true,
             "--server" => server = Some(val()?),
             "--connect" => connect = Some(val()?),
+            "--compare" => parse_entrants(&val()?, &mut entrants)?,
+            "--env" => envs.push(parse_env(&val()?)?),
+            "--rounds" => rounds = num(val()?)?.max(1) as usize,
             "-h" | "--help" => return Err(USAGE.into()),
             _ => return Err(format!("unknown argument {a}\n{USAGE}")),
         }
+    }
+    if !entrants.is_empty() {
+        if plugin.is_some() || server.is_some() || connect.is_some() {
+            return Err(
+                "--compare runs its plugins here: no --plugin, --server or --connect".into(),
+            );
+        }
+        for (name, var, value) in envs {
+            let e = entrants.iter_mut().find(|e| e.name == name).ok_or(format!(
+                "--env {name}:{var}=...: no plugin {name} in --compare"
+            ))?;
+            e.env.push((var, value));
+        }
+        if suites
+            == (Suites {
+                latency: false,
+                bandwidth: false,
+                msgrate: false,
+                allreduce: false,
+                scaling: false,
+            })
+        {
+            suites = Suites::ALL;
+        }
+        // Each run: this program with the single-plugin options (the plugin and --json follow).
+        let mut args: Vec<OsString> = vec![
+            "--version".into(),
+            version.to_string().into(),
+            "--dev".into(),
+            dev.to_string().into(),
+            "--window".into(),
+            window.to_string().into(),
+            "--timeout".into(),
+            timeout.to_string().into(),
+        ];
+        if quick {
+            args.push("--quick".into());
+        }
+        for (on, flag) in [
+            (suites.latency, "--latency"),
+            (suites.bandwidth, "--bandwidth"),
+            (suites.msgrate, "--msgrate"),
+            (suites.allreduce, "--allreduce"),
+            (suites.scaling, "--scaling"),
+        ] {
+            if on {
+                args.push(flag.into());
+            }
+        }
+        let program = std::env::current_exe()
+            .map_err(|e| format!("cannot find own executable: {e}"))?
+            .into_os_string();
+        return Ok(Mode::Compare(
+            CompareOptions {
+                entrants,
+                rounds,
+                program,
+                args,
+                suites,
+                quick,
+                window,
+                perftest: compare.then_some(PerftestDevice {
+                    ibdev,
+                    gid_index,
+                    port,
+                }),
+                timeout: Duration::from_secs(timeout),
+            },
+            json,
+        ));
+    }
+    if !envs.is_empty() {
+        return Err("--env only goes with --compare".into());
     }
     let plugin = plugin
         .or_else(default_plugin)
@@ -155,6 +278,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         Ok(Mode::Serve(cfg, bind)) => bench::serve_tcp(&cfg, &bind).map(|()| true),
+        Ok(Mode::Compare(o, json)) => compare::run(&o).map(|c| {
+            if json {
+                println!("{}", compare::json(&c));
+            } else {
+                print!("{}", compare::text(&c));
+            }
+            c.all_ok()
+        }),
         Ok(Mode::Run(o, json)) => bench::run(&o).map(|r| {
             if json {
                 println!("{}", bench::report::json(&r));
@@ -167,7 +298,7 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("netbench: all-reduce results were wrong");
+            eprintln!("netbench: a run failed or all-reduce results were wrong");
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -1,5 +1,8 @@
 //! Drives a built net plugin `.so` the way RCCL's proxy does: load it with `dlopen`, pick one
-//! `ncclNetPlugin_vN` table and call it through a version-independent surface. Used by the
+//! `ncclNetPlugin_vN` table and call it through a version-independent surface. Like NCCL and
+//! RCCL, every call reads its entry through the exported symbol at the time of the call: some
+//! plugins (nccl-rdma-sharp-plugins) export only `name` and `init` and fill in the rest of the
+//! table during `init`. Used by the
 //! conformance example and the integration tests, which must exercise the exported C ABI rather
 //! than the plugin's Rust internals.
 
@@ -92,13 +95,15 @@ pub fn missing_tables(lib: &Library) -> Vec<String> {
 /// no longer exercises.
 pub const VERSIONS: [u32; 5] = [6, 8, 10, 11, 12];
 
+/// The exported table symbol of one version; entries are read through it at each call, never
+/// copied.
 #[derive(Clone, Copy)]
 enum Table {
-    V6(ncclNet_v6_t),
-    V8(ncclNet_v8_t),
-    V10(ncclNet_v10_t),
-    V11(ncclNet_v11_t),
-    V12(ncclNet_v12_t),
+    V6(*const ncclNet_v6_t),
+    V8(*const ncclNet_v8_t),
+    V10(*const ncclNet_v10_t),
+    V11(*const ncclNet_v11_t),
+    V12(*const ncclNet_v12_t),
 }
 
 /// What `getProperties` reported for one device.
@@ -125,13 +130,15 @@ pub struct Plugin {
 // SAFETY: RCCL calls one table from its service and progress threads concurrently; the plugin
 // locks its shared state. `ctx` is an opaque value passed back to the plugin, never dereferenced.
 unsafe impl Send for Plugin {}
-// SAFETY: as above; `&Plugin` only reads the copied table and `ctx`.
+// SAFETY: as above; `&Plugin` only reads the table (through the symbol) and `ctx`.
 unsafe impl Sync for Plugin {}
 
-/// Calls a table entry that must be present (every entry this driver uses is mandatory in the ABI).
+/// Reads a table entry through the symbol pointer `$t`, at the time of the call; it must be
+/// present (every entry this driver uses is mandatory in the ABI). Used inside `unsafe`: `$t`
+/// points into the loaded library, which `Plugin` keeps loaded.
 macro_rules! entry {
     ($t:expr, $name:ident) => {
-        $t.$name.ok_or(NetError {
+        (*$t).$name.ok_or(NetError {
             call: concat!(stringify!($name), " (missing entry)"),
             code: ncclInternalError,
         })?
@@ -139,22 +146,25 @@ macro_rules! entry {
 }
 
 impl Plugin {
-    /// Opens `path` and copies its `ncclNetPlugin_v{version}` table.
+    /// Opens `path` and finds its `ncclNetPlugin_v{version}` table.
     pub fn load(path: &std::path::Path, version: u32) -> Result<Plugin, String> {
         let lib = open(path).map_err(|e| format!("dlopen {}: {e}", path.display()))?;
         Plugin::from_library(lib, version)
     }
 
-    /// Copies the `ncclNetPlugin_v{version}` table of an opened library, which it keeps loaded.
+    /// Finds the `ncclNetPlugin_v{version}` table of an opened library, which it keeps loaded.
+    /// Only the symbol's address is kept: the table's entries are read at each call.
     pub fn from_library(lib: Library, version: u32) -> Result<Plugin, String> {
         let symbol = format!("ncclNetPlugin_v{version}\0");
         macro_rules! table {
             ($ty:ty, $variant:ident) => {{
-                // SAFETY: the exported data symbol of this name is a `$ty` by the ABI's definition; it
-                // is copied out while `lib` is alive and `_lib` keeps the code it points to loaded.
-                let table = unsafe {
-                    let sym = lib.get::<*const $ty>(symbol.as_bytes()).map_err(|e| format!("{}: {e}", &symbol[..symbol.len() - 1]))?;
-                    **sym
+                // SAFETY: the exported data symbol of this name is a `$ty` by the ABI's definition;
+                // `_lib` keeps the library, and so the address, valid as long as the `Plugin`.
+                let table: *const $ty = unsafe {
+                    let sym = lib
+                        .get::<*const $ty>(symbol.as_bytes())
+                        .map_err(|e| format!("{}: {e}", &symbol[..symbol.len() - 1]))?;
+                    *sym
                 };
                 Table::$variant(table)
             }};
@@ -185,12 +195,15 @@ impl Plugin {
 
     /// The table's `name` field.
     pub fn name(&self) -> String {
-        let p = match self.table {
-            Table::V6(t) => t.name,
-            Table::V8(t) => t.name,
-            Table::V10(t) => t.name,
-            Table::V11(t) => t.name,
-            Table::V12(t) => t.name,
+        // SAFETY: the symbol points into the loaded library.
+        let p = unsafe {
+            match self.table {
+                Table::V6(t) => (*t).name,
+                Table::V8(t) => (*t).name,
+                Table::V10(t) => (*t).name,
+                Table::V11(t) => (*t).name,
+                Table::V12(t) => (*t).name,
+            }
         };
         if p.is_null() {
             return String::new();
@@ -364,12 +377,15 @@ impl Plugin {
         comm: Opaque,
         pick: impl Fn((CloseFn, CloseFn, CloseFn)) -> CloseFn,
     ) -> ncclResult_t {
-        let fns = match self.table {
-            Table::V6(t) => (t.closeSend, t.closeRecv, t.closeListen),
-            Table::V8(t) => (t.closeSend, t.closeRecv, t.closeListen),
-            Table::V10(t) => (t.closeSend, t.closeRecv, t.closeListen),
-            Table::V11(t) => (t.closeSend, t.closeRecv, t.closeListen),
-            Table::V12(t) => (t.closeSend, t.closeRecv, t.closeListen),
+        // SAFETY: the symbol points into the loaded library.
+        let fns = unsafe {
+            match self.table {
+                Table::V6(t) => ((*t).closeSend, (*t).closeRecv, (*t).closeListen),
+                Table::V8(t) => ((*t).closeSend, (*t).closeRecv, (*t).closeListen),
+                Table::V10(t) => ((*t).closeSend, (*t).closeRecv, (*t).closeListen),
+                Table::V11(t) => ((*t).closeSend, (*t).closeRecv, (*t).closeListen),
+                Table::V12(t) => ((*t).closeSend, (*t).closeRecv, (*t).closeListen),
+            }
         };
         match pick(fns) {
             // SAFETY: the caller guarantees `comm` is a live comm of the right kind.
@@ -567,4 +583,39 @@ pub fn handle_from_hex(text: &str) -> Result<[u8; NCCL_NET_HANDLE_MAXSIZE], Stri
             .map_err(|e| format!("handle hex byte {i}: {e}"))?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::capture::{lines_starting, Capture};
+    use crate::log::logger;
+
+    /// `c/late_table.c`: exports only `{name, init}` and fills in the rest during `init`.
+    #[test]
+    fn reads_entries_filled_in_by_init() {
+        let path = std::path::Path::new(env!("HALO_LATE_TABLE_PLUGIN"));
+        let mut p = Plugin::load(path, 6).expect("load the late-table plugin");
+        assert_eq!(p.name(), "late-table");
+        let before = p.devices().expect_err("devices is NULL before init");
+        assert_eq!(before.call, "devices (missing entry)");
+        p.init(logger::<Capture>(), 0).expect("init");
+        assert_eq!(p.devices().expect("devices after init"), 2);
+        let d = p.properties(1).expect("getProperties after init");
+        assert_eq!((d.name.as_str(), d.speed, d.port), ("late0", 100_001, 1));
+        // init logged with its own format through the logger it was given.
+        let lines = lines_starting("late table: ");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let (level, file, line, msg) = &lines[0];
+        assert_eq!(*level, 2);
+        assert!(file.ends_with("late_table.c") && *line > 0, "{file}:{line}");
+        assert_eq!(
+            msg,
+            &format!(
+                "late table: 2 devices, filled in by init, {}",
+                std::mem::size_of::<ncclNet_v6_t>()
+            )
+        );
+        p.finalize().expect("finalize");
+    }
 }

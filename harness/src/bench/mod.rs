@@ -7,6 +7,7 @@
 //! and stdout), or one [`serve_tcp`] process on another host. Results come back typed
 //! ([`Report`]); [`report`] prints them as text or JSON.
 
+pub mod compare;
 pub mod control;
 mod member;
 mod ops;

@@ -55,7 +55,7 @@ impl Plan {
         }
     }
 
-    fn latency_iters(quick: bool, size: usize) -> usize {
+    pub(super) fn latency_iters(quick: bool, size: usize) -> usize {
         if quick {
             20
         } else {
@@ -63,7 +63,7 @@ impl Plan {
         }
     }
 
-    fn stream_count(quick: bool, size: usize) -> usize {
+    pub(super) fn stream_count(quick: bool, size: usize) -> usize {
         if quick {
             if size <= 4096 {
                 200
