@@ -32,7 +32,7 @@ struct RecvSide<'a>(&'a mut Loop, &'a mut Fifo);
 type Fifo = [[CtsEntry; MAX_RECVS]; FIFO_DEPTH];
 
 impl PostSink for SendSide<'_> {
-    fn post(&mut self, p: &Post) {
+    fn post(&mut self, p: &Post<'_>) {
         let l = &mut *self.0;
         match black_box(p.op) {
             PostOp::Data { imm: Some(imm), .. } | PostOp::Eager { imm, .. } => {
@@ -42,7 +42,7 @@ impl PostSink for SendSide<'_> {
                 l.imms[l.nimm] = imm;
                 l.nimm += 1;
             }
-            PostOp::Sizes { row, sizes, n } => l.sizes[row][..n].copy_from_slice(&sizes[..n]),
+            PostOp::Sizes { row, sizes } => l.sizes[row][..sizes.len()].copy_from_slice(sizes),
             PostOp::Data { .. } => {}
             PostOp::Cts { .. } => panic!("the sender posted a clear-to-send row"),
         }
@@ -54,12 +54,12 @@ impl PostSink for SendSide<'_> {
 }
 
 impl PostSink for RecvSide<'_> {
-    fn post(&mut self, p: &Post) {
+    fn post(&mut self, p: &Post<'_>) {
         let l = &mut *self.0;
-        let PostOp::Cts { row, entries, n } = black_box(p.op) else {
+        let PostOp::Cts { row, entries } = black_box(p.op) else {
             panic!("the receiver posted {p:?}");
         };
-        self.1[row][..n].copy_from_slice(&entries[..n]);
+        self.1[row][..entries.len()].copy_from_slice(entries);
         if p.signaled {
             l.recv_done[l.nrecv] = p.wr_id;
             l.nrecv += 1;
@@ -94,7 +94,7 @@ impl Loop {
             send.on_completion(self.send_done[i])
                 .expect("send completion");
         }
-        send.progress(|r| fifo[r], &mut SendSide(self))
+        send.progress(|r, i| fifo[r][i], &mut SendSide(self))
             .expect("progress");
         for i in 0..std::mem::take(&mut self.nrecv) {
             recv.on_send_completion(self.recv_done[i])
@@ -125,7 +125,7 @@ fn cycle(
     let mut sreqs = [0u16; MAX_RECVS];
     for (i, m) in msgs.iter().enumerate() {
         sreqs[i] = send
-            .isend(|r| fifo[r], *m, &mut SendSide(l))
+            .isend(|r, i| fifo[r][i], *m, &mut SendSide(l))
             .expect("isend")
             .expect("send not ready");
     }
@@ -146,7 +146,7 @@ fn eager_cycle(
     msg: &SendMsg,
 ) {
     let sreq = send
-        .isend(|r| fifo[r], *msg, &mut SendSide(l))
+        .isend(|r, i| fifo[r][i], *msg, &mut SendSide(l))
         .expect("isend")
         .expect("send did not go eagerly");
     l.complete(fifo, send, recv);

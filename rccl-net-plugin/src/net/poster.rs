@@ -176,7 +176,7 @@ impl<'a> Poster<'a> {
     }
 
     /// The verbs form of `p`.
-    fn translate(&mut self, p: &Post) -> Pending {
+    fn translate(&mut self, p: &Post<'_>) -> Pending {
         let t = self.targets;
         let mut w = Pending {
             wr_id: p.wr_id,
@@ -215,15 +215,16 @@ impl<'a> Poster<'a> {
                 // Small host data goes inside the work request: no DMA read before the send.
                 w.inline = *host && *len > 0 && *len as usize <= self.max_inline;
             }
-            PostOp::Sizes { row, sizes, n } => {
-                self.our_bytes(&mut w, row * SIZES_ROW_BYTES, sizes.as_ptr().cast(), n * 8);
+            PostOp::Sizes { row, sizes } => {
+                let bytes = std::mem::size_of_val(*sizes);
+                self.our_bytes(&mut w, row * SIZES_ROW_BYTES, sizes.as_ptr().cast(), bytes);
                 w.op = SendOp::Write {
                     remote_addr: t.sizes.addr + sizes_row_offset(*row),
                     rkey: t.sizes.rkey,
                 };
             }
-            PostOp::Cts { row, entries, n } => {
-                let bytes = n * std::mem::size_of::<crate::protocol::CtsEntry>();
+            PostOp::Cts { row, entries } => {
+                let bytes = std::mem::size_of_val(*entries);
                 self.our_bytes(&mut w, row * CTS_ROW_BYTES, entries.as_ptr().cast(), bytes);
                 w.op = SendOp::Write {
                     remote_addr: t.fifo.addr + fifo_row_offset(*row),
@@ -313,7 +314,7 @@ impl<'a> Poster<'a> {
 }
 
 impl PostSink for Poster<'_> {
-    fn post(&mut self, p: &Post) {
+    fn post(&mut self, p: &Post<'_>) {
         if self.failure.is_some() {
             return;
         }

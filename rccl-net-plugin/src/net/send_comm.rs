@@ -105,7 +105,7 @@ impl SendComm {
         );
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
-        let r = self.core.isend(|row| fifo.row(row), msg, &mut out);
+        let r = self.core.isend(|row, i| fifo.entry(row, i), msg, &mut out);
         out.finish()
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
         match r {
@@ -132,7 +132,7 @@ impl SendComm {
         }
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
-        let r = self.core.progress(|row| fifo.row(row), &mut out);
+        let r = self.core.progress(|row, i| fifo.entry(row, i), &mut out);
         out.finish()
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
         r.map_err(|e| self.link.proto_error(e))
@@ -150,13 +150,15 @@ impl SendComm {
 struct FifoView(*const u8);
 
 impl FifoView {
-    fn row(&self, row: usize) -> [CtsEntry; MAX_RECVS] {
-        debug_assert!(row < FIFO_DEPTH);
-        // SAFETY: the FIFO holds FIFO_DEPTH rows and lives as long as the comm; the NIC writes it
-        // concurrently, hence the volatile read (a torn row is caught by the per-entry stamps).
-        let r = unsafe { std::ptr::read_volatile(self.0.cast::<[CtsEntry; MAX_RECVS]>().add(row)) };
+    fn entry(&self, row: usize, i: usize) -> CtsEntry {
+        debug_assert!(row < FIFO_DEPTH && i < MAX_RECVS);
+        // SAFETY: the FIFO holds FIFO_DEPTH rows of MAX_RECVS entries and lives as long as the
+        // comm; the NIC writes it concurrently, hence the volatile read (a torn entry is caught
+        // by its stamp and check).
+        let e =
+            unsafe { std::ptr::read_volatile(self.0.cast::<CtsEntry>().add(row * MAX_RECVS + i)) };
         fence(Ordering::Acquire);
-        r
+        e
     }
 }
 

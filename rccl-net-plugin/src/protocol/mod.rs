@@ -30,7 +30,9 @@ pub mod wire;
 pub use post::{Post, PostOp, PostSink, RecvSink};
 pub use receiver::{Receiver, RecvConfig};
 pub use recv::{EagerAction, RecvBuf, RecvPost, RecvState};
-pub use send::{EagerSend, Resolved, SendMsg, SendPost, SendState, Transmit, WireOp};
+pub use send::{
+    EagerSend, FifoRow, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp,
+};
 pub use sender::{SendConfig, Sender, SPREAD_MIN_BYTES};
 pub use wire::*;
 

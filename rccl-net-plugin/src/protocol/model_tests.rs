@@ -79,7 +79,98 @@ struct SimQp {
     posted: u64,
     /// Work requests released by a polled signaled completion (all up to it).
     freed: u64,
-    wire: VecDeque<(u64, Post)>,
+    wire: VecDeque<(u64, Wr)>,
+}
+
+/// A work request on a simulated wire: the post with the rows and sizes it borrowed copied.
+#[derive(Clone, Copy, Debug)]
+struct Wr {
+    qp: usize,
+    wr_id: u64,
+    signaled: bool,
+    op: WrOp,
+}
+
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Copy, Debug)]
+enum WrOp {
+    /// A post that borrows nothing (data, eager writes).
+    Plain(PostOp<'static>),
+    Sizes {
+        row: usize,
+        sizes: [u64; MAX_RECVS],
+        n: usize,
+    },
+    Cts {
+        row: usize,
+        entries: [CtsEntry; MAX_RECVS],
+        n: usize,
+    },
+}
+
+impl Wr {
+    fn of(p: &Post<'_>) -> Wr {
+        let op = match p.op {
+            PostOp::Sizes { row, sizes } => {
+                let mut a = [0u64; MAX_RECVS];
+                a[..sizes.len()].copy_from_slice(sizes);
+                WrOp::Sizes {
+                    row,
+                    sizes: a,
+                    n: sizes.len(),
+                }
+            }
+            PostOp::Cts { row, entries } => {
+                let mut a = [CtsEntry::default(); MAX_RECVS];
+                a[..entries.len()].copy_from_slice(entries);
+                WrOp::Cts {
+                    row,
+                    entries: a,
+                    n: entries.len(),
+                }
+            }
+            PostOp::Data {
+                local_addr,
+                lkey,
+                len,
+                host,
+                remote_addr,
+                rkey,
+                imm,
+            } => WrOp::Plain(PostOp::Data {
+                local_addr,
+                lkey,
+                len,
+                host,
+                remote_addr,
+                rkey,
+                imm,
+            }),
+            PostOp::Eager {
+                slot,
+                header,
+                local_addr,
+                lkey,
+                len,
+                host,
+                imm,
+            } => WrOp::Plain(PostOp::Eager {
+                slot,
+                header,
+                local_addr,
+                lkey,
+                len,
+                host,
+                imm,
+            }),
+        };
+        Wr {
+            qp: p.qp,
+            wr_id: p.wr_id,
+            signaled: p.signaled,
+            op,
+        }
+    }
 }
 
 /// The posting side of one end: its queue pairs and their depth. What the core posts goes on
@@ -112,7 +203,7 @@ impl SimEnd {
 }
 
 impl PostSink for SimEnd {
-    fn post(&mut self, p: &Post) {
+    fn post(&mut self, p: &Post<'_>) {
         let Some(q) = self.qps.get_mut(p.qp) else {
             self.violation = Some(format!("post on QP {} of {}", p.qp, self.qps.len()));
             return;
@@ -126,7 +217,7 @@ impl PostSink for SimEnd {
                 self.depth
             ));
         }
-        q.wire.push_back((q.posted - 1, *p));
+        q.wire.push_back((q.posted - 1, Wr::of(p)));
     }
 }
 
@@ -314,7 +405,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                 if let Some((row, entries, n)) = torn_pending.take() {
                     fifo[row][..n].copy_from_slice(&entries[..n]);
                 } else if let Some((idx, p)) = rx.qps[0].wire.pop_front() {
-                    let PostOp::Cts { row, entries, n } = p.op else {
+                    let WrOp::Cts { row, entries, n } = p.op else {
                         return Err(TestCaseError::fail(format!("receiver posted {p:?}")));
                     };
                     prop_assert_eq!(p.qp, 0);
@@ -350,7 +441,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                     host: true,
                 };
                 let eager_before = sender.eager_sent;
-                match sender.isend(|r| fifo[r], msg, &mut tx) {
+                match sender.isend(|r, i| fifo[r][i], msg, &mut tx) {
                     Ok(None) => {}
                     Ok(Some(req)) => {
                         if sender.eager_sent > eager_before {
@@ -400,7 +491,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                         Ok(())
                     };
                 match p.op {
-                    PostOp::Data {
+                    WrOp::Plain(PostOp::Data {
                         local_addr,
                         lkey,
                         len,
@@ -408,7 +499,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                         rkey,
                         imm,
                         ..
-                    } => {
+                    }) => {
                         if len > 0 {
                             prop_assert_eq!(lkey, 7);
                             copy(local_addr, remote_addr, len, rkey)?;
@@ -420,18 +511,18 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                             recv_cq.push_back(Cqe::Imm(imm));
                         }
                     }
-                    PostOp::Sizes { row, sizes: sz, n } => {
+                    WrOp::Sizes { row, sizes: sz, n } => {
                         prop_assert_eq!(q, 0, "sizes on a data QP");
                         sizes[row][..n].copy_from_slice(&sz[..n]);
                     }
-                    PostOp::Eager {
+                    WrOp::Plain(PostOp::Eager {
                         slot,
                         header,
                         local_addr,
                         len,
                         imm,
                         ..
-                    } => {
+                    }) => {
                         prop_assert_eq!(q, 0, "an eager write on a data QP");
                         let sl = &mut slots[usize::from(slot)];
                         prop_assert!(
@@ -454,8 +545,8 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                         prop_assert_eq!(imm, IMM_EAGER | u32::from(slot));
                         recv_cq.push_back(Cqe::Imm(imm));
                     }
-                    PostOp::Cts { .. } => {
-                        return Err(TestCaseError::fail("the sender posted a clear-to-send row"))
+                    WrOp::Cts { .. } | WrOp::Plain(_) => {
+                        return Err(TestCaseError::fail(format!("the sender posted {p:?}")))
                     }
                 }
                 if p.signaled {
@@ -468,7 +559,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                     tx.free(q, idx);
                     sender.on_completion(wr_id).unwrap();
                 }
-                sender.progress(|r| fifo[r], &mut tx).unwrap();
+                sender.progress(|r, i| fifo[r][i], &mut tx).unwrap();
                 check_sinks!();
             }
             // The receiver polls one completion.
@@ -543,7 +634,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
             }
             // The sender tests its oldest send.
             _ => {
-                sender.progress(|r| fifo[r], &mut tx).unwrap();
+                sender.progress(|r, i| fifo[r][i], &mut tx).unwrap();
                 check_sinks!();
                 if let Some(&(g, b, req)) = send_reqs.front() {
                     match sender.test(req) {
@@ -604,11 +695,18 @@ proptest! {
     }
 }
 
+/// The receiver's latest clear-to-send row as the sender's FIFO would hold it.
+fn row_array(recv: &RecvState) -> [CtsEntry; MAX_RECVS] {
+    let mut a = [CtsEntry::default(); MAX_RECVS];
+    a[..recv.row().len()].copy_from_slice(recv.row());
+    a
+}
+
 #[test]
 fn single_small_message_folds_the_immediate_into_the_data() {
     let mut recv = RecvState::new();
     let mut send = SendState::new(1 << 30, 64);
-    let RecvPost::Posted { entries, .. } = recv
+    let RecvPost::Posted { .. } = recv
         .post(&[RecvBuf {
             addr: 0x1000,
             size: 64,
@@ -620,6 +718,7 @@ fn single_small_message_folds_the_immediate_into_the_data() {
     else {
         panic!()
     };
+    let entries = row_array(&recv);
     let mut row = [CtsEntry::default(); MAX_RECVS];
     row[0] = entries[0];
     let SendPost::Posted {
@@ -639,7 +738,12 @@ fn single_small_message_folds_the_immediate_into_the_data() {
     else {
         panic!()
     };
-    let ops: Vec<_> = t.ops().collect();
+    let ops: Vec<_> = send.ops(&t).collect();
+    assert_eq!(
+        send.single_op(&t).as_ref(),
+        ops.first(),
+        "the fast path agrees"
+    );
     assert_eq!(
         ops,
         vec![WireOp::WriteImm {
@@ -658,7 +762,7 @@ fn single_small_message_folds_the_immediate_into_the_data() {
 fn zero_byte_message_is_a_bare_immediate() {
     let mut recv = RecvState::new();
     let mut send = SendState::new(1 << 30, 64);
-    let RecvPost::Posted { entries, req, .. } = recv
+    let RecvPost::Posted { req, .. } = recv
         .post(&[RecvBuf {
             addr: 0x1000,
             size: 64,
@@ -670,6 +774,7 @@ fn zero_byte_message_is_a_bare_immediate() {
     else {
         panic!()
     };
+    let entries = row_array(&recv);
     let mut row = [CtsEntry::default(); MAX_RECVS];
     row[0] = entries[0];
     let SendPost::Posted {
@@ -690,7 +795,7 @@ fn zero_byte_message_is_a_bare_immediate() {
     else {
         panic!()
     };
-    let ops: Vec<_> = t.ops().collect();
+    let ops: Vec<_> = send.ops(&t).collect();
     assert_eq!(
         ops,
         vec![WireOp::WriteImm {
@@ -838,7 +943,7 @@ fn send_queue_room_is_respected() {
     else {
         panic!()
     };
-    assert_eq!(t.wqe_count(), 3);
+    assert_eq!(send.wqe_count(&t), 3);
     let mut row1 = [CtsEntry::default(); MAX_RECVS];
     row1[0] = CtsEntry {
         addr: 0,
@@ -963,15 +1068,10 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
         "one row at a time goes ahead of its clear-to-send"
     );
     assert_eq!(recv.on_eager(e0.slot, e0.header()), Ok(EagerAction::Hold));
-    let RecvPost::Posted {
-        req: r0,
-        entries,
-        eager,
-        ..
-    } = recv.post(&[buf(true)]).unwrap()
-    else {
+    let RecvPost::Posted { req: r0, eager, .. } = recv.post(&[buf(true)]).unwrap() else {
         panic!()
     };
+    let entries = row_array(&recv);
     assert_eq!(
         eager,
         EagerAction::Copy {
@@ -995,15 +1095,10 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
         panic!("expected an eager send")
     };
     assert_eq!((e1.seq, e1.slot), (1, 1));
-    let RecvPost::Posted {
-        req: r1,
-        entries,
-        eager,
-        ..
-    } = recv.post(&[buf(false)]).unwrap()
-    else {
+    let RecvPost::Posted { req: r1, eager, .. } = recv.post(&[buf(false)]).unwrap() else {
         panic!()
     };
+    let entries = row_array(&recv);
     assert_eq!(eager, EagerAction::None);
     assert_eq!(entries[0].flags & CTS_EAGER_OK, 0);
     assert_eq!(
@@ -1017,7 +1112,7 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
         panic!("expected the refused message to be transmitted")
     };
     assert_eq!(
-        t.ops().collect::<Vec<_>>(),
+        send.ops(&t).collect::<Vec<_>>(),
         vec![WireOp::WriteImm {
             local_addr: 0x9000,
             lkey: 9,
@@ -1105,7 +1200,7 @@ fn spread_rows_split_messages_and_keep_the_immediate_apart() {
     };
     assert!(t.spread());
     assert_eq!(
-        t.ops().collect::<Vec<_>>(),
+        send.ops(&t).collect::<Vec<_>>(),
         vec![
             write(0, 250),
             write(250, 250),
@@ -1114,7 +1209,7 @@ fn spread_rows_split_messages_and_keep_the_immediate_apart() {
             imm(1000)
         ]
     );
-    assert_eq!(t.wqe_count(), 5);
+    assert_eq!(send.wqe_count(&t), 5);
     // Whole rows in turn (parts 1): one write, then a bare immediate.
     let mut send = SendState::new(1 << 20, 64).with_qps(1, 1000);
     let SendPost::Posted {
@@ -1123,7 +1218,10 @@ fn spread_rows_split_messages_and_keep_the_immediate_apart() {
     else {
         panic!()
     };
-    assert_eq!(t.ops().collect::<Vec<_>>(), vec![write(0, 1000), imm(1000)]);
+    assert_eq!(
+        send.ops(&t).collect::<Vec<_>>(),
+        vec![write(0, 1000), imm(1000)]
+    );
     // Below the threshold nothing changes: the data carries the immediate.
     let mut send = SendState::new(1 << 20, 64).with_qps(4, 1000);
     let SendPost::Posted {
@@ -1133,5 +1231,5 @@ fn spread_rows_split_messages_and_keep_the_immediate_apart() {
         panic!()
     };
     assert!(!t.spread());
-    assert_eq!(t.wqe_count(), 1);
+    assert_eq!(send.wqe_count(&t), 1);
 }

@@ -1,24 +1,25 @@
 //! Work requests as the protocol core hands them to the verbs layer, which only translates them
 //! (addresses of its own buffers, inline or staged) and posts them in the order given.
 
-use super::wire::{CtsEntry, EagerHeader, MAX_RECVS};
+use super::wire::{CtsEntry, EagerHeader};
 
 /// One work request for queue pair `qp` of the connection (0 carries everything but spread data).
+/// Small by design: rows and sizes are borrowed from the core for the duration of the `post`
+/// call (the sink copies what it needs), so nothing large is copied per message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Post {
+pub struct Post<'a> {
     pub qp: usize,
     /// [`super::WrId`], encoded.
     pub wr_id: u64,
     /// Ask for a completion. Unsignaled work requests keep their send-queue slot until a later
     /// signaled one on the same queue pair completes; the core accounts for that.
     pub signaled: bool,
-    pub op: PostOp,
+    pub op: PostOp<'a>,
 }
 
 /// What a [`Post`] writes.
-#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PostOp {
+pub enum PostOp<'a> {
     /// RDMA WRITE (WRITE_WITH_IMM when `imm` is set) of `len` bytes of the caller's registered
     /// memory (`len` 0: no local buffer is read).
     Data {
@@ -31,12 +32,8 @@ pub enum PostOp {
         rkey: u32,
         imm: Option<u32>,
     },
-    /// RDMA WRITE of `sizes[..n]` into row `row` of the receiver's sizes array.
-    Sizes {
-        row: usize,
-        sizes: [u64; MAX_RECVS],
-        n: usize,
-    },
+    /// RDMA WRITE of `sizes` (at most `MAX_RECVS`) into row `row` of the receiver's sizes array.
+    Sizes { row: usize, sizes: &'a [u64] },
     /// RDMA WRITE_WITH_IMM `imm` of `header` followed by `len` bytes of the caller's memory
     /// into bounce slot `slot` of the receiver.
     Eager {
@@ -48,18 +45,14 @@ pub enum PostOp {
         host: bool,
         imm: u32,
     },
-    /// RDMA WRITE of `entries[..n]` into row `row` of the sender's FIFO.
-    Cts {
-        row: usize,
-        entries: [CtsEntry; MAX_RECVS],
-        n: usize,
-    },
+    /// RDMA WRITE of `entries` (at most `MAX_RECVS`) into row `row` of the sender's FIFO.
+    Cts { row: usize, entries: &'a [CtsEntry] },
 }
 
 /// Where the core puts its work requests. Posting is in call order; a failure is the sink's to
 /// record (the comm is failed by the caller once the core returns).
 pub trait PostSink {
-    fn post(&mut self, p: &Post);
+    fn post(&mut self, p: &Post<'_>);
 }
 
 /// The receiver's sink: it also copies eager messages out of their bounce slots. The core calls

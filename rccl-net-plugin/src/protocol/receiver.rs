@@ -79,11 +79,7 @@ impl Receiver {
             };
         }
         let RecvPost::Posted {
-            req,
-            seq,
-            n,
-            entries,
-            eager,
+            req, seq, eager, ..
         } = self.state.post(&rb[..bufs.len()])?
         else {
             return Ok(None);
@@ -102,8 +98,7 @@ impl Receiver {
             signaled,
             op: PostOp::Cts {
                 row: row_of(seq),
-                entries,
-                n,
+                entries: self.state.row(),
             },
         });
         self.cts_posted = self.cts_posted.wrapping_add(1);

@@ -36,13 +36,12 @@ pub enum EagerAction {
 pub enum RecvPost {
     /// Every FIFO row is in use: return a NULL request.
     NotReady,
-    /// Accepted as request `req`: post a receive for the immediate, then RDMA-write
-    /// `entries[..n]` into row `row_of(seq)` of the sender's FIFO.
+    /// Accepted as request `req`: RDMA-write [`RecvState::row`] (its `n` entries) into row
+    /// `row_of(seq)` of the sender's FIFO.
     Posted {
         req: u16,
         seq: u32,
         n: usize,
-        entries: [CtsEntry; MAX_RECVS],
         /// An eager message held for this receive: `Copy` before the row is written (the
         /// request is then already done), or `Drop`.
         eager: EagerAction,
@@ -78,6 +77,9 @@ pub struct RecvState {
     eager_done: u32,
     /// An eager message that arrived before its receive was posted: (slot, header).
     held: Option<(u16, EagerHeader)>,
+    /// The clear-to-send row of the latest posted receive.
+    row: [CtsEntry; MAX_RECVS],
+    row_len: usize,
 }
 
 impl Default for RecvState {
@@ -94,7 +96,14 @@ impl RecvState {
             reqs: [RecvReq::default(); FIFO_DEPTH],
             eager_done: 0,
             held: None,
+            row: [CtsEntry::default(); MAX_RECVS],
+            row_len: 0,
         }
+    }
+
+    /// The clear-to-send row of the receive [`Self::post`] accepted last.
+    pub fn row(&self) -> &[CtsEntry] {
+        &self.row[..self.row_len]
     }
 
     /// Eager slots drained so far.
@@ -130,10 +139,14 @@ impl RecvState {
         } else {
             0
         };
-        let mut entries = [CtsEntry::default(); MAX_RECVS];
-        let mut capacity = [0u64; MAX_RECVS];
+        // The row is built where it stays (no copies of a whole row per receive).
+        let req = &mut self.reqs[r];
+        req.state = ReqState::Posted;
+        req.seq = seq;
+        req.n = n;
+        req.sizes = [0; MAX_RECVS];
         for (i, b) in bufs.iter().enumerate() {
-            entries[i] = CtsEntry {
+            self.row[i] = CtsEntry {
                 addr: b.addr,
                 size: b.size,
                 rkey: b.rkey,
@@ -141,47 +154,40 @@ impl RecvState {
                 nreqs: n as u16,
                 flags,
                 stamp: stamp(seq),
-                ..CtsEntry::default()
+                check: 0,
+                eager_done: 0,
             };
-            capacity[i] = b.size;
+            req.capacity[i] = b.size;
         }
-        let mut req = RecvReq {
-            state: ReqState::Posted,
-            seq,
-            n,
-            capacity,
-            sizes: [0; MAX_RECVS],
-            first: entries[0],
-        };
+        req.first = self.row[0];
         let mut eager = EagerAction::None;
         if let Some((slot, hdr)) = self.held.take() {
             // Everything before this receive has arrived, so the held message is for it.
             debug_assert_eq!(hdr.seq, seq);
             self.eager_done = self.eager_done.wrapping_add(1);
-            eager = if eager_fits(&entries[0], hdr.tag, u64::from(hdr.size)) {
+            eager = if eager_fits(&req.first, hdr.tag, u64::from(hdr.size)) {
                 req.state = ReqState::Done;
                 req.sizes[0] = u64::from(hdr.size);
                 self.done_seq = seq.wrapping_add(1);
                 EagerAction::Copy {
                     slot,
-                    dst: entries[0].addr,
+                    dst: req.first.addr,
                     len: u64::from(hdr.size),
                 }
             } else {
                 EagerAction::Drop { slot }
             };
         }
-        for e in &mut entries[..n] {
+        for e in &mut self.row[..n] {
             e.eager_done = self.eager_done;
-            *e = e.sealed();
+            e.check = e.compute_check();
         }
-        self.reqs[r] = req;
+        self.row_len = n;
         self.post_seq = seq.wrapping_add(1);
         Ok(RecvPost::Posted {
             req: r as u16,
             seq,
             n,
-            entries,
             eager,
         })
     }

@@ -5,6 +5,27 @@ use super::{
     IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
 };
 
+/// The FIFO row the sender looks at, as the NIC left it: entry `i` on demand, so that a row
+/// that has not arrived costs one entry's read.
+pub trait FifoRow {
+    fn entry(&self, i: usize) -> CtsEntry;
+}
+
+impl FifoRow for [CtsEntry; MAX_RECVS] {
+    fn entry(&self, i: usize) -> CtsEntry {
+        self[i]
+    }
+}
+
+/// A reader of entry `i`.
+pub struct RowFn<F: Fn(usize) -> CtsEntry>(pub F);
+
+impl<F: Fn(usize) -> CtsEntry> FifoRow for RowFn<F> {
+    fn entry(&self, i: usize) -> CtsEntry {
+        (self.0)(i)
+    }
+}
+
 /// One `isend` as the protocol sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SendMsg {
@@ -64,13 +85,18 @@ pub enum Resolved {
     Transmit(Transmit),
 }
 
-/// What to put on the wire for one fully matched row.
+/// What to put on the wire for one fully matched row: a small handle; the messages and the
+/// receiver's entries stay in the row, which is not reused before the transmit completes
+/// ([`SendState::ops`] reads them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transmit {
     pub seq: u32,
+    /// Index of the row in [`SendState`].
+    row: usize,
     nreqs: usize,
-    msgs: [SendMsg; MAX_RECVS],
-    entries: [CtsEntry; MAX_RECVS],
+    /// Size of the first message (the immediate carries it for a single receive).
+    first_size: u64,
+    payload: u64,
     truncated: bool,
     max_msg: u64,
     /// Spread over several queue pairs: each message in up to `parts` chunks, and the
@@ -112,9 +138,24 @@ pub enum WireOp {
 }
 
 impl Transmit {
+    /// The transmit of row `row` (sequence `seq`) carrying `msgs`.
+    fn new(seq: u32, row: usize, msgs: &[SendMsg], truncated: bool, max_msg: u64) -> Self {
+        Transmit {
+            seq,
+            row,
+            nreqs: msgs.len(),
+            first_size: msgs[0].size,
+            payload: msgs.iter().map(|m| m.size).sum(),
+            truncated,
+            max_msg,
+            spread: false,
+            parts: 1,
+        }
+    }
+
     /// Sizes go through the sizes array for multi-receives and for sizes the immediate cannot hold.
     fn sizes_in_array(&self) -> bool {
-        !self.truncated && (self.nreqs > 1 || self.msgs[0].size > IMM_MAX_SIZE)
+        !self.truncated && (self.nreqs > 1 || self.first_size > IMM_MAX_SIZE)
     }
 
     /// The immediate of the final WRITE_WITH_IMM.
@@ -124,13 +165,13 @@ impl Transmit {
         } else if self.sizes_in_array() {
             IMM_SIZES_IN_ARRAY
         } else {
-            self.msgs[0].size as u32
+            self.first_size as u32
         }
     }
 
     /// Whether the last data chunk itself carries the immediate (no separate zero-byte write).
     fn fold_imm_into_data(&self) -> bool {
-        !self.spread && !self.truncated && !self.sizes_in_array() && self.msgs[0].size > 0
+        !self.spread && !self.truncated && !self.sizes_in_array() && self.first_size > 0
     }
 
     /// Whether the data goes over several queue pairs (see [`SendState::with_qps`]): the
@@ -148,15 +189,12 @@ impl Transmit {
         size.div_ceil(self.chunk_len(size))
     }
 
-    /// Work requests this transmit posts; the send queue must have room for all of them.
-    pub fn wqe_count(&self) -> u32 {
+    /// Work requests this transmit of `msgs` posts; the send queue must have room for all.
+    fn wqe_count_of(&self, msgs: &[SendMsg]) -> u32 {
         if self.truncated {
             return 1;
         }
-        let data: u64 = self.msgs[..self.nreqs]
-            .iter()
-            .map(|m| self.chunks(m.size))
-            .sum();
+        let data: u64 = msgs.iter().map(|m| self.chunks(m.size)).sum();
         let sizes = u64::from(self.sizes_in_array());
         let imm = u64::from(!self.fold_imm_into_data());
         (data + sizes + imm) as u32
@@ -167,21 +205,7 @@ impl Transmit {
         if self.truncated {
             0
         } else {
-            self.msgs[..self.nreqs].iter().map(|m| m.size).sum()
-        }
-    }
-
-    /// The work requests, in order. Allocation-free.
-    pub fn ops(&self) -> TransmitOps<'_> {
-        TransmitOps {
-            t: self,
-            entry: 0,
-            offset: 0,
-            stage: if self.truncated {
-                Stage::Imm
-            } else {
-                Stage::Data
-            },
+            self.payload
         }
     }
 }
@@ -194,9 +218,11 @@ enum Stage {
     End,
 }
 
-/// Iterator over the [`WireOp`]s of a [`Transmit`].
+/// Iterator over the [`WireOp`]s of a [`Transmit`] ([`SendState::ops`]).
 pub struct TransmitOps<'a> {
-    t: &'a Transmit,
+    t: Transmit,
+    msgs: &'a [SendMsg; MAX_RECVS],
+    entries: &'a [CtsEntry; MAX_RECVS],
     entry: usize,
     offset: u64,
     stage: Stage,
@@ -206,7 +232,7 @@ impl Iterator for TransmitOps<'_> {
     type Item = WireOp;
 
     fn next(&mut self) -> Option<WireOp> {
-        let t = self.t;
+        let t = &self.t;
         loop {
             match self.stage {
                 Stage::Data => {
@@ -220,8 +246,8 @@ impl Iterator for TransmitOps<'_> {
                         };
                         continue;
                     }
-                    let msg = &t.msgs[self.entry];
-                    let dst = &t.entries[self.entry];
+                    let msg = &self.msgs[self.entry];
+                    let dst = &self.entries[self.entry];
                     if self.offset >= msg.size {
                         self.entry += 1;
                         self.offset = 0;
@@ -256,7 +282,7 @@ impl Iterator for TransmitOps<'_> {
                 Stage::Sizes => {
                     self.stage = Stage::Imm;
                     let mut sizes = [0u64; MAX_RECVS];
-                    for (s, m) in sizes.iter_mut().zip(&t.msgs[..t.nreqs]) {
+                    for (s, m) in sizes.iter_mut().zip(&self.msgs[..t.nreqs]) {
                         *s = m.size;
                     }
                     return Some(WireOp::WriteSizes {
@@ -270,8 +296,8 @@ impl Iterator for TransmitOps<'_> {
                     return Some(WireOp::WriteImm {
                         local_addr: 0,
                         lkey: 0,
-                        remote_addr: t.entries[0].addr,
-                        rkey: t.entries[0].rkey,
+                        remote_addr: self.entries[0].addr,
+                        rkey: self.entries[0].rkey,
                         len: 0,
                         imm: t.imm(),
                         host: true,
@@ -428,10 +454,10 @@ impl SendState {
     }
 
     /// Checks FIFO row `fifo_row` for request `seq`: `Ok(None)` while it has not fully landed,
-    /// else its entry count.
-    fn arrived(seq: u32, fifo_row: &[CtsEntry; MAX_RECVS]) -> Result<Option<usize>, ProtoError> {
+    /// else its entry count. Reads the head entry first and the others only once it is there.
+    fn arrived(seq: u32, fifo_row: &impl FifoRow) -> Result<Option<usize>, ProtoError> {
         let want = stamp(seq);
-        let head = fifo_row[0];
+        let head = fifo_row.entry(0);
         if head.stamp != want || !head.is_intact() {
             // Not written yet, or still landing.
             return Ok(None);
@@ -444,40 +470,39 @@ impl SendState {
             )));
         }
         // The row is one RDMA WRITE, but nothing orders its bytes: wait until every entry is stamped.
-        if fifo_row[..nreqs]
-            .iter()
-            .any(|e| e.stamp != want || !e.is_intact())
-        {
-            return Ok(None);
-        }
-        if let Some(bad) = fifo_row[..nreqs].iter().find(|e| e.nreqs != head.nreqs) {
-            return Err(ProtoError::Protocol(format!(
-                "receive row {seq} mixes entry counts {} and {}",
-                head.nreqs, bad.nreqs
-            )));
+        for i in 1..nreqs {
+            let e = fifo_row.entry(i);
+            if e.stamp != want || !e.is_intact() {
+                return Ok(None);
+            }
+            if e.nreqs != head.nreqs {
+                return Err(ProtoError::Protocol(format!(
+                    "receive row {seq} mixes entry counts {} and {}",
+                    head.nreqs, e.nreqs
+                )));
+            }
         }
         Ok(Some(nreqs))
     }
 
     /// Starts matching row `r` against the arrived `fifo_row` of `nreqs` entries.
-    fn open_row(&mut self, r: usize, fifo_row: &[CtsEntry; MAX_RECVS], nreqs: usize) {
-        self.eager_done_seen = fifo_row[0].eager_done;
+    fn open_row(&mut self, r: usize, fifo_row: &impl FifoRow, nreqs: usize) {
+        let head = fifo_row.entry(0);
+        self.eager_done_seen = head.eager_done;
         let row = &mut self.rows[r];
         row.matching = true;
         row.nreqs = nreqs;
         row.matched = 0;
         row.truncated = None;
-        row.entries = [CtsEntry::default(); MAX_RECVS];
-        row.entries[..nreqs].copy_from_slice(&fifo_row[..nreqs]);
-        row.msgs = [SendMsg::default(); MAX_RECVS];
+        // Only the first `nreqs` entries and messages are ever read; the rest keep stale values.
+        row.entries[0] = head;
+        for i in 1..nreqs {
+            row.entries[i] = fifo_row.entry(i);
+        }
     }
 
     /// Post a send against `fifo_row`, a snapshot of FIFO row [`Self::current_row`].
-    pub fn post(
-        &mut self,
-        fifo_row: &[CtsEntry; MAX_RECVS],
-        msg: SendMsg,
-    ) -> Result<SendPost, ProtoError> {
+    pub fn post(&mut self, fifo_row: &impl FifoRow, msg: SendMsg) -> Result<SendPost, ProtoError> {
         if self.unconfirmed {
             // The eager row must be resolved first; it may still take this send's place.
             return Ok(SendPost::NotReady);
@@ -534,7 +559,7 @@ impl SendState {
 
     /// The row of the eager send arrived (or not) in `fifo_row`, a snapshot of
     /// [`Self::current_row`]: settle the send the same way the receiver does.
-    pub fn resolve(&mut self, fifo_row: &[CtsEntry; MAX_RECVS]) -> Result<Resolved, ProtoError> {
+    pub fn resolve(&mut self, fifo_row: &impl FifoRow) -> Result<Resolved, ProtoError> {
         if !self.unconfirmed {
             return Ok(Resolved::Nothing);
         }
@@ -547,8 +572,9 @@ impl SendState {
             .expect("an unconfirmed row has its eager send")
             .msg;
         let req = r * MAX_RECVS;
-        if eager_fits(&fifo_row[0], msg.tag, msg.size) {
-            self.eager_done_seen = fifo_row[0].eager_done;
+        let head = fifo_row.entry(0);
+        if eager_fits(&head, msg.tag, msg.size) {
+            self.eager_done_seen = head.eager_done;
             let row = &mut self.rows[r];
             row.eager = None;
             row.nreqs = 1;
@@ -564,20 +590,9 @@ impl SendState {
         // Refused: match the message against its row like a fresh send, under the same request.
         let completes = nreqs == 1;
         if completes {
-            let mut t = Transmit {
-                seq: self.seq,
-                nreqs: 1,
-                msgs: [SendMsg::default(); MAX_RECVS],
-                entries: [CtsEntry::default(); MAX_RECVS],
-                truncated: false,
-                max_msg: self.max_msg,
-                spread: false,
-                parts: 1,
-            };
-            t.msgs[0] = msg;
-            t.entries[0] = fifo_row[0];
+            let mut t = Transmit::new(self.seq, r, &[msg], msg.size > head.size, self.max_msg);
             self.shape(&mut t);
-            if self.sq_used + t.wqe_count() > self.sq_depth {
+            if self.sq_used + t.wqe_count_of(&[msg]) > self.sq_depth {
                 // Retried on a later call, once completions free the queue.
                 return Ok(Resolved::Nothing);
             }
@@ -619,20 +634,15 @@ impl SendState {
         let completes_row = k + 1 == nreqs;
         let mut transmit = None;
         if completes_row {
-            let mut t = Transmit {
-                seq: self.seq,
-                nreqs,
-                msgs: row.msgs,
-                entries: row.entries,
-                truncated: row.truncated.is_some() || msg.size > row.entries[i].size,
-                max_msg: self.max_msg,
-                spread: false,
-                parts: 1,
-            };
-            t.msgs[i] = msg;
+            let truncated = row.truncated.is_some() || msg.size > row.entries[i].size;
+            // The message takes its place in the row now; it is taken back if the row cannot go.
+            let prev = std::mem::replace(&mut self.rows[r].msgs[i], msg);
+            let msgs = &self.rows[r].msgs[..nreqs];
+            let mut t = Transmit::new(self.seq, r, msgs, truncated, self.max_msg);
             self.shape(&mut t);
-            let wqes = t.wqe_count();
+            let wqes = t.wqe_count_of(msgs);
             if self.sq_used + wqes > self.sq_depth {
+                self.rows[r].msgs[i] = prev;
                 if wqes > self.sq_depth {
                     return Err(ProtoError::InvalidUsage(format!(
                         "a send of {} bytes needs {wqes} work requests; the send queue holds {}",
@@ -663,7 +673,7 @@ impl SendState {
         if let Some(t) = &transmit {
             let row = &mut self.rows[r];
             row.matching = false;
-            row.wqes = t.wqe_count();
+            row.wqes = t.wqe_count_of(&row.msgs[..nreqs]);
             row.awaiting = true;
             row.tx_seq = self.seq;
             self.sq_used += row.wqes;
@@ -748,6 +758,43 @@ impl SendState {
                 Err(ProtoError::Truncated { size, capacity })
             }
         }
+    }
+
+    /// The work requests of transmit `t`, in order. Allocation-free.
+    pub fn ops(&self, t: &Transmit) -> TransmitOps<'_> {
+        let row = &self.rows[t.row];
+        TransmitOps {
+            t: *t,
+            msgs: &row.msgs,
+            entries: &row.entries,
+            entry: 0,
+            offset: 0,
+            stage: if t.truncated { Stage::Imm } else { Stage::Data },
+        }
+    }
+
+    /// The one work request of a transmit that is a single WRITE_WITH_IMM carrying one whole
+    /// message (the common small-message case), without running the general iterator.
+    pub fn single_op(&self, t: &Transmit) -> Option<WireOp> {
+        if t.nreqs != 1 || !t.fold_imm_into_data() || t.first_size > t.max_msg {
+            return None;
+        }
+        let row = &self.rows[t.row];
+        let (msg, dst) = (&row.msgs[0], &row.entries[0]);
+        Some(WireOp::WriteImm {
+            local_addr: msg.addr,
+            lkey: msg.lkey,
+            remote_addr: dst.addr,
+            rkey: dst.rkey,
+            len: msg.size as u32,
+            imm: t.imm(),
+            host: msg.host,
+        })
+    }
+
+    /// Work requests transmit `t` posts.
+    pub fn wqe_count(&self, t: &Transmit) -> u32 {
+        t.wqe_count_of(&self.rows[t.row].msgs[..t.nreqs])
     }
 
     /// Work requests posted and not yet completed.

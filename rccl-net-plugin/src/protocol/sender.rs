@@ -3,8 +3,8 @@
 //! multi-QP rule that a row's immediate goes out only after its data has landed.
 
 use super::post::{Post, PostOp, PostSink};
-use super::send::{EagerSend, Resolved, SendMsg, SendPost, SendState, Transmit, WireOp};
-use super::wire::{CtsEntry, WrId, FIFO_DEPTH, MAX_QPS, MAX_RECVS};
+use super::send::{EagerSend, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp};
+use super::wire::{CtsEntry, WrId, FIFO_DEPTH, MAX_QPS};
 use super::ProtoError;
 use std::collections::VecDeque;
 
@@ -82,19 +82,19 @@ impl Sender {
         self.state.seq()
     }
 
-    /// `isend`: `fifo(row)` reads FIFO row `row` as the NIC left it. `Ok(None)`: not yet (the
+    /// `isend`: `fifo(row, i)` reads entry `i` of FIFO row `row` as the NIC left it. `Ok(None)`: not yet (the
     /// receiver has not offered a buffer, or the send queue is full); call again later.
     pub fn isend(
         &mut self,
-        fifo: impl Fn(usize) -> [CtsEntry; MAX_RECVS],
+        fifo: impl Fn(usize, usize) -> CtsEntry,
         msg: SendMsg,
         out: &mut impl PostSink,
     ) -> Result<Option<u16>, ProtoError> {
         if self.state.unconfirmed() {
             self.resolve_eager(&fifo, out)?;
         }
-        let row = fifo(self.state.current_row());
-        match self.state.post(&row, msg)? {
+        let r = self.state.current_row();
+        match self.state.post(&RowFn(|i| fifo(r, i)), msg)? {
             SendPost::NotReady => Ok(None),
             SendPost::Posted { req, transmit } => {
                 if let Some(t) = transmit {
@@ -144,7 +144,7 @@ impl Sender {
     /// eager row whose clear-to-send has arrived.
     pub fn progress(
         &mut self,
-        fifo: impl Fn(usize) -> [CtsEntry; MAX_RECVS],
+        fifo: impl Fn(usize, usize) -> CtsEntry,
         out: &mut impl PostSink,
     ) -> Result<(), ProtoError> {
         if std::mem::take(&mut self.landed) {
@@ -169,11 +169,11 @@ impl Sender {
     /// Settles the eager row once the receiver's clear-to-send for it has landed.
     fn resolve_eager(
         &mut self,
-        fifo: &impl Fn(usize) -> [CtsEntry; MAX_RECVS],
+        fifo: &impl Fn(usize, usize) -> CtsEntry,
         out: &mut impl PostSink,
     ) -> Result<(), ProtoError> {
-        let row = fifo(self.state.current_row());
-        match self.state.resolve(&row)? {
+        let r = self.state.current_row();
+        match self.state.resolve(&RowFn(|i| fifo(r, i)))? {
             Resolved::Nothing | Resolved::Accepted => {}
             Resolved::Refused => self.eager_refused += 1,
             Resolved::Transmit(t) => {
@@ -237,10 +237,10 @@ impl Sender {
         let qp_of = |k: usize| if split { k % n } else { row_qp };
         let is_write = |op: &WireOp| matches!(op, WireOp::Write { .. });
         let mut last = [usize::MAX; MAX_QPS];
-        for (k, _) in t.ops().filter(is_write).enumerate() {
+        for (k, _) in self.state.ops(t).filter(is_write).enumerate() {
             last[qp_of(k)] = k;
         }
-        for (k, op) in t.ops().filter(is_write).enumerate() {
+        for (k, op) in self.state.ops(t).filter(is_write).enumerate() {
             let q = qp_of(k);
             let signaled = q != 0 && last[q] == k;
             out.post(&Post {
@@ -252,7 +252,7 @@ impl Sender {
                 }
                 .encode(),
                 signaled,
-                op: post_op(op),
+                op: post_op(&op),
             });
         }
         (1..n).filter(|&q| last[q] != usize::MAX).count() as u32
@@ -274,8 +274,18 @@ impl Sender {
     /// Posts the work requests of `t` on QP 0 (without its `Write`s when `skip_writes`); the
     /// last one is signaled and accounts for the whole row.
     fn post_on_qp0(&mut self, t: &Transmit, skip_writes: bool, out: &mut impl PostSink) {
-        let mut ops = t
-            .ops()
+        if let Some(op) = self.state.single_op(t) {
+            out.post(&Post {
+                qp: 0,
+                wr_id: WrId::Transmit(t.seq).encode(),
+                signaled: true,
+                op: post_op(&op),
+            });
+            return;
+        }
+        let mut ops = self
+            .state
+            .ops(t)
             .filter(|op| !skip_writes || !matches!(op, WireOp::Write { .. }))
             .peekable();
         while let Some(op) = ops.next() {
@@ -289,14 +299,14 @@ impl Sender {
                 }
                 .encode(),
                 signaled: last,
-                op: post_op(op),
+                op: post_op(&op),
             });
         }
     }
 }
 
-fn post_op(op: WireOp) -> PostOp {
-    match op {
+fn post_op(op: &WireOp) -> PostOp<'_> {
+    match *op {
         WireOp::Write {
             local_addr,
             lkey,
@@ -330,6 +340,9 @@ fn post_op(op: WireOp) -> PostOp {
             rkey,
             imm: Some(imm),
         },
-        WireOp::WriteSizes { row, sizes, n } => PostOp::Sizes { row, sizes, n },
+        WireOp::WriteSizes { row, ref sizes, n } => PostOp::Sizes {
+            row,
+            sizes: &sizes[..n],
+        },
     }
 }

@@ -9,8 +9,9 @@ use std::mem::{align_of, offset_of, size_of};
 
 /// The version of this wire protocol. Peers of different versions refuse each other at connect,
 /// naming both versions. Version 3: clear-to-send rows with eager credits, eager bounce slots,
-/// spread rows over several queue pairs, connection info with the QP list.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// spread rows over several queue pairs, connection info with the QP list. Version 4: the
+/// row and header checks mix 64-bit words (cheaper per `isend`).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Feature bit: the receiver offers eager bounce slots (the sender may use them or not).
 pub const FEATURE_EAGER: u64 = 1 << 0;
@@ -93,7 +94,13 @@ impl EagerHeader {
     }
 
     pub fn compute_check(&self) -> u32 {
-        mix(&[self.seq, self.tag as u32, self.size, 0x4541_4752])
+        mix([
+            u64::from(self.seq) | u64::from(self.tag as u32) << 32,
+            u64::from(self.size),
+            0x4541_4752,
+            0,
+            0,
+        ])
     }
 
     pub fn is_intact(&self) -> bool {
@@ -104,17 +111,17 @@ impl EagerHeader {
 /// Bytes of [`EagerHeader`] at the start of every bounce slot.
 pub const EAGER_HEADER_BYTES: usize = std::mem::size_of::<EagerHeader>();
 
-/// A 32-bit mix of `words` (FNV-1a over the bytes, then a final avalanche).
-fn mix(words: &[u32]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
+/// A 32-bit mix of `words`: a multiply-xorshift step per 64-bit word, then a fold. Every input
+/// bit reaches every output bit, so a torn write (new stamp beside stale fields) fails the check
+/// with probability 2^-32; it costs a few instructions per word, as the sender checks a row on
+/// every `isend`.
+fn mix(words: [u64; 5]) -> u32 {
+    let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
     for w in words {
-        for b in w.to_le_bytes() {
-            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-        }
+        h = (h ^ w).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 31;
     }
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x7feb_352d);
-    h ^ (h >> 15)
+    (h ^ (h >> 32)) as u32
 }
 
 /// One receive buffer offered to the sender. 40 bytes, written by the receiver into the sender's
@@ -149,16 +156,12 @@ pub struct CtsEntry {
 impl CtsEntry {
     /// A 32-bit mix of every field but `check`.
     pub fn compute_check(&self) -> u32 {
-        mix(&[
-            self.addr as u32,
-            (self.addr >> 32) as u32,
-            self.size as u32,
-            (self.size >> 32) as u32,
-            self.rkey,
-            self.tag as u32,
-            u32::from(self.nreqs) | u32::from(self.flags) << 16,
-            self.stamp,
-            self.eager_done,
+        mix([
+            self.addr,
+            self.size,
+            u64::from(self.rkey) | u64::from(self.tag as u32) << 32,
+            u64::from(self.nreqs) | u64::from(self.flags) << 16 | u64::from(self.stamp) << 32,
+            u64::from(self.eager_done),
         ])
     }
 
