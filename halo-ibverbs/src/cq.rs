@@ -253,6 +253,35 @@ impl CompletionQueue {
         Ok(n)
     }
 
+    /// Like [`Self::poll`], into uninitialised storage (the data path polls on every `test`:
+    /// no initialising a batch of completions each time). Returns the completions polled.
+    pub fn poll_into<'a>(
+        &self,
+        out: &'a mut [MaybeUninit<WorkCompletion>],
+    ) -> Result<&'a [WorkCompletion]> {
+        let want = out.len().min(MAX_POLL_BATCH);
+        if want == 0 {
+            return Ok(&[]);
+        }
+        let mut raw = [const { MaybeUninit::<ibv_wc>::uninit() }; MAX_POLL_BATCH];
+        // SAFETY: the CQ is alive and raw has room for `want` entries; poll_cq writes at most that.
+        let n = unsafe { ibv_poll_cq(self.as_ptr(), want as libc::c_int, raw[0].as_mut_ptr()) };
+        if n < 0 {
+            return Err(VerbsError::from_ret(
+                "ibv_poll_cq",
+                format!("{} CQ", self.inner.ctx.name()),
+                n,
+            ));
+        }
+        let n = n as usize;
+        for (dst, src) in out.iter_mut().zip(&raw[..n]) {
+            // SAFETY: poll_cq initialised the first n entries.
+            dst.write(WorkCompletion::from_raw(unsafe { src.assume_init_ref() }));
+        }
+        // SAFETY: the first n entries of `out` were just written.
+        Ok(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<WorkCompletion>(), n) })
+    }
+
     /// Arms the CQ: the next completion (or the next solicited one) raises an event on its
     /// completion channel.
     pub fn req_notify(&self, solicited_only: bool) -> Result<()> {

@@ -8,6 +8,7 @@ use crate::log::{warn, NET};
 use crate::oob::{OobError, OobStream};
 use crate::protocol::ProtoError;
 use halo_ibverbs::{CompletionQueue, QueuePair, WorkCompletion};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -108,16 +109,19 @@ impl Link {
     }
 
     /// Polls completions into `wcs`; a failed completion fails the comm.
-    pub fn poll(&mut self, wcs: &mut [WorkCompletion; POLL_BATCH]) -> NetResult<usize> {
-        let n = match self.cq.poll(wcs) {
-            Ok(n) => n,
+    pub fn poll<'w>(
+        &mut self,
+        wcs: &'w mut [MaybeUninit<WorkCompletion>; POLL_BATCH],
+    ) -> NetResult<&'w [WorkCompletion]> {
+        let got = match self.cq.poll_into(wcs) {
+            Ok(got) => got,
             Err(e) => {
                 return Err(
                     self.fail_with(NetError::System, format_args!("polling completions: {e}"))
                 )
             }
         };
-        for wc in &wcs[..n] {
+        for wc in got {
             if let Err(e) = wc.result() {
                 return Err(self.fail_with(
                     NetError::Remote,
@@ -128,12 +132,12 @@ impl Link {
                 ));
             }
         }
-        if n == 0 {
+        if got.is_empty() {
             self.idle_tick()?;
         } else {
             self.idle_polls = 0;
         }
-        Ok(n)
+        Ok(got)
     }
 
     /// Counts a call that made no progress; every so often checks that the peer is still there.

@@ -15,6 +15,7 @@ use crate::protocol::{
     MAX_RECVS, SIZES_ROW_BYTES,
 };
 use halo_ibverbs::{QueuePair, RecvWr, WcOpcode, WorkCompletion};
+use std::mem::MaybeUninit;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
@@ -188,16 +189,16 @@ impl RecvComm {
     }
 
     fn progress(&mut self) -> NetResult<()> {
-        let mut wcs = [WorkCompletion::default(); POLL_BATCH];
-        let n = self.link.poll(&mut wcs)?;
-        if n == 0 {
+        let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
+        let got = self.link.poll(&mut wcs)?;
+        if got.is_empty() {
             return Ok(());
         }
         let ring = self.eager.as_ref().map(EagerRing::ring);
         let sizes = self.sizes.ptr();
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
         let mut r = Ok(());
-        for wc in &wcs[..n] {
+        for wc in got {
             r = if wc.opcode != WcOpcode::RecvRdmaWithImm {
                 self.core.on_send_completion(wc.wr_id)
             } else {

@@ -12,6 +12,7 @@ use crate::protocol::{
     CtsEntry, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH, MAX_RECVS,
 };
 use halo_ibverbs::WorkCompletion;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{fence, Ordering};
 
 /// First word of a [`SendComm`].
@@ -120,9 +121,9 @@ impl SendComm {
     }
 
     fn progress(&mut self) -> NetResult<()> {
-        let mut wcs = [WorkCompletion::default(); POLL_BATCH];
-        let n = self.link.poll(&mut wcs)?;
-        for wc in &wcs[..n] {
+        let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
+        let got = self.link.poll(&mut wcs)?;
+        for wc in got {
             if let Err(e) = self.core.on_completion(wc.wr_id) {
                 return Err(self.link.proto_error(e));
             }
