@@ -36,8 +36,9 @@ pub struct PluginConfig {
     /// `NCCL_SOCKET_IFNAME`: which interfaces the out-of-band TCP bootstrap may bind to; unset =
     /// the interface behind the RDMA device.
     pub socket_ifname: Option<IfFilter>,
-    /// `NCCL_IB_QPS_PER_CONNECTION`: RC queue pairs per connection, 1..=16; default 1.
-    pub qps_per_connection: u32,
+    /// `NCCL_IB_QPS_PER_CONNECTION`: RC queue pairs per connection, 1..=16; unset = the
+    /// device's own default (`NetDevice::default_qps`: 2 on Intel E810/irdma, else 1).
+    pub qps_per_connection: Option<u32>,
     /// `NCCL_IB_SPLIT_DATA_ON_QPS`: 1 = split each message over all QPs of a connection,
     /// 0 = round-robin whole messages over them; default 0.
     pub split_data_on_qps: bool,
@@ -73,7 +74,7 @@ impl Default for PluginConfig {
             traffic_class: 0,
             service_level: 0,
             socket_ifname: None,
-            qps_per_connection: 1,
+            qps_per_connection: None,
             split_data_on_qps: false,
             connect_timeout: Duration::from_millis(60_000),
             trace: false,
@@ -184,7 +185,7 @@ impl PluginConfig {
                 .transpose()?,
             qps_per_connection: match get(ENV_QPS_PER_CONNECTION) {
                 None => d.qps_per_connection,
-                Some(v) => parse_int(ENV_QPS_PER_CONNECTION, &v, 1, 16)? as u32,
+                Some(v) => Some(parse_int(ENV_QPS_PER_CONNECTION, &v, 1, 16)? as u32),
             },
             split_data_on_qps: match get(ENV_SPLIT_DATA_ON_QPS) {
                 None => d.split_data_on_qps,
@@ -517,7 +518,7 @@ mod tests {
         assert_eq!(c.roce_version, 2);
         assert_eq!(c.timeout, 20);
         assert_eq!(c.retry_cnt, 7);
-        assert_eq!(c.qps_per_connection, 1);
+        assert_eq!(c.qps_per_connection, None);
         assert_eq!(c.connect_timeout, Duration::from_secs(60));
         assert_eq!(c.addr_family, AddrFamily::V4);
     }
@@ -562,7 +563,7 @@ mod tests {
             ENV_RETRY_CNT => c.retry_cnt.into(),
             ENV_TC => c.traffic_class.into(),
             ENV_SL => c.service_level.into(),
-            ENV_QPS_PER_CONNECTION => c.qps_per_connection.into(),
+            ENV_QPS_PER_CONNECTION => c.qps_per_connection.map_or(-1, i64::from),
             ENV_SPLIT_DATA_ON_QPS => c.split_data_on_qps.into(),
             ENV_CONNECT_TIMEOUT_MS => c.connect_timeout.as_millis() as i64,
             ENV_GID_INDEX => c.gid_index.map_or(-1, i64::from),

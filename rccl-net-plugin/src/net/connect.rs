@@ -334,10 +334,8 @@ impl Connecting {
                 Some(mut stream) => {
                     let dev = &self.dev;
                     let sq = (FIFO_DEPTH * (MAX_RECVS + 4)) as u32;
-                    let nqps = self
-                        .settings
-                        .cfg
-                        .qps_per_connection
+                    let nqps = dev
+                        .qps_per_connection(&self.settings.cfg)
                         .clamp(1, MAX_QPS as u32);
                     let (qps, cq) = create_qps(dev, sq, 1, nqps as usize)?;
                     let fifo = RegisteredBuf::new(&dev.pd, SendComm::FIFO_BYTES, "send FIFO")?;

@@ -44,6 +44,19 @@ impl NetDevice {
         cfg.max_msg_size.map_or(port, |m| m.min(port))
     }
 
+    /// Queue pairs per connection when `NCCL_IB_QPS_PER_CONNECTION` is unset: 2 on Intel
+    /// Ethernet RDMA (E810, `irdma`), 1 elsewhere. One E810 queue pair tops out near 49 Gbps,
+    /// below what the NIC and a PCIe 4.0 x4 slot (about 63 Gbps, as on Strix Halo boards) can
+    /// carry; two let one connection fill the slot. Rows under 64 KiB never use the second.
+    pub fn default_qps(&self) -> u32 {
+        default_qps_for_vendor(self.dev_attr.vendor_id)
+    }
+
+    /// Queue pairs per connection on this device under `cfg`.
+    pub fn qps_per_connection(&self, cfg: &PluginConfig) -> u32 {
+        cfg.qps_per_connection.unwrap_or_else(|| self.default_qps())
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "{}:{} gid[{}] {}{}",
@@ -250,4 +263,30 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
         warn!(INIT | NET, "skipped {s}");
     }
     Ok(found)
+}
+
+/// PCI vendor id of Intel, whose Ethernet RDMA devices (E810, X722) use the `irdma` provider.
+const VENDOR_INTEL: u32 = 0x8086;
+
+/// The queue-pair default for a device of PCI vendor `vendor` (see [`NetDevice::default_qps`]).
+fn default_qps_for_vendor(vendor: u32) -> u32 {
+    if vendor == VENDOR_INTEL {
+        2
+    } else {
+        1
+    }
+}
+
+#[cfg(test)]
+mod qps_tests {
+    use super::default_qps_for_vendor;
+
+    #[test]
+    fn intel_rdma_gets_two_queue_pairs_others_one() {
+        assert_eq!(default_qps_for_vendor(0x8086), 2);
+        // Mellanox/NVIDIA, Broadcom, Soft-RoCE (vendor 0).
+        for v in [0x02c9, 0x14e4, 0] {
+            assert_eq!(default_qps_for_vendor(v), 1);
+        }
+    }
 }
