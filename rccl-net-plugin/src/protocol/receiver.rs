@@ -38,8 +38,13 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn new(cfg: RecvConfig) -> Self {
+        let state = RecvState::new();
         Receiver {
-            state: RecvState::new(),
+            state: if cfg.eager_slots > 0 {
+                state
+            } else {
+                state.without_eager()
+            },
             cfg,
             cts_posted: 0,
             cts_reaped: 0,
@@ -65,22 +70,9 @@ impl Receiver {
         if !self.cts_room() {
             return Ok(None);
         }
-        let mut rb = [RecvBuf::default(); MAX_RECVS];
-        if bufs.is_empty() || bufs.len() > MAX_RECVS {
-            return Err(ProtoError::InvalidUsage(format!(
-                "irecv of {} buffers (1..={MAX_RECVS} allowed)",
-                bufs.len()
-            )));
-        }
-        for (dst, b) in rb.iter_mut().zip(bufs) {
-            *dst = RecvBuf {
-                host: b.host && self.cfg.eager_slots > 0,
-                ..*b
-            };
-        }
         let RecvPost::Posted {
             req, seq, eager, ..
-        } = self.state.post(&rb[..bufs.len()])?
+        } = self.state.post(bufs)?
         else {
             return Ok(None);
         };

@@ -80,6 +80,8 @@ pub struct RecvState {
     /// The clear-to-send row of the latest posted receive.
     row: [CtsEntry; MAX_RECVS],
     row_len: usize,
+    /// Rows may offer a host buffer to an eager message (the receiver has bounce slots).
+    eager: bool,
 }
 
 impl Default for RecvState {
@@ -98,7 +100,14 @@ impl RecvState {
             held: None,
             row: [CtsEntry::default(); MAX_RECVS],
             row_len: 0,
+            eager: true,
         }
+    }
+
+    /// A receiver without bounce slots: no row ever offers to take an eager message.
+    pub fn without_eager(mut self) -> Self {
+        self.eager = false;
+        self
     }
 
     /// The clear-to-send row of the receive [`Self::post`] accepted last.
@@ -134,7 +143,7 @@ impl RecvState {
             return Ok(RecvPost::NotReady);
         }
         let seq = self.post_seq;
-        let flags = if n == 1 && bufs[0].host {
+        let flags = if self.eager && n == 1 && bufs[0].host {
             CTS_EAGER_OK
         } else {
             0
