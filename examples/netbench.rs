@@ -1,10 +1,10 @@
 //! Network benchmark of the plugin through its C ABI: latency, bandwidth, message rate, ring
-//! all-reduce and connection scaling, optionally against perftest on the same device.
+//! all-reduce, decode-shaped steps of small all-reduces and connection scaling, optionally against perftest on the same device.
 //!
 //! ```text
 //! netbench [--plugin PATH] [--version N] [--dev N] [--json] [--quick] [--window N] [--timeout SECS]
 //!          [--compare-perftest [--ibdev rxe0] [--gid-index N] [--perftest-port P]]
-//!          [--latency] [--bandwidth] [--msgrate] [--allreduce] [--scaling]
+//!          [--latency] [--bandwidth] [--msgrate] [--allreduce] [--decode] [--scaling]
 //!          [--server ADDR:PORT | --connect HOST:PORT]
 //! ```
 //!
@@ -38,7 +38,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: netbench [--plugin PATH] [--version N] [--dev N] [--json] [--quick] \
 [--window N] [--timeout SECS] [--compare-perftest [--ibdev DEV] [--gid-index N] [--perftest-port P]] \
-[--latency] [--bandwidth] [--msgrate] [--allreduce] [--scaling] [--server ADDR:PORT | --connect HOST:PORT]
+[--latency] [--bandwidth] [--msgrate] [--allreduce] [--decode] [--scaling] [--server ADDR:PORT | --connect HOST:PORT]
        netbench --compare NAME=PATH[,NAME=PATH...] [--env NAME:VAR=VALUE]... [--rounds N] [other options as above, \
 but --plugin, --server and --connect]";
 
@@ -91,13 +91,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let mut port = 18515u16;
-    let mut suites = Suites {
-        latency: false,
-        bandwidth: false,
-        msgrate: false,
-        allreduce: false,
-        scaling: false,
-    };
+    let mut suites = Suites::NONE;
     let (mut server, mut connect) = (None, None);
     let (mut entrants, mut envs, mut rounds) = (Vec::new(), Vec::new(), 2usize);
     let mut it = args.iter();
@@ -124,6 +118,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--bandwidth" => suites.bandwidth = true,
             "--msgrate" => suites.msgrate = true,
             "--allreduce" => suites.allreduce = true,
+            "--decode" => suites.decode = true,
             "--scaling" => suites.scaling = true,
             "--server" => server = Some(val()?),
             "--connect" => connect = Some(val()?),
@@ -146,15 +141,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             ))?;
             e.env.push((var, value));
         }
-        if suites
-            == (Suites {
-                latency: false,
-                bandwidth: false,
-                msgrate: false,
-                allreduce: false,
-                scaling: false,
-            })
-        {
+        if suites == Suites::NONE {
             suites = Suites::ALL;
         }
         // Each run: this program with the single-plugin options (the plugin and --json follow).
@@ -176,6 +163,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             (suites.bandwidth, "--bandwidth"),
             (suites.msgrate, "--msgrate"),
             (suites.allreduce, "--allreduce"),
+            (suites.decode, "--decode"),
             (suites.scaling, "--scaling"),
         ] {
             if on {
@@ -220,15 +208,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         };
         return Ok(Mode::Serve(cfg, bind));
     }
-    if suites
-        == (Suites {
-            latency: false,
-            bandwidth: false,
-            msgrate: false,
-            allreduce: false,
-            scaling: false,
-        })
-    {
+    if suites == Suites::NONE {
         suites = Suites::ALL;
     }
     let peer = match connect {

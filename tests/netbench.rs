@@ -1,5 +1,5 @@
 //! The `netbench` example end to end: a quick run of every suite must report positive latencies
-//! and bandwidths for every size and exact all-reduce results, and a quick perftest comparison
+//! and bandwidths for every size and exact all-reduce results (the decode rows' too), and a quick perftest comparison
 //! must yield ratios. Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says
 //! so and skips, unless `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Under `cargo test`
 //! the example is built on demand; run directly (in the guest), the example and the plugin must be
@@ -88,8 +88,37 @@ fn quick_run_reports_every_suite() {
             assert_eq!(r["wrong"].as_u64(), Some(0), "wrong elements in {r}");
         }
     }
+    check_decode(&v);
     for r in rows(&v, "scaling") {
         positive(r, "setup_ms");
+    }
+}
+
+/// Both decode shapes (8 KiB x 64 and 16 KiB x 160 all-reduces per step), timed and exact.
+fn check_decode(v: &Value) {
+    let d = rows(v, "decode");
+    let shapes: Vec<(u64, u64)> = d
+        .iter()
+        .filter_map(|r| Some((r["size"].as_u64()?, r["allreduces"].as_u64()?)))
+        .collect();
+    assert_eq!(shapes, [(8192, 64), (16384, 160)]);
+    for r in d {
+        for k in ["step_mean_us", "step_median_us", "allreduce_us"] {
+            positive(r, k);
+        }
+        assert_eq!(r["wrong"].as_u64(), Some(0), "wrong elements in {r}");
+    }
+}
+
+#[test]
+fn decode_suite_alone() {
+    if !common::have_rdma_device("netbench") {
+        return;
+    }
+    let v = run(&["--decode", "--quick", "--json"]);
+    check_decode(&v);
+    for key in ["latency", "bandwidth", "msgrate", "allreduce", "scaling"] {
+        assert_eq!(v[key].as_array().map(Vec::len), Some(0), "{key} ran");
     }
 }
 

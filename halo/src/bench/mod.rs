@@ -306,6 +306,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
                     bandwidth: true,
                     msgrate: false,
                     allreduce: true,
+                    decode: false,
                     scaling: false,
                 },
                 quick: opts.quick,

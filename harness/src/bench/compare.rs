@@ -6,7 +6,7 @@
 //! process, so their globals, environment and libraries cannot interfere.
 //!
 //! The summary has one table per figure (latency, bandwidth, message rate, all-reduce bus
-//! bandwidth, connection setup): every plugin's value per round, their mean, the ratio of that
+//! bandwidth, decode step time, connection setup): every plugin's value per round, their mean, the ratio of that
 //! mean to the best *other* plugin's mean and to perftest's where perftest measures the same thing.
 
 use super::perftest::{BandwidthStats, LatencyStats, Perftest, PerftestDevice};
@@ -225,7 +225,7 @@ fn allreduce_busbw(report: &Value, ranks: u64) -> Vec<(u64, f64)> {
         .unwrap_or_default()
 }
 
-const FIGURES: [Figure; 6] = [
+const FIGURES: [Figure; 7] = [
     Figure {
         key: "latency",
         title: "latency: typical one-way time, us (lower is better)",
@@ -279,6 +279,14 @@ const FIGURES: [Figure; 6] = [
         by: "bytes",
         lower_is_better: false,
         values: |r| allreduce_busbw(r, 4),
+        perftest: None,
+    },
+    Figure {
+        key: "decode",
+        title: "decode step, 2 ranks: mean us per step of back-to-back all-reduces (8 KiB x 64, 16 KiB x 160; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode", "size", "step_mean_us"),
         perftest: None,
     },
     Figure {
@@ -625,6 +633,10 @@ mod tests {
             "latency": [{"size": 8, "typical_us": lat8}],
             "bandwidth": [{"size": 65536, "gbps": bw}],
             "allreduce": [{"ranks": 2, "rows": [{"size": 65536, "busbw": bw / 8.0}]}],
+            "decode": [
+                {"size": 8192, "allreduces": 64, "step_mean_us": lat8 * 100.0, "wrong": 0},
+                {"size": 16384, "allreduces": 160, "step_mean_us": lat8 * 300.0, "wrong": 0},
+            ],
             "notes": [],
         })
     }
@@ -710,6 +722,21 @@ mod tests {
         assert!(bw.rows.iter().all(|r| r.name != "perftest"));
         let ar = t.iter().find(|t| t.key == "allreduce2").unwrap();
         assert_eq!(ar.rows.len(), 3);
+        let dec = t.iter().find(|t| t.key == "decode").unwrap();
+        assert!(dec.lower_is_better);
+        assert_eq!(dec.rows.len(), 6);
+        let d = |n: &str, size: u64| dec.rows.iter().find(|r| r.name == n && r.key == size);
+        assert_eq!(
+            d("a", 8192).unwrap().values,
+            vec![Some(1000.0), Some(1200.0)]
+        );
+        assert_eq!(d("a", 8192).unwrap().mean, Some(1100.0));
+        // Lower is better: b (800) is a's best other, a (1100) is b's over c (2000).
+        assert_eq!(d("a", 16384).unwrap().best_other.as_deref(), Some("b"));
+        assert_eq!(d("a", 16384).unwrap().vs_best_other, Some(3300.0 / 2400.0));
+        assert_eq!(d("b", 8192).unwrap().best_other.as_deref(), Some("a"));
+        assert_eq!(d("c", 8192).unwrap().values, vec![Some(2000.0), None]);
+        assert_eq!(d("c", 8192).unwrap().vs_perftest, None);
         assert!(t.iter().all(|t| t.key != "scaling" && t.key != "msgrate"));
     }
 
@@ -718,6 +745,17 @@ mod tests {
         let c = comparison();
         let s = text(&c);
         assert!(s.contains("## latency"), "{s}");
+        assert!(s.contains("## decode step, 2 ranks"), "{s}");
+        let line = s
+            .lines()
+            .skip_while(|l| !l.starts_with("## decode"))
+            .find(|l| l.split_whitespace().take(2).eq(["16384", "b"]))
+            .unwrap();
+        // rounds, mean, vs_best and the best other plugin
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            ["16384", "b", "2400.0", "2400.0", "2400.0", "0.727", "a", "-"]
+        );
         assert!(s.contains("note: round 2 c: exited with signal 11"), "{s}");
         let j = json(&c);
         let cmp = &j["comparison"];
@@ -729,5 +767,11 @@ mod tests {
             11.0 / 8.0
         );
         assert_eq!(cmp["perftest"][1]["latency"][0]["typical_us"], 4.0);
+        let dec = &cmp["summary"]["decode"];
+        assert_eq!(dec["lower_is_better"], true);
+        assert_eq!(dec["rows"][0]["bytes"], 8192);
+        assert_eq!(dec["rows"][0]["plugin"], "a");
+        assert_eq!(dec["rows"][0]["values"], json!([1000.0, 1200.0]));
+        assert_eq!(dec["rows"][0]["vs_best_other"], 1100.0 / 800.0);
     }
 }

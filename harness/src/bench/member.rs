@@ -135,6 +135,29 @@ fn serve_inner(cfg: &MemberConfig, ctl: &mut Control) -> Result<(), String> {
                 let t = t?;
                 ctl.send(&format!("ar {} {}", t.time_us, t.wrong))?;
             }
+            "decode" => {
+                let (send, recv) = pair(comms)?;
+                let count: usize = field(&cmd, 1, "decode count")?;
+                let mut ring = Ring::new(
+                    net,
+                    field(&cmd, 5, "decode rank")?,
+                    field(&cmd, 6, "decode ranks")?,
+                    send,
+                    recv,
+                    count,
+                )?;
+                let t = ring.decode(
+                    count,
+                    field(&cmd, 2, "decode all-reduces per step")?,
+                    field(&cmd, 3, "decode warmup")?,
+                    field(&cmd, 4, "decode steps")?,
+                    &mut polls,
+                );
+                ring.release()?;
+                let t = t?;
+                let steps: Vec<String> = t.step_us.iter().map(|x| x.to_string()).collect();
+                ctl.send(&format!("decode {} {}", t.wrong, steps.join(" ")))?;
+            }
             "quit" => {
                 if let Some((send, recv)) = comms.take() {
                     plugin.close_send(send).map_err(|e| e.to_string())?;

@@ -1,5 +1,5 @@
-//! The network benchmark of the plugin: latency, bandwidth, message rate, ring all-reduce and
-//! connection scaling, measured through the exported C ABI between two (or more) processes, with
+//! The network benchmark of the plugin: latency, bandwidth, message rate, ring all-reduce,
+//! decode-shaped runs of small all-reduces and connection scaling, measured through the exported C ABI between two (or more) processes, with
 //! perftest's `ib_write_lat` / `ib_write_bw` on the same device as the reference.
 //!
 //! [`run`] drives everything from this process; the far ends are *members*: copies of a program
@@ -17,7 +17,7 @@ mod scaling;
 mod suites;
 
 pub use member::{member_main, MemberConfig, MEMBER_FLAG};
-pub use ops::{Net, Polls, Ring, RingTiming};
+pub use ops::{DecodeTiming, Net, Polls, Ring, RingTiming};
 pub use perftest::{BandwidthStats, LatencyStats, PerftestDevice};
 pub use scaling::ScalingRow;
 
@@ -29,7 +29,7 @@ use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use suites::{allreduce, close_pair, latency, open_pair, stream, Local, Plan};
+use suites::{allreduce, close_pair, decode, latency, open_pair, stream, Local, Plan};
 
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +38,7 @@ pub struct Suites {
     pub bandwidth: bool,
     pub msgrate: bool,
     pub allreduce: bool,
+    pub decode: bool,
     pub scaling: bool,
 }
 
@@ -47,7 +48,17 @@ impl Suites {
         bandwidth: true,
         msgrate: true,
         allreduce: true,
+        decode: true,
         scaling: true,
+    };
+
+    pub const NONE: Suites = Suites {
+        latency: false,
+        bandwidth: false,
+        msgrate: false,
+        allreduce: false,
+        decode: false,
+        scaling: false,
     };
 }
 
@@ -138,6 +149,25 @@ pub struct AllreduceTable {
     pub rows: Vec<AllreduceRow>,
 }
 
+/// One decode shape: steps of `allreduces` back-to-back 2-rank ring all-reduces of `size` bytes,
+/// as one generated token of a TP=2 model.
+#[derive(Clone, Debug)]
+pub struct DecodeRow {
+    pub size: usize,
+    /// All-reduces per step.
+    pub allreduces: usize,
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Mean and median over the timed steps of the slowest rank's time of each step.
+    pub step_mean_us: f64,
+    pub step_median_us: f64,
+    /// `step_mean_us / allreduces`.
+    pub allreduce_us: f64,
+    /// Elements differing from the exact sum, over every all-reduce and both ranks.
+    pub wrong: usize,
+}
+
 #[derive(Clone, Debug)]
 pub struct Report {
     pub plugin: PathBuf,
@@ -150,17 +180,19 @@ pub struct Report {
     pub bandwidth: Vec<StreamRow>,
     pub msgrate: Vec<StreamRow>,
     pub allreduce: Vec<AllreduceTable>,
+    pub decode: Vec<DecodeRow>,
     pub scaling: Vec<ScalingRow>,
     /// Why a requested part was skipped.
     pub notes: Vec<String>,
 }
 
 impl Report {
-    /// Whether every all-reduce element was exact.
+    /// Whether every all-reduce element was exact (the decode rows' included).
     pub fn all_exact(&self) -> bool {
         self.allreduce
             .iter()
             .all(|t| t.rows.iter().all(|r| r.wrong == 0))
+            && self.decode.iter().all(|r| r.wrong == 0)
     }
 }
 
@@ -221,11 +253,12 @@ pub fn run(o: &Options) -> Result<Report, String> {
         bandwidth: Vec::new(),
         msgrate: Vec::new(),
         allreduce: Vec::new(),
+        decode: Vec::new(),
         scaling: Vec::new(),
         notes: Vec::new(),
     };
     let s = o.suites;
-    if s.latency || s.bandwidth || s.msgrate || s.allreduce {
+    if s.latency || s.bandwidth || s.msgrate || s.allreduce || s.decode {
         let mut pair = open_pair(&local, o)?;
         let r = (|| {
             if s.latency {
@@ -241,6 +274,9 @@ pub fn run(o: &Options) -> Result<Report, String> {
                 report
                     .allreduce
                     .push(allreduce(&local, Some(&mut pair), o, 2, &plan.allreduce)?);
+            }
+            if s.decode {
+                report.decode = decode(&local, &mut pair, o, &plan.decode)?;
             }
             Ok::<_, String>(())
         })();

@@ -397,6 +397,15 @@ pub struct RingTiming {
     pub wrong: usize,
 }
 
+/// Result of the decode-shaped runs on one rank.
+#[derive(Clone, Debug)]
+pub struct DecodeTiming {
+    /// Time of each timed step (the sum of its all-reduces), us.
+    pub step_us: Vec<f64>,
+    /// Elements differing from the exact sum, over every all-reduce (warm-up included).
+    pub wrong: usize,
+}
+
 impl<'a> Ring<'a> {
     pub fn new(
         net: Net<'a>,
@@ -586,5 +595,41 @@ impl<'a> Ring<'a> {
             time_us: total.as_secs_f64() * 1e6 / iters.max(1) as f64,
             wrong,
         })
+    }
+
+    /// `warmup` untimed then `steps` timed steps of `per_step` all-reduces of `count` floats
+    /// each, back to back, as a decode step of a tensor-parallel model. Every all-reduce gets a
+    /// fresh input and its result is checked; the refill (a copy) and the check (a comparison)
+    /// stay outside the time, which is the sum of the all-reduce calls.
+    pub fn decode(
+        &mut self,
+        count: usize,
+        per_step: usize,
+        warmup: usize,
+        steps: usize,
+        c: &mut Polls,
+    ) -> Result<DecodeTiming, String> {
+        self.fill(count);
+        let input = self.data[..count].to_vec();
+        let k = (self.n * (self.n + 1) / 2) as f32;
+        let expected: Vec<f32> = (0..count).map(|i| k * (i % 13) as f32).collect();
+        let mut step_us = Vec::with_capacity(steps);
+        let mut wrong = 0;
+        for step in 0..warmup + steps {
+            let mut t = Duration::ZERO;
+            for _ in 0..per_step {
+                self.data[..count].copy_from_slice(&input);
+                let t0 = Instant::now();
+                self.allreduce(count, c)?;
+                t += t0.elapsed();
+                if self.data[..count] != expected[..] {
+                    wrong += self.wrong(count);
+                }
+            }
+            if step >= warmup {
+                step_us.push(t.as_secs_f64() * 1e6);
+            }
+        }
+        Ok(DecodeTiming { step_us, wrong })
     }
 }

@@ -1,7 +1,7 @@
 //! Printing a [`Report`]: text tables in perftest's and rccl-tests' spirit, or one JSON object.
 //! Ratios are plugin / perftest: for latency lower is better, for bandwidth higher is better.
 
-use super::{Polls, Report, StreamRow};
+use super::{DecodeRow, Polls, Report, StreamRow};
 use serde_json::{json, Value};
 use std::fmt::Write;
 
@@ -155,6 +155,7 @@ pub fn text(r: &Report) -> String {
             );
         }
     }
+    decode_table(&mut s, &r.decode);
     if !r.scaling.is_empty() {
         let _ = writeln!(
             s,
@@ -181,6 +182,43 @@ pub fn text(r: &Report) -> String {
         let _ = writeln!(s, "# note: {n}");
     }
     s
+}
+
+/// The decode rows: steps of back-to-back all-reduces, times per step of the slowest rank.
+fn decode_table(s: &mut String, rows: &[DecodeRow]) {
+    let Some(first) = rows.first() else {
+        return;
+    };
+    let _ = writeln!(s, "\n## decode step (2 ranks, ring all-reduce)");
+    let _ = writeln!(
+        s,
+        "# a step: back-to-back all-reduces (float sum, host memory); {} warm-up and {} timed steps",
+        first.warmup, first.steps
+    );
+    let _ = writeln!(
+        s,
+        "{:>10} {:>8} {:>14} {:>14} {:>10} {:>7}",
+        "size(B)", "ARs/step", "step_mean(us)", "step_med(us)", "us/AR", "#wrong"
+    );
+    for d in rows {
+        let _ = writeln!(
+            s,
+            "{:>10} {:>8} {:>14.1} {:>14.1} {:>10.2} {:>7}",
+            d.size, d.allreduces, d.step_mean_us, d.step_median_us, d.allreduce_us, d.wrong
+        );
+    }
+}
+
+fn decode_json(rows: &[DecodeRow]) -> Value {
+    rows.iter()
+        .map(|d| {
+            json!({
+                "size": d.size, "allreduces": d.allreduces, "warmup": d.warmup, "steps": d.steps,
+                "step_mean_us": d.step_mean_us, "step_median_us": d.step_median_us,
+                "allreduce_us": d.allreduce_us, "wrong": d.wrong,
+            })
+        })
+        .collect()
 }
 
 fn polls(p: &Polls) -> Value {
@@ -226,10 +264,73 @@ pub fn json(r: &Report) -> Value {
                 "busbw_vs_perftest_bw": perftest_gbps_near(r, a.size).and_then(|g| ratio(a.busbw * 8.0, g)),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "decode": decode_json(&r.decode),
         "scaling": r.scaling.iter().map(|c| json!({
             "peers": c.peers, "setup_ms": c.setup_ms, "qps_per_peer": c.qps_per_peer,
             "mrs_per_peer": c.mrs_per_peer, "mr_bytes_per_peer": c.mr_bytes_per_peer,
         })).collect::<Vec<_>>(),
         "notes": r.notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn report(decode: Vec<DecodeRow>) -> Report {
+        Report {
+            plugin: PathBuf::from("/p.so"),
+            plugin_name: "halo".into(),
+            version: 10,
+            device: "rxe0".into(),
+            quick: true,
+            perftest_device: None,
+            latency: Vec::new(),
+            bandwidth: Vec::new(),
+            msgrate: Vec::new(),
+            allreduce: Vec::new(),
+            decode,
+            scaling: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn row(size: usize, allreduces: usize, mean: f64, wrong: usize) -> DecodeRow {
+        DecodeRow {
+            size,
+            allreduces,
+            warmup: 1,
+            steps: 4,
+            step_mean_us: mean,
+            step_median_us: mean - 1.0,
+            allreduce_us: mean / allreduces as f64,
+            wrong,
+        }
+    }
+
+    #[test]
+    fn decode_rows_in_text_and_json() {
+        let r = report(vec![row(8192, 64, 1280.0, 0), row(16384, 160, 4800.0, 3)]);
+        let t = text(&r);
+        assert!(
+            t.contains("## decode step (2 ranks, ring all-reduce)"),
+            "{t}"
+        );
+        let line = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("16384"))
+            .unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols, ["16384", "160", "4800.0", "4799.0", "30.00", "3"]);
+        let j = json(&r);
+        assert_eq!(j["decode"][0]["size"], 8192);
+        assert_eq!(j["decode"][0]["allreduces"], 64);
+        assert_eq!(j["decode"][0]["allreduce_us"], 20.0);
+        assert_eq!(j["decode"][1]["wrong"], 3);
+        assert!(!r.all_exact());
+        assert!(report(vec![row(8192, 64, 1.0, 0)]).all_exact());
+        // Without decode rows, no decode table.
+        assert!(!text(&report(Vec::new())).contains("decode"));
+    }
 }

@@ -5,7 +5,7 @@ use super::control::{field, Control, SpawnedMember};
 use super::member::{self, MemberConfig};
 use super::ops::{Net, Polls, Ring};
 use super::perftest::Perftest;
-use super::{AllreduceRow, AllreduceTable, LatencyRow, Options, PeerLink, StreamRow};
+use super::{AllreduceRow, AllreduceTable, DecodeRow, LatencyRow, Options, PeerLink, StreamRow};
 use crate::driver::{handle_from_hex, handle_to_hex, Opaque, Plugin};
 use halo_ffi::NCCL_NET_HANDLE_MAXSIZE;
 use std::net::TcpStream;
@@ -17,8 +17,14 @@ pub(super) struct Plan {
     pub(super) bandwidth: Vec<usize>,
     pub(super) msgrate: Vec<usize>,
     pub(super) allreduce: Vec<usize>,
+    /// (bytes, all-reduces per step) of the decode rows.
+    pub(super) decode: Vec<(usize, usize)>,
     pub(super) peers: Vec<usize>,
 }
+
+/// One decode step of a TP=2 model: 64 all-reduces of 8 KiB per token for an 8B model (hidden
+/// size 4096, bf16, two per layer over 32 layers), 160 of 16 KiB for a 70B model (8192, 80 layers).
+const DECODE_SHAPES: [(usize, usize); 2] = [(8 << 10, 64), (16 << 10, 160)];
 
 fn pow2(from: usize, to: usize) -> Vec<usize> {
     std::iter::successors(Some(from), |&s| (s < to).then_some(s * 2)).collect()
@@ -32,6 +38,7 @@ impl Plan {
                 bandwidth: vec![64 << 10, 1 << 20],
                 msgrate: vec![8, 4096],
                 allreduce: vec![64 << 10, 1 << 20],
+                decode: DECODE_SHAPES.to_vec(),
                 peers: vec![1, 2],
             }
         } else {
@@ -50,6 +57,7 @@ impl Plan {
                     16 << 20,
                     64 << 20,
                 ],
+                decode: DECODE_SHAPES.to_vec(),
                 peers: vec![1, 2, 4, 8],
             }
         }
@@ -85,6 +93,15 @@ impl Plan {
             (5, 50)
         } else {
             (2, 10)
+        }
+    }
+
+    /// (warm-up, timed) steps of one decode shape.
+    fn decode_steps(quick: bool) -> (usize, usize) {
+        if quick {
+            (1, 4)
+        } else {
+            (5, 100)
         }
     }
 }
@@ -403,4 +420,108 @@ fn allreduce_sizes(
         });
     }
     Ok(rows)
+}
+
+/// Mean and median over the steps of the slowest rank's time of each step: a step of a
+/// collective ends when its last rank is done. `ranks[r][i]` is rank r's time of step i; steps
+/// missing on some rank count with the ranks that have them.
+pub(super) fn step_stats(ranks: &[Vec<f64>]) -> (f64, f64) {
+    let steps = ranks.iter().map(Vec::len).max().unwrap_or(0);
+    let mut slowest: Vec<f64> = (0..steps)
+        .map(|i| {
+            ranks
+                .iter()
+                .filter_map(|r| r.get(i).copied())
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    if slowest.is_empty() {
+        return (0.0, 0.0);
+    }
+    slowest.sort_by(f64::total_cmp);
+    let n = slowest.len();
+    let mean = slowest.iter().sum::<f64>() / n as f64;
+    let median = if n % 2 == 1 {
+        slowest[n / 2]
+    } else {
+        (slowest[n / 2 - 1] + slowest[n / 2]) / 2.0
+    };
+    (mean, median)
+}
+
+/// The decode rows over the pair (the 2-rank ring of the all-reduce suite): per shape, the member
+/// runs the same steps as rank 1 and sends back its step times and wrong elements.
+pub(super) fn decode(
+    local: &Local,
+    pair: &mut Pair,
+    o: &Options,
+    shapes: &[(usize, usize)],
+) -> Result<Vec<DecodeRow>, String> {
+    let (warmup, steps) = Plan::decode_steps(o.quick);
+    let mut rows = Vec::new();
+    for &(size, allreduces) in shapes {
+        let count = size / 4;
+        pair.ctl()
+            .send(&format!("decode {count} {allreduces} {warmup} {steps} 1 2"))?;
+        let mut polls = Polls::default();
+        let mine =
+            Ring::new(local.net(), 0, 2, pair.send, pair.recv, count).and_then(|mut ring| {
+                let t = ring.decode(count, allreduces, warmup, steps, &mut polls);
+                ring.release()?;
+                t
+            })?;
+        let w = pair.ctl().expect("decode", o.timeout)?;
+        let theirs = w
+            .get(1..)
+            .unwrap_or_default()
+            .iter()
+            .map(|x| {
+                x.parse::<f64>()
+                    .map_err(|e| format!("decode step time {x:?}: {e}"))
+            })
+            .collect::<Result<Vec<f64>, String>>()?;
+        let wrong = mine.wrong + field::<usize>(&w, 0, "decode wrong")?;
+        let (step_mean_us, step_median_us) = step_stats(&[mine.step_us, theirs]);
+        rows.push(DecodeRow {
+            size,
+            allreduces,
+            warmup,
+            steps,
+            step_mean_us,
+            step_median_us,
+            allreduce_us: step_mean_us / allreduces.max(1) as f64,
+            wrong,
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_stats_take_the_slowest_rank_of_each_step() {
+        // Rank 0 is slower in steps 0 and 2, rank 1 in step 1 and 3.
+        let (mean, median) = step_stats(&[vec![10.0, 4.0, 30.0, 1.0], vec![5.0, 20.0, 6.0, 8.0]]);
+        assert_eq!(mean, (10.0 + 20.0 + 30.0 + 8.0) / 4.0);
+        assert_eq!(median, (10.0 + 20.0) / 2.0);
+        assert_eq!(step_stats(&[vec![3.0, 1.0, 2.0]]), (2.0, 2.0));
+        // A rank that reported fewer steps does not shorten the others.
+        assert_eq!(
+            step_stats(&[vec![1.0, 1.0, 1.0], vec![2.0]]),
+            (4.0 / 3.0, 1.0)
+        );
+        assert_eq!(step_stats(&[]), (0.0, 0.0));
+        assert_eq!(step_stats(&[vec![], vec![]]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn decode_shapes_are_one_token_of_8b_and_70b_models() {
+        for quick in [false, true] {
+            assert_eq!(Plan::new(quick).decode, [(8192, 64), (16384, 160)]);
+        }
+        let (q, full) = (Plan::decode_steps(true), Plan::decode_steps(false));
+        assert!(q.1 < full.1 && q.1 > 0);
+    }
 }
