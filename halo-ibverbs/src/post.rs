@@ -89,18 +89,45 @@ pub struct RecvWr<'a> {
 
 fn check_batch(qp: &QueuePair, n: usize, sges: impl Iterator<Item = usize>) -> Result<()> {
     if n > MAX_WRS_PER_POST {
-        return Err(VerbsError::InvalidArgument(format!(
-            "{n} work requests in one post on {}, at most {MAX_WRS_PER_POST}",
-            qp.describe()
-        )));
+        return Err(too_many(qp, n));
     }
     for (i, count) in sges.enumerate() {
         if count > MAX_SGE_PER_WR {
-            return Err(VerbsError::InvalidArgument(format!(
-                "work request {i} on {} has {count} SGEs, at most {MAX_SGE_PER_WR}",
-                qp.describe()
-            )));
+            return Err(too_many_sges(qp, i, count));
         }
+    }
+    Ok(())
+}
+
+fn too_many(qp: &QueuePair, n: usize) -> VerbsError {
+    VerbsError::InvalidArgument(format!(
+        "{n} work requests in one post on {}, at most {MAX_WRS_PER_POST}",
+        qp.describe()
+    ))
+}
+
+fn too_many_sges(qp: &QueuePair, i: usize, count: usize) -> VerbsError {
+    VerbsError::InvalidArgument(format!(
+        "work request {i} on {} has {count} SGEs, at most {MAX_SGE_PER_WR}",
+        qp.describe()
+    ))
+}
+
+/// An inline work request must fit the QP's inline room and cannot be a READ.
+fn check_inline(qp: &QueuePair, i: usize, wr: &SendWr<'_>) -> Result<()> {
+    let max_inline = u64::from(qp.caps().max_inline_data);
+    let bytes: u64 = wr.sge.iter().map(|s| u64::from(s.length)).sum();
+    if bytes > max_inline {
+        return Err(VerbsError::InvalidArgument(format!(
+            "inline work request {i} on {} carries {bytes} bytes, the QP allows {max_inline}",
+            qp.describe()
+        )));
+    }
+    if matches!(wr.op, SendOp::Read { .. }) {
+        return Err(VerbsError::InvalidArgument(format!(
+            "work request {i} on {}: an RDMA READ cannot be inline",
+            qp.describe()
+        )));
     }
     Ok(())
 }
@@ -149,31 +176,24 @@ impl QueuePair {
         if wrs.is_empty() {
             return Ok(());
         }
-        check_batch(self, wrs.len(), wrs.iter().map(|w| w.sge.len()))?;
-        let max_inline = self.caps().max_inline_data as u64;
-        for (i, wr) in wrs.iter().enumerate() {
-            let bytes: u64 = wr.sge.iter().map(|s| u64::from(s.length)).sum();
-            if wr.inline && bytes > max_inline {
-                return Err(VerbsError::InvalidArgument(format!(
-                    "inline work request {i} on {} carries {bytes} bytes, the QP allows {max_inline}",
-                    self.describe()
-                )));
-            }
-            if wr.inline && matches!(wr.op, SendOp::Read { .. }) {
-                return Err(VerbsError::InvalidArgument(format!(
-                    "work request {i} on {}: an RDMA READ cannot be inline",
-                    self.describe()
-                )));
-            }
+        if wrs.len() > MAX_WRS_PER_POST {
+            return Err(too_many(self, wrs.len()));
         }
-
         let mut sges =
             [const { MaybeUninit::<ibv_sge>::uninit() }; MAX_WRS_PER_POST * MAX_SGE_PER_WR];
         let mut raw = [const { MaybeUninit::<ibv_send_wr>::uninit() }; MAX_WRS_PER_POST];
+        // One pass: check each work request and build it in place (the data path posts on every
+        // call, so nothing is built twice or copied).
         for (i, wr) in wrs.iter().enumerate() {
+            if wr.sge.len() > MAX_SGE_PER_WR {
+                return Err(too_many_sges(self, i, wr.sge.len()));
+            }
+            if wr.inline {
+                check_inline(self, i, wr)?;
+            }
             // SAFETY: ibv_send_wr is plain old data (integers, pointers, unions of them) for which
             // all-zero bytes are valid.
-            let mut w: ibv_send_wr = unsafe { mem::zeroed() };
+            let w = raw[i].write(unsafe { mem::zeroed() });
             w.wr_id = wr.wr_id;
             w.sg_list = stage_sges(&mut sges, i, wr.sge);
             w.num_sge = wr.sge.len() as libc::c_int;
@@ -210,7 +230,6 @@ impl QueuePair {
                     w.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
                 }
             }
-            raw[i].write(w);
         }
         let n = wrs.len();
         let base = raw.as_mut_ptr().cast::<ibv_send_wr>();
