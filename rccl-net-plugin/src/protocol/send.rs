@@ -592,7 +592,9 @@ impl SendState {
         if completes {
             let mut t = Transmit::new(self.seq, r, &[msg], msg.size > head.size, self.max_msg);
             self.shape(&mut t);
-            if self.sq_used + t.wqe_count_of(&[msg]) > self.sq_depth {
+            let wqes = t.wqe_count_of(&[msg]);
+            // A row that can never fit goes on to `match_send`, which refuses it.
+            if self.sq_used + wqes > self.sq_depth && wqes <= self.sq_depth {
                 // Retried on a later call, once completions free the queue.
                 return Ok(Resolved::Nothing);
             }
