@@ -108,6 +108,34 @@ typedef ncclResult_t (*ncclProfilerCallback_t)(void **eHandle, int type,
                                                void *phandle, int64_t pluginId,
                                                void *extData);
 
+/* `pluginId` of an event: the kind of network in the high 16 bits, the version
+ * of its `extData` layout in the low 16 bits. The plugin reports its events as
+ * InfiniBand queue-pair events, layout version 1, so that profilers that know
+ * NCCL's own IB transport decode them unchanged. */
+#define NCCL_PROFILER_NET_VER_BITS 16
+#define NCCL_PROFILER_NET_TYPE_IB (1 << NCCL_PROFILER_NET_VER_BITS)
+#define NCCL_PROFILER_NET_IB_VER 1
+
+/* Event kinds of the IB layout (the `type` byte of the descriptor). */
+enum { ncclProfileQp = 1 };
+
+/* One queue-pair event: a work request on its way, from post to completion. */
+typedef struct {
+  int device;     /* the plugin's device index */
+  uint64_t wr_id; /* the work request that completes the event */
+  int opcode;     /* ibv_wr_opcode of that work request */
+  int qpNum;      /* its queue pair number */
+  size_t length;  /* payload bytes of the request */
+} ncclProfilerNetIbQp_v1_t;
+
+/* `extData` of a start event with pluginId NCCL_PROFILER_NET_TYPE_IB | 1.
+ * NCCL declares `qp` inside an anonymous union of event kinds; with `qp` its
+ * only kind, a plain member has the same layout (and stays C99). */
+typedef struct {
+  uint8_t type; /* ncclProfileQp */
+  ncclProfilerNetIbQp_v1_t qp;
+} ncclProfilerNetIbDescr_v1_t;
+
 /* ---- Device offload handle (v7+) ----------------------------------------- */
 
 typedef enum {

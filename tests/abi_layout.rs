@@ -86,6 +86,8 @@ fn rust_side() -> BTreeMap<String, Record> {
             NCCL_ALL,
             ncclProfilerNetEventStart, ncclProfilerNetEventStop, ncclProfilerNetEventUpdate,
             ncclProfilerNetEventUpdateAndStop,
+            NCCL_PROFILER_NET_VER_BITS, NCCL_PROFILER_NET_TYPE_IB, NCCL_PROFILER_NET_IB_VER,
+            ncclProfileQp,
             NCCL_NET_DEVICE_HOST, NCCL_NET_DEVICE_UNPACK, NCCL_NET_DEVICE_INVALID_VERSION,
         ];
         structs {
@@ -100,6 +102,9 @@ fn rust_side() -> BTreeMap<String, Record> {
             ncclNetVDeviceProps_v10_t { ndevs, devs }
             ncclNetVDeviceProps_v11_t { ndevs, devs }
             ncclNetVDeviceProps_v12_t { ndevs, devs }
+
+            ncclProfilerNetIbQp_v1_t { device, wr_id, opcode, qpNum, length }
+            ncclProfilerNetIbDescr_v1_t { qp }
 
             ncclNetCommConfig_v10_t { trafficClass }
             ncclNetCommConfig_v11_t { trafficClass }

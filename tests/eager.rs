@@ -170,26 +170,44 @@ unsafe fn wait_all(reqs: &[*mut c_void]) -> Vec<(ncclResult_t, [c_int; 8])> {
 /// In the parent: runs `test` again in a child with `HALO_EAGER_MAX=eager_max`, checks that it
 /// passed and printed `done`, and returns false. In that child: returns true (run the body).
 fn in_child(test: &str, eager_max: &str, done: &str) -> bool {
+    match child_role(test, &[("HALO_EAGER_MAX", eager_max)], done) {
+        Role::Child => true,
+        Role::Parent(_) | Role::Skip => false,
+    }
+}
+
+enum Role {
+    /// Run the body.
+    Child,
+    /// The child ran and passed; this is what it wrote to stderr (the plugin's log included).
+    Parent(String),
+    /// No device.
+    Skip,
+}
+
+/// In the parent: runs `test` again in a child with `env`, checks that it passed and printed
+/// `done`, and returns its stderr. In that child: [`Role::Child`].
+fn child_role(test: &str, env: &[(&str, &str)], done: &str) -> Role {
     if std::env::var_os("HALO_EAGER_TEST_CHILD").is_some() {
-        return true;
+        return Role::Child;
     }
     if !common::have_rdma_device(&format!("eager::{test}")) {
-        return false;
+        return Role::Skip;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("HALO_EAGER_MAX", eager_max)
+        .envs(env.iter().copied())
         .env("HALO_EAGER_TEST_CHILD", "1")
         .output()
         .expect("re-run this test");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
     eprintln!("{err}");
     assert!(out.status.success(), "{test} failed in its child");
     assert!(
         err.contains(done),
         "the child of {test} did not run its check"
     );
-    false
+    Role::Parent(err)
 }
 
 /// Initialises the plugin and connects a pair of comms; None (skipped) without a device.
@@ -367,6 +385,291 @@ fn with_the_eager_path_off_small_sends_wait() {
         assert_eq!((res[1].0, res[1].1[0]), (ncclSuccess, 8));
         assert_eq!(dst.mem, src.mem);
         eprintln!("eager path off: verified");
+        src.release();
+        dst.release();
+        assert_eq!(NET.closeSend.unwrap()(sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(rc), ncclSuccess);
+    }
+}
+
+/// What the recording profiler callback saw, in call order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ev {
+    /// A start: the handle the recorder gave, the phandle, pluginId, descriptor type, wr_id,
+    /// qp number and length.
+    Start {
+        handle: usize,
+        phandle: usize,
+        plugin_id: i64,
+        ty: u8,
+        wr_id: u64,
+        qp_num: c_int,
+        length: usize,
+    },
+    /// A stop of `handle`, with the phandle, pluginId and extData it came with.
+    Stop {
+        handle: usize,
+        phandle: usize,
+        plugin_id: i64,
+        ext: usize,
+    },
+    /// `test` reported the request of `phandle` done (recorded by the test itself).
+    Done { phandle: usize },
+}
+
+static EVENTS: std::sync::Mutex<Vec<Ev>> = std::sync::Mutex::new(Vec::new());
+static NEXT_HANDLE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0x100);
+
+fn record_ev(e: Ev) {
+    EVENTS.lock().unwrap().push(e);
+}
+
+/// The profiler callback handed to the v10 `init`: hands out handles and records every call.
+unsafe extern "C" fn record(
+    eh: *mut *mut c_void,
+    ty: c_int,
+    ph: *mut c_void,
+    id: i64,
+    ext: *mut c_void,
+) -> ncclResult_t {
+    if ty == ncclProfilerNetEventStart {
+        let handle = NEXT_HANDLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the plugin passes its event's handle slot and, for a start, its descriptor.
+        let d = unsafe {
+            *eh = handle as *mut c_void;
+            *(ext as *const ncclProfilerNetIbDescr_v1_t)
+        };
+        record_ev(Ev::Start {
+            handle,
+            phandle: ph as usize,
+            plugin_id: id,
+            ty: d.type_,
+            wr_id: d.qp.wr_id,
+            qp_num: d.qp.qpNum,
+            length: d.qp.length,
+        });
+    } else {
+        record_ev(Ev::Stop {
+            // SAFETY: as above; a stop reads back the handle the start wrote.
+            handle: unsafe { *eh } as usize,
+            phandle: ph as usize,
+            plugin_id: id,
+            ext: ext as usize,
+        });
+    }
+    ncclSuccess
+}
+
+#[test]
+fn stats_line_and_profiler_events_through_v10() {
+    const N: usize = 20;
+    let test = "stats_line_and_profiler_events_through_v10";
+    let env = [("HALO_EAGER_MAX", "8192"), ("HALO_STATS", "1")];
+    let done = "profiler events: starts and stops verified";
+    match child_role(test, &env, done) {
+        Role::Skip => return,
+        Role::Parent(err) => {
+            // The close lines of both comms, with the counters of the run.
+            let send = err
+                .lines()
+                .find(|l| l.contains("stats: send comm to"))
+                .expect("the send comm's stats line");
+            let recv = err
+                .lines()
+                .find(|l| l.contains("stats: receive comm from"))
+                .expect("the receive comm's stats line");
+            let field = |line: &str, key: &str| -> u64 {
+                let v = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .unwrap_or_else(|| panic!("no {key} in {line}"));
+                v.trim_end_matches(')').parse().unwrap()
+            };
+            // N ordinary messages, one eager, one without a phandle.
+            let msgs = (N + 2) as u64;
+            assert_eq!(field(send, "msgs="), msgs, "{send}");
+            assert_eq!(field(recv, "msgs="), msgs, "{recv}");
+            assert!(field(send, "bytes=") > 0 && field(recv, "bytes=") > 0);
+            assert!(field(send, "wrs=") >= msgs, "{send}");
+            assert!(field(recv, "wrs=") >= msgs, "{recv}");
+            assert!(field(send, "cqes=") > 0 && field(recv, "imm=") >= msgs);
+            assert!(field(send, "tests=") >= msgs && field(recv, "tests=") >= msgs);
+            // At least the one sent ahead of its receive went eagerly (a send whose
+            // clear-to-send was still on its way may have, too).
+            assert!(field(send, "eager_sent=") >= 1, "{send}");
+            assert!(field(recv, "eager_taken=") >= 1, "{recv}");
+            assert!(field(send, "cts_waits=") >= 1, "{send}");
+            eprintln!("stats lines verified:\n{send}\n{recv}");
+            return;
+        }
+        Role::Child => {}
+    }
+    if !common::have_rdma_device(&format!("eager::{test}")) {
+        return;
+    }
+    let v10 = &rccl_net_plugin::abi::ncclNetPlugin_v10;
+    // SAFETY: the plugin's own tables, linked into this binary; the v10 init stores the
+    // recording callback, the v8 table drives connection setup and registration of the same
+    // plugin; every buffer is registered on the comm it is used with and outlives its requests
+    // (all are waited for before `release`); a request is tested only until it is done.
+    unsafe {
+        assert_eq!(
+            v10.init.unwrap()(halo_harness::log::stderr_logger(), Some(record)),
+            ncclSuccess
+        );
+        let (sc, rc) = common::connect_pair(&NET);
+        let src = Buf::new(sc, 4096, 7);
+        let mut dst = Buf::new(rc, 4096, 0);
+        let isend10 = |len: usize, ph: usize| -> *mut c_void {
+            let mut req = null_mut();
+            assert_eq!(
+                v10.isend.unwrap()(
+                    sc,
+                    src.mem.as_ptr() as *mut c_void,
+                    len,
+                    1,
+                    src.mh,
+                    ph as *mut c_void,
+                    &mut req,
+                ),
+                ncclSuccess
+            );
+            req
+        };
+        let irecv10 = |dst: &mut Buf, ph: usize| -> *mut c_void {
+            let mut data = [dst.mem.as_mut_ptr() as *mut c_void];
+            let mut sizes = [dst.mem.len()];
+            let mut tags = [1 as c_int];
+            let mut mhs = [dst.mh];
+            let mut phs = [ph as *mut c_void];
+            let t0 = Instant::now();
+            loop {
+                let mut req = null_mut();
+                assert_eq!(
+                    v10.irecv.unwrap()(
+                        rc,
+                        1,
+                        data.as_mut_ptr(),
+                        sizes.as_mut_ptr(),
+                        tags.as_mut_ptr(),
+                        mhs.as_mut_ptr(),
+                        phs.as_mut_ptr(),
+                        &mut req,
+                    ),
+                    ncclSuccess
+                );
+                if !req.is_null() {
+                    return req;
+                }
+                assert!(t0.elapsed() < LIMIT, "irecv never posted");
+            }
+        };
+        let wait = |reqs: &[(*mut c_void, usize)]| {
+            let res = wait_all(&reqs.iter().map(|r| r.0).collect::<Vec<_>>());
+            for ((_, ph), (r, _)) in reqs.iter().zip(&res) {
+                assert_eq!(*r, ncclSuccess);
+                record_ev(Ev::Done { phandle: *ph });
+            }
+        };
+        // Receives first: the ordinary path. Send phandles 0x5000+i, receive ones 0x9000+i.
+        for i in 0..N {
+            let len = 1 + i * 200;
+            let rreq = irecv10(&mut dst, 0x9000 + i);
+            let t0 = Instant::now();
+            let sreq = loop {
+                let r = isend10(len, 0x5000 + i);
+                if !r.is_null() {
+                    break r;
+                }
+                assert!(t0.elapsed() < LIMIT, "isend never posted");
+            };
+            wait(&[(sreq, 0x5000 + i), (rreq, 0x9000 + i)]);
+            assert_eq!(&dst.mem[..len], &src.mem[..len]);
+        }
+        // One send ahead of its receive: it goes eagerly, and the receive takes it.
+        let sreq = isend10(64, 0x5000 + N);
+        assert!(!sreq.is_null(), "a 64-byte send goes eagerly");
+        let rreq = irecv10(&mut dst, 0x9000 + N);
+        wait(&[(sreq, 0x5000 + N), (rreq, 0x9000 + N)]);
+        // A NULL phandle: no event for that request.
+        let rreq = irecv10(&mut dst, 0);
+        let sreq = loop {
+            let r = isend10(8, 0);
+            if !r.is_null() {
+                break r;
+            }
+        };
+        wait_all(&[sreq, rreq]);
+
+        let evs = EVENTS.lock().unwrap().clone();
+        let mut checked = 0;
+        for (k, e) in evs.iter().enumerate() {
+            let Ev::Start {
+                handle,
+                phandle,
+                plugin_id,
+                ty,
+                wr_id,
+                qp_num,
+                length,
+            } = *e
+            else {
+                continue;
+            };
+            let send = (0x5000..=0x5000 + N).contains(&phandle);
+            assert!(
+                send || (0x9000..=0x9000 + N).contains(&phandle),
+                "start with a phandle never given: {e:?}"
+            );
+            assert_eq!((plugin_id, ty), (0x1_0001, ncclProfileQp as u8), "{e:?}");
+            assert!(qp_num > 0, "{e:?}");
+            if send {
+                let i = phandle - 0x5000;
+                let len = if i == N { 64 } else { 1 + i * 200 };
+                assert_eq!(length, len, "{e:?}");
+                assert_ne!(wr_id, 0, "{e:?}");
+            } else {
+                assert_eq!(length, 4096, "{e:?}");
+            }
+            let stops: Vec<usize> = (k + 1..evs.len())
+                .filter(|&j| matches!(evs[j], Ev::Stop { handle: h, .. } if h == handle))
+                .collect();
+            assert_eq!(stops.len(), 1, "one stop per start: {e:?}");
+            let Ev::Stop {
+                phandle: sp,
+                plugin_id: sid,
+                ext,
+                ..
+            } = evs[stops[0]]
+            else {
+                unreachable!()
+            };
+            assert_eq!((sp, sid, ext), (0, 0, 0), "stops carry nothing");
+            let done_at = evs
+                .iter()
+                .position(|d| *d == Ev::Done { phandle })
+                .expect("the request was reported done");
+            assert!(
+                stops[0] < done_at,
+                "the event of {phandle:#x} stops before its request is reported done"
+            );
+            checked += 1;
+        }
+        // Every request but the NULL-phandle pair had its event(s).
+        for ph in (0..=N).flat_map(|i| [0x5000 + i, 0x9000 + i]) {
+            assert!(
+                evs.iter()
+                    .any(|e| matches!(e, Ev::Start { phandle, .. } if *phandle == ph)),
+                "no event for phandle {ph:#x}"
+            );
+        }
+        assert!(!evs
+            .iter()
+            .any(|e| matches!(e, Ev::Start { phandle: 0, .. })));
+        assert!(checked >= 2 * (N + 1));
+        eprintln!("{checked} events");
+        eprintln!("{done}");
+
         src.release();
         dst.release();
         assert_eq!(NET.closeSend.unwrap()(sc), ncclSuccess);

@@ -105,6 +105,38 @@ pub type ncclProfilerCallback_t = Option<
     unsafe extern "C" fn(*mut *mut c_void, c_int, *mut c_void, i64, *mut c_void) -> ncclResult_t,
 >;
 
+/// `pluginId` of an event: network kind in the high 16 bits, `extData` layout version below.
+pub const NCCL_PROFILER_NET_VER_BITS: c_int = 16;
+pub const NCCL_PROFILER_NET_TYPE_IB: c_int = 1 << NCCL_PROFILER_NET_VER_BITS;
+pub const NCCL_PROFILER_NET_IB_VER: c_int = 1;
+/// `type` of an IB event descriptor: a queue-pair event.
+pub const ncclProfileQp: c_int = 1;
+
+/// One queue-pair event: a work request from post to completion.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ncclProfilerNetIbQp_v1_t {
+    /// The plugin's device index.
+    pub device: c_int,
+    /// The work request that completes the event.
+    pub wr_id: u64,
+    /// `ibv_wr_opcode` of that work request.
+    pub opcode: c_int,
+    pub qpNum: c_int,
+    /// Payload bytes of the request.
+    pub length: usize,
+}
+
+/// `extData` of a start event with `pluginId` `NCCL_PROFILER_NET_TYPE_IB | 1`. The C type has
+/// `qp` inside a one-member union, which lays out exactly like the member itself.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ncclProfilerNetIbDescr_v1_t {
+    /// `ncclProfileQp`.
+    pub type_: u8,
+    pub qp: ncclProfilerNetIbQp_v1_t,
+}
+
 // ---- Plain-data structs ------------------------------------------------------------
 
 /// Gives plain-data structs an all-zero constructor: every field is an integer, float,
@@ -207,6 +239,8 @@ zeroable!(
     ncclNetCommConfig_v10_t,
     ncclNetCommAttr_v11_t,
     ncclNetAttr_v11_t,
+    ncclProfilerNetIbQp_v1_t,
+    ncclProfilerNetIbDescr_v1_t,
 );
 
 #[cfg(test)]

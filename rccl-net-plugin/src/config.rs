@@ -59,6 +59,10 @@ pub struct PluginConfig {
     /// clear-to-send round trip), 0..=65536 bytes, rounded up to whole KiB; 0 (the default) turns
     /// the path off. Off by default because it did not pay on Soft-RoCE (see the README).
     pub eager_max: u32,
+    /// `HALO_STATS`: 1 = every send and receive comm logs one INFO line at close with its
+    /// counters (messages, bytes, work requests, completions by kind, `test` calls, NULL
+    /// requests, clear-to-send waits, eager sends) and per-message ratios; 0 (default) = off.
+    pub stats: bool,
 }
 
 impl Default for PluginConfig {
@@ -81,6 +85,7 @@ impl Default for PluginConfig {
             max_msg_size: None,
             gpu_reg: GpuReg::Auto,
             eager_max: 0,
+            stats: false,
         }
     }
 }
@@ -211,6 +216,10 @@ impl PluginConfig {
                 None => d.eager_max,
                 Some(v) => (parse_int(ENV_EAGER_MAX, &v, 0, 65536)? as u32).next_multiple_of(1024),
             },
+            stats: match get(ENV_STATS) {
+                None => d.stats,
+                Some(v) => parse_int(ENV_STATS, &v, 0, 1)? == 1,
+            },
         })
     }
 
@@ -238,6 +247,7 @@ const ENV_SPLIT_DATA_ON_QPS: &str = "NCCL_IB_SPLIT_DATA_ON_QPS";
 const ENV_CONNECT_TIMEOUT_MS: &str = "HALO_CONNECT_TIMEOUT_MS";
 const ENV_MAX_MSG_SIZE: &str = "HALO_MAX_MSG_SIZE";
 const ENV_EAGER_MAX: &str = "HALO_EAGER_MAX";
+const ENV_STATS: &str = "HALO_STATS";
 const ENV_DEBUG: &str = "NCCL_DEBUG";
 /// Name of the variable that picks the GPU memory registration strategy.
 pub const ENV_GPU_REG: &str = "HALO_GPU_REG";
@@ -541,6 +551,7 @@ mod tests {
             ENV_CONNECT_TIMEOUT_MS,
             ENV_DEBUG,
             ENV_GPU_REG,
+            ENV_STATS,
         ];
         for name in names {
             for empty in ["", "  "] {
@@ -565,6 +576,7 @@ mod tests {
             ENV_SL => c.service_level.into(),
             ENV_QPS_PER_CONNECTION => c.qps_per_connection.map_or(-1, i64::from),
             ENV_SPLIT_DATA_ON_QPS => c.split_data_on_qps.into(),
+            ENV_STATS => c.stats.into(),
             ENV_CONNECT_TIMEOUT_MS => c.connect_timeout.as_millis() as i64,
             ENV_GID_INDEX => c.gid_index.map_or(-1, i64::from),
             _ => unreachable!("{var}"),
@@ -603,6 +615,10 @@ mod tests {
             (ENV_SPLIT_DATA_ON_QPS, "1", Some(1)),
             (ENV_SPLIT_DATA_ON_QPS, "2", None),
             (ENV_SPLIT_DATA_ON_QPS, "yes", None),
+            (ENV_STATS, "0", Some(0)),
+            (ENV_STATS, " 1 ", Some(1)),
+            (ENV_STATS, "2", None),
+            (ENV_STATS, "on", None),
             (ENV_CONNECT_TIMEOUT_MS, "1", Some(1)),
             (ENV_CONNECT_TIMEOUT_MS, "250", Some(250)),
             (ENV_CONNECT_TIMEOUT_MS, "86400000", Some(86_400_000)),

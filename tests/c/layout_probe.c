@@ -160,6 +160,10 @@ int main(void) {
   CONST(ncclProfilerNetEventStop)
   CONST(ncclProfilerNetEventUpdate)
   CONST(ncclProfilerNetEventUpdateAndStop)
+  CONST(NCCL_PROFILER_NET_VER_BITS)
+  CONST(NCCL_PROFILER_NET_TYPE_IB)
+  CONST(NCCL_PROFILER_NET_IB_VER)
+  CONST(ncclProfileQp)
   CONST(NCCL_NET_DEVICE_HOST)
   CONST(NCCL_NET_DEVICE_UNPACK)
   CONST(NCCL_NET_DEVICE_INVALID_VERSION)
@@ -181,6 +185,17 @@ int main(void) {
   VDEVICE_PROPS(ncclNetVDeviceProps_v10_t)
   VDEVICE_PROPS(ncclNetVDeviceProps_v11_t)
   VDEVICE_PROPS(ncclNetVDeviceProps_v12_t)
+
+  STRUCT(ncclProfilerNetIbQp_v1_t)
+  FIELD(ncclProfilerNetIbQp_v1_t, device)
+  FIELD(ncclProfilerNetIbQp_v1_t, wr_id)
+  FIELD(ncclProfilerNetIbQp_v1_t, opcode)
+  FIELD(ncclProfilerNetIbQp_v1_t, qpNum)
+  FIELD(ncclProfilerNetIbQp_v1_t, length)
+  /* The `type` byte is left out: a Rust field cannot carry that name. It sits at
+   * offset 0, which the offset of `qp` and the size bound. */
+  STRUCT(ncclProfilerNetIbDescr_v1_t)
+  FIELD(ncclProfilerNetIbDescr_v1_t, qp)
 
   COMM_CONFIG(ncclNetCommConfig_v10_t)
   COMM_CONFIG(ncclNetCommConfig_v11_t)

@@ -17,8 +17,10 @@ fn out<'a, T>(p: *mut T, what: &str) -> NetResult<&'a mut T> {
     unsafe { p.as_mut() }.ok_or_else(|| NetError::InvalidArgument(format!("{what} is NULL")))
 }
 
-pub fn init(logger: ncclDebugLogger_t) -> ncclResult_t {
+/// `init` of every version; `prof` is the profiler callback of v10 and later (`None` before).
+pub fn init(logger: ncclDebugLogger_t, prof: ncclProfilerCallback_t) -> ncclResult_t {
     log::set_logger(logger);
+    net::profiler::set_callback(prof);
     guard("init", || net::init().map(|_| ()))
 }
 
@@ -162,20 +164,23 @@ pub fn isend(
     size: usize,
     tag: c_int,
     mhandle: *mut c_void,
+    phandle: *mut c_void,
     request: *mut *mut c_void,
 ) -> ncclResult_t {
     guard("isend", || {
         let out_req = out(request, "request")?;
         *out_req = std::ptr::null_mut();
         let c = out(comm as *mut SendComm, "sendComm")?;
-        if let Some(r) = c.isend(data as u64, size as u64, tag, mh(mhandle))? {
+        if let Some(r) = c.isend(data as u64, size as u64, tag, mh(mhandle), phandle)? {
             *out_req = r as *mut c_void;
         }
         Ok(())
     })
 }
 
-/// `irecv`; `size_of(i)` reads the capacity of buffer `i` from the version's sizes array.
+/// `irecv`; `size_of(i)` reads the capacity of buffer `i` from the version's sizes array;
+/// `phandles` holds the profiler's handle per buffer (v10+; NULL before).
+#[allow(clippy::too_many_arguments)]
 pub fn irecv(
     comm: *mut c_void,
     n: c_int,
@@ -183,6 +188,7 @@ pub fn irecv(
     size_of: impl Fn(usize) -> usize,
     tags: *mut c_int,
     mhandles: *mut *mut c_void,
+    phandles: *mut *mut c_void,
     request: *mut *mut c_void,
 ) -> ncclResult_t {
     guard("irecv", || {
@@ -213,7 +219,14 @@ pub fn irecv(
                 )
             };
         }
-        if let Some(r) = c.irecv(&bufs[..n])? {
+        let mut ph = [std::ptr::null_mut(); MAX_RECVS];
+        if !phandles.is_null() {
+            for (i, p) in ph.iter_mut().enumerate().take(n) {
+                // SAFETY: a non-NULL phandles array holds one handle per buffer.
+                *p = unsafe { *phandles.add(i) };
+            }
+        }
+        if let Some(r) = c.irecv(&bufs[..n], &ph[..n])? {
             *out_req = r as *mut c_void;
         }
         Ok(())

@@ -6,11 +6,8 @@ use super::{v6, v7, v8, v9};
 use halo_ffi::*;
 use std::ffi::{c_int, c_void};
 
-unsafe extern "C" fn init(
-    logger: ncclDebugLogger_t,
-    _prof: ncclProfilerCallback_t,
-) -> ncclResult_t {
-    c::init(logger)
+unsafe extern "C" fn init(logger: ncclDebugLogger_t, prof: ncclProfilerCallback_t) -> ncclResult_t {
+    c::init(logger, prof)
 }
 unsafe extern "C" fn get_properties(
     dev: c_int,
@@ -46,10 +43,10 @@ pub(super) unsafe extern "C" fn isend(
     size: usize,
     tag: c_int,
     mh: *mut c_void,
-    _phandle: *mut c_void,
+    phandle: *mut c_void,
     req: *mut *mut c_void,
 ) -> ncclResult_t {
-    c::isend(comm, data, size, tag, mh, req)
+    c::isend(comm, data, size, tag, mh, phandle, req)
 }
 pub(super) unsafe extern "C" fn irecv(
     comm: *mut c_void,
@@ -58,11 +55,10 @@ pub(super) unsafe extern "C" fn irecv(
     sizes: *mut usize,
     tags: *mut c_int,
     mh: *mut *mut c_void,
-    _phandles: *mut *mut c_void,
+    phandles: *mut *mut c_void,
     req: *mut *mut c_void,
 ) -> ncclResult_t {
-    // SAFETY: forwarded unchanged.
-    unsafe { v9::irecv(comm, n, data, sizes, tags, mh, req) }
+    v9::irecv_with(comm, n, data, sizes, tags, mh, phandles, req)
 }
 
 #[no_mangle]

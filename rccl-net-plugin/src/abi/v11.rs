@@ -17,9 +17,9 @@ unsafe extern "C" fn init(
     _comm_id: u64,
     config: *mut ncclNetCommConfig_v11_t,
     logger: ncclDebugLogger_t,
-    _prof: ncclProfilerCallback_t,
+    prof: ncclProfilerCallback_t,
 ) -> ncclResult_t {
-    let r = c::init(logger);
+    let r = c::init(logger, prof);
     if r != ncclSuccess {
         return r;
     }

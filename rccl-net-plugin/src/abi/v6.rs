@@ -5,7 +5,7 @@ use halo_ffi::*;
 use std::ffi::{c_int, c_void};
 
 unsafe extern "C" fn init(logger: ncclDebugLogger_t) -> ncclResult_t {
-    c::init(logger)
+    c::init(logger, None)
 }
 pub(super) unsafe extern "C" fn devices(ndev: *mut c_int) -> ncclResult_t {
     c::devices(ndev)
@@ -67,7 +67,7 @@ pub(super) unsafe extern "C" fn isend_int(
     req: *mut *mut c_void,
 ) -> ncclResult_t {
     match usize::try_from(size) {
-        Ok(s) => c::isend(comm, data, s, tag, mh, req),
+        Ok(s) => c::isend(comm, data, s, tag, mh, std::ptr::null_mut(), req),
         Err(_) => super::guard("isend", || {
             Err(crate::net::NetError::InvalidArgument(format!(
                 "negative size {size}"
@@ -97,6 +97,7 @@ pub(super) unsafe extern "C" fn irecv_int(
         |i| unsafe { (*sizes.add(i)).max(0) as usize },
         tags,
         mh,
+        std::ptr::null_mut(),
         req,
     )
 }

@@ -6,7 +6,7 @@ use halo_ffi::*;
 use std::ffi::{c_int, c_void};
 
 unsafe extern "C" fn init(logger: ncclDebugLogger_t) -> ncclResult_t {
-    c::init(logger)
+    c::init(logger, None)
 }
 unsafe extern "C" fn get_properties(
     dev: c_int,

@@ -6,7 +6,7 @@ use halo_ffi::*;
 use std::ffi::{c_int, c_void};
 
 unsafe extern "C" fn init(logger: ncclDebugLogger_t) -> ncclResult_t {
-    c::init(logger)
+    c::init(logger, None)
 }
 unsafe extern "C" fn get_properties(
     dev: c_int,
@@ -28,9 +28,9 @@ pub(super) unsafe extern "C" fn isend(
     mh: *mut c_void,
     req: *mut *mut c_void,
 ) -> ncclResult_t {
-    c::isend(comm, data, size, tag, mh, req)
+    c::isend(comm, data, size, tag, mh, std::ptr::null_mut(), req)
 }
-pub(super) unsafe extern "C" fn irecv(
+unsafe extern "C" fn irecv(
     comm: *mut c_void,
     n: c_int,
     data: *mut *mut c_void,
@@ -39,13 +39,36 @@ pub(super) unsafe extern "C" fn irecv(
     mh: *mut *mut c_void,
     req: *mut *mut c_void,
 ) -> ncclResult_t {
+    irecv_with(comm, n, data, sizes, tags, mh, std::ptr::null_mut(), req)
+}
+/// `irecv` with `size_t` sizes and the profiler handles of v10+ (NULL: none).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn irecv_with(
+    comm: *mut c_void,
+    n: c_int,
+    data: *mut *mut c_void,
+    sizes: *mut usize,
+    tags: *mut c_int,
+    mh: *mut *mut c_void,
+    phandles: *mut *mut c_void,
+    req: *mut *mut c_void,
+) -> ncclResult_t {
     if sizes.is_null() {
         return super::guard("irecv", || {
             Err(crate::net::NetError::InvalidArgument("NULL sizes".into()))
         });
     }
     // SAFETY: RCCL's sizes array has n entries (n is checked before any index is read).
-    c::irecv(comm, n, data, |i| unsafe { *sizes.add(i) }, tags, mh, req)
+    c::irecv(
+        comm,
+        n,
+        data,
+        |i| unsafe { *sizes.add(i) },
+        tags,
+        mh,
+        phandles,
+        req,
+    )
 }
 
 #[no_mangle]

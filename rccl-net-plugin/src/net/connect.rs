@@ -437,6 +437,7 @@ impl Connecting {
                             eager_slot_max: slot_max,
                         },
                         cfg,
+                        stats: self.settings.cfg.stats,
                     })));
                 }
             }
@@ -703,6 +704,7 @@ impl ListenComm {
                     },
                     eager: side.eager,
                     flush: side.flush,
+                    stats: self.settings.cfg.stats,
                 })))
             }
             Some(_) => Err(NetError::Remote(format!(

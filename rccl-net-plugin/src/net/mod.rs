@@ -8,11 +8,13 @@ mod error;
 mod flush;
 mod link;
 mod poster;
+pub mod profiler;
 mod recv_comm;
 mod reg;
 mod regcache;
 mod request;
 mod send_comm;
+mod stats;
 
 pub use connect::{ConnSettings, Connecting, ListenComm};
 pub use device::NetDevice;

@@ -7,14 +7,16 @@ use super::error::{NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, SlotRing, Staging, Targets};
+use super::profiler::{self, Key, Profiler};
 use super::regcache::MrHandle;
 use super::request::Request;
-use crate::log::{info, NET};
+use super::stats::{self, CommCounters, Side};
 use crate::protocol::{
     eager_slot_offset, EagerHeader, Receiver, RecvBuf, RecvConfig, CTS_ROW_BYTES, FIFO_DEPTH,
     MAX_RECVS, SIZES_ROW_BYTES,
 };
 use halo_ibverbs::{QueuePair, RecvWr, WcOpcode, WorkCompletion};
+use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -69,6 +71,8 @@ pub struct RecvParts {
     pub eager: Option<EagerRing>,
     /// Present when the device may receive into GPU memory.
     pub flush: Option<Flush>,
+    /// `HALO_STATS`: log the counters at close.
+    pub stats: bool,
 }
 
 /// The receiving end of a connection. `kind` comes first, as in `SendComm`.
@@ -84,6 +88,10 @@ pub struct RecvComm {
     flush: Option<Flush>,
     /// Receive requests (`0..FIFO_DEPTH`), then flush requests (one per flush slot).
     reqs: Box<[Request]>,
+    stats: bool,
+    own: CommCounters,
+    /// Present when `init` got a profiler callback: one slot per buffer of each receive.
+    prof: Option<Box<Profiler>>,
 }
 
 impl RecvComm {
@@ -111,6 +119,7 @@ impl RecvComm {
             eager_slots: p.eager.as_ref().map_or(0, |e| e.slots),
             eager_max: p.eager.as_ref().map_or(0, |e| e.max),
         };
+        let prof = Profiler::new(FIFO_DEPTH * MAX_RECVS, p.link.dev.index);
         let mut c = Box::new(RecvComm {
             kind: COMM_RECV,
             link: p.link,
@@ -121,6 +130,9 @@ impl RecvComm {
             eager: p.eager,
             flush: p.flush,
             reqs: Box::new([]),
+            stats: p.stats,
+            own: CommCounters::default(),
+            prof,
         });
         let me: *mut RecvComm = &mut *c;
         c.reqs = Request::table_for_recv(me, FIFO_DEPTH + FLUSH_SLOTS);
@@ -132,10 +144,11 @@ impl RecvComm {
     }
 
     /// `irecv` of `bufs` (address, capacity, tag, memory handle); `Ok(None)` when it cannot be
-    /// posted yet.
+    /// posted yet. `phandles`: the profiler's handle per buffer (empty or NULL: none).
     pub fn irecv(
         &mut self,
         bufs: &[(u64, u64, i32, Option<&MrHandle>)],
+        phandles: &[*mut c_void],
     ) -> NetResult<Option<*mut Request>> {
         self.link.check()?;
         if !self.core.cts_room() {
@@ -182,8 +195,29 @@ impl RecvComm {
         out.finish()
             .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
         match r {
-            Ok(Some(req)) => Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request)),
-            Ok(None) => Ok(None),
+            Ok(Some(req)) => {
+                if let Some(p) = self.prof.as_deref_mut() {
+                    // The clear-to-send write that offers the buffers went out in this call;
+                    // the events end when `test` reports the receive done.
+                    let qp_num = self.link.qps[0].qp_num();
+                    let first = usize::from(req) * MAX_RECVS;
+                    for (i, (&ph, b)) in phandles.iter().zip(bufs).enumerate() {
+                        p.arm(first + i, ph, b.1);
+                        p.start(
+                            first + i,
+                            Key(u64::MAX),
+                            qp_num,
+                            u64::from(req),
+                            profiler::IBV_WR_RDMA_WRITE,
+                        );
+                    }
+                }
+                Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request))
+            }
+            Ok(None) => {
+                self.own.nulls += 1;
+                Ok(None)
+            }
             Err(e) => Err(self.link.proto_error(e)),
         }
     }
@@ -262,6 +296,7 @@ impl RecvComm {
     }
 
     pub(super) fn test(&mut self, req: u16) -> NetResult<Option<(usize, [u64; MAX_RECVS])>> {
+        self.own.tests += 1;
         if let Some(slot) = (req as usize).checked_sub(FIFO_DEPTH) {
             let flush = self
                 .flush
@@ -271,7 +306,21 @@ impl RecvComm {
         }
         self.link.check()?;
         self.progress()?;
-        self.core.test(req).map_err(|e| self.link.proto_error(e))
+        let r = self.core.test(req);
+        if !matches!(r, Ok(None)) {
+            if let Some(p) = self.prof.as_deref_mut() {
+                let first = usize::from(req) * MAX_RECVS;
+                for i in first..first + MAX_RECVS {
+                    p.finish(i);
+                }
+            }
+        }
+        r.map_err(|e| self.link.proto_error(e))
+    }
+
+    /// What the comm did so far: the core's counters and its own.
+    pub fn counters(&self) -> (crate::protocol::Counters, CommCounters) {
+        (self.core.counters(), self.own)
     }
 }
 
@@ -302,14 +351,10 @@ fn read_slot_header(ring: Option<SlotRing>, slot: u16) -> EagerHeader {
 
 impl Drop for RecvComm {
     fn drop(&mut self) {
-        if self.core.eager_taken + self.core.eager_dropped > 0 {
-            info!(
-                NET,
-                "receive comm from {} closed: {} eager messages taken, {} dropped",
-                self.link.peer,
-                self.core.eager_taken,
-                self.core.eager_dropped
-            );
+        if let Some(p) = self.prof.as_deref_mut() {
+            p.finish_all();
         }
+        let (c, own) = self.counters();
+        stats::log_close(self.stats, Side::Recv, self.link.peer, &c, &own);
     }
 }

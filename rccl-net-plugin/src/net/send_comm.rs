@@ -5,13 +5,16 @@ use super::buffer::RegisteredBuf;
 use super::error::{NetError, NetResult};
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, Staging, Targets};
+use super::profiler::{self, Profiler, Tap};
 use super::regcache::MrHandle;
 use super::request::Request;
-use crate::log::{info, NET};
+use super::stats::{self, CommCounters, Side};
+use crate::log::NET;
 use crate::protocol::{
     CtsEntry, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH, MAX_RECVS,
 };
 use halo_ibverbs::WorkCompletion;
+use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{fence, Ordering};
 
@@ -28,6 +31,8 @@ pub struct SendParts {
     /// The receiver's sizes array and bounce slots.
     pub targets: Targets,
     pub cfg: SendConfig,
+    /// `HALO_STATS`: log the counters at close.
+    pub stats: bool,
 }
 
 /// The sending end of a connection. `kind` comes first so a `void*` comm can be told apart.
@@ -40,6 +45,10 @@ pub struct SendComm {
     staging: Staging,
     targets: Targets,
     reqs: Box<[Request]>,
+    stats: bool,
+    own: CommCounters,
+    /// Present when `init` got a profiler callback.
+    prof: Option<Box<Profiler>>,
 }
 
 impl SendComm {
@@ -50,6 +59,7 @@ impl SendComm {
         super::recv_comm::EagerRing::SLOTS as usize * EAGER_HEADER_BYTES;
 
     pub fn new(p: SendParts) -> Box<Self> {
+        let prof = Profiler::new(FIFO_DEPTH * MAX_RECVS, p.link.dev.index);
         let mut c = Box::new(SendComm {
             kind: COMM_SEND,
             link: p.link,
@@ -58,19 +68,24 @@ impl SendComm {
             staging: p.staging,
             targets: p.targets,
             reqs: Box::new([]),
+            stats: p.stats,
+            own: CommCounters::default(),
+            prof,
         });
         let me: *mut SendComm = &mut *c;
         c.reqs = Request::table_for_send(me, FIFO_DEPTH * MAX_RECVS);
         c
     }
 
-    /// `isend`: `Ok(None)` when it cannot be posted yet.
+    /// `isend`: `Ok(None)` when it cannot be posted yet. `phandle`: the profiler's handle for
+    /// this send (NULL: none).
     pub fn isend(
         &mut self,
         data: u64,
         size: u64,
         tag: i32,
         mh: Option<&MrHandle>,
+        phandle: *mut c_void,
     ) -> NetResult<Option<*mut Request>> {
         self.link.check()?;
         let lkey = match mh {
@@ -106,12 +121,24 @@ impl SendComm {
         );
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
-        let r = self.core.isend(|row, i| fifo.entry(row, i), msg, &mut out);
+        let r = match self.prof.as_deref_mut() {
+            None => self.core.isend(|row, i| fifo.entry(row, i), msg, &mut out),
+            Some(p) => {
+                let mut tap = Tap::new(&mut out);
+                let r = self.core.isend(|row, i| fifo.entry(row, i), msg, &mut tap);
+                if let Ok(Some(req)) = r {
+                    p.arm(usize::from(req), phandle, size);
+                }
+                tap.start_events(p, &self.link.qps);
+                r
+            }
+        };
         out.finish()
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
         match r {
             Ok(Some(req)) => Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request)),
             Ok(None) => {
+                self.own.nulls += 1;
                 // Waiting for the receiver: a dead receiver never answers, so watch the peer here too.
                 self.link.idle_tick()?;
                 Ok(None)
@@ -127,22 +154,47 @@ impl SendComm {
             if let Err(e) = self.core.on_completion(wc.wr_id) {
                 return Err(self.link.proto_error(e));
             }
+            if let Some(p) = self.prof.as_deref_mut() {
+                if let Some(reqs) = profiler::send_stop_range(wc.wr_id) {
+                    p.stop(reqs, profiler::Key(wc.wr_id));
+                }
+            }
         }
         if !self.core.wants_progress() {
             return Ok(());
         }
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
-        let r = self.core.progress(|row, i| fifo.entry(row, i), &mut out);
+        let r = match self.prof.as_deref_mut() {
+            None => self.core.progress(|row, i| fifo.entry(row, i), &mut out),
+            Some(p) => {
+                let mut tap = Tap::new(&mut out);
+                let r = self.core.progress(|row, i| fifo.entry(row, i), &mut tap);
+                tap.start_events(p, &self.link.qps);
+                r
+            }
+        };
         out.finish()
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
         r.map_err(|e| self.link.proto_error(e))
     }
 
     pub(super) fn test(&mut self, req: u16) -> NetResult<Option<u64>> {
+        self.own.tests += 1;
         self.link.check()?;
         self.progress()?;
-        self.core.test(req).map_err(|e| self.link.proto_error(e))
+        let r = self.core.test(req);
+        if !matches!(r, Ok(None)) {
+            if let Some(p) = self.prof.as_deref_mut() {
+                p.finish(usize::from(req));
+            }
+        }
+        r.map_err(|e| self.link.proto_error(e))
+    }
+
+    /// What the comm did so far: the core's counters and its own.
+    pub fn counters(&self) -> (crate::protocol::Counters, CommCounters) {
+        (self.core.counters(), self.own)
     }
 }
 
@@ -165,14 +217,10 @@ impl FifoView {
 
 impl Drop for SendComm {
     fn drop(&mut self) {
-        if self.core.eager_sent > 0 {
-            info!(
-                NET,
-                "send comm to {} closed: {} eager sends, {} refused by the receiver",
-                self.link.peer,
-                self.core.eager_sent,
-                self.core.eager_refused
-            );
+        if let Some(p) = self.prof.as_deref_mut() {
+            p.finish_all();
         }
+        let (c, own) = self.counters();
+        stats::log_close(self.stats, Side::Send, self.link.peer, &c, &own);
     }
 }

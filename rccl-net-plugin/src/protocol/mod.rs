@@ -20,6 +20,7 @@
 //! [`SendState`] and [`RecvState`] are fed events ("posted", "row seen", "completion") and answer
 //! with what to put on the wire. The verbs layer in `net` only executes those answers.
 
+mod counters;
 mod post;
 mod receiver;
 mod recv;
@@ -27,7 +28,8 @@ mod send;
 mod sender;
 pub mod wire;
 
-pub use post::{Post, PostOp, PostSink, RecvSink};
+pub use counters::Counters;
+pub use post::{OnWire, Post, PostOp, PostSink, RecvSink};
 pub use receiver::{Receiver, RecvConfig};
 pub use recv::{EagerAction, RecvBuf, RecvPost, RecvState};
 pub use send::{

@@ -343,6 +343,9 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
     let mut recv_reqs: VecDeque<(usize, u16)> = VecDeque::new();
     let mut send_reqs: VecDeque<(usize, usize, u16)> = VecDeque::new();
     let (mut recv_done, mut send_done) = (0usize, 0usize);
+    // What the counters must show at the end: completions polled, successful requests and bytes.
+    let (mut send_cqes, mut recv_cqes) = (0u64, 0u64);
+    let (mut send_ok, mut send_bytes, mut recv_ok, mut recv_bytes) = (0u64, 0u64, 0u64, 0u64);
     let total_sends: usize = groups.iter().map(|g| g.bufs.len()).sum();
     let chunks: u64 = groups
         .iter()
@@ -440,11 +443,11 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                     tag,
                     host: true,
                 };
-                let eager_before = sender.eager_sent;
+                let eager_before = sender.counters().eager_sent;
                 match sender.isend(|r, i| fifo[r][i], msg, &mut tx) {
                     Ok(None) => {}
                     Ok(Some(req)) => {
-                        if sender.eager_sent > eager_before {
+                        if sender.counters().eager_sent > eager_before {
                             prop_assert!(size <= u64::from(eager_max));
                             prop_assert_eq!(
                                 next_send_in_group,
@@ -556,6 +559,7 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
             // The sender polls one completion, then lets the core move on.
             5 => {
                 if let Some(Cqe::Send(q, idx, wr_id)) = send_cq.pop_front() {
+                    send_cqes += 1;
                     tx.free(q, idx);
                     sender.on_completion(wr_id).unwrap();
                 }
@@ -566,10 +570,12 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
             6 => {
                 match recv_cq.pop_front() {
                     Some(Cqe::Send(q, idx, wr_id)) => {
+                        recv_cqes += 1;
                         rx.free(q, idx);
                         receiver.on_send_completion(wr_id).unwrap();
                     }
                     Some(Cqe::Imm(imm)) => {
+                        recv_cqes += 1;
                         receiver
                             .on_imm(
                                 imm,
@@ -593,6 +599,8 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                         Ok(Some((n, got_sizes))) => {
                             recv_reqs.pop_front();
                             recv_done += 1;
+                            recv_ok += 1;
+                            recv_bytes += got_sizes[..n].iter().sum::<u64>();
                             prop_assert_eq!(n, groups[g].bufs.len());
                             for b in 0..n {
                                 let sz = groups[g].sends[b];
@@ -642,6 +650,8 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
                         Ok(Some(size)) => {
                             send_reqs.pop_front();
                             send_done += 1;
+                            send_ok += 1;
+                            send_bytes += size;
                             prop_assert_eq!(size, groups[g].sends[b]);
                             prop_assert!(groups[g]
                                 .sends
@@ -671,6 +681,26 @@ fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseErr
     prop_assert!(!slots.iter().any(|sl| sl.2), "a slot was never drained");
     if s.eager_slots == 0 {
         prop_assert_eq!(eager_sent, 0);
+    }
+    // The counters say what the run did.
+    let (sc, rc) = (sender.counters(), receiver.counters());
+    prop_assert_eq!(sc.wrs, tx.qps.iter().map(|q| q.posted).sum::<u64>());
+    prop_assert_eq!(rc.wrs, rx.qps[0].posted);
+    prop_assert_eq!(sc.cqes(), send_cqes);
+    prop_assert_eq!(rc.cqes(), recv_cqes);
+    prop_assert_eq!(
+        (sc.cqe_cts, sc.cqe_imm, rc.cqe_transmit, rc.cqe_eager),
+        (0, 0, 0, 0)
+    );
+    prop_assert_eq!((sc.msgs, sc.bytes), (send_ok, send_bytes));
+    prop_assert_eq!((rc.msgs, rc.bytes), (recv_ok, recv_bytes));
+    prop_assert_eq!(sc.eager_sent, eager_sent as u64);
+    prop_assert_eq!(rc.eager_taken, eager_taken as u64);
+    prop_assert_eq!(sc.eager_accepted, rc.eager_taken);
+    prop_assert_eq!(sc.eager_refused, rc.eager_dropped);
+    prop_assert_eq!(sc.eager_accepted + sc.eager_refused, sc.eager_sent);
+    if s.qps == 1 {
+        prop_assert_eq!(sc.cqe_landed, 0);
     }
     // Everything the sender posted is on the far side and released from its queues.
     for (q, qp) in tx.qps.iter().enumerate() {

@@ -49,10 +49,27 @@ pub enum PostOp<'a> {
     Cts { row: usize, entries: &'a [CtsEntry] },
 }
 
+/// The sender tells its sink which requests the work requests it is about to post carry: once
+/// per row and transmission (an eager write, or a row's data), before the first of them. For
+/// tracing (the profiler's per-request events); the protocol needs no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnWire {
+    /// The row; its completion is `WrId::Eager(seq)` for an eager write, else `WrId::Transmit(seq)`.
+    pub seq: u32,
+    /// Requests `first_req .. first_req + nreqs` of the send comm.
+    pub first_req: u16,
+    pub nreqs: u16,
+    /// Queue pair of the first work request.
+    pub qp: usize,
+    pub eager: bool,
+}
+
 /// Where the core puts its work requests. Posting is in call order; a failure is the sink's to
 /// record (the comm is failed by the caller once the core returns).
 pub trait PostSink {
     fn post(&mut self, p: &Post<'_>);
+    /// The posts that follow carry the requests in `w` (the default ignores it).
+    fn on_wire(&mut self, _w: &OnWire) {}
 }
 
 /// The receiver's sink: it also copies eager messages out of their bounce slots. The core calls

@@ -2,6 +2,7 @@
 //! the clear-to-send writes that offer them and their send-queue accounting, eager bounce slots,
 //! and the receive-queue entries each immediate consumes.
 
+use super::counters::Counters;
 use super::post::{Post, PostOp, RecvSink};
 use super::recv::{EagerAction, RecvBuf, RecvPost, RecvState};
 use super::wire::{row_of, EagerHeader, WrId, IMM_EAGER, IMM_EAGER_SLOT_MASK, MAX_RECVS};
@@ -30,10 +31,8 @@ pub struct Receiver {
     cts_reaped: u32,
     /// Receive-queue entries consumed by immediates and not yet posted again.
     restock: u32,
-    /// Eager messages copied into a posted receive.
-    pub eager_taken: u64,
-    /// Eager messages whose receive did not take them (the sender then sent them normally).
-    pub eager_dropped: u64,
+    /// What happened so far (see [`Self::counters`]).
+    counters: Counters,
 }
 
 impl Receiver {
@@ -49,9 +48,14 @@ impl Receiver {
             cts_posted: 0,
             cts_reaped: 0,
             restock: 0,
-            eager_taken: 0,
-            eager_dropped: 0,
+            counters: Counters::default(),
         }
+    }
+
+    /// What this end did so far: receives, bytes, clear-to-send writes, completions, eager
+    /// messages taken and dropped.
+    pub fn counters(&self) -> Counters {
+        self.counters
     }
 
     /// Whether the send queue has room for one more clear-to-send write. Unsignaled writes hold
@@ -79,6 +83,7 @@ impl Receiver {
         // A held eager message is settled before the row hands its slot back to the sender.
         self.apply_eager(eager, out);
         let signaled = self.cts_posted % CTS_SIGNAL_EVERY == CTS_SIGNAL_EVERY - 1;
+        self.counters.wrs += 1;
         out.post(&Post {
             qp: 0,
             wr_id: if signaled {
@@ -100,6 +105,7 @@ impl Receiver {
     /// A successful send-queue completion: a signaled clear-to-send write finished, and with it
     /// every earlier one.
     pub fn on_send_completion(&mut self, wr_id: u64) -> Result<(), ProtoError> {
+        self.counters.cqe_cts += 1;
         match WrId::decode(wr_id) {
             Some(WrId::Cts(n))
                 if n.wrapping_sub(self.cts_reaped)
@@ -124,6 +130,7 @@ impl Receiver {
         out: &mut impl RecvSink,
     ) -> Result<(), ProtoError> {
         self.restock += 1;
+        self.counters.cqe_imm += 1;
         if imm & !IMM_EAGER_SLOT_MASK == IMM_EAGER {
             let slot = (imm & IMM_EAGER_SLOT_MASK) as u16;
             if slot >= self.cfg.eager_slots {
@@ -153,7 +160,12 @@ impl Receiver {
 
     /// Collect request `req`: `None` while in progress; the received sizes once done.
     pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
-        self.state.test(req)
+        let r = self.state.test(req);
+        if let Ok(Some((n, sizes))) = &r {
+            self.counters.msgs += 1;
+            self.counters.bytes += sizes[..*n].iter().sum::<u64>();
+        }
+        r
     }
 
     /// Receives posted whose data has not arrived.
@@ -165,11 +177,11 @@ impl Receiver {
         match action {
             EagerAction::None | EagerAction::Hold => {}
             EagerAction::Drop { slot } => {
-                self.eager_dropped += 1;
+                self.counters.eager_dropped += 1;
                 out.release_eager(slot);
             }
             EagerAction::Copy { slot, dst, len } => {
-                self.eager_taken += 1;
+                self.counters.eager_taken += 1;
                 out.copy_eager(slot, dst, len);
             }
         }

@@ -200,6 +200,11 @@ impl Transmit {
         (data + sizes + imm) as u32
     }
 
+    /// Requests of the row this transmit carries (numbered from the row's first request).
+    pub fn nreqs(&self) -> usize {
+        self.nreqs
+    }
+
     /// Bytes of payload this transmit moves.
     pub fn payload_bytes(&self) -> u64 {
         if self.truncated {
@@ -382,6 +387,8 @@ pub struct SendState {
     /// `spread_parts` chunks (0: no spreading).
     spread_min: u64,
     spread_parts: u64,
+    /// Posts that found no clear-to-send row for them (see [`Self::cts_waits`]).
+    cts_waits: u64,
 }
 
 impl SendState {
@@ -404,7 +411,14 @@ impl SendState {
             eager_blocked: false,
             spread_min: 0,
             spread_parts: 0,
+            cts_waits: 0,
         }
+    }
+
+    /// Posts so far that found no clear-to-send row for them yet: the receiver had not offered
+    /// the buffer (or the eager row ahead still waited for its own).
+    pub fn cts_waits(&self) -> u64 {
+        self.cts_waits
     }
 
     /// Spreads rows of at least `min_bytes` over several queue pairs: each message in `parts`
@@ -505,6 +519,7 @@ impl SendState {
     pub fn post(&mut self, fifo_row: &impl FifoRow, msg: SendMsg) -> Result<SendPost, ProtoError> {
         if self.unconfirmed {
             // The eager row must be resolved first; it may still take this send's place.
+            self.cts_waits += 1;
             return Ok(SendPost::NotReady);
         }
         let r = row_of(self.seq);
@@ -516,7 +531,10 @@ impl SendState {
             }
             match Self::arrived(self.seq, fifo_row)? {
                 Some(nreqs) => self.open_row(r, fifo_row, nreqs),
-                None => return Ok(self.try_eager(r, msg)),
+                None => {
+                    self.cts_waits += 1;
+                    return Ok(self.try_eager(r, msg));
+                }
             }
         }
         self.match_send(r, msg, true)

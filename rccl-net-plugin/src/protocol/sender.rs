@@ -2,9 +2,10 @@
 //! requests of each row on the connection's queue pairs, their completion accounting, and the
 //! multi-QP rule that a row's immediate goes out only after its data has landed.
 
-use super::post::{Post, PostOp, PostSink};
+use super::counters::Counters;
+use super::post::{OnWire, Post, PostOp, PostSink};
 use super::send::{EagerSend, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp};
-use super::wire::{CtsEntry, WrId, FIFO_DEPTH, MAX_QPS};
+use super::wire::{row_of, CtsEntry, WrId, FIFO_DEPTH, MAX_QPS, MAX_RECVS};
 use super::ProtoError;
 use std::collections::VecDeque;
 
@@ -51,9 +52,8 @@ pub struct Sender {
     deferred: VecDeque<Deferred>,
     /// A data queue pair reported landed data since the last [`Self::progress`].
     landed: bool,
-    /// Sends that went eagerly, and those of them the receiver refused.
-    pub eager_sent: u64,
-    pub eager_refused: u64,
+    /// What happened so far (see [`Self::counters`]).
+    counters: Counters,
 }
 
 impl Sender {
@@ -72,8 +72,15 @@ impl Sender {
             rr_next: 0,
             deferred: VecDeque::with_capacity(FIFO_DEPTH),
             landed: false,
-            eager_sent: 0,
-            eager_refused: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// What this end did so far: messages, bytes, work requests, completions, eager sends.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            cts_waits: self.state.cts_waits(),
+            ..self.counters
         }
     }
 
@@ -112,9 +119,16 @@ impl Sender {
     /// A successful completion on any of the connection's queue pairs.
     pub fn on_completion(&mut self, wr_id: u64) -> Result<(), ProtoError> {
         match WrId::decode(wr_id) {
-            Some(WrId::Transmit(seq)) => self.state.on_completion(seq),
-            Some(WrId::Eager(seq)) => self.state.on_eager_completion(seq),
+            Some(WrId::Transmit(seq)) => {
+                self.counters.cqe_transmit += 1;
+                self.state.on_completion(seq)
+            }
+            Some(WrId::Eager(seq)) => {
+                self.counters.cqe_eager += 1;
+                self.state.on_eager_completion(seq)
+            }
             Some(WrId::DataLanded(seq)) => {
+                self.counters.cqe_landed += 1;
                 let d = self
                     .deferred
                     .iter_mut()
@@ -158,7 +172,12 @@ impl Sender {
 
     /// Collect request `req`: `None` while in progress, the size sent once done.
     pub fn test(&mut self, req: u16) -> Result<Option<u64>, ProtoError> {
-        self.state.test(req)
+        let r = self.state.test(req);
+        if let Ok(Some(size)) = r {
+            self.counters.msgs += 1;
+            self.counters.bytes += size;
+        }
+        r
     }
 
     /// Work requests posted and not yet known complete.
@@ -174,10 +193,11 @@ impl Sender {
     ) -> Result<(), ProtoError> {
         let r = self.state.current_row();
         match self.state.resolve(&RowFn(|i| fifo(r, i)))? {
-            Resolved::Nothing | Resolved::Accepted => {}
-            Resolved::Refused => self.eager_refused += 1,
+            Resolved::Nothing => {}
+            Resolved::Accepted => self.counters.eager_accepted += 1,
+            Resolved::Refused => self.counters.eager_refused += 1,
             Resolved::Transmit(t) => {
-                self.eager_refused += 1;
+                self.counters.eager_refused += 1;
                 self.transmit(&t, out);
             }
         }
@@ -186,21 +206,31 @@ impl Sender {
 
     /// One signaled WRITE_WITH_IMM of header + data into the receiver's bounce slot.
     fn post_eager(&mut self, e: &EagerSend, out: &mut impl PostSink) {
-        self.eager_sent += 1;
-        out.post(&Post {
+        self.counters.eager_sent += 1;
+        out.on_wire(&OnWire {
+            seq: e.seq,
+            first_req: first_req(e.seq),
+            nreqs: 1,
             qp: 0,
-            wr_id: WrId::Eager(e.seq).encode(),
-            signaled: true,
-            op: PostOp::Eager {
-                slot: e.slot,
-                header: e.header(),
-                local_addr: e.msg.addr,
-                lkey: e.msg.lkey,
-                len: e.msg.size as u32,
-                host: e.msg.host,
-                imm: e.imm(),
-            },
+            eager: true,
         });
+        self.put(
+            out,
+            &Post {
+                qp: 0,
+                wr_id: WrId::Eager(e.seq).encode(),
+                signaled: true,
+                op: PostOp::Eager {
+                    slot: e.slot,
+                    header: e.header(),
+                    local_addr: e.msg.addr,
+                    lkey: e.msg.lkey,
+                    len: e.msg.size as u32,
+                    host: e.msg.host,
+                    imm: e.imm(),
+                },
+            },
+        );
     }
 
     /// Puts a transmit on the wire: all on QP 0, or its data spread over the QPs and the rest
@@ -240,9 +270,11 @@ impl Sender {
         for (k, _) in self.state.ops(t).filter(is_write).enumerate() {
             last[qp_of(k)] = k;
         }
+        out.on_wire(&on_wire(t, qp_of(0)));
         for (k, op) in self.state.ops(t).filter(is_write).enumerate() {
             let q = qp_of(k);
             let signaled = q != 0 && last[q] == k;
+            self.counters.wrs += 1;
             out.post(&Post {
                 qp: q,
                 wr_id: if signaled {
@@ -274,13 +306,19 @@ impl Sender {
     /// Posts the work requests of `t` on QP 0 (without its `Write`s when `skip_writes`); the
     /// last one is signaled and accounts for the whole row.
     fn post_on_qp0(&mut self, t: &Transmit, skip_writes: bool, out: &mut impl PostSink) {
+        if !skip_writes {
+            out.on_wire(&on_wire(t, 0));
+        }
         if let Some(op) = self.state.single_op(t) {
-            out.post(&Post {
-                qp: 0,
-                wr_id: WrId::Transmit(t.seq).encode(),
-                signaled: true,
-                op: post_op(&op),
-            });
+            self.put(
+                out,
+                &Post {
+                    qp: 0,
+                    wr_id: WrId::Transmit(t.seq).encode(),
+                    signaled: true,
+                    op: post_op(&op),
+                },
+            );
             return;
         }
         let mut ops = self
@@ -290,6 +328,7 @@ impl Sender {
             .peekable();
         while let Some(op) = ops.next() {
             let last = ops.peek().is_none();
+            self.counters.wrs += 1;
             out.post(&Post {
                 qp: 0,
                 wr_id: if last {
@@ -302,6 +341,30 @@ impl Sender {
                 op: post_op(&op),
             });
         }
+    }
+}
+
+impl Sender {
+    /// Posts `p`, counted.
+    fn put(&mut self, out: &mut impl PostSink, p: &Post<'_>) {
+        self.counters.wrs += 1;
+        out.post(p);
+    }
+}
+
+/// The first send request of row `seq` (requests are numbered per row, in matching order).
+fn first_req(seq: u32) -> u16 {
+    (row_of(seq) * MAX_RECVS) as u16
+}
+
+/// What the posts of `t` carry, the first of them on `qp`.
+fn on_wire(t: &Transmit, qp: usize) -> OnWire {
+    OnWire {
+        seq: t.seq,
+        first_req: first_req(t.seq),
+        nreqs: t.nreqs() as u16,
+        qp,
+        eager: false,
     }
 }
 
