@@ -1263,3 +1263,36 @@ fn spread_rows_split_messages_and_keep_the_immediate_apart() {
     assert!(!t.spread());
     assert_eq!(send.wqe_count(&t), 1);
 }
+
+#[test]
+fn a_refused_eager_send_that_can_never_fit_the_send_queue_is_an_error() {
+    // 129 one-byte writes for a queue of 64: retrying could never succeed.
+    let mut send = SendState::new(1, 64).with_eager(2, 256);
+    let mut recv = RecvState::new();
+    let empty = [CtsEntry::default(); MAX_RECVS];
+    let msg = SendMsg {
+        addr: 0x2000,
+        lkey: 9,
+        size: 129,
+        tag: 1,
+        host: true,
+    };
+    assert!(matches!(
+        send.post(&empty, msg).unwrap(),
+        SendPost::Eager { .. }
+    ));
+    // The receive is GPU memory: the row refuses the eager message.
+    recv.post(&[RecvBuf {
+        addr: 0x1000,
+        size: 256,
+        rkey: 5,
+        tag: 1,
+        host: false,
+    }])
+    .unwrap();
+    let row = row_array(&recv);
+    match send.resolve(&row) {
+        Err(ProtoError::InvalidUsage(why)) => assert!(why.contains("work requests"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
