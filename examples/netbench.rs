@@ -27,7 +27,10 @@
 //! netbench --compare halo=librccl_net_plugin.so,nccl-ib=nccl-ib.so --env nccl-ib:NCCL_IB_HCA=rxe1 \
 //!     --env halo:NCCL_IB_HCA=rxe1 --compare-perftest --ibdev rxe1 --gid-index 1 --quick
 //! ```
-//! (`scripts/compare-peers.sh` sets up such a run on Soft-RoCE.)
+//! (`scripts/compare-peers.sh` sets up such a run on Soft-RoCE.) With `--connect HOST:PORT` every
+//! run drives a `netbench --server` on another host instead of a local far end, so the other host
+//! starts one server per run in the same order (`scripts/compare-peers-wire.sh` does this for two
+//! Soft-RoCE guests joined by a wire); perftest is then left out.
 
 use halo_harness::bench::compare::{self, CompareOptions, Entrant};
 use halo_harness::bench::{self, MemberConfig, Options, PeerLink, PerftestDevice, Suites};
@@ -40,7 +43,7 @@ const USAGE: &str = "usage: netbench [--plugin PATH] [--version N] [--dev N] [--
 [--window N] [--timeout SECS] [--compare-perftest [--ibdev DEV] [--gid-index N] [--perftest-port P]] \
 [--latency] [--bandwidth] [--msgrate] [--allreduce] [--decode] [--scaling] [--server ADDR:PORT | --connect HOST:PORT]
        netbench --compare NAME=PATH[,NAME=PATH...] [--env NAME:VAR=VALUE]... [--rounds N] [other options as above, \
-but --plugin, --server and --connect]";
+but --plugin and --server; --connect HOST:PORT without --compare-perftest]";
 
 /// The plugin built next to this example (`target/<profile>/examples/netbench`).
 fn default_plugin() -> Option<PathBuf> {
@@ -130,9 +133,13 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         }
     }
     if !entrants.is_empty() {
-        if plugin.is_some() || server.is_some() || connect.is_some() {
+        if plugin.is_some() || server.is_some() {
+            return Err("--compare runs its plugins here: no --plugin or --server".into());
+        }
+        if connect.is_some() && compare {
             return Err(
-                "--compare runs its plugins here: no --plugin, --server or --connect".into(),
+                "--compare with --connect: perftest runs on one host only; leave out --compare-perftest"
+                    .into(),
             );
         }
         for (name, var, value) in envs {
@@ -157,6 +164,12 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         ];
         if quick {
             args.push("--quick".into());
+        }
+        // Two hosts: every run drives a `netbench --server` there (started anew for each run, in
+        // the same order of rounds and plugins, e.g. by scripts/compare-peers-wire.sh).
+        if let Some(addr) = &connect {
+            args.push("--connect".into());
+            args.push(addr.into());
         }
         for (on, flag) in [
             (suites.latency, "--latency"),
