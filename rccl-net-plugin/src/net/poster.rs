@@ -128,23 +128,22 @@ impl<'a> Poster<'a> {
             return;
         }
         let base = self.arena.as_ptr() as u64;
-        let mut sges = [[Sge::default(); 2]; MAX_WRS_PER_POST];
-        let mut wrs = [const { MaybeUninit::<SendWr<'_>>::uninit() }; MAX_WRS_PER_POST];
-        for (sge, p) in sges.iter_mut().zip(&self.pending[..n]) {
+        // Inline bytes kept in the arena get their address now that the poster stays put.
+        for p in &mut self.pending[..n] {
             // SAFETY: entries 0..n were written by `post` since the last flush.
-            let p = unsafe { p.assume_init_ref() };
-            *sge = p.sge;
+            let p = unsafe { p.assume_init_mut() };
             if let Some(off) = p.arena {
-                sge[0].addr = base + u64::from(off);
+                p.sge[0].addr = base + u64::from(off);
             }
         }
-        for i in 0..n {
+        let mut wrs = [const { MaybeUninit::<SendWr<'_>>::uninit() }; MAX_WRS_PER_POST];
+        for (w, p) in wrs.iter_mut().zip(&self.pending[..n]) {
             // SAFETY: as above.
-            let p = unsafe { self.pending[i].assume_init_ref() };
-            wrs[i].write(SendWr {
+            let p = unsafe { p.assume_init_ref() };
+            w.write(SendWr {
                 wr_id: p.wr_id,
                 op: p.op,
-                sge: &sges[i][..usize::from(p.nsge)],
+                sge: &p.sge[..usize::from(p.nsge)],
                 signaled: p.signaled,
                 inline: p.inline,
             });

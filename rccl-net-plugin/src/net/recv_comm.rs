@@ -34,7 +34,7 @@ pub struct EagerRing {
 impl EagerRing {
     /// Slots per receive comm. One row at a time goes ahead of its clear-to-send, so a few are
     /// plenty; more only help when the receiver drains them late.
-    pub const SLOTS: u16 = 8;
+    pub const SLOTS: u16 = crate::protocol::MAX_EAGER_SLOTS as u16;
 
     /// `None` when `max` is 0 (the eager path is off).
     pub fn new(dev: &NetDevice, max: u32) -> NetResult<Option<Self>> {
@@ -98,7 +98,7 @@ impl RecvComm {
     pub const SIZES_BYTES: usize = FIFO_DEPTH * SIZES_ROW_BYTES;
     pub const CTS_STAGING_BYTES: usize = FIFO_DEPTH * CTS_ROW_BYTES;
     /// Receives kept posted: one per row in flight plus the eager slots, with room to spare.
-    pub const RQ_STOCK: u32 = 2 * FIFO_DEPTH as u32;
+    pub const RQ_STOCK: u32 = crate::protocol::RQ_STOCK;
 
     /// Posts `n` receives (capped to the queue's size) for incoming immediates.
     pub fn stock_receives(qp: &QueuePair, n: u32) -> halo_ibverbs::Result<()> {

@@ -30,7 +30,7 @@ pub mod wire;
 
 pub use counters::Counters;
 pub use post::{OnWire, Post, PostOp, PostSink, RecvSink};
-pub use receiver::{Receiver, RecvConfig};
+pub use receiver::{Receiver, RecvConfig, RESTOCK_BATCH, RQ_STOCK};
 pub use recv::{EagerAction, RecvBuf, RecvPost, RecvState};
 pub use send::{
     EagerSend, FifoRow, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp,

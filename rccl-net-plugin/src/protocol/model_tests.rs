@@ -299,9 +299,6 @@ fn setup() -> impl Strategy<Value = Setup> {
         )
 }
 
-/// The receive queue's stock at connect (as `RecvComm::RQ_STOCK`).
-const RQ_STOCK: u32 = 2 * FIFO_DEPTH as u32;
-
 fn run(groups: Vec<Group>, choices: Vec<u8>, s: Setup) -> Result<(), TestCaseError> {
     let nb = groups.iter().map(|g| g.bufs.len()).max().unwrap_or(1);
     let id = |g: usize, b: usize| g * nb + b;

@@ -5,8 +5,19 @@
 use super::counters::Counters;
 use super::post::{Post, PostOp, RecvSink};
 use super::recv::{EagerAction, RecvBuf, RecvPost, RecvState};
-use super::wire::{row_of, EagerHeader, WrId, IMM_EAGER, IMM_EAGER_SLOT_MASK, MAX_RECVS};
+use super::wire::{
+    row_of, EagerHeader, WrId, FIFO_DEPTH, IMM_EAGER, IMM_EAGER_SLOT_MASK, MAX_EAGER_SLOTS,
+    MAX_RECVS,
+};
 use super::ProtoError;
+
+/// Receives a receive comm keeps posted for incoming immediates: one per FIFO row and eager slot
+/// that can be in flight, with room for a restock batch.
+pub const RQ_STOCK: u32 = 2 * FIFO_DEPTH as u32;
+/// Consumed receives are posted again this many at a time.
+pub const RESTOCK_BATCH: u32 = 16;
+// Even with a batch not yet restocked, every row and eager slot in flight has its receive.
+const _: () = assert!(RQ_STOCK - RESTOCK_BATCH >= (FIFO_DEPTH + MAX_EAGER_SLOTS) as u32);
 
 /// Clear-to-send writes per signaled one: fewer completions for the receiver to poll.
 pub const CTS_SIGNAL_EVERY: u32 = 8;
@@ -153,8 +164,14 @@ impl Receiver {
         self.state.on_imm(imm, || sizes_row(row)).map(drop)
     }
 
-    /// Receive-queue entries to post again (immediates consumed since the last call).
+    /// Receive-queue entries to post again: none until [`RESTOCK_BATCH`] immediates have consumed
+    /// theirs, then all of them in one post. Reposting one receive per message would put a
+    /// `post_recv` on every message's critical path; the stock ([`RQ_STOCK`]) covers every row
+    /// and eager slot that can be in flight even with a batch outstanding.
     pub fn take_restock(&mut self) -> u32 {
+        if self.restock < RESTOCK_BATCH {
+            return 0;
+        }
         std::mem::take(&mut self.restock)
     }
 

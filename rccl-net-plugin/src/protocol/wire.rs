@@ -43,6 +43,9 @@ pub fn check_peer_protocol(version: u16, features: u64) -> Result<(), String> {
 /// Most queue pairs one connection may use (`NCCL_IB_QPS_PER_CONNECTION` is capped to it).
 pub const MAX_QPS: usize = 16;
 
+/// Eager bounce slots a receiver offers at most.
+pub const MAX_EAGER_SLOTS: usize = 8;
+
 /// Rows in the clear-to-send FIFO: one per outstanding receive request (`NCCL_NET_MAX_REQUESTS`).
 pub const FIFO_DEPTH: usize = 32;
 /// Receives per multi-receive request (`maxRecvs` in the properties).
