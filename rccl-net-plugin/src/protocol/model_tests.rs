@@ -822,6 +822,11 @@ fn zero_byte_message_is_a_bare_immediate() {
     else {
         panic!()
     };
+    assert_eq!(
+        send.wqe_count(&t),
+        1,
+        "a bare immediate is one work request"
+    );
     let ops: Vec<_> = send.ops(&t).collect();
     assert_eq!(
         ops,

@@ -186,6 +186,10 @@ impl Transmit {
     }
 
     fn chunks(&self, size: u64) -> u64 {
+        if self.parts <= 1 && size <= self.max_msg {
+            // The common case, without two 64-bit divisions.
+            return u64::from(size > 0);
+        }
         size.div_ceil(self.chunk_len(size))
     }
 
