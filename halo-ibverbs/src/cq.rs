@@ -231,26 +231,12 @@ impl CompletionQueue {
     /// Fills the front of `out` with up to `min(out.len(), MAX_POLL_BATCH)` completions and returns
     /// how many. Never blocks and never allocates.
     pub fn poll(&self, out: &mut [WorkCompletion]) -> Result<usize> {
-        let want = out.len().min(MAX_POLL_BATCH);
-        if want == 0 {
-            return Ok(0);
-        }
-        let mut raw = [const { MaybeUninit::<ibv_wc>::uninit() }; MAX_POLL_BATCH];
-        // SAFETY: the CQ is alive and raw has room for `want` entries; poll_cq writes at most that.
-        let n = unsafe { ibv_poll_cq(self.as_ptr(), want as libc::c_int, raw[0].as_mut_ptr()) };
-        if n < 0 {
-            return Err(VerbsError::from_ret(
-                "ibv_poll_cq",
-                format!("{} CQ", self.inner.ctx.name()),
-                n,
-            ));
-        }
-        let n = n as usize;
-        for (dst, src) in out.iter_mut().zip(&raw[..n]) {
-            // SAFETY: poll_cq initialised the first n entries.
-            *dst = WorkCompletion::from_raw(unsafe { src.assume_init_ref() });
-        }
-        Ok(n)
+        // SAFETY: `MaybeUninit<T>` has `T`'s layout, and `poll_into` only writes whole, valid
+        // values into the slice, so viewing initialised completions this way keeps them valid
+        // (`WorkCompletion` is `Copy`: nothing is dropped or leaked).
+        let out =
+            unsafe { &mut *(out as *mut [WorkCompletion] as *mut [MaybeUninit<WorkCompletion>]) };
+        self.poll_into(out).map(<[WorkCompletion]>::len)
     }
 
     /// Like [`Self::poll`], into uninitialised storage (the data path polls on every `test`:
