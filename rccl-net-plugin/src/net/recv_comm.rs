@@ -8,7 +8,7 @@ use super::flush::{Flush, FLUSH_SLOTS};
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, SlotRing, Staging, Targets};
 use super::profiler::{self, Key, Profiler};
-use super::regcache::MrHandle;
+use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
 use super::stats::{self, CommCounters, Side};
 use crate::protocol::{
@@ -163,23 +163,8 @@ impl RecvComm {
             )));
         }
         for (i, &(addr, size, tag, mh)) in bufs.iter().enumerate() {
-            let rkey = match mh {
-                Some(m) => {
-                    if size > 0 && (addr < m.start || addr + size > m.end) {
-                        return Err(NetError::InvalidArgument(format!(
-                            "irecv buffer {i} {addr:#x}+{size} outside its registration {:#x}..{:#x}",
-                            m.start, m.end
-                        )));
-                    }
-                    m.rkey
-                }
-                None if size == 0 => 0,
-                None => {
-                    return Err(NetError::InvalidArgument(format!(
-                        "irecv buffer {i} has no memory handle"
-                    )))
-                }
-            };
+            let rkey = checked_handle(mh, addr, size, format_args!("irecv buffer {i}"))?
+                .map_or(0, |m| m.rkey);
             rb[i] = RecvBuf {
                 addr,
                 size,

@@ -22,6 +22,29 @@ pub struct MrHandle {
     mr: Arc<MemoryRegion>,
 }
 
+/// The handle of a data-path buffer of `size` bytes at `addr`, checked: the bytes must lie in its
+/// registration, and only an empty buffer may come without one (`Ok(None)`). `what` names the
+/// buffer in errors (`isend data`, `irecv buffer 3`).
+pub fn checked_handle(
+    mh: Option<&MrHandle>,
+    addr: u64,
+    size: u64,
+    what: impl std::fmt::Display,
+) -> NetResult<Option<&MrHandle>> {
+    match mh {
+        Some(m) if size > 0 && (addr < m.start || addr + size > m.end) => {
+            Err(NetError::InvalidArgument(format!(
+                "{what} {addr:#x}+{size} outside its registration {:#x}..{:#x}",
+                m.start, m.end
+            )))
+        }
+        None if size > 0 => Err(NetError::InvalidArgument(format!(
+            "{what} has no memory handle"
+        ))),
+        mh => Ok(mh),
+    }
+}
+
 /// How a registration was made; lookups only match registrations of the same kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegKind {

@@ -2,11 +2,11 @@
 //! ([`Sender`]) and posts what it answers.
 
 use super::buffer::RegisteredBuf;
-use super::error::{NetError, NetResult};
+use super::error::NetResult;
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, Staging, Targets};
 use super::profiler::{self, Profiler, Tap};
-use super::regcache::MrHandle;
+use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
 use super::stats::{self, CommCounters, Side};
 use crate::log::NET;
@@ -88,23 +88,7 @@ impl SendComm {
         phandle: *mut c_void,
     ) -> NetResult<Option<*mut Request>> {
         self.link.check()?;
-        let lkey = match mh {
-            Some(m) => {
-                if size > 0 && (data < m.start || data + size > m.end) {
-                    return Err(NetError::InvalidArgument(format!(
-                        "isend of {data:#x}+{size} outside its registration {:#x}..{:#x}",
-                        m.start, m.end
-                    )));
-                }
-                m.lkey
-            }
-            None if size == 0 => 0,
-            None => {
-                return Err(NetError::InvalidArgument(
-                    "isend of data without a memory handle".into(),
-                ))
-            }
-        };
+        let lkey = checked_handle(mh, data, size, "isend data")?.map_or(0, |m| m.lkey);
         let msg = SendMsg {
             addr: data,
             lkey,
