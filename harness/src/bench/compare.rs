@@ -1,6 +1,7 @@
-//! Comparison of several plugins in one run: each round runs every plugin once, in the order
-//! given (A B C A B C …), then perftest once on its device, so that slow drift of the machine
-//! (emulation, other load) spreads evenly over the plugins. Each plugin runs in a child process
+//! Comparison of several plugins in one run: each round runs every plugin once, then perftest
+//! once on its device. The order turns by one plugin each round (A B C, B C A, C A B, …), so that
+//! slow drift of the machine (emulation, other load) spreads evenly over the plugins and no plugin
+//! always pays for running first after boot. Each plugin runs in a child process
 //! of its own (`program args… --plugin PATH --json`, i.e. a whole single-plugin `netbench` run),
 //! with its own environment added, which the child's members inherit; plugins never share a
 //! process, so their globals, environment and libraries cannot interfere.
@@ -106,7 +107,8 @@ pub fn run(o: &CompareOptions) -> Result<Comparison, String> {
     };
     let mut pt = o.perftest.clone().map(|d| Perftest::new(d, o.timeout));
     for round in 1..=o.rounds {
-        for (i, e) in o.entrants.iter().enumerate() {
+        for i in round_order(o.entrants.len(), round) {
+            let e = &o.entrants[i];
             eprintln!("netbench: round {round}/{}: {}", o.rounds, e.name);
             let run = run_one(o, e, round, i);
             if let Some(err) = &run.error {
@@ -124,6 +126,12 @@ pub fn run(o: &CompareOptions) -> Result<Comparison, String> {
         }
     }
     Ok(out)
+}
+
+/// The entrants' indices in the order round `round` (from 1) runs them: turned by one each round.
+fn round_order(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    let first = round.saturating_sub(1) % n.max(1);
+    (0..n).map(move |k| (first + k) % n)
 }
 
 fn run_one(o: &CompareOptions, e: &Entrant, round: usize, entrant: usize) -> Run {
@@ -626,6 +634,17 @@ pub fn json(c: &Comparison) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_round_runs_every_plugin_once_and_the_first_turns() {
+        let orders: Vec<Vec<usize>> = (1..=4).map(|r| round_order(3, r).collect()).collect();
+        assert_eq!(
+            orders,
+            [vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1], vec![0, 1, 2]]
+        );
+        assert_eq!(round_order(1, 5).collect::<Vec<_>>(), [0]);
+        assert_eq!(round_order(0, 1).count(), 0);
+    }
 
     fn report(lat8: f64, bw: f64) -> Value {
         json!({
