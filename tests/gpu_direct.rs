@@ -371,6 +371,10 @@ fn probe_falls_back_to_registration_by_address() {
     let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "fail")]);
     assert!(out.contains("registered by address"), "strategy 2 won");
     assert!(
+        out.contains("flush probe passed (RC QP connected to itself, one RDMA READ checked)"),
+        "the flush QP was probed at init before GPU memory was advertised"
+    );
+    assert!(
         out.contains("hsa_amd_portable_export_dmabuf") && out.contains("status 0x1000"),
         "why dma-buf lost (export)"
     );
@@ -399,6 +403,10 @@ fn dmabuf_only_without_nic_support_advertises_host_only() {
         &[("HALO_GPU_REG", "dmabuf"), ("FAKE_ROCM_DMABUF", "export")],
     );
     assert!(out.contains("cannot be registered"), "strategy 3 logged");
+    assert!(
+        !out.contains("flush probe"),
+        "no flush QP where GPU memory is not advertised"
+    );
     assert!(out.contains("skipped (HALO_GPU_REG=dmabuf)"));
     assert!(out.contains("regMrDmaBuf of 65536 bytes at offset 4096"));
 }
@@ -693,7 +701,9 @@ fn fallback() {
         host_roundtrip(&p);
 
         // RCCL's own dma-buf of the buffer (a real one where /dev/udmabuf exists): the NIC
-        // refuses it, the device registers by address instead.
+        // refuses it, the device registers by address instead. The probe is over: let the
+        // stand-in export (this scenario's only thread that reads the environment).
+        std::env::set_var("FAKE_ROCM_DMABUF", "export");
         let d = rt.export_dmabuf(dst.ptr + 4096, 65536).expect("export");
         assert_eq!(d.offset, 4096);
         let mut h: *mut c_void = null_mut();
