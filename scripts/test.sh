@@ -4,7 +4,9 @@
 #   2. cargo fmt --check, clippy -D warnings, and every host test (unit, proptest, ABI layout;
 #      tests that need an RDMA device say "SKIPPED (no RDMA device)" here);
 #   3. boots a Soft-RoCE QEMU guest and runs every device test there with HALO_REQUIRE_RDMA=1;
-#   4. boots two guests joined by a wire and runs the verbs and plugin checks across it.
+#   4. on Debian, boots a guest on the backports kernel (which has /dev/udmabuf) and runs the
+#      GPU-direct tests there, so the stand-in runtime exports real dma-bufs;
+#   5. boots two guests joined by a wire and runs the verbs and plugin checks across it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -42,6 +44,15 @@ cargo test --workspace
 
 step "Soft-RoCE guest: device tests"
 scripts/softroce run --timeout 1500 -- scripts/guest-tests.sh
+
+step "Soft-RoCE guest on the backports kernel: GPU-direct tests with real dma-bufs (udmabuf)"
+if grep -qx 'ID=debian' /etc/os-release; then
+    gpu_direct=$(awk '$1 == "gpu_direct" {print $2}' target/guest-tests.list)
+    scripts/softroce run --kernel backports --timeout 900 --env HALO_REQUIRE_RDMA=1 \
+        --env HALO_REQUIRE_UDMABUF=1 -- "$gpu_direct" --test-threads=1
+else
+    echo "skipped: the backports kernel is Debian's (this host is not Debian)"
+fi
 
 step "two Soft-RoCE guests over a wire"
 scripts/softroce run2 --timeout 600 -- target/debug/examples/wire_check -- target/debug/examples/wire_check
