@@ -5,8 +5,10 @@
 //!
 //! Also builds the stand-in ROCm runtime of the GPU-direct tests (`tests/c/fake_rocm.c`) into
 //! `$OUT_DIR/fake-rocm/`, under the library names the plugin loads; the tests find the directory
-//! as `HALO_FAKE_ROCM_DIR` and put it on `LD_LIBRARY_PATH` of a child process. It is never part
-//! of the plugin.
+//! as `HALO_FAKE_ROCM_DIR` and put it on `LD_LIBRARY_PATH` of a child process. A second copy
+//! with another identity (HIP version, GPU name) is built under a wheel-style file name, as
+//! Python packages bundle their own HIP runtime; its path reaches the tests as
+//! `HALO_FAKE_ROCM_BUNDLED`. Neither is ever part of the plugin.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -62,21 +64,35 @@ fn main() {
     build_fake_rocm(&compiler, &manifest_dir, &out_dir);
 }
 
-/// One shared object, reachable as `libamdhip64.so` and `libhsa-runtime64.so.1` (symlinks, so the
-/// loader maps it once and HIP and HSA share its allocation table).
-fn build_fake_rocm(compiler: &cc::Tool, manifest_dir: &std::path::Path, out_dir: &std::path::Path) {
-    let dir = out_dir.join("fake-rocm");
-    std::fs::create_dir_all(&dir).expect("creating fake-rocm dir");
-    let lib = dir.join("libfake-rocm.so");
+/// Identity of the bundled copy: the HIP version it reports and its GPU agent's name.
+const BUNDLED_HIP_VERSION: &str = "70100042";
+const BUNDLED_GPU_NAME: &str = "gfx-bundled";
+
+fn compile_fake_rocm(
+    compiler: &cc::Tool,
+    manifest_dir: &std::path::Path,
+    out: &std::path::Path,
+    defines: &[String],
+) {
     let mut cmd = compiler.to_command();
     if compiler.is_like_gnu() || compiler.is_like_clang() {
         cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror"]);
     }
-    cmd.args(["-shared", "-fPIC"])
+    cmd.args(defines)
+        .args(["-shared", "-fPIC"])
         .arg(manifest_dir.join(FAKE_ROCM_SRC))
         .arg("-o")
-        .arg(&lib);
+        .arg(out);
     run(cmd, "compiling tests/c/fake_rocm.c");
+}
+
+/// One shared object, reachable as `libamdhip64.so` and `libhsa-runtime64.so.1` (symlinks, so the
+/// loader maps it once and HIP and HSA share its allocation table); and the bundled copy.
+fn build_fake_rocm(compiler: &cc::Tool, manifest_dir: &std::path::Path, out_dir: &std::path::Path) {
+    let dir = out_dir.join("fake-rocm");
+    std::fs::create_dir_all(&dir).expect("creating fake-rocm dir");
+    let lib = dir.join("libfake-rocm.so");
+    compile_fake_rocm(compiler, manifest_dir, &lib, &[]);
     for name in ["libamdhip64.so", "libhsa-runtime64.so.1"] {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
@@ -84,6 +100,25 @@ fn build_fake_rocm(compiler: &cc::Tool, manifest_dir: &std::path::Path, out_dir:
             .unwrap_or_else(|e| panic!("linking {}: {e}", link.display()));
     }
     println!("cargo:rustc-env=HALO_FAKE_ROCM_DIR={}", dir.display());
+
+    let bundled_dir = out_dir.join("fake-rocm-bundled");
+    std::fs::create_dir_all(&bundled_dir).expect("creating fake-rocm-bundled dir");
+    let bundled = bundled_dir.join("libamdhip64-7f3c9a1e.so.6");
+    compile_fake_rocm(
+        compiler,
+        manifest_dir,
+        &bundled,
+        &[
+            format!("-DFAKE_ROCM_HIP_VERSION={BUNDLED_HIP_VERSION}"),
+            format!("-DFAKE_ROCM_GPU_NAME=\"{BUNDLED_GPU_NAME}\""),
+        ],
+    );
+    println!(
+        "cargo:rustc-env=HALO_FAKE_ROCM_BUNDLED={}",
+        bundled.display()
+    );
+    println!("cargo:rustc-env=HALO_FAKE_ROCM_BUNDLED_VERSION={BUNDLED_HIP_VERSION}");
+    println!("cargo:rustc-env=HALO_FAKE_ROCM_BUNDLED_GPU={BUNDLED_GPU_NAME}");
 }
 
 fn run(mut cmd: Command, what: &str) {

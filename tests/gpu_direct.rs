@@ -1,17 +1,21 @@
 //! GPU-direct paths of the plugin, driven through its v9 table, with a stand-in ROCm runtime
-//! (`tests/c/fake_rocm.c`, built by build.rs) whose "device" memory is host memory from mmap.
+//! (`tests/c/fake_rocm.c`, built by build.rs) whose "device" memory is memfd pages of the host,
+//! exported as real dma-bufs through `/dev/udmabuf` where the kernel has it.
 //!
 //! Every scenario runs in a child process (this binary re-executed with `HALO_GPU_DIRECT_CHILD`)
 //! because ROCm is loaded and probed once per process; the stand-in is selected the way a real
 //! runtime would be found, through `LD_LIBRARY_PATH`. The parent checks the child's exit status
 //! and the plugin's log lines it printed.
 //!
-//! What this proves, and what it does not: the loader, the symbol declarations as the stand-in
-//! exports them, the probe's fallback order and logging, what `ptrSupport`/`forceFlush` claim,
-//! the registration cache's keys, the data path into buffers registered as GPU memory, and that
+//! What this proves, and what it does not: the loader (including that a runtime already in the
+//! process, under any file name, wins over one on the library path), the symbol declarations as
+//! the stand-in exports them, that an exported descriptor holds the buffer's own pages, the
+//! probe's fallback order and logging, what `ptrSupport`/`forceFlush` claim, the registration
+//! cache's keys, the data path into buffers registered as GPU memory, and that
 //! `iflush` posts and completes a real RDMA READ on the device. Soft-RoCE cannot register
-//! dma-bufs (EOPNOTSUPP), so a successful `ibv_reg_dmabuf_mr` (strategy 1, `regMrDmaBuf` with a
-//! non-zero offset) and real GPU memory are not exercised here.
+//! dma-bufs (rdma-core's rxe provider has no `reg_dmabuf_mr`: EOPNOTSUPP), so a successful
+//! `ibv_reg_dmabuf_mr` (strategy 1, `regMrDmaBuf` with a non-zero offset) and real GPU memory are
+//! not exercised here; the refusal and the fallback are.
 //!
 //! Scenarios needing an RDMA device say so and skip without one, unless `HALO_REQUIRE_RDMA=1`.
 
@@ -50,27 +54,40 @@ fn run_child(scenario: &str, standin: bool, env: &[(&str, &str)]) -> String {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("starting the child test process");
+    // Drain both pipes while the child runs, so a talkative child never blocks on a full pipe.
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_reader = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err_reader = drain(child.stderr.take().map(|r| Box::new(r) as _));
     let t0 = Instant::now();
-    while child.try_wait().expect("waiting for the child").is_none() {
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for the child") {
+            break Some(st);
+        }
         if t0.elapsed() > CHILD_TIMEOUT {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("child output");
-            panic!(
-                "scenario {scenario} timed out:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("child output");
+    };
     let text = format!(
         "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out_reader.join().unwrap_or_default()),
+        String::from_utf8_lossy(&err_reader.join().unwrap_or_default())
     );
+    let Some(status) = status else {
+        panic!("scenario {scenario} timed out:\n{text}");
+    };
     eprintln!("----- scenario {scenario} -----\n{text}----- end {scenario} -----");
-    assert!(out.status.success(), "scenario {scenario} failed");
+    assert!(status.success(), "scenario {scenario} failed");
     assert!(
         text.contains(&format!("SCENARIO {scenario} PASSED")),
         "scenario {scenario} did not run to the end"
@@ -87,6 +104,9 @@ fn child_entry() {
     rccl_net_plugin::log::set_logger(halo_harness::log::stderr_logger());
     match s.as_str() {
         "standin_runtime" => standin_runtime(),
+        "bundled_global" => bundled_runtime(Preload::Global),
+        "bundled_local" => bundled_runtime(Preload::Local),
+        "bundled_renamed" => bundled_runtime(Preload::Renamed),
         "absent_runtime" => absent_runtime(),
         "fallback" => fallback(),
         "dmabuf_only" => dmabuf_only(),
@@ -102,8 +122,12 @@ fn child_entry() {
 /// agent's name and both dma-buf export outcomes.
 #[test]
 fn standin_runtime_is_loaded_and_classifies_pointers() {
-    let out = run_child("standin_runtime", true, &[("FAKE_ROCM_DMABUF", "memfd")]);
+    let out = run_child("standin_runtime", true, &[("FAKE_ROCM_DMABUF", "export")]);
     assert!(out.contains("GPU agents [gfx1151]"), "runtime line missing");
+    assert!(
+        out.contains("libamdhip64.so (loaded by name"),
+        "where the runtime came from"
+    );
     assert!(out.contains("dma-buf export supported by the driver"));
 }
 
@@ -119,12 +143,7 @@ fn standin_runtime() {
     );
     let host = [0u8; 64];
     assert_eq!(rt.classify(host.as_ptr() as u64), MemKind::Host);
-    let d = rt
-        .export_dmabuf(buf.ptr + 8192, 4096)
-        .expect("memfd export");
-    assert!(d.fd >= 0);
-    assert_eq!(d.offset, 8192, "offset of the address inside the dma-buf");
-    drop(d);
+    exported_fd_holds_the_buffer(rt, &buf);
     // The child runs this one test on one thread: nothing else reads the environment now.
     std::env::set_var("FAKE_ROCM_DMABUF", "fail");
     let e = rt
@@ -132,6 +151,192 @@ fn standin_runtime() {
         .err()
         .expect("export fails when told to");
     assert!(e.contains("status 0x1000"), "{e}");
+}
+
+/// What `/proc/self/fd/<fd>` links to (`/dmabuf:` or `anon_inode:dmabuf` for a dma-buf,
+/// `/memfd:... (deleted)` for a memfd).
+fn fd_target(fd: c_int) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The exported descriptor refers to the buffer's own pages: bytes written through the
+/// hipMalloc pointer are read back through a second mapping of the descriptor at the offset
+/// the export reported, and the other way round. Where `/dev/udmabuf` exists (required with
+/// `HALO_REQUIRE_UDMABUF=1`) the descriptor is a real dma-buf.
+fn exported_fd_holds_the_buffer(rt: &'static gpu::Rocm, buf: &gpu::DeviceAlloc) {
+    let udmabuf = std::path::Path::new("/dev/udmabuf").exists();
+    if std::env::var("HALO_REQUIRE_UDMABUF").as_deref() == Ok("1") {
+        assert!(
+            udmabuf,
+            "HALO_REQUIRE_UDMABUF=1 but /dev/udmabuf is missing"
+        );
+    }
+    let at = 8192usize;
+    let len = 3 * 4096 + 5;
+    let bytes = pattern(len, 0x3c);
+    // SAFETY: [ptr + at, ptr + at + len) lies inside the 1 MiB allocation.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (buf.ptr as usize + at) as *mut u8, len)
+    };
+    let d = rt
+        .export_dmabuf(buf.ptr + at as u64, len)
+        .expect("dma-buf export");
+    assert!(d.fd >= 0);
+    assert_eq!(
+        d.offset, at as u64,
+        "offset of the address inside the dma-buf"
+    );
+    let target = fd_target(d.fd);
+    if udmabuf {
+        assert!(target.contains("dmabuf"), "a real dma-buf, not {target}");
+        println!("exported a dma-buf through /dev/udmabuf ({target})");
+    } else {
+        assert!(
+            target.contains("memfd:fake-rocm-vram"),
+            "the buffer's memfd, not {target}"
+        );
+        println!("no /dev/udmabuf: exported the buffer's memfd ({target})");
+    }
+    // SAFETY: a fresh shared mapping of the whole exported object (the allocation's size),
+    // unmapped below; nothing else uses the address range.
+    let map = unsafe {
+        libc::mmap(
+            null_mut(),
+            buf.len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            d.fd,
+            0,
+        )
+    };
+    assert_ne!(
+        map,
+        libc::MAP_FAILED,
+        "mmap of the exported fd: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the mapping covers `buf.len` bytes and `at + len` is inside it.
+    let seen = unsafe { std::slice::from_raw_parts((map as *const u8).add(at), len) };
+    assert!(
+        seen == &bytes[..],
+        "the exported fd shows other bytes than the buffer's (first difference at {:?})",
+        seen.iter().zip(&bytes).position(|(a, b)| a != b)
+    );
+    // SAFETY: as above; a write through the second mapping lands in the buffer's pages.
+    unsafe { *(map as *mut u8).add(at + 1) = 0xa5 };
+    // SAFETY: inside the allocation.
+    assert_eq!(unsafe { *((buf.ptr as usize + at + 1) as *const u8) }, 0xa5);
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(map, buf.len) };
+    drop(d);
+    println!("verified {len} bytes through a second mapping of the exported fd");
+}
+
+/// How the test process loads the bundled runtime before the plugin looks for one.
+#[derive(Clone, Copy)]
+enum Preload {
+    /// `dlopen(full path, RTLD_GLOBAL)`, as PyTorch's loader does with its bundled libraries.
+    Global,
+    /// `dlopen(full path, RTLD_LOCAL)`, as a dependency of a Python extension module is loaded.
+    Local,
+    /// RTLD_GLOBAL under a name that does not start with `libamdhip64` (a runtime linked into
+    /// another library).
+    Renamed,
+}
+
+const BUNDLED: &str = env!("HALO_FAKE_ROCM_BUNDLED");
+const BUNDLED_VERSION: &str = env!("HALO_FAKE_ROCM_BUNDLED_VERSION");
+const BUNDLED_GPU: &str = env!("HALO_FAKE_ROCM_BUNDLED_GPU");
+
+/// A HIP runtime already in the process, under a file name `libamdhip64.so` does not match, is
+/// the one the plugin uses, even with another runtime on the library path under the standard
+/// name: it classifies the buffers the process allocated through it as device memory, its HSA
+/// is the one queried, and the standard-name copy is never loaded.
+#[test]
+fn preloaded_bundled_runtime_is_used_rtld_global() {
+    bundled_check("bundled_global", BUNDLED, "already loaded in the process)");
+}
+
+#[test]
+fn preloaded_bundled_runtime_is_used_rtld_local() {
+    bundled_check("bundled_local", BUNDLED, "already loaded in the process)");
+}
+
+#[test]
+fn preloaded_runtime_under_another_name_is_found_by_symbol() {
+    bundled_check(
+        "bundled_renamed",
+        "libtorch_hip_standin.so",
+        "which defines hipPointerGetAttributes)",
+    );
+}
+
+fn bundled_check(scenario: &str, path_part: &str, how: &str) {
+    let out = run_child(scenario, true, &[("FAKE_ROCM_DMABUF", "export")]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("ROCm: HIP runtime"))
+        .expect("the runtime line");
+    assert!(
+        line.contains(path_part) && line.contains(how),
+        "the pre-loaded runtime is named with its origin: {line}"
+    );
+    assert!(line.contains(&format!("HIP {BUNDLED_VERSION}")), "{line}");
+    assert!(
+        line.contains(&format!("GPU agents [{BUNDLED_GPU}]")),
+        "{line}"
+    );
+}
+
+fn bundled_runtime(how: Preload) {
+    let path = match how {
+        Preload::Global | Preload::Local => BUNDLED.to_string(),
+        Preload::Renamed => {
+            let dir = std::env::temp_dir().join(format!("halo-bundled-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let link = dir.join("libtorch_hip_standin.so");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(BUNDLED, &link).unwrap();
+            link.to_string_lossy().into_owned()
+        }
+    };
+    let flags = libc::RTLD_NOW
+        | match how {
+            Preload::Local => libc::RTLD_LOCAL,
+            _ => libc::RTLD_GLOBAL,
+        };
+    let cpath = std::ffi::CString::new(path.clone()).unwrap();
+    // SAFETY: loading the stand-in runs no initialisers; the handle is kept for the process.
+    let lib = unsafe { libc::dlopen(cpath.as_ptr(), flags) };
+    assert!(!lib.is_null(), "pre-loading the bundled runtime");
+    type HipMalloc = unsafe extern "C" fn(*mut *mut c_void, usize) -> c_int;
+    // SAFETY: looking a name up in a live handle.
+    let sym = unsafe { libc::dlsym(lib, c"hipMalloc".as_ptr()) };
+    assert!(!sym.is_null(), "hipMalloc");
+    // SAFETY: the stand-in's hipMalloc has this type.
+    let malloc: HipMalloc = unsafe { std::mem::transmute::<*mut c_void, HipMalloc>(sym) };
+    let mut p: *mut c_void = null_mut();
+    // SAFETY: valid out-pointer.
+    assert_eq!(unsafe { malloc(&mut p, 1 << 16) }, 0);
+    // What RCCL would hand the plugin: a buffer of the process's own runtime.
+    let rt = gpu::runtime().expect("a runtime");
+    assert_eq!(rt.hip_version().to_string(), BUNDLED_VERSION);
+    assert_eq!(rt.gpu_names(), [BUNDLED_GPU.to_string()]);
+    assert_eq!(
+        rt.classify(p as u64),
+        MemKind::Device { ordinal: 0 },
+        "the process's buffers are device memory to the plugin"
+    );
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(
+        !maps.contains("libfake-rocm.so"),
+        "the runtime on the library path was loaded as well"
+    );
+    if let Preload::Renamed = how {
+        let _ = std::fs::remove_dir_all(std::path::Path::new(&path).parent().unwrap());
+    }
 }
 
 /// Without any ROCm on the library path the plugin says once, at INFO, that it has no GPU
@@ -166,10 +371,14 @@ fn probe_falls_back_to_registration_by_address() {
     let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "fail")]);
     assert!(out.contains("registered by address"), "strategy 2 won");
     assert!(
+        out.contains("flush probe passed (RC QP connected to itself, one RDMA READ checked)"),
+        "the flush QP was probed at init before GPU memory was advertised"
+    );
+    assert!(
         out.contains("hsa_amd_portable_export_dmabuf") && out.contains("status 0x1000"),
         "why dma-buf lost (export)"
     );
-    let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "memfd")]);
+    let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "export")]);
     assert!(out.contains("registered by address"), "strategy 2 won");
     assert!(
         out.contains("ibv_reg_dmabuf_mr") && out.contains("(errno 95)"),
@@ -191,9 +400,13 @@ fn dmabuf_only_without_nic_support_advertises_host_only() {
     let out = run_child(
         "dmabuf_only",
         true,
-        &[("HALO_GPU_REG", "dmabuf"), ("FAKE_ROCM_DMABUF", "memfd")],
+        &[("HALO_GPU_REG", "dmabuf"), ("FAKE_ROCM_DMABUF", "export")],
     );
     assert!(out.contains("cannot be registered"), "strategy 3 logged");
+    assert!(
+        !out.contains("flush probe"),
+        "no flush QP where GPU memory is not advertised"
+    );
     assert!(out.contains("skipped (HALO_GPU_REG=dmabuf)"));
     assert!(out.contains("regMrDmaBuf of 65536 bytes at offset 4096"));
 }
@@ -424,15 +637,6 @@ unsafe fn host_roundtrip(p: &Pair) {
     }
 }
 
-fn memfd() -> c_int {
-    // SAFETY: plain syscall with a valid name.
-    let fd = unsafe { libc::memfd_create(c"not-a-dmabuf".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd is ours.
-    assert_eq!(unsafe { libc::ftruncate(fd, 1 << 20) }, 0);
-    fd
-}
-
 fn fallback() {
     let rt = gpu::runtime().expect("stand-in");
     // SAFETY: the plugin's table is called as RCCL would, with live buffers and comms.
@@ -496,19 +700,23 @@ fn fallback() {
         assert!(iflush(&p, dst.ptr, 0, rmh).is_null());
         host_roundtrip(&p);
 
-        // RCCL's own dma-buf: the NIC refuses it, the device registers by address instead.
-        let fd = memfd();
+        // RCCL's own dma-buf of the buffer (a real one where /dev/udmabuf exists): the NIC
+        // refuses it, the device registers by address instead. The probe is over: let the
+        // stand-in export (this scenario's only thread that reads the environment).
+        std::env::set_var("FAKE_ROCM_DMABUF", "export");
+        let d = rt.export_dmabuf(dst.ptr + 4096, 65536).expect("export");
+        assert_eq!(d.offset, 4096);
         let mut h: *mut c_void = null_mut();
         let r = NET.regMrDmaBuf.unwrap()(
             p.rc,
             (dst.ptr + 4096) as *mut c_void,
             65536,
             NCCL_PTR_CUDA,
-            4096,
-            fd,
+            d.offset,
+            d.fd,
             &mut h,
         );
-        libc::close(fd);
+        drop(d);
         assert_eq!(r, ncclSuccess);
         assert_eq!(dev.regs.count(RegKind::DmaBuf), 0);
         let n = transfer(&p, src.ptr, smh, dst.ptr + 4096, 65536, h, 1000);
@@ -547,18 +755,19 @@ fn dmabuf_only() {
         let (r, h) = reg(p.rc, buf.ptr, buf.len, NCCL_PTR_CUDA);
         assert_eq!(r, ncclInvalidUsage);
         assert!(h.is_null());
-        let fd = memfd();
+        let d = rt.export_dmabuf(buf.ptr + 4096, 65536).expect("export");
+        assert_eq!(d.offset, 4096);
         let mut h: *mut c_void = null_mut();
         let r = NET.regMrDmaBuf.unwrap()(
             p.rc,
             (buf.ptr + 4096) as *mut c_void,
             65536,
             NCCL_PTR_CUDA,
-            4096,
-            fd,
+            d.offset,
+            d.fd,
             &mut h,
         );
-        libc::close(fd);
+        drop(d);
         assert_eq!(r, ncclSystemError, "the NIC's refusal is reported");
         assert!(h.is_null());
         host_roundtrip(&p);

@@ -52,7 +52,7 @@ fn good_node_passes_everything_and_matches_the_snapshot() {
     let (code, report) = doctor_json(&good_tree(), &good_env(), &[]);
     assert_eq!(code, 0);
     assert_eq!(report.node, "strix1");
-    assert_eq!(report.checks.len(), 25);
+    assert_eq!(report.checks.len(), 26);
     for c in &report.checks {
         assert_eq!(c.verdict, Verdict::Pass, "{c:?}");
         assert!(c.fix.is_empty(), "{c:?}");
@@ -182,6 +182,57 @@ fn faults() -> Vec<Fault> {
             env: None, args: &[],
             id: "kernel.gtt_ram", verdict: Verdict::Fail, value_has: "larger than RAM",
             fix: "sudo grubby --update-kernel=ALL --args='amdgpu.gttsize=59392 ttm.pages_limit=15204352' && sudo reboot",
+        },
+        Fault {
+            name: "Debian 12: rdma-core 44, kernel 6.1 (no dma-buf)",
+            apply: |o| {
+                o.remove("usr/lib64/libibverbs.so.1.14.57.0");
+                o.write("usr/lib/x86_64-linux-gnu/libibverbs.so.1.14.44.0", "");
+                o.write("proc/sys/kernel/osrelease", "6.1.0-56-amd64\n");
+                o.write("etc/os-release", "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_CODENAME=bookworm\n");
+            },
+            env: None, args: &[],
+            id: "gpu.dmabuf", verdict: Verdict::Warn,
+            value_has: "rdma-core 44 (/usr/lib/x86_64-linux-gnu/libibverbs.so.1.14.44.0), kernel 6.1: GPU-direct via dma-buf unavailable (rdma-core < 45 has no ibv_reg_dmabuf_mr for irdma; kernel < 6.3 has no dma-buf memory regions in irdma)",
+            fix: "upgrade to Debian 13 (trixie: rdma-core 56, kernel 6.12); Debian 12 has no rdma-core >= 45, not even in bookworm-backports",
+        },
+        Fault {
+            name: "Debian: new rdma-core, kernel 6.1",
+            apply: |o| {
+                o.write("proc/sys/kernel/osrelease", "6.1.0-56-amd64\n");
+                o.write("etc/os-release", "ID=debian\nVERSION_CODENAME=bookworm\n");
+            },
+            env: None, args: &[],
+            id: "gpu.dmabuf", verdict: Verdict::Warn, value_has: "kernel < 6.3 has no dma-buf memory regions in irdma",
+            fix: "sudo apt install -t bookworm-backports linux-image-amd64 && sudo reboot (Debian 12: add bookworm-backports to the apt sources first)",
+        },
+        Fault {
+            name: "Fedora: rdma-core 44",
+            apply: |o| {
+                o.remove("usr/lib64/libibverbs.so.1.14.57.0");
+                o.write("usr/lib64/libibverbs.so.1.14.44.0", "");
+            },
+            env: None, args: &[],
+            id: "gpu.dmabuf", verdict: Verdict::Warn, value_has: "rdma-core < 45 has no ibv_reg_dmabuf_mr for irdma)",
+            fix: "sudo dnf upgrade --refresh rdma-core libibverbs && sudo reboot",
+        },
+        Fault {
+            name: "Ubuntu 22.04: rdma-core 39, kernel 5.15",
+            apply: |o| {
+                o.remove("usr/lib64/libibverbs.so.1.14.57.0");
+                o.write("usr/lib/x86_64-linux-gnu/libibverbs.so.1.14.39.0", "");
+                o.write("proc/sys/kernel/osrelease", "5.15.0-91-generic\n");
+                o.write("etc/os-release", "ID=ubuntu\nID_LIKE=debian\nVERSION_ID=\"22.04\"\n");
+            },
+            env: None, args: &[],
+            id: "gpu.dmabuf", verdict: Verdict::Warn, value_has: "rdma-core 39",
+            fix: "upgrade to Ubuntu 24.04 or later (sudo do-release-upgrade), whose rdma-core and kernel register dma-bufs with irdma",
+        },
+        Fault {
+            name: "no libibverbs",
+            apply: |o| { o.remove("usr/lib64/libibverbs.so.1.14.57.0"); },
+            env: None, args: &[],
+            id: "gpu.dmabuf", verdict: Verdict::Skip, value_has: "rdma-core's version is unknown", fix: "",
         },
         Fault {
             name: "not gfx1151",
@@ -333,7 +384,7 @@ fn faults() -> Vec<Fault> {
             name: "NCCL_NET_GDR_LEVEL=0",
             apply: |_| {},
             env: Some("NCCL_NET_GDR_LEVEL=0\n"), args: &[],
-            id: "env.gdr_level", verdict: Verdict::Warn, value_has: "GPU-direct disabled", fix: "export NCCL_NET_GDR_LEVEL=SYS",
+            id: "env.gdr_level", verdict: Verdict::Warn, value_has: "GPU-direct disabled", fix: "export NCCL_NET_GDR_LEVEL=PHB",
         },
         Fault {
             name: "NCCL_IB_GID_INDEX points at the wrong GID",

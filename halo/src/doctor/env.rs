@@ -58,9 +58,10 @@ fn net_plugin(v: Option<&str>) -> Check {
 fn gdr_level(v: Option<&str>) -> Check {
     const ID: &str = "env.gdr_level";
     const TITLE: &str = "NCCL_NET_GDR_LEVEL";
-    // The iGPU and a slot NIC sit under different PCIe bridges; RCCL's default distance (PXB)
-    // then refuses GPU-direct and stages every transfer through host bounce buffers.
-    let fix = "export NCCL_NET_GDR_LEVEL=SYS";
+    // An APU's iGPU sits on the root complex and a slot NIC behind a root port: they meet at
+    // the host bridge (PHB). RCCL's default distance (PXB) then refuses GPU-direct and stages
+    // every transfer through host bounce buffers; PHB is the closest level that allows it.
+    let fix = "export NCCL_NET_GDR_LEVEL=PHB";
     match v.map(str::to_ascii_uppercase).as_deref() {
         None => Check::warn(
             ID,

@@ -1,4 +1,5 @@
-//! The iGPU as amdgpu and KFD describe it: architecture, BIOS carve-out, GTT size.
+//! The iGPU as amdgpu and KFD describe it: architecture, BIOS carve-out, GTT size; and whether
+//! the NIC can register its memory through dma-buf (rdma-core and kernel versions).
 
 use super::{human_bytes, Check, Facts};
 use crate::sysroot::SysRoot;
@@ -17,7 +18,140 @@ pub fn gfx_name(target_version: u32) -> String {
 }
 
 pub fn checks(root: &SysRoot, facts: &Facts) -> Vec<Check> {
-    vec![arch(root), memory(root, facts)]
+    vec![arch(root), memory(root, facts), dmabuf(root)]
+}
+
+/// First rdma-core release whose irdma provider implements `ibv_reg_dmabuf_mr` (earlier ones
+/// answer EOPNOTSUPP).
+const RDMA_CORE_DMABUF: u32 = 45;
+/// First kernel whose irdma driver registers dma-buf memory regions (Debian 12's 6.1 module has
+/// no `reg_user_mr_dmabuf`).
+const KERNEL_DMABUF: (u32, u32) = (6, 3);
+
+/// Where distributions put libibverbs.
+const LIB_DIRS: [&str; 5] = [
+    "/usr/lib64",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib",
+    "/lib64",
+    "/lib/x86_64-linux-gnu",
+];
+
+/// The rdma-core release of the installed libibverbs, from its file name
+/// `libibverbs.so.1.<abi>.<release>.<patch>` (e.g. `libibverbs.so.1.14.44.0` is rdma-core 44).
+pub fn rdma_core_version(root: &SysRoot) -> Option<(u32, String)> {
+    LIB_DIRS.iter().find_map(|dir| {
+        root.entries(dir).into_iter().find_map(|name| {
+            let rest = name.strip_prefix("libibverbs.so.1.")?;
+            let release = rest.split('.').nth(1)?.parse().ok()?;
+            Some((release, format!("{dir}/{name}")))
+        })
+    })
+}
+
+/// The distribution family from `/etc/os-release` (`ID`, then `ID_LIKE`).
+fn distro(root: &SysRoot) -> Option<&'static str> {
+    let text = root
+        .read("/etc/os-release")
+        .or_else(|| root.read("/usr/lib/os-release"))?;
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    let ids = format!("{} {}", field("ID="), field("ID_LIKE="));
+    ["fedora", "ubuntu", "debian"]
+        .into_iter()
+        .find(|d| ids.split_whitespace().any(|w| w == *d))
+}
+
+/// What brings rdma-core and the kernel far enough on `distro`.
+fn dmabuf_fix(distro: Option<&str>, old_rdma_core: bool, old_kernel: bool) -> String {
+    match distro {
+        Some("fedora") => {
+            let mut pkgs = Vec::new();
+            if old_rdma_core {
+                pkgs.push("rdma-core libibverbs");
+            }
+            if old_kernel {
+                pkgs.push("kernel");
+            }
+            format!(
+                "sudo dnf upgrade --refresh {} && sudo reboot",
+                pkgs.join(" ")
+            )
+        }
+        Some("ubuntu") => {
+            "upgrade to Ubuntu 24.04 or later (sudo do-release-upgrade), whose rdma-core \
+             and kernel register dma-bufs with irdma"
+                .into()
+        }
+        Some("debian") if old_rdma_core => {
+            "upgrade to Debian 13 (trixie: rdma-core 56, kernel 6.12); \
+             Debian 12 has no rdma-core >= 45, not even in bookworm-backports"
+                .into()
+        }
+        Some("debian") => {
+            "sudo apt install -t bookworm-backports linux-image-amd64 && sudo reboot \
+             (Debian 12: add bookworm-backports to the apt sources first)"
+                .into()
+        }
+        _ => format!(
+            "install rdma-core >= {RDMA_CORE_DMABUF} and a kernel >= {}.{} from the distribution",
+            KERNEL_DMABUF.0, KERNEL_DMABUF.1
+        ),
+    }
+}
+
+/// Whether irdma can register the iGPU's memory as a dma-buf (the plugin's strategy 1). Without
+/// it the plugin registers GPU memory by address or RCCL stages it through host memory: a
+/// warning, not a failure.
+fn dmabuf(root: &SysRoot) -> Check {
+    const ID: &str = "gpu.dmabuf";
+    const TITLE: &str = "dma-buf GPU-direct support";
+    let kernel = super::kernel::kernel_version(root);
+    let Some((rdma_core, lib)) = rdma_core_version(root) else {
+        return Check::skip(
+            ID,
+            TITLE,
+            "libibverbs.so.1.* not found: rdma-core's version is unknown",
+        );
+    };
+    let Some(kernel) = kernel else {
+        return Check::skip(ID, TITLE, "kernel version unknown");
+    };
+    let old_rdma_core = rdma_core < RDMA_CORE_DMABUF;
+    let old_kernel = kernel < KERNEL_DMABUF;
+    let seen = format!(
+        "rdma-core {rdma_core} ({lib}), kernel {}.{}",
+        kernel.0, kernel.1
+    );
+    if !old_rdma_core && !old_kernel {
+        return Check::pass(ID, TITLE, format!("{seen}: irdma registers dma-bufs"));
+    }
+    let mut why = Vec::new();
+    if old_rdma_core {
+        why.push(format!(
+            "rdma-core < {RDMA_CORE_DMABUF} has no ibv_reg_dmabuf_mr for irdma"
+        ));
+    }
+    if old_kernel {
+        why.push(format!(
+            "kernel < {}.{} has no dma-buf memory regions in irdma",
+            KERNEL_DMABUF.0, KERNEL_DMABUF.1
+        ));
+    }
+    Check::warn(
+        ID,
+        TITLE,
+        format!(
+            "{seen}: GPU-direct via dma-buf unavailable ({}); GPU memory is registered by address \
+             where possible, else staged through host memory",
+            why.join("; ")
+        ),
+        dmabuf_fix(distro(root), old_rdma_core, old_kernel),
+    )
 }
 
 fn arch(root: &SysRoot) -> Check {
@@ -108,6 +242,20 @@ fn memory(root: &SysRoot, facts: &Facts) -> Check {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rdma_core_release_from_the_library_name() {
+        let dir = std::env::temp_dir().join(format!("halo-ibv-{}", std::process::id()));
+        let lib = dir.join("usr/lib/x86_64-linux-gnu");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("libibverbs.so.1"), "").unwrap();
+        std::fs::write(lib.join("libibverbs.so.1.14.44.0"), "").unwrap();
+        let root = crate::sysroot::SysRoot::new(&dir);
+        let (v, path) = super::rdma_core_version(&root).unwrap();
+        assert_eq!(v, 44);
+        assert_eq!(path, "/usr/lib/x86_64-linux-gnu/libibverbs.so.1.14.44.0");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn gfx_names() {
         assert_eq!(super::gfx_name(110501), "gfx1151");

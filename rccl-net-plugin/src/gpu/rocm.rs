@@ -9,6 +9,7 @@
 use crate::log::{info, INIT, NET};
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::path::Path;
 use std::sync::OnceLock;
 
 /// Names tried for the HIP runtime, in order.
@@ -73,7 +74,8 @@ pub enum MemKind {
 
 /// The dma-buf export entry points (HSA); absent where HSA could not be loaded.
 struct Hsa {
-    _lib: Library,
+    /// The library, where HSA was not reached through the HIP handle.
+    _lib: Option<Library>,
     export: HsaExportDmabuf,
     close: HsaCloseDmabuf,
 }
@@ -81,12 +83,13 @@ struct Hsa {
 /// The loaded ROCm runtime. Lives for the whole process (the libraries are never unloaded).
 pub struct Rocm {
     _hip: Library,
-    hip_name: &'static str,
+    hip_origin: Origin,
     hip_version: i32,
     malloc: HipMalloc,
     free: HipFree,
     attributes: HipPointerGetAttributes,
     hsa: Result<Hsa, String>,
+    hsa_origin: Option<Origin>,
     gpus: Vec<String>,
     dmabuf_supported: Option<bool>,
 }
@@ -117,7 +120,7 @@ pub fn runtime() -> Option<&'static Rocm> {
         .as_ref()
 }
 
-/// Copies a function pointer out of `lib`.
+/// Copies a function pointer out of `lib` (the object itself, then its dependencies).
 ///
 /// # Safety
 /// `T` must be the function type the library defines for `name`.
@@ -130,24 +133,153 @@ unsafe fn sym<T: Copy>(lib: &Library, name: &str) -> Result<T, String> {
 }
 
 fn open(name: &str) -> Result<Library, String> {
-    // SAFETY: loading a ROCm runtime runs its initialisers, which have no preconditions; in an
-    // RCCL process the library is already loaded and this only takes a reference.
+    // SAFETY: loading a ROCm runtime runs its initialisers, which have no preconditions.
     unsafe { Library::new(name) }.map_err(|e| e.to_string())
+}
+
+/// A handle on an object that is already loaded (`RTLD_NOLOAD`): takes a reference, never
+/// maps a second copy.
+fn open_loaded(path: &str) -> Result<Library, String> {
+    // SAFETY: with RTLD_NOLOAD nothing is loaded and no initialiser runs; the object is
+    // already in the process.
+    unsafe { libloading::os::unix::Library::open(Some(path), libc::RTLD_NOLOAD | libc::RTLD_LAZY) }
+        .map(Library::from)
+        .map_err(|e| e.to_string())
+}
+
+/// Paths of the loaded objects whose file name starts with `prefix`, in load order.
+fn loaded_objects(prefix: &str) -> Vec<String> {
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: `data` is the vector `loaded_objects` passed, alive for the iteration;
+        // `info` is valid during the callback and `dlpi_name` is NULL or a C string.
+        unsafe {
+            let names = &mut *(data as *mut Vec<String>);
+            let name = (*info).dlpi_name;
+            if !name.is_null() {
+                names.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            }
+        }
+        0
+    }
+    let mut all: Vec<String> = Vec::new();
+    // SAFETY: the callback only reads the entry and appends to `all`, which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(each), &mut all as *mut Vec<String> as *mut c_void) };
+    all.into_iter()
+        .filter(|p| {
+            Path::new(p)
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(prefix))
+        })
+        .collect()
+}
+
+/// The object defining `symbol` in the process's global scope, if any.
+fn global_definer(symbol: &CStr) -> Option<String> {
+    // SAFETY: dlsym with RTLD_DEFAULT only looks the name up.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, symbol.as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: an all-zero Dl_info is a valid value (null pointers) for dladdr to fill.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `p` is an address in a loaded object; `info` is a valid out-pointer.
+    if unsafe { libc::dladdr(p, &mut info) } == 0 || info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: dladdr set a C string owned by the loader, valid while the object is loaded.
+    Some(
+        unsafe { CStr::from_ptr(info.dli_fname) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
+/// Where a runtime library came from, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Already loaded in the process (by RCCL, PyTorch, ...), found among the loaded objects.
+    Loaded { path: String },
+    /// Already loaded in the process, found as the global definition of a symbol.
+    GlobalSymbol { path: String, symbol: &'static str },
+    /// Reached through the HIP runtime's own dependencies.
+    HipDependency,
+    /// Loaded by the plugin under this name (no copy was in the process).
+    ByName { name: &'static str },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Loaded { path } => write!(f, "{path} (already loaded in the process)"),
+            Origin::GlobalSymbol { path, symbol } => write!(
+                f,
+                "{path} (already loaded in the process, which defines {symbol})"
+            ),
+            Origin::HipDependency => write!(f, "the HIP runtime's own HSA runtime"),
+            Origin::ByName { name } => write!(
+                f,
+                "{name} (loaded by name: no HIP runtime was in the process yet)"
+            ),
+        }
+    }
+}
+
+/// The library of a runtime: the copy already in the process when there is one (whatever its
+/// file name: Python wheels bundle `libamdhip64.so.6` or a hashed name), else the first of
+/// `names` that loads. Loading by name when a copy is already in the process would bring a
+/// second, independent runtime that knows none of the first one's allocations.
+fn find_runtime(
+    prefix: &str,
+    symbol: &'static CStr,
+    names: &[&'static str],
+) -> Result<(Library, Origin), String> {
+    let mut tried = Vec::new();
+    let loaded = loaded_objects(prefix);
+    if loaded.len() > 1 {
+        info!(
+            INIT | NET,
+            "{} copies of {prefix}* are loaded ({}); using the first",
+            loaded.len(),
+            loaded.join(", ")
+        );
+    }
+    for path in loaded {
+        match open_loaded(&path) {
+            Ok(l) => return Ok((l, Origin::Loaded { path })),
+            Err(e) => tried.push(format!("{path}: {e}")),
+        }
+    }
+    if let Some(path) = global_definer(symbol) {
+        match open_loaded(&path) {
+            Ok(l) => {
+                return Ok((
+                    l,
+                    Origin::GlobalSymbol {
+                        path,
+                        symbol: symbol.to_str().unwrap_or("?"),
+                    },
+                ))
+            }
+            Err(e) => tried.push(format!("{path}: {e}")),
+        }
+    }
+    for &name in names {
+        match open(name) {
+            Ok(l) => return Ok((l, Origin::ByName { name })),
+            Err(e) => tried.push(e),
+        }
+    }
+    Err(tried.join("; "))
 }
 
 impl Rocm {
     fn load() -> Result<Rocm, String> {
-        let mut tried = Vec::new();
-        let (hip, hip_name) = HIP_NAMES
-            .iter()
-            .find_map(|&n| match open(n) {
-                Ok(l) => Some((l, n)),
-                Err(e) => {
-                    tried.push(e);
-                    None
-                }
-            })
-            .ok_or_else(|| format!("no HIP runtime ({})", tried.join("; ")))?;
+        let (hip, hip_origin) = find_runtime("libamdhip64", c"hipPointerGetAttributes", &HIP_NAMES)
+            .map_err(|e| format!("no HIP runtime ({e})"))?;
         // SAFETY: each type matches the HIP declaration of the symbol.
         let (malloc, free, attributes, get_version) = unsafe {
             (
@@ -162,17 +294,18 @@ impl Rocm {
         let rc = unsafe { get_version(&mut hip_version) };
         if rc != 0 || hip_version < HIP_VERSION_6 {
             return Err(format!(
-                "{hip_name} is HIP runtime version {hip_version} (status {rc}); ROCm 6 or later is needed"
+                "HIP runtime {hip_origin} is version {hip_version} (status {rc}); ROCm 6 or later is needed"
             ));
         }
         let mut r = Rocm {
             _hip: hip,
-            hip_name,
+            hip_origin,
             hip_version,
             malloc,
             free,
             attributes,
             hsa: Err(String::new()),
+            hsa_origin: None,
             gpus: Vec::new(),
             dmabuf_supported: None,
         };
@@ -181,33 +314,30 @@ impl Rocm {
     }
 
     fn load_hsa(&mut self) {
-        let lib = match open(HSA_NAME) {
-            Ok(l) => l,
-            Err(e) => {
-                self.hsa = Err(e);
-                return;
+        // HIP links its HSA runtime: looking the symbols up through the HIP handle (the object
+        // and its dependencies) finds the copy HIP itself uses, bundled or not.
+        let (lib, origin, fns) = match hsa_fns(&self._hip) {
+            Ok(f) => (None, Origin::HipDependency, f),
+            Err(_) => {
+                let (lib, origin) = match find_runtime("libhsa-runtime64", c"hsa_init", &[HSA_NAME])
+                {
+                    Ok(l) => l,
+                    Err(e) => {
+                        self.hsa = Err(e);
+                        return;
+                    }
+                };
+                match hsa_fns(&lib) {
+                    Ok(f) => (Some(lib), origin, f),
+                    Err(e) => {
+                        self.hsa = Err(e);
+                        return;
+                    }
+                }
             }
         };
-        // SAFETY: each type matches the HSA declaration of the symbol.
-        let fns = unsafe {
-            (|| {
-                Ok::<_, String>((
-                    sym::<HsaInit>(&lib, "hsa_init")?,
-                    sym::<HsaIterateAgents>(&lib, "hsa_iterate_agents")?,
-                    sym::<HsaAgentGetInfo>(&lib, "hsa_agent_get_info")?,
-                    sym::<HsaSystemGetInfo>(&lib, "hsa_system_get_info")?,
-                    sym::<HsaExportDmabuf>(&lib, "hsa_amd_portable_export_dmabuf")?,
-                    sym::<HsaCloseDmabuf>(&lib, "hsa_amd_portable_close_dmabuf")?,
-                ))
-            })()
-        };
-        let (init, iterate, get_info, system_info, export, close) = match fns {
-            Ok(f) => f,
-            Err(e) => {
-                self.hsa = Err(e);
-                return;
-            }
-        };
+        self.hsa_origin = Some(origin);
+        let (init, iterate, get_info, system_info, export, close) = fns;
         // HSA counts initialisations; this reference is held for the life of the process.
         // SAFETY: no preconditions.
         let st = unsafe { init() };
@@ -238,12 +368,17 @@ impl Rocm {
         });
     }
 
-    /// One line for the log: which runtime, which GPUs, whether dma-buf export is possible.
+    /// One line for the log: which runtime and where it came from, which GPUs, whether
+    /// dma-buf export is possible.
     pub fn describe(&self) -> String {
         format!(
-            "ROCm: {} (HIP {}), GPU agents [{}], dma-buf export {}",
-            self.hip_name,
+            "ROCm: HIP runtime {}, HIP {}; HSA {}; GPU agents [{}], dma-buf export {}",
+            self.hip_origin,
             self.hip_version,
+            match (&self.hsa, &self.hsa_origin) {
+                (Ok(_), Some(o)) => o.to_string(),
+                _ => "not loaded".to_string(),
+            },
             self.gpus.join(", "),
             match (&self.hsa, self.dmabuf_supported) {
                 (Err(e), _) => format!("unavailable ({HSA_NAME}: {e})"),
@@ -252,6 +387,16 @@ impl Rocm {
                 (Ok(_), None) => "of unknown support".into(),
             }
         )
+    }
+
+    /// Where the HIP runtime in use came from.
+    pub fn hip_origin(&self) -> &Origin {
+        &self.hip_origin
+    }
+
+    /// `hipRuntimeGetVersion` of the runtime in use.
+    pub fn hip_version(&self) -> i32 {
+        self.hip_version
     }
 
     /// Names of the GPU agents HSA reports (e.g. `gfx1151`).
@@ -324,6 +469,30 @@ impl Rocm {
             fd,
             offset,
         })
+    }
+}
+
+type HsaFns = (
+    HsaInit,
+    HsaIterateAgents,
+    HsaAgentGetInfo,
+    HsaSystemGetInfo,
+    HsaExportDmabuf,
+    HsaCloseDmabuf,
+);
+
+/// The HSA entry points the plugin uses, looked up through `lib`.
+fn hsa_fns(lib: &Library) -> Result<HsaFns, String> {
+    // SAFETY: each type matches the HSA declaration of the symbol.
+    unsafe {
+        Ok((
+            sym::<HsaInit>(lib, "hsa_init")?,
+            sym::<HsaIterateAgents>(lib, "hsa_iterate_agents")?,
+            sym::<HsaAgentGetInfo>(lib, "hsa_agent_get_info")?,
+            sym::<HsaSystemGetInfo>(lib, "hsa_system_get_info")?,
+            sym::<HsaExportDmabuf>(lib, "hsa_amd_portable_export_dmabuf")?,
+            sym::<HsaCloseDmabuf>(lib, "hsa_amd_portable_close_dmabuf")?,
+        ))
     }
 }
 

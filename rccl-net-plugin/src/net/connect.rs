@@ -249,6 +249,11 @@ fn flush_qp(dev: &NetDevice, s: &ConnSettings) -> NetResult<Option<Flush>> {
     if !dev.gpu.gpu_receives() {
         return Ok(None);
     }
+    new_flush(dev, s).map(Some)
+}
+
+/// A flush QP on `dev`, connected to itself, with its sink (also what the `init` probe opens).
+pub(super) fn new_flush(dev: &NetDevice, s: &ConnSettings) -> NetResult<Flush> {
     let (qp, cq) = create_qp(dev, FLUSH_SLOTS as u32, 1)?;
     let psn = random_psn();
     let me = local_info(
@@ -260,7 +265,7 @@ fn flush_qp(dev: &NetDevice, s: &ConnSettings) -> NetResult<Option<Flush>> {
     );
     connect_qp(dev, s, &qp, psn, &me, me.qps[0], "itself (flush QP)")?;
     let sink = RegisteredBuf::new(&dev.pd, FLUSH_SLOTS, "flush sink")?;
-    Ok(Some(Flush::new(qp, cq, sink)))
+    Ok(Flush::new(qp, cq, sink))
 }
 
 fn oob_err(e: crate::oob::OobError) -> NetError {

@@ -1,5 +1,6 @@
 //! Discovery of the RDMA ports the plugin offers to RCCL, and their properties.
 
+use super::connect::ConnSettings;
 use super::error::{NetError, NetResult};
 use super::regcache::{data_access, RegCache};
 use crate::config::PluginConfig;
@@ -12,6 +13,7 @@ use halo_ibverbs::{
 use std::ffi::CString;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 /// One usable (device, port) pair: what RCCL calls a net device.
 pub struct NetDevice {
@@ -219,7 +221,7 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
                 .sysfs_device_path
                 .clone()
                 .unwrap_or_else(|| info.ibdev_path.clone());
-            let dev = NetDevice {
+            let mut dev = NetDevice {
                 index: found.len(),
                 c_name: CString::new(info.name.clone()).unwrap_or_default(),
                 c_pci_path: CString::new(pci.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -237,6 +239,14 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
                 regs: RegCache::new(),
                 gpu,
             };
+            if dev.gpu.gpu_receives() {
+                let settings = ConnSettings {
+                    cfg: Arc::new(cfg.clone()),
+                    traffic_class: cfg.traffic_class,
+                };
+                let flush = super::flush::probe(&dev, &settings);
+                dev.gpu = gpu_after_flush_probe(&dev.describe(), dev.gpu, flush);
+            }
             info!(
                 INIT | NET,
                 "device {} = {} {:?} mtu {} speed {} Mbps",
@@ -265,6 +275,31 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
     Ok(found)
 }
 
+/// What a device may claim for GPU memory once its flush probe ran: receives into GPU memory
+/// need the flush (an RDMA READ over a QP connected to itself), so where that QP does not work
+/// the device advertises host memory only (no `NCCL_PTR_CUDA`, no `NCCL_PTR_DMABUF`, no
+/// `forceFlush`) and RCCL stages GPU data through host buffers, instead of failing `accept`.
+pub fn gpu_after_flush_probe(dev: &str, gpu: GpuSupport, flush: Result<(), String>) -> GpuSupport {
+    match flush {
+        Ok(()) => {
+            info!(
+                INIT | NET,
+                "{dev}: flush probe passed (RC QP connected to itself, one RDMA READ checked)"
+            );
+            gpu
+        }
+        Err(e) => {
+            warn!(
+                INIT | NET,
+                "{dev}: the flush probe failed: {e}; receives into GPU memory could not be \
+                 flushed, so NCCL_PTR_CUDA/NCCL_PTR_DMABUF are not advertised on this device and \
+                 RCCL stages GPU data through host memory"
+            );
+            GpuSupport::NONE
+        }
+    }
+}
+
 /// PCI vendor id of Intel, whose Ethernet RDMA devices (E810, X722) use the `irdma` provider.
 const VENDOR_INTEL: u32 = 0x8086;
 
@@ -274,6 +309,50 @@ fn default_qps_for_vendor(vendor: u32) -> u32 {
         2
     } else {
         1
+    }
+}
+
+#[cfg(test)]
+mod flush_probe_tests {
+    use super::gpu_after_flush_probe;
+    use crate::gpu::{GpuSupport, Strategy};
+    use halo_ffi::{NCCL_PTR_CUDA, NCCL_PTR_DMABUF, NCCL_PTR_HOST};
+
+    const DMABUF: GpuSupport = GpuSupport {
+        strategy: Strategy::DmaBuf,
+        dmabuf_mr: true,
+    };
+    const VA: GpuSupport = GpuSupport {
+        strategy: Strategy::Va,
+        dmabuf_mr: false,
+    };
+
+    #[test]
+    fn a_failed_flush_probe_withdraws_gpu_pointer_support() {
+        for gpu in [DMABUF, VA] {
+            assert_ne!(gpu.ptr_support() & NCCL_PTR_CUDA, 0);
+            let after = gpu_after_flush_probe(
+                "irdma0:1",
+                gpu,
+                Err("QP 0x11 to RTR towards itself (flush QP): Invalid argument (errno 22)".into()),
+            );
+            assert_eq!(after.ptr_support(), NCCL_PTR_HOST, "no CUDA, no DMABUF");
+            assert!(
+                !after.gpu_receives(),
+                "no forceFlush, no flush QP at accept"
+            );
+        }
+    }
+
+    #[test]
+    fn a_passed_flush_probe_keeps_what_registration_proved() {
+        let after = gpu_after_flush_probe("rxe0:1", DMABUF, Ok(()));
+        assert_eq!(
+            after.ptr_support(),
+            NCCL_PTR_HOST | NCCL_PTR_CUDA | NCCL_PTR_DMABUF
+        );
+        assert!(after.gpu_receives());
+        assert_eq!(gpu_after_flush_probe("rxe0:1", VA, Ok(())), VA);
     }
 }
 

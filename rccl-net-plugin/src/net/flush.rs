@@ -6,9 +6,12 @@
 //! QP (connected to itself) for these reads; each read fetches one byte into a host sink.
 
 use super::buffer::RegisteredBuf;
+use super::connect::{new_flush, ConnSettings};
+use super::device::NetDevice;
 use super::error::{NetError, NetResult};
 use crate::protocol::FIFO_DEPTH;
 use halo_ibverbs::{CompletionQueue, QueuePair, SendOp, SendWr, Sge, WcOpcode, WorkCompletion};
+use std::time::{Duration, Instant};
 
 /// Flushes in flight per receive comm: one per outstanding receive is enough.
 pub const FLUSH_SLOTS: usize = FIFO_DEPTH;
@@ -129,5 +132,46 @@ impl Flush {
     /// Completed one-byte RDMA READs since the comm was created.
     pub fn reads_done(&self) -> u64 {
         self.reads_done
+    }
+
+    /// The byte the READ of `slot` fetched.
+    fn sink_byte(&self, slot: usize) -> u8 {
+        // SAFETY: `slot` < FLUSH_SLOTS bytes of the sink; the READ that wrote it has completed.
+        unsafe { std::ptr::read_volatile(self.sink.ptr().add(slot)) }
+    }
+}
+
+/// How long the `init` probe waits for its READ.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The byte the probe reads back.
+const PROBE_MARK: u8 = 0x5a;
+
+/// Proves that `dev` can run the flush of GPU receives: creates a flush QP, connects it to
+/// itself, reads one byte of a registered buffer through it and checks the byte. Some devices
+/// may refuse a QP connected to itself; they then cannot flush, and the caller must not
+/// advertise GPU memory on them. The error says which step failed and the verbs error.
+pub fn probe(dev: &NetDevice, s: &ConnSettings) -> Result<(), String> {
+    let mut flush = new_flush(dev, s).map_err(|e| e.to_string())?;
+    let src = RegisteredBuf::new(&dev.pd, 64, "flush probe source").map_err(|e| e.to_string())?;
+    // SAFETY: the buffer has 64 bytes and nothing else uses it yet.
+    unsafe { std::ptr::write_volatile(src.ptr().add(7), PROBE_MARK) };
+    let slot = flush
+        .post(src.addr() + 7, src.rkey())
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    while !flush.test(slot).map_err(|e| e.to_string())? {
+        if t0.elapsed() > PROBE_TIMEOUT {
+            return Err(format!(
+                "the loopback RDMA READ did not complete within {} s",
+                PROBE_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::yield_now();
+    }
+    match flush.sink_byte(slot) {
+        PROBE_MARK => Ok(()),
+        b => Err(format!(
+            "the loopback RDMA READ completed but fetched {b:#04x}, not {PROBE_MARK:#04x}"
+        )),
     }
 }
