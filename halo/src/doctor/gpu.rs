@@ -20,12 +20,14 @@ pub fn checks(root: &SysRoot, facts: &Facts) -> Vec<Check> {
     vec![arch(root), memory(root, facts)]
 }
 
-fn arch(root: &SysRoot) -> Check {
-    const ID: &str = "gpu.arch";
-    const TITLE: &str = "GPU architecture";
+/// The first GPU's `gfx_target_version` in the KFD topology.
+pub fn gfx_target(root: &SysRoot) -> Option<u32> {
+    gfx_targets(root).first().copied()
+}
+
+fn gfx_targets(root: &SysRoot) -> Vec<u32> {
     let base = "/sys/class/kfd/kfd/topology/nodes";
-    let targets: Vec<u32> = root
-        .entries(base)
+    root.entries(base)
         .iter()
         .filter_map(|n| root.read(&format!("{base}/{n}/properties")))
         .filter_map(|props| {
@@ -36,8 +38,13 @@ fn arch(root: &SysRoot) -> Check {
         })
         // CPU nodes report 0.
         .filter(|&v| v != 0)
-        .collect();
-    match targets.first() {
+        .collect()
+}
+
+fn arch(root: &SysRoot) -> Check {
+    const ID: &str = "gpu.arch";
+    const TITLE: &str = "GPU architecture";
+    match gfx_targets(root).first() {
         None => Check::fail(
             ID,
             TITLE,
@@ -71,6 +78,9 @@ fn memory(root: &SysRoot, facts: &Facts) -> Check {
             ))
         });
     let Some((card, vram, gtt)) = found else {
+        if facts.gfx_target.is_none() {
+            return Check::skip(ID, TITLE, "no AMD GPU");
+        }
         return Check::fail(
             ID,
             TITLE,
