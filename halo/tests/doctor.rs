@@ -934,3 +934,257 @@ fn peers_are_checked_over_ssh_and_merged() {
     assert!(text.contains("halo doctor: node strix2"), "{text}");
     assert!(text.contains("! warn  Interface MTU"), "{text}");
 }
+
+fn table(root: &Path, env_file: &Path, columns: Option<&str>) -> String {
+    let mut cmd = halo();
+    match columns {
+        Some(c) => cmd.env("COLUMNS", c),
+        None => cmd.env_remove("COLUMNS"),
+    };
+    let out = cmd
+        .arg("doctor")
+        .arg("--root")
+        .arg(root)
+        .arg("--env-file")
+        .arg(env_file)
+        .output()
+        .unwrap();
+    stdout(&out)
+}
+
+#[test]
+fn a_machine_without_gpu_and_nic_gets_one_headline_not_a_cascade() {
+    let o = Overlay::of_good();
+    for gone in [
+        "sys/class/kfd",
+        "sys/class/drm",
+        "sys/class/infiniband",
+        "dev/kfd",
+        "dev/dri",
+        "dev/infiniband",
+    ] {
+        o.remove(gone);
+    }
+    let text = table(o.root(), &good_env(), Some("100"));
+    println!("{text}");
+    assert_eq!(
+        text.lines().next(),
+        Some("not a cluster node: no AMD GPU, no RDMA device")
+    );
+    let (code, report) = doctor_json(o.root(), &good_env(), &[]);
+    assert_eq!(code, 1);
+    let fails: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .map(|c| c.id.as_str())
+        .collect();
+    assert_eq!(fails, ["gpu.arch", "rdma.devices"]);
+}
+
+#[test]
+fn the_headline_counts_what_blocks_and_what_slows() {
+    let env = Overlay::of(DEBIAN);
+    let env_file = env.path("node.env");
+    fs::write(&env_file, GOOD_ENV).unwrap();
+    let text = table(env.root(), &env_file, Some("100"));
+    println!("{text}");
+    // Blocks: memlock, the user's groups, RCCL without gfx1151. Slows: GTT, firmware, flow control.
+    assert_eq!(
+        text.lines().next(),
+        Some("3 problems block the cluster, 3 slow it down")
+    );
+    assert_eq!(
+        table(&good_tree(), &good_env(), None).lines().next(),
+        Some("ready: nothing blocks the cluster or slows it down")
+    );
+}
+
+#[test]
+fn the_table_is_wrapped_to_the_terminal_width() {
+    let o = Overlay::of(DEBIAN);
+    for (columns, width) in [(Some("80"), 80), (None, 100), (Some("120"), 120)] {
+        let text = table(o.root(), &good_env(), columns);
+        let mut longest = 0;
+        for line in text.lines() {
+            let len = line.chars().count();
+            longest = longest.max(len);
+            // Only a single unbreakable word (a path, a sed script) may stick out.
+            if len > width {
+                let words = line.split_whitespace().count();
+                assert!(words <= 2, "{columns:?}: line of {len} > {width}: {line}");
+            }
+        }
+        assert!(
+            longest > width - 20,
+            "{columns:?}: the width is used ({longest})"
+        );
+    }
+    let narrow = table(o.root(), &good_env(), Some("80"));
+    assert!(
+        narrow.contains("          fix: sudo ethtool -A enp1s0f0np0 rx on tx on; at boot: add"),
+        "{narrow}"
+    );
+}
+
+/// A stand-in `ssh` first on PATH that runs the real `halo doctor --json` against the captured
+/// tree of each named host, and answers for unreachable ones as ssh does.
+fn fake_ssh_hosts(dir: &Path, hosts: &[(&str, &Path)], peer_env: &Path) {
+    let mut cases = String::new();
+    for (host, root) in hosts {
+        cases.push_str(&format!(
+            "  {host}) exec '{}' doctor --json --root '{}' --env-file '{}';;\n",
+            env!("CARGO_BIN_EXE_halo"),
+            root.display(),
+            peer_env.display()
+        ));
+    }
+    let script = format!(
+        "#!/bin/sh\n\
+         while [ \"${{1#-}}\" != \"$1\" ]; do shift 2; done\n\
+         host=$1; shift\n\
+         case $host in down*) echo 'ssh: connect to host '$host' port 22: Connection refused' >&2; exit 255;; esac\n\
+         case $host in gone*) echo 'ssh: Could not resolve hostname '$host': Name or service not known' >&2; exit 255;; esac\n\
+         case $host in nokey*) echo $host': Permission denied (publickey).' >&2; exit 255;; esac\n\
+         if [ \"$1\" = true ]; then exit 0; fi\n\
+         if [ \"$1 $2 $3\" != 'halo doctor --json' ]; then echo \"fake ssh: unexpected command $*\" >&2; exit 127; fi\n\
+         case $host in\n{cases}esac\n\
+         echo \"fake ssh: unknown host $host\" >&2; exit 255\n"
+    );
+    let path = dir.join("ssh");
+    fs::write(&path, script).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The good node as its peer strix2 at 192.168.100.2.
+fn strix2() -> Overlay {
+    let o = Overlay::of_good();
+    o.write("proc/sys/kernel/hostname", "strix2\n");
+    o.write(
+        &format!("{PORT}/gids/1"),
+        "0000:0000:0000:0000:0000:ffff:c0a8:6402\n",
+    );
+    o.edit(
+        "proc/net/fib_trie",
+        "|-- 192.168.100.1",
+        "|-- 192.168.100.2",
+    );
+    o
+}
+
+#[test]
+fn peers_are_compared_link_by_link() {
+    let bin = tempfile::tempdir().unwrap();
+    let same = strix2();
+    let mtu = strix2();
+    mtu.write("sys/class/net/enp1s0f0np0/mtu", "1500\n");
+    let subnet = strix2();
+    subnet.write(
+        &format!("{PORT}/gids/1"),
+        "0000:0000:0000:0000:0000:ffff:c0a8:6502\n",
+    );
+    subnet.write(
+        "proc/net/fib_trie",
+        &fs::read_to_string(good_tree().join("proc/net/fib_trie"))
+            .unwrap()
+            .replace("192.168.100.0", "192.168.101.0")
+            .replace("192.168.100.1", "192.168.101.2"),
+    );
+    let ubuntu = common::fixtures().join("doctor").join(UBUNTU);
+    let cx3 = common::fixtures().join("doctor").join(CX3);
+    fake_ssh_hosts(
+        bin.path(),
+        &[
+            ("strix2", same.root()),
+            ("strix3", subnet.root()),
+            ("strix4", mtu.root()),
+            ("msmax2", &ubuntu),
+            ("oldrig", &cx3),
+        ],
+        &good_env(),
+    );
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    let mut cmd = halo();
+    cmd.env("PATH", &path).args(["doctor", "--json"]);
+    for p in [
+        "strix2",
+        "strix3",
+        "strix4",
+        "msmax2",
+        "oldrig",
+        "down-host",
+        "gone-host",
+    ] {
+        cmd.args(["--peer", p]);
+    }
+    let out = cmd
+        .arg("--root")
+        .arg(good_tree())
+        .arg("--env-file")
+        .arg(good_env())
+        .output()
+        .unwrap();
+    let report: NodeReport = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    let link = |host: &str| report.check(&format!("peer.link.{host}")).unwrap().clone();
+
+    let c = link("strix2");
+    assert_eq!(c.verdict, Verdict::Pass, "{c:?}");
+    assert_eq!(
+        c.value,
+        "RoCE v2 GID 1 (IPv4), subnet 192.168.100.0/30, MTU 9000 on both"
+    );
+    let c = link("strix3");
+    assert_eq!(c.verdict, Verdict::Fail, "{c:?}");
+    assert_eq!(
+        c.value,
+        "subnet strix1 192.168.100.0/30, strix3 192.168.101.2/30: the nodes have no route to each other"
+    );
+    assert_eq!(
+        c.fix,
+        "put both cluster addresses in one subnet (the guide: 192.168.100.1/30 and .2/30)"
+    );
+    let c = link("strix4");
+    assert_eq!(c.verdict, Verdict::Warn, "{c:?}");
+    assert_eq!(
+        c.value,
+        "MTU strix1 9000 (enp1s0f0np0), strix4 1500 (enp1s0f0np0): the link runs at the smaller RDMA MTU 1024"
+    );
+    let c = link("msmax2");
+    assert_eq!(c.verdict, Verdict::Fail, "{c:?}");
+    assert_eq!(
+        c.value,
+        "GID index strix1 1, msmax2 3: one NCCL_IB_GID_INDEX selects the wrong GID on one of them"
+    );
+    assert_eq!(
+        c.fix,
+        "set gid_index = 3 for msmax2 in cluster.toml (NCCL_IB_GID_INDEX per node)"
+    );
+    let c = link("oldrig");
+    assert_eq!(c.verdict, Verdict::Fail, "{c:?}");
+    assert!(
+        c.value
+            .starts_with("RoCE version strix1 RoCE v2, oldrig IB/RoCE v1"),
+        "{c:?}"
+    );
+
+    // Unreachable peers are not told to copy a key.
+    let down = report.check("peer.ssh.down-host").unwrap();
+    assert_eq!(down.verdict, Verdict::Fail);
+    assert_eq!(
+        down.fix,
+        "down-host is up but no SSH server listens: on down-host, sudo systemctl enable --now sshd (Debian/Ubuntu: ssh)"
+    );
+    let gone = report.check("peer.ssh.gone-host").unwrap();
+    assert_eq!(
+        gone.fix,
+        "gone-host does not resolve: use its IP address, or add it to /etc/hosts"
+    );
+    assert!(report.check("peer.link.down-host").is_none());
+    // A captured tree is not the running system: no RDMA ping.
+    assert!(report.check("peer.rdma.strix2").is_none());
+}

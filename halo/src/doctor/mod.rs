@@ -234,7 +234,7 @@ pub fn run(opts: &DoctorOptions, probe: &dyn PluginProbe) -> NodeReport {
         let reached = ssh_check.verdict == Verdict::Pass;
         report.checks.push(ssh_check);
         if reached {
-            let compared = peer::compare(&report, &remote, root.is_live());
+            let compared = peer::compare(&report, &remote, peer, root.is_live());
             report.checks.extend(compared);
         }
         report.peers.push(remote);

@@ -5,6 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::link::LinkFacts;
+#[cfg(test)]
+use super::Verdict;
 use super::{Check, NodeReport};
 use crate::process::run_bounded;
 
@@ -90,8 +92,7 @@ pub fn ssh_fix(host: &str, stderr: &str) -> String {
 }
 
 /// What must agree between two nodes for RCCL to connect them, and what only slows them.
-pub fn compare(local: &NodeReport, remote: &NodeReport, live: bool) -> Vec<Check> {
-    let host = &remote.node;
+pub fn compare(local: &NodeReport, remote: &NodeReport, host: &str, live: bool) -> Vec<Check> {
     let id = format!("peer.link.{host}");
     let title = format!("Cluster link matches {host}");
     let (Some(a), Some(b)) = (&local.link, &remote.link) else {
@@ -364,4 +365,124 @@ fn last_line(text: &str) -> String {
         .unwrap_or("no output")
         .trim()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(device: &str, ip: &str, gid: u32) -> LinkFacts {
+        LinkFacts {
+            netdev: "enp1s0f0np0".into(),
+            device: Some(device.into()),
+            port: Some(1),
+            mtu: Some(9000),
+            rdma_mtu: Some(4096),
+            ip: Some(ip.parse().unwrap()),
+            prefix: Some(30),
+            gid_index: Some(gid),
+            roce: Some("RoCE v2".into()),
+            gid_type: Some("IPv4".into()),
+        }
+    }
+
+    #[test]
+    fn ping_runs_each_side_on_its_own_gid() {
+        let a = facts("rocep1s0f0", "192.168.100.1", 1);
+        let b = facts("mlx5_0", "192.168.100.2", 3);
+        let (server, client) = ping_commands(&a, &b).unwrap();
+        assert_eq!(
+            server.join(" "),
+            "ib_send_lat -d mlx5_0 -x 3 -n 20 -p 18515 -F"
+        );
+        assert_eq!(
+            client.join(" "),
+            "ib_send_lat -d rocep1s0f0 -x 1 -n 20 -p 18515 -F 192.168.100.2"
+        );
+        let mut unknown = b.clone();
+        unknown.gid_index = None;
+        assert!(ping_commands(&a, &unknown).is_none());
+    }
+
+    const OK: &str = "\
+---------------------------------------------------------------------------------------
+                    Send Latency Test
+ Dual-port       : OFF\t\tDevice         : rocep1s0f0
+ Number of qps   : 1\t\tTransport type : IB
+ Connection type : RC\t\tUsing SRQ      : OFF
+ TX depth        : 1
+ Mtu             : 4096[B]
+ Link type       : Ethernet
+ GID index       : 1
+---------------------------------------------------------------------------------------
+ #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    t_stdev[usec]   99% percentile[usec]   99.9% percentile[usec] 
+ 2       20          4.98           6.41         5.23     \t       5.30        \t0.27   \t\t6.41    \t\t6.41   
+---------------------------------------------------------------------------------------
+";
+
+    #[test]
+    fn ping_outcomes_read_as_verdicts() {
+        let b = facts("mlx5_0", "192.168.100.2", 3);
+        let c = judge_ping("msmax2", &b, Ok((true, OK.into(), String::new())));
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert_eq!(
+            c.value,
+            "ib_send_lat to mlx5_0 index 3 on msmax2: 5.23 us typical"
+        );
+
+        let rtr =
+            " Failed to modify QP 1234 to RTR\n Unable to Connect the HCA's through the link\n";
+        let c = judge_ping("msmax2", &b, Ok((false, String::new(), rtr.into())));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(
+            c.value,
+            "to mlx5_0 index 3 on msmax2: Failed to modify QP 1234 to RTR"
+        );
+        assert!(c.fix.contains("RoCE v2 GIDs"), "{c:?}");
+
+        let tcp = "Couldn't connect to 192.168.100.2:18515\nUnable to open file descriptor for socket connection";
+        let c = judge_ping("msmax2", &b, Ok((false, String::new(), tcp.into())));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(
+            c.fix
+                .starts_with("ib_send_lat's TCP handshake to 192.168.100.2 failed"),
+            "{c:?}"
+        );
+
+        let c = judge_ping(
+            "msmax2",
+            &b,
+            Err("cannot start `ib_send_lat`: No such file or directory".into()),
+        );
+        assert_eq!(c.verdict, Verdict::Skip);
+        assert_eq!(
+            c.value,
+            "ib_send_lat not available here or on msmax2: install perftest"
+        );
+    }
+
+    #[test]
+    fn link_mismatches_that_break_rccl_fail() {
+        let a = facts("rocep1s0f0", "192.168.100.1", 1);
+        let mut b = facts("rocep1s0f0", "192.168.100.2", 1);
+        assert_eq!(compare_links("a", &a, "b", &b).verdict, Verdict::Pass);
+        b.gid_type = Some("IPv6".into());
+        let c = compare_links("a", &a, "b", &b);
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(c.value, "GID type a IPv4, b IPv6");
+    }
+
+    #[test]
+    fn ssh_failures_get_their_own_fixes() {
+        assert!(ssh_fix("h", "h: Permission denied (publickey).").starts_with("ssh-copy-id h"));
+        assert!(
+            ssh_fix("h", "ssh: connect to host h port 22: No route to host")
+                .starts_with("h does not answer")
+        );
+        assert!(
+            ssh_fix("h", "ssh: connect to host h port 22: Connection timed out")
+                .starts_with("h does not answer")
+        );
+        assert!(ssh_fix("h", "Host key verification failed.").starts_with("accept"));
+    }
 }
