@@ -50,6 +50,10 @@ enum Cmd {
     /// nothing fails, 1 when a check fails, 2 on a usage error.
     #[command(verbatim_doc_comment)]
     Doctor(DoctorArgs),
+    /// Loads the plugin library at PATH in this process and prints the check as JSON (used by
+    /// `halo doctor` to probe the plugin in the judged environment).
+    #[command(name = "doctor-plugin-probe", hide = true)]
+    DoctorPluginProbe { path: PathBuf, shown: String },
     /// Create the cluster config, start/stop Ray across the nodes, show its state.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -132,7 +136,8 @@ struct DoctorArgs {
     /// Print the report as JSON: {"node", "checks": [{"id","title","verdict","value","fix"}], "peers": [...]}.
     #[arg(long)]
     json: bool,
-    /// Read /proc, /sys, /etc and /dev below DIR instead of / (captured trees).
+    /// Read /proc, /sys, /etc, /dev, /opt and /usr below DIR instead of / (a captured tree; see
+    /// the README for its layout). Commands such as ethtool are then read from DIR/.halo/.
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
     /// Interface carrying the cluster IP [default: detected from the RoCE v2 GID table].
@@ -141,7 +146,8 @@ struct DoctorArgs {
     /// This node's cluster IPv4 address [default: detected from the RoCE v2 GID table].
     #[arg(long, value_name = "IP")]
     cluster_ip: Option<Ipv4Addr>,
-    /// Judge the NCCL variables in FILE (KEY=VALUE lines) instead of this process's environment.
+    /// Judge the NCCL/HALO/HSA variables in FILE (KEY=VALUE lines, e.g. cluster.env) instead of
+    /// this process's environment; the live plugin probe runs with them too.
     #[arg(long, value_name = "FILE")]
     env_file: Option<PathBuf>,
     /// Path of librccl-net-halo.so [default: searched in NCCL_NET_PLUGIN, LD_LIBRARY_PATH, /opt/halo/lib, …].
@@ -226,7 +232,10 @@ fn run_doctor(args: DoctorArgs) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", doctor::render_table(&report));
+        print!(
+            "{}",
+            doctor::render_table(&report, doctor::terminal_width())
+        );
     }
     Ok(if report.any_fail() {
         ExitCode::from(1)
@@ -243,6 +252,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config.as_path();
     match cli.command {
         Cmd::Doctor(args) => run_doctor(args),
+        Cmd::DoctorPluginProbe { path, shown } => {
+            let check = doctor::plugin::probe_here(&path, &shown);
+            println!("{}", serde_json::to_string(&check)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Bench(args) => run_net_bench(args),
         Cmd::Cluster(ClusterCmd::Init(args)) => {
             cluster::init(&args, config).map(|_| ExitCode::SUCCESS)

@@ -85,3 +85,44 @@ fn doctor_rejects_a_library_that_is_not_the_plugin() {
         "{c}"
     );
 }
+
+/// The plugin check of `halo doctor --env-file FILE` run with `process_env` set.
+fn plugin_check_with(lib: &str, env_file_text: &str, process_env: &[(&str, &str)]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("job.env");
+    std::fs::write(&env_file, env_file_text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halo"));
+    cmd.args(["doctor", "--json", "--plugin", lib, "--env-file"])
+        .arg(&env_file)
+        .env_remove("NCCL_IB_HCA");
+    for (k, v) in process_env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run halo doctor");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("doctor --json output");
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "plugin.library")
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn the_loaded_plugin_sees_the_env_file_not_the_process_environment() {
+    let so = plugin_so();
+    let lib = so.to_str().unwrap();
+    // A malformed NCCL_IB_HCA in the job's environment makes the plugin's init refuse it …
+    let c = plugin_check_with(lib, "NCCL_IB_HCA=mlx5_0:0\n", &[]);
+    eprintln!("{c}");
+    assert_eq!(c["verdict"], "fail", "{c}");
+    assert!(c["value"].as_str().unwrap().contains("NCCL_IB_HCA"), "{c}");
+    // … and the same value in the doctor's own environment does not reach it.
+    let c = plugin_check_with(lib, "NCCL_DEBUG=WARN\n", &[("NCCL_IB_HCA", "mlx5_0:0")]);
+    eprintln!("{c}");
+    assert!(!c["value"].as_str().unwrap().contains("NCCL_IB_HCA"), "{c}");
+    if have_device() {
+        assert_eq!(c["verdict"], "pass", "{c}");
+    }
+}

@@ -7,14 +7,179 @@ use super::{Check, Facts};
 
 pub fn checks(env: &BTreeMap<String, String>, facts: &Facts) -> Vec<Check> {
     let get = |k: &str| env.get(k).map(String::as_str).filter(|v| !v.is_empty());
-    let iface = facts.cluster.as_ref().map(|c| c.netdev.as_str());
+    let iface = facts.link.as_ref().map(|l| l.netdev.as_str());
     vec![
         ib_disable(get("NCCL_IB_DISABLE")),
         net_plugin(get("NCCL_NET_PLUGIN")),
         gdr_level(get("NCCL_NET_GDR_LEVEL")),
         gid_index(get("NCCL_IB_GID_INDEX"), facts),
         socket_ifname(get("NCCL_SOCKET_IFNAME"), iface),
+        ib_hca(get("NCCL_IB_HCA"), facts),
+        hsa_override(get("HSA_OVERRIDE_GFX_VERSION"), facts.gfx_target),
     ]
+}
+
+/// `NCCL_IB_HCA` as RCCL and the plugin read it: `[^][=]dev[:port][,dev[:port]…]`, names
+/// matched as prefixes unless `=` asks for exact ones, `^` excluding what is listed.
+/// `None` when the value is malformed (the plugin's init refuses it).
+pub fn hca_selects(value: &str, ports: &[(String, u32)]) -> Option<Vec<(String, u32)>> {
+    let mut rest = value.trim();
+    let exclude = rest.starts_with('^');
+    if exclude {
+        rest = &rest[1..];
+    }
+    let exact = rest.starts_with('=');
+    if exact {
+        rest = &rest[1..];
+    }
+    let mut entries = Vec::new();
+    for e in rest.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, port) = match e.split_once(':') {
+            None => (e, None),
+            Some((n, p)) => match p.trim().parse::<u8>() {
+                Ok(p) if p >= 1 && !n.trim().is_empty() => (n.trim(), Some(u32::from(p))),
+                _ => return None,
+            },
+        };
+        entries.push((name.to_string(), port));
+    }
+    if entries.is_empty() {
+        return None;
+    }
+    Some(
+        ports
+            .iter()
+            .filter(|(dev, port)| {
+                let listed = entries.iter().any(|(name, p)| {
+                    let name_ok = if exact {
+                        dev == name
+                    } else {
+                        dev.starts_with(name.as_str())
+                    };
+                    name_ok && p.is_none_or(|p| p == *port)
+                });
+                listed != exclude
+            })
+            .cloned()
+            .collect(),
+    )
+}
+
+fn ib_hca(v: Option<&str>, facts: &Facts) -> Check {
+    const ID: &str = "env.ib_hca";
+    const TITLE: &str = "NCCL_IB_HCA";
+    let shown = |p: &[(String, u32)]| {
+        p.iter()
+            .map(|(d, n)| format!("{d}:{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(value) = v else {
+        return Check::pass(ID, TITLE, "not set: every ACTIVE RDMA port may be used");
+    };
+    if facts.rdma_devices.is_empty() {
+        return Check::skip(
+            ID,
+            TITLE,
+            format!("{value}; no RDMA device to check it against"),
+        );
+    }
+    let cluster = facts.link.as_ref().and_then(|l| l.port.clone());
+    let fix = match &cluster {
+        Some((dev, _)) => format!("export NCCL_IB_HCA={dev} (or unset it)"),
+        None => format!(
+            "export NCCL_IB_HCA=<one of {}> (or unset it)",
+            shown(&facts.rdma_devices)
+        ),
+    };
+    let Some(selected) = hca_selects(value, &facts.rdma_devices) else {
+        return Check::fail(
+            ID,
+            TITLE,
+            format!("{value}: not a list of dev[:port] entries, the plugin's init refuses it"),
+            fix,
+        );
+    };
+    if selected.is_empty() {
+        return Check::fail(
+            ID,
+            TITLE,
+            format!(
+                "{value} selects none of this node's RDMA ports ({})",
+                shown(&facts.rdma_devices)
+            ),
+            fix,
+        );
+    }
+    match &cluster {
+        Some(c) if !selected.contains(c) => Check::fail(
+            ID,
+            TITLE,
+            format!(
+                "{value} selects {} but not the cluster port {}:{}",
+                shown(&selected),
+                c.0,
+                c.1
+            ),
+            fix,
+        ),
+        _ => Check::pass(ID, TITLE, format!("{value}: selects {}", shown(&selected))),
+    }
+}
+
+/// "11.5.1" for gfx_target_version 110501.
+fn gfx_dotted(target: u32) -> String {
+    format!(
+        "{}.{}.{}",
+        target / 10000,
+        (target / 100) % 100,
+        target % 100
+    )
+}
+
+fn hsa_override(v: Option<&str>, gfx_target: Option<u32>) -> Check {
+    const ID: &str = "env.hsa_override";
+    const TITLE: &str = "HSA_OVERRIDE_GFX_VERSION";
+    let Some(value) = v else {
+        return Check::pass(ID, TITLE, "not set");
+    };
+    let fix = "unset HSA_OVERRIDE_GFX_VERSION (and remove it from ~/.bashrc, the container's environment and job scripts)";
+    let parse =
+        |s: &str| -> Option<Vec<u32>> { s.split('.').map(|p| p.trim().parse().ok()).collect() };
+    match gfx_target {
+        Some(t) if parse(value) == parse(&gfx_dotted(t)) => Check::pass(
+            ID,
+            TITLE,
+            format!(
+                "{value}: the GPU's own version ({}), changes nothing",
+                super::gpu::gfx_name(t)
+            ),
+        ),
+        Some(t) => {
+            let parts = parse(value).unwrap_or_default();
+            let posed = match parts.as_slice() {
+                [a, b, c] => super::gpu::gfx_name(a * 10000 + b * 100 + c),
+                _ => "another GPU".to_string(),
+            };
+            Check::fail(
+                ID,
+                TITLE,
+                format!(
+                    "{value}: the {} poses as {posed}, HIP loads {posed} code objects and gfx1151 kernels fail",
+                    super::gpu::gfx_name(t)
+                ),
+                fix,
+            )
+        }
+        None => Check::warn(
+            ID,
+            TITLE,
+            format!(
+                "{value}: overrides the GPU architecture HIP sees (a leftover from older ROCm?)"
+            ),
+            fix,
+        ),
+    }
 }
 
 fn ib_disable(v: Option<&str>) -> Check {
@@ -93,7 +258,11 @@ fn gid_index(v: Option<&str>, facts: &Facts) -> Check {
     const ID: &str = "env.gid_index";
     const TITLE: &str = "NCCL_IB_GID_INDEX";
     let Some(cluster) = &facts.cluster else {
-        return Check::skip(ID, TITLE, "cluster GID unknown");
+        return Check::skip(
+            ID,
+            TITLE,
+            "no RoCE v2 GID for the cluster IP (see its check)",
+        );
     };
     let want = cluster.gid_index.to_string();
     match v {
@@ -160,6 +329,25 @@ mod tests {
         assert_eq!(v("eth,enp"), Verdict::Pass);
         assert_eq!(v("^lo,docker"), Verdict::Pass);
         assert_eq!(v("^enp"), Verdict::Warn);
+    }
+
+    #[test]
+    fn hca_lists() {
+        let ports = vec![
+            ("mlx5_0".to_string(), 1),
+            ("mlx5_1".to_string(), 1),
+            ("rocep1s0f0".to_string(), 1),
+        ];
+        let names = |v: &str| {
+            hca_selects(v, &ports).map(|s| s.into_iter().map(|(d, _)| d).collect::<Vec<_>>())
+        };
+        assert_eq!(names("mlx5").unwrap(), ["mlx5_0", "mlx5_1"]);
+        assert_eq!(names("=mlx5").unwrap(), Vec::<String>::new());
+        assert_eq!(names("^mlx5_1").unwrap(), ["mlx5_0", "rocep1s0f0"]);
+        assert_eq!(names("mlx5_0:2").unwrap(), Vec::<String>::new());
+        assert_eq!(names("rocep1s0f0:1").unwrap(), ["rocep1s0f0"]);
+        assert_eq!(names("mlx5_0:0"), None);
+        assert_eq!(names(","), None);
     }
 
     #[test]

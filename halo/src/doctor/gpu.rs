@@ -28,27 +28,6 @@ const RDMA_CORE_DMABUF: u32 = 45;
 /// no `reg_user_mr_dmabuf`).
 const KERNEL_DMABUF: (u32, u32) = (6, 3);
 
-/// Where distributions put libibverbs.
-const LIB_DIRS: [&str; 5] = [
-    "/usr/lib64",
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib",
-    "/lib64",
-    "/lib/x86_64-linux-gnu",
-];
-
-/// The rdma-core release of the installed libibverbs, from its file name
-/// `libibverbs.so.1.<abi>.<release>.<patch>` (e.g. `libibverbs.so.1.14.44.0` is rdma-core 44).
-pub fn rdma_core_version(root: &SysRoot) -> Option<(u32, String)> {
-    LIB_DIRS.iter().find_map(|dir| {
-        root.entries(dir).into_iter().find_map(|name| {
-            let rest = name.strip_prefix("libibverbs.so.1.")?;
-            let release = rest.split('.').nth(1)?.parse().ok()?;
-            Some((release, format!("{dir}/{name}")))
-        })
-    })
-}
-
 /// The distribution family from `/etc/os-release` (`ID`, then `ID_LIKE`).
 fn distro(root: &SysRoot) -> Option<&'static str> {
     let text = root
@@ -111,7 +90,7 @@ fn dmabuf(root: &SysRoot) -> Check {
     const ID: &str = "gpu.dmabuf";
     const TITLE: &str = "dma-buf GPU-direct support";
     let kernel = super::kernel::kernel_version(root);
-    let Some((rdma_core, lib)) = rdma_core_version(root) else {
+    let Some(v) = super::software::rdma_core_version(root) else {
         return Check::skip(
             ID,
             TITLE,
@@ -121,6 +100,7 @@ fn dmabuf(root: &SysRoot) -> Check {
     let Some(kernel) = kernel else {
         return Check::skip(ID, TITLE, "kernel version unknown");
     };
+    let (rdma_core, lib) = (v.major, v.source);
     let old_rdma_core = rdma_core < RDMA_CORE_DMABUF;
     let old_kernel = kernel < KERNEL_DMABUF;
     let seen = format!(
@@ -154,12 +134,14 @@ fn dmabuf(root: &SysRoot) -> Check {
     )
 }
 
-fn arch(root: &SysRoot) -> Check {
-    const ID: &str = "gpu.arch";
-    const TITLE: &str = "GPU architecture";
+/// The first GPU's `gfx_target_version` in the KFD topology.
+pub fn gfx_target(root: &SysRoot) -> Option<u32> {
+    gfx_targets(root).first().copied()
+}
+
+fn gfx_targets(root: &SysRoot) -> Vec<u32> {
     let base = "/sys/class/kfd/kfd/topology/nodes";
-    let targets: Vec<u32> = root
-        .entries(base)
+    root.entries(base)
         .iter()
         .filter_map(|n| root.read(&format!("{base}/{n}/properties")))
         .filter_map(|props| {
@@ -170,8 +152,13 @@ fn arch(root: &SysRoot) -> Check {
         })
         // CPU nodes report 0.
         .filter(|&v| v != 0)
-        .collect();
-    match targets.first() {
+        .collect()
+}
+
+fn arch(root: &SysRoot) -> Check {
+    const ID: &str = "gpu.arch";
+    const TITLE: &str = "GPU architecture";
+    match gfx_targets(root).first() {
         None => Check::fail(
             ID,
             TITLE,
@@ -205,6 +192,9 @@ fn memory(root: &SysRoot, facts: &Facts) -> Check {
             ))
         });
     let Some((card, vram, gtt)) = found else {
+        if facts.gfx_target.is_none() {
+            return Check::skip(ID, TITLE, "no AMD GPU");
+        }
         return Check::fail(
             ID,
             TITLE,
@@ -242,20 +232,6 @@ fn memory(root: &SysRoot, facts: &Facts) -> Check {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn rdma_core_release_from_the_library_name() {
-        let dir = std::env::temp_dir().join(format!("halo-ibv-{}", std::process::id()));
-        let lib = dir.join("usr/lib/x86_64-linux-gnu");
-        std::fs::create_dir_all(&lib).unwrap();
-        std::fs::write(lib.join("libibverbs.so.1"), "").unwrap();
-        std::fs::write(lib.join("libibverbs.so.1.14.44.0"), "").unwrap();
-        let root = crate::sysroot::SysRoot::new(&dir);
-        let (v, path) = super::rdma_core_version(&root).unwrap();
-        assert_eq!(v, 44);
-        assert_eq!(path, "/usr/lib/x86_64-linux-gnu/libibverbs.so.1.14.44.0");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
     #[test]
     fn gfx_names() {
         assert_eq!(super::gfx_name(110501), "gfx1151");

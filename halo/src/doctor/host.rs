@@ -1,4 +1,4 @@
-//! Host facts: RAM, locked-memory limit, device nodes, container, firewalld zone.
+//! Host facts: RAM, locked-memory limit, device nodes and the groups that open them, container.
 
 use std::fs::OpenOptions;
 
@@ -35,7 +35,8 @@ pub fn checks(root: &SysRoot, facts: &Facts) -> Vec<Check> {
         memlock(root, facts),
         dev_infiniband(root, facts),
         dev_kfd(root, facts),
-        firewall_zone(root, facts),
+        groups(root, facts),
+        super::firewall::check(root, facts),
     ]
 }
 
@@ -125,6 +126,9 @@ fn dev_infiniband(root: &SysRoot, facts: &Facts) -> Check {
         .filter(|n| n.starts_with("uverbs"))
         .map(|n| format!("/dev/infiniband/{n}"))
         .collect();
+    if nodes.is_empty() && facts.rdma_devices.is_empty() {
+        return Check::skip(ID, TITLE, "no RDMA device");
+    }
     if nodes.is_empty() {
         let fix = if facts.in_container.is_some() {
             "recreate the container with --device /dev/infiniband --ulimit memlock=-1 (halo container create)"
@@ -172,6 +176,9 @@ fn dev_kfd(root: &SysRoot, facts: &Facts) -> Check {
         .map(|n| format!("/dev/dri/{n}"))
         .collect();
     let missing_kfd = nodes.is_empty();
+    if missing_kfd && render.is_empty() && facts.gfx_target.is_none() {
+        return Check::skip(ID, TITLE, "no AMD GPU");
+    }
     nodes.extend(render.iter().cloned());
     if missing_kfd || render.is_empty() {
         let what = if missing_kfd {
@@ -208,56 +215,123 @@ fn dev_kfd(root: &SysRoot, facts: &Facts) -> Check {
     }
 }
 
-fn firewall_zone(root: &SysRoot, facts: &Facts) -> Check {
-    const ID: &str = "net.firewall";
-    const TITLE: &str = "firewalld zone of the cluster interface";
-    let Some(iface) = facts.cluster.as_ref().map(|c| c.netdev.as_str()) else {
-        return Check::skip(ID, TITLE, "cluster interface unknown");
-    };
-    if !root.exists("/etc/firewalld") {
+/// Which groups a user needs for the GPU and RDMA device nodes; judged on captured trees from
+/// `.halo/id.txt` (`id` of the user who runs the jobs) and, when present, `.halo/dev-stat.txt`
+/// (`stat -c '%a %G %n'` of /dev/kfd, /dev/dri/renderD*, /dev/infiniband/uverbs*).
+fn groups(root: &SysRoot, facts: &Facts) -> Check {
+    const ID: &str = "host.groups";
+    const TITLE: &str = "User's device groups";
+    if root.is_live() {
         return Check::skip(
             ID,
             TITLE,
-            "firewalld not configured (/etc/firewalld absent)",
+            "running system: the device nodes above were opened instead",
         );
     }
-    let needle = format!("name=\"{iface}\"");
-    let zone = root
-        .entries("/etc/firewalld/zones")
-        .into_iter()
-        .filter_map(|f| f.strip_suffix(".xml").map(str::to_string))
-        .find(|zone| {
-            root.read(&format!("/etc/firewalld/zones/{zone}.xml"))
-                .is_some_and(|xml| {
-                    xml.split("<interface")
-                        .skip(1)
-                        .any(|tag| tag.split('>').next().is_some_and(|t| t.contains(&needle)))
-                })
-        });
-    let reload = "sudo firewall-cmd --reload";
-    match zone {
-        Some(z) if z == "trusted" => Check::pass(ID, TITLE, format!("{iface} in zone trusted")),
-        Some(z) => Check::warn(
+    if facts.in_container.is_some() {
+        return Check::skip(
             ID,
             TITLE,
-            format!("{iface} in zone {z}: Ray and RCCL use random high ports that {z} may block"),
-            format!("sudo firewall-cmd --permanent --zone=trusted --change-interface={iface} && {reload}"),
-        ),
-        None => {
-            let default = root
-                .read("/etc/firewalld/firewalld.conf")
-                .and_then(|c| c.lines().find_map(|l| l.trim().strip_prefix("DefaultZone=").map(str::to_string)))
-                .unwrap_or_else(|| "public".to_string());
-            if default == "trusted" {
-                Check::pass(ID, TITLE, format!("{iface} in the default zone trusted"))
-            } else {
-                Check::warn(
-                    ID,
-                    TITLE,
-                    format!("{iface} in no zone file: default zone {default} applies"),
-                    format!("sudo firewall-cmd --permanent --zone=trusted --add-interface={iface} && {reload}"),
-                )
+            "inside a container: groups come from --group-add keep-groups",
+        );
+    }
+    let Some(id) = root.read("/.halo/id.txt") else {
+        return Check::skip(
+            ID,
+            TITLE,
+            "no .halo/id.txt (output of `id`) in the captured tree",
+        );
+    };
+    let user = parse_id_user(&id).unwrap_or_else(|| "$USER".to_string());
+    let member = parse_id_groups(&id);
+    let fix = |missing: &[String]| {
+        format!(
+            "sudo usermod -aG {} {user}, then log in again",
+            missing.join(",")
+        )
+    };
+    let in_groups = if member.is_empty() {
+        "no groups".to_string()
+    } else {
+        format!("groups {}", member.join(","))
+    };
+    if let Some(stat) = root.read("/.halo/dev-stat.txt") {
+        // "660 render /dev/kfd": a node the user can open neither as "other" nor by group.
+        let mut blocked = Vec::new();
+        let mut missing: Vec<String> = Vec::new();
+        for line in stat.lines() {
+            let mut w = line.split_whitespace();
+            let (Some(mode), Some(group), Some(node)) = (w.next(), w.next(), w.next()) else {
+                continue;
+            };
+            let other_rw = u32::from_str_radix(mode, 8).is_ok_and(|m| m & 0o006 == 0o006);
+            if !other_rw && !member.iter().any(|g| g == group) {
+                blocked.push(format!("{node} ({mode} {group})"));
+                if !missing.iter().any(|m| m == group) {
+                    missing.push(group.to_string());
+                }
             }
         }
+        return if blocked.is_empty() {
+            Check::pass(
+                ID,
+                TITLE,
+                format!("{user}: {in_groups}; every device node opens"),
+            )
+        } else {
+            Check::fail(
+                ID,
+                TITLE,
+                format!("{user} ({in_groups}) cannot open {}", blocked.join(", ")),
+                fix(&missing),
+            )
+        };
+    }
+    let missing: Vec<String> = ["render", "video"]
+        .into_iter()
+        .filter(|g| !member.iter().any(|m| m == g))
+        .map(str::to_string)
+        .collect();
+    if missing.is_empty() {
+        Check::pass(ID, TITLE, format!("{user}: {in_groups}"))
+    } else {
+        Check::warn(
+            ID,
+            TITLE,
+            format!(
+                "{user} ({in_groups}) is not in {}: /dev/kfd and /dev/dri/renderD* are group render or video (0660) on most distributions",
+                missing.join(", ")
+            ),
+            fix(&missing),
+        )
+    }
+}
+
+/// "uid=1000(core) gid=1000(core) groups=1000(core),10(wheel)" → "core"
+fn parse_id_user(id: &str) -> Option<String> {
+    let uid = id.split_whitespace().find_map(|w| w.strip_prefix("uid="))?;
+    Some(uid.split_once('(')?.1.trim_end_matches(')').to_string())
+}
+
+fn parse_id_groups(id: &str) -> Vec<String> {
+    id.split_whitespace()
+        .find_map(|w| w.strip_prefix("groups="))
+        .map(|g| {
+            g.split(',')
+                .filter_map(|e| Some(e.split_once('(')?.1.trim_end_matches(')').to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_output() {
+        let id = "uid=1000(core) gid=1000(core) groups=1000(core),10(wheel),39(video),105(render)";
+        assert_eq!(parse_id_user(id).as_deref(), Some("core"));
+        assert_eq!(parse_id_groups(id), ["core", "wheel", "video", "render"]);
     }
 }

@@ -1,6 +1,7 @@
 //! Kernel command line: IOMMU pass-through, PCI resource reallocation, ASPM off, and the GTT
 //! ceiling that decides how much of the unified RAM the iGPU may use.
 
+use super::os::Os;
 use super::{human_bytes, Check};
 use crate::sysroot::SysRoot;
 
@@ -55,28 +56,21 @@ impl Cmdline {
     }
 }
 
-fn grubby(args: &str) -> String {
-    format!("sudo grubby --update-kernel=ALL --args='{args}' && sudo reboot")
-}
-
-pub fn checks(root: &SysRoot, cmdline: &Cmdline, mem_total: Option<u64>) -> Vec<Check> {
+pub fn checks(root: &SysRoot, cmdline: &Cmdline, mem_total: Option<u64>, os: &Os) -> Vec<Check> {
     let mut out = Vec::new();
     if cmdline.params.is_none() {
-        out.push(Check::fail(
+        out.push(Check::skip(
             "kernel.cmdline",
             "Kernel command line",
-            format!("cannot read {}", root.path("/proc/cmdline").display()),
-            "run halo doctor on the node itself (or point --root at a captured tree)",
+            format!(
+                "cannot read {}: run halo doctor on the node itself (or point --root at a captured tree)",
+                root.path("/proc/cmdline").display()
+            ),
         ));
         return out;
     }
+    out.push(iommu(root, cmdline, os));
     for (id, title, param, why) in [
-        (
-            "kernel.iommu",
-            "IOMMU pass-through",
-            "iommu=pt",
-            "IOMMU translation slows NIC and iGPU DMA",
-        ),
         (
             "kernel.pci_realloc",
             "PCI BAR reallocation",
@@ -93,13 +87,87 @@ pub fn checks(root: &SysRoot, cmdline: &Cmdline, mem_total: Option<u64>) -> Vec<
         out.push(if cmdline.has(param) {
             Check::pass(id, title, param)
         } else {
-            Check::fail(id, title, format!("{param} missing ({why})"), grubby(param))
+            Check::warn(
+                id,
+                title,
+                format!("{param} missing ({why})"),
+                os.kernel_args(param, &[]),
+            )
         });
     }
     let kernel = kernel_version(root);
-    out.push(gtt_form(cmdline, kernel, mem_total));
-    out.push(gtt_fits_ram(cmdline, mem_total));
+    out.push(gtt_form(cmdline, kernel, mem_total, os));
+    out.push(gtt_fits_ram(cmdline, mem_total, os));
     out
+}
+
+/// The IOMMU mode in effect, from the default domain type of every IOMMU group
+/// (`/sys/kernel/iommu_groups/N/type`: "identity" is pass-through, "DMA"/"DMA-FQ" translate),
+/// with the command line as the fallback when the groups are not in view.
+fn iommu(root: &SysRoot, cmdline: &Cmdline, os: &Os) -> Check {
+    const ID: &str = "kernel.iommu";
+    const TITLE: &str = "IOMMU pass-through";
+    const GROUPS: &str = "/sys/kernel/iommu_groups";
+    let on_cmdline = cmdline.has("iommu=pt");
+    let slow = "IOMMU translation slows NIC and iGPU DMA";
+    if !root.exists(GROUPS) {
+        return if on_cmdline {
+            Check::pass(
+                ID,
+                TITLE,
+                "iommu=pt (command line; IOMMU groups not in view)",
+            )
+        } else {
+            Check::warn(
+                ID,
+                TITLE,
+                format!("iommu=pt missing ({slow})"),
+                os.kernel_args("iommu=pt", &[]),
+            )
+        };
+    }
+    let mut types: Vec<String> = root
+        .entries(GROUPS)
+        .iter()
+        .filter_map(|g| root.read(&format!("{GROUPS}/{g}/type")))
+        .collect();
+    if types.is_empty() {
+        return Check::pass(
+            ID,
+            TITLE,
+            "no IOMMU groups: the IOMMU is off, DMA is untranslated",
+        );
+    }
+    let groups = types.len();
+    types.sort();
+    types.dedup();
+    let translated: Vec<&String> = types.iter().filter(|t| t.starts_with("DMA")).collect();
+    if translated.is_empty() {
+        return Check::pass(
+            ID,
+            TITLE,
+            format!("{} in effect ({groups} groups)", types.join(", ")),
+        );
+    }
+    let kinds: Vec<&str> = translated.iter().map(|t| t.as_str()).collect();
+    if on_cmdline {
+        Check::warn(
+            ID,
+            TITLE,
+            format!(
+                "{} in effect although the command line has iommu=pt ({slow})",
+                kinds.join(", ")
+            ),
+            "reboot so iommu=pt takes effect; if it still translates, check for amd_iommu=force_isolation or iommu.passthrough=0 in `cat /proc/cmdline`",
+        )
+    } else {
+        Check::warn(
+            ID,
+            TITLE,
+            format!("{} in effect, iommu=pt missing ({slow})", kinds.join(", ")),
+            os.kernel_args("iommu=pt", &[]),
+        )
+    }
 }
 
 /// (major, minor) of `/proc/sys/kernel/osrelease`, e.g. "6.18.5-200.fc43.x86_64" → (6, 18).
@@ -109,36 +177,73 @@ pub fn kernel_version(root: &SysRoot) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// A GTT ceiling that leaves the OS its headroom, rounded down to whole GiB.
-fn recommended_gib(mem_total: Option<u64>) -> Option<u64> {
-    mem_total.map(|m| m.saturating_sub(OS_HEADROOM) / GIB)
+/// What a GTT ceiling should be for this much RAM.
+enum Recommended {
+    /// Leaves the OS its headroom, in whole GiB.
+    Gib(u64),
+    /// RAM too small for a ceiling above the driver's default (half of RAM).
+    DriverDefault(u64),
+    Unknown,
 }
 
-fn recommended_args(cmdline: &Cmdline, mem_total: Option<u64>) -> String {
-    let Some(gib) = recommended_gib(mem_total) else {
-        return "ttm.pages_limit=<GiB x 262144>".to_string();
+fn recommended(mem_total: Option<u64>) -> Recommended {
+    let Some(total) = mem_total else {
+        return Recommended::Unknown;
     };
-    let pages = format!("ttm.pages_limit={}", gib * GIB / TTM_PAGE);
-    if cmdline.gttsize_mib.is_some() {
-        format!("amdgpu.gttsize={} {pages}", gib * 1024)
+    let gib = total.saturating_sub(OS_HEADROOM) / GIB;
+    if gib * GIB <= total / 2 {
+        Recommended::DriverDefault(total)
     } else {
-        pages
+        Recommended::Gib(gib)
     }
 }
 
-fn gtt_form(cmdline: &Cmdline, kernel: Option<(u32, u32)>, mem_total: Option<u64>) -> Check {
+/// The GTT fix for this RAM size: new parameters, or none at all on a small machine.
+fn recommended_fix(cmdline: &Cmdline, mem_total: Option<u64>, os: &Os) -> String {
+    let gib = match recommended(mem_total) {
+        Recommended::Gib(g) => g,
+        Recommended::DriverDefault(_) => {
+            return os.kernel_args("", &["amdgpu.gttsize", "ttm.pages_limit"]);
+        }
+        Recommended::Unknown => return os.kernel_args("ttm.pages_limit=<GiB x 262144>", &[]),
+    };
+    let pages = format!("ttm.pages_limit={}", gib * GIB / TTM_PAGE);
+    let args = if cmdline.gttsize_mib.is_some() {
+        format!("amdgpu.gttsize={} {pages}", gib * 1024)
+    } else {
+        pages
+    };
+    os.kernel_args(&args, &[])
+}
+
+fn gtt_form(
+    cmdline: &Cmdline,
+    kernel: Option<(u32, u32)>,
+    mem_total: Option<u64>,
+    os: &Os,
+) -> Check {
     const ID: &str = "kernel.gtt_param";
     const TITLE: &str = "GTT size parameter";
     let kernel_text = kernel.map_or("unknown kernel".to_string(), |(a, b)| {
         format!("kernel {a}.{b}")
     });
     match (cmdline.gttsize_mib, cmdline.pages_limit) {
-        (None, None) => Check::warn(
-            ID,
-            TITLE,
-            "neither ttm.pages_limit nor amdgpu.gttsize set: the iGPU gets only the driver's default share of RAM",
-            grubby(&recommended_args(cmdline, mem_total)),
-        ),
+        (None, None) => match recommended(mem_total) {
+            Recommended::DriverDefault(total) => Check::pass(
+                ID,
+                TITLE,
+                format!(
+                    "neither set: with {} of RAM the driver's default (half of RAM) is all the OS can spare",
+                    human_bytes(total)
+                ),
+            ),
+            _ => Check::warn(
+                ID,
+                TITLE,
+                "neither ttm.pages_limit nor amdgpu.gttsize set: the iGPU gets only the driver's default share of RAM",
+                recommended_fix(cmdline, mem_total, os),
+            ),
+        },
         (Some(mib), None) => {
             let value = format!("amdgpu.gttsize={mib} ({}) only, {kernel_text}", human_bytes(mib * MIB));
             if kernel.is_some_and(|k| k >= GTTSIZE_DEPRECATED_SINCE) {
@@ -146,9 +251,9 @@ fn gtt_form(cmdline: &Cmdline, kernel: Option<(u32, u32)>, mem_total: Option<u64
                     ID,
                     TITLE,
                     format!("{value}: amdgpu.gttsize is deprecated since 6.14, ttm.pages_limit sets the ceiling"),
-                    format!(
-                        "sudo grubby --update-kernel=ALL --remove-args='amdgpu.gttsize' --args='ttm.pages_limit={}' && sudo reboot",
-                        mib * MIB / TTM_PAGE
+                    os.kernel_args(
+                        &format!("ttm.pages_limit={}", mib * MIB / TTM_PAGE),
+                        &["amdgpu.gttsize"],
                     ),
                 )
             } else {
@@ -176,14 +281,17 @@ fn gtt_form(cmdline: &Cmdline, kernel: Option<(u32, u32)>, mem_total: Option<u64
                     ID,
                     TITLE,
                     format!("{value}: the two disagree"),
-                    grubby(&format!("amdgpu.gttsize={mib} ttm.pages_limit={}", a / TTM_PAGE)),
+                    os.kernel_args(
+                        &format!("amdgpu.gttsize={mib} ttm.pages_limit={}", a / TTM_PAGE),
+                        &[],
+                    ),
                 )
             }
         }
     }
 }
 
-fn gtt_fits_ram(cmdline: &Cmdline, mem_total: Option<u64>) -> Check {
+fn gtt_fits_ram(cmdline: &Cmdline, mem_total: Option<u64>, os: &Os) -> Check {
     const ID: &str = "kernel.gtt_ram";
     const TITLE: &str = "GTT ceiling fits RAM";
     let Some(ceiling) = cmdline.gtt_ceiling_bytes() else {
@@ -197,7 +305,7 @@ fn gtt_fits_ram(cmdline: &Cmdline, mem_total: Option<u64>) -> Check {
         human_bytes(ceiling),
         human_bytes(total)
     );
-    let fix = grubby(&recommended_args(cmdline, mem_total));
+    let fix = recommended_fix(cmdline, mem_total, os);
     if ceiling > total {
         Check::fail(ID, TITLE, format!("{value}: larger than RAM"), fix)
     } else if ceiling > total.saturating_sub(OS_HEADROOM) {
@@ -228,7 +336,7 @@ mod tests {
         assert_eq!(c.pages_limit, Some(32505856));
         assert_eq!(c.gtt_ceiling_bytes(), Some(124 * GIB));
         assert_eq!(
-            gtt_form(&c, Some((6, 18)), None).verdict,
+            gtt_form(&c, Some((6, 18)), None, &Os::parse("ID=fedora")).verdict,
             super::super::Verdict::Pass
         );
     }

@@ -2,9 +2,12 @@
 //! cluster needs, and says for every problem the exact command or line that fixes it.
 
 mod env;
+mod firewall;
 mod gpu;
 mod host;
 mod kernel;
+pub mod link;
+pub mod os;
 mod peer;
 pub mod plugin;
 mod plugin_load;
@@ -20,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::sysroot::SysRoot;
 pub use plugin::{ElfFileProbe, LoadingProbe, PluginProbe};
-pub use report::render_table;
+pub use report::{render_table, terminal_width, DEFAULT_WIDTH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,11 +78,15 @@ impl Check {
 }
 
 /// The report of one node; `peers` holds the reports gathered over SSH (`--peer`).
-/// JSON schema (stable): `{"node": str, "checks": [{"id","title","verdict","value","fix"}], "peers": [report]}`.
+/// JSON schema (stable): `{"node": str, "checks": [{"id","title","verdict","value","fix"}],
+/// "link": {…} (when the cluster interface is known), "peers": [report]}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeReport {
     pub node: String,
     pub checks: Vec<Check>,
+    /// The cluster link as this node sees it, for comparing nodes (`--peer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<link::LinkFacts>,
     #[serde(default)]
     pub peers: Vec<NodeReport>,
 }
@@ -87,6 +94,46 @@ pub struct NodeReport {
 impl NodeReport {
     pub fn check(&self, id: &str) -> Option<&Check> {
         self.checks.iter().find(|c| c.id == id)
+    }
+
+    fn count(&self, v: Verdict) -> usize {
+        self.checks.iter().filter(|c| c.verdict == v).count()
+            + self.peers.iter().map(|p| p.count(v)).sum::<usize>()
+    }
+
+    /// One line that says what the checks below add up to (this node and its peers).
+    pub fn headline(&self) -> String {
+        let missing = |id: &str| self.check(id).is_some_and(|c| c.verdict == Verdict::Fail);
+        let (no_gpu, no_rdma) = (missing("gpu.arch"), missing("rdma.devices"));
+        if self.peers.is_empty() && no_gpu && no_rdma {
+            return "not a cluster node: no AMD GPU, no RDMA device".to_string();
+        }
+        let (fail, warn) = (self.count(Verdict::Fail), self.count(Verdict::Warn));
+        let plural = |n: usize, one: &str, many: &str| {
+            if n == 1 {
+                format!("1 problem {one}")
+            } else {
+                format!("{n} problems {many}")
+            }
+        };
+        match (fail, warn) {
+            (0, 0) => "ready: nothing blocks the cluster or slows it down".to_string(),
+            (0, w) => format!(
+                "nothing blocks the cluster; {}",
+                plural(w, "slows it down", "slow it down")
+            ),
+            (f, 0) => plural(f, "blocks the cluster", "block the cluster"),
+            (f, w) => format!(
+                "{}, {} {}",
+                plural(f, "blocks the cluster", "block the cluster"),
+                w,
+                if w == 1 {
+                    "slows it down"
+                } else {
+                    "slow it down"
+                }
+            ),
+        }
     }
 
     /// True when this node or any peer has a failing check.
@@ -117,53 +164,109 @@ pub(crate) struct Facts {
     pub kernel_gtt_bytes: Option<u64>,
     pub mem_total_bytes: Option<u64>,
     pub in_container: Option<&'static str>,
+    /// The RoCE v2 GID with an IPv4 address the cluster uses.
     pub cluster: Option<rdma::ClusterPort>,
+    /// The cluster interface, known even when `cluster` is not (a RoCE v1 NIC, no address).
+    pub link: Option<rdma::Link>,
+    /// RDMA devices of the node (names under /sys/class/infiniband).
+    pub rdma_devices: Vec<(String, u32)>,
+    /// The GPU's `gfx_target_version`, when KFD shows one.
+    pub gfx_target: Option<u32>,
+    pub os: os::Os,
+    /// How the cluster interface is configured persistently.
+    pub net_config: os::NetConfig,
+}
+
+impl Facts {
+    pub fn net(&self) -> &os::NetConfig {
+        &self.net_config
+    }
 }
 
 pub fn run(opts: &DoctorOptions, probe: &dyn PluginProbe) -> NodeReport {
     let root = &opts.root;
-    let mut checks = Vec::new();
 
     let cmdline = kernel::Cmdline::read(root);
     let mem_total_bytes = host::mem_total_bytes(root);
-    checks.extend(kernel::checks(root, &cmdline, mem_total_bytes));
+
+    let os = os::Os::read(root);
+    let mut checks = kernel::checks(root, &cmdline, mem_total_bytes, &os);
 
     let ports = rdma::discover(root);
     let cluster = rdma::select_cluster_port(&ports, opts.iface.as_deref(), opts.cluster_ip);
+    let link = rdma::find_link(
+        &ports,
+        cluster.as_ref(),
+        opts.iface.as_deref(),
+        opts.cluster_ip,
+    );
+    let net_config = match &link {
+        Some(l) => os::NetConfig::read(root, &l.netdev),
+        None => os::NetConfig::Unknown,
+    };
     let facts = Facts {
         kernel_gtt_bytes: cmdline.gtt_ceiling_bytes(),
         mem_total_bytes,
         in_container: host::container_marker(root),
         cluster,
+        link,
+        rdma_devices: ports.iter().map(|p| (p.device.clone(), p.port)).collect(),
+        gfx_target: gpu::gfx_target(root),
+        os,
+        net_config,
     };
 
     checks.extend(gpu::checks(root, &facts));
     checks.extend(rdma::checks(root, &ports, &facts, opts));
     checks.extend(host::checks(root, &facts));
     checks.extend(env::checks(&opts.env, &facts));
-    checks.extend(software::rccl_checks(root));
+    checks.extend(software::checks(root, &facts, &opts.env));
     checks.push(plugin::check(opts, probe));
 
     let mut report = NodeReport {
         node: host::node_name(root),
         checks,
+        link: link::LinkFacts::of(root, &ports, &facts),
         peers: Vec::new(),
     };
     for peer in &opts.peers {
         let (ssh_check, remote) = peer::check_peer(peer);
+        let reached = ssh_check.verdict == Verdict::Pass;
         report.checks.push(ssh_check);
+        if reached {
+            let compared = peer::compare(&report, &remote, peer, root.is_live());
+            report.checks.extend(compared);
+        }
         report.peers.push(remote);
     }
     report
 }
 
-/// Formats a byte count in GiB with one decimal (MiB below 1 GiB).
+/// Formats a byte count in GiB with one decimal (whole MiB below 1 GiB, whole KiB below
+/// 1 MiB, bytes below 1 KiB).
 pub(crate) fn human_bytes(bytes: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    let mib = bytes as f64 / MIB;
-    if mib < 1024.0 {
-        format!("{mib:.0} MiB")
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if b < KIB {
+        format!("{bytes} B")
+    } else if b < KIB * KIB {
+        format!("{:.0} KiB", b / KIB)
+    } else if b < KIB * KIB * KIB {
+        format!("{:.0} MiB", b / KIB / KIB)
     } else {
-        format!("{:.1} GiB", mib / 1024.0)
+        format!("{:.1} GiB", b / KIB / KIB / KIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn small_sizes_keep_their_unit() {
+        assert_eq!(human_bytes(65536), "64 KiB");
+        assert_eq!(human_bytes(8 << 20), "8 MiB");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

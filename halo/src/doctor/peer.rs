@@ -1,8 +1,12 @@
-//! `--peer HOST`: passwordless SSH to the peer, then the peer's own doctor report.
+//! `--peer HOST`: passwordless SSH to the peer, then the peer's own doctor report, the two
+//! links compared, and (on the running system) an RDMA ping between them.
 
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use super::link::LinkFacts;
+#[cfg(test)]
+use super::Verdict;
 use super::{Check, NodeReport};
 use crate::process::run_bounded;
 
@@ -20,6 +24,7 @@ pub fn check_peer(host: &str) -> (Check, NodeReport) {
     let failed_report = |why: String| NodeReport {
         node: host.to_string(),
         checks: vec![Check::skip("doctor.remote", "Doctor on the peer", why)],
+        link: None,
         peers: Vec::new(),
     };
     let reach = run_bounded(&mut ssh(host, &["true"]), Duration::from_secs(15));
@@ -31,7 +36,7 @@ pub fn check_peer(host: &str) -> (Check, NodeReport) {
             &id,
             &title,
             format!("ssh {host} failed: {}", last_line(&out.stderr)),
-            format!("ssh-copy-id {host} (then accept the host key once: ssh {host} true)"),
+            ssh_fix(host, &out.stderr),
         ),
         Err(e) => Check::fail(
             &id,
@@ -58,12 +63,299 @@ pub fn check_peer(host: &str) -> (Check, NodeReport) {
                     format!("`halo doctor --json` on {host} gave no report: {}", last_line(&out.stderr)),
                     format!("install halo on {host} in a directory on the SSH session's PATH (e.g. /usr/local/bin)"),
                 )],
+                link: None,
                 peers: Vec::new(),
             },
         },
         Err(e) => failed_report(e.to_string()),
     };
     (ssh_check, remote)
+}
+
+/// The fix for a failed `ssh HOST true`, from what ssh said: only a refused key is fixed by
+/// `ssh-copy-id`.
+pub fn ssh_fix(host: &str, stderr: &str) -> String {
+    let has = |s: &str| stderr.contains(s);
+    if has("Permission denied") {
+        format!("ssh-copy-id {host} (then accept the host key once: ssh {host} true)")
+    } else if has("Host key verification failed") || has("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+        format!("accept (or, if {host} was reinstalled, renew) its host key: ssh-keygen -R {host}; ssh {host} true")
+    } else if has("Could not resolve hostname") || has("Name or service not known") {
+        format!("{host} does not resolve: use its IP address, or add it to /etc/hosts")
+    } else if has("Connection refused") {
+        format!("{host} is up but no SSH server listens: on {host}, sudo systemctl enable --now sshd (Debian/Ubuntu: ssh)")
+    } else if has("No route to host") || has("timed out") || has("Network is unreachable") {
+        format!("{host} does not answer: check that it is powered on and on the network (ping {host}), and that its firewall lets SSH (port 22) in")
+    } else {
+        format!("check that {host} is up and sshd runs on it (ssh -v {host} true says more)")
+    }
+}
+
+/// What must agree between two nodes for RCCL to connect them, and what only slows them.
+pub fn compare(local: &NodeReport, remote: &NodeReport, host: &str, live: bool) -> Vec<Check> {
+    let id = format!("peer.link.{host}");
+    let title = format!("Cluster link matches {host}");
+    let (Some(a), Some(b)) = (&local.link, &remote.link) else {
+        let missing = if local.link.is_none() {
+            &local.node
+        } else {
+            host
+        };
+        return vec![Check::skip(
+            &id,
+            &title,
+            format!("cluster interface of {missing} unknown (see its RDMA checks)"),
+        )];
+    };
+    let mut out = vec![compare_links(&local.node, a, host, b)];
+    if live {
+        out.push(ping(&local.node, a, host, b));
+    }
+    out
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or("?".to_string(), T::to_string)
+}
+
+pub fn compare_links(me: &str, a: &LinkFacts, host: &str, b: &LinkFacts) -> Check {
+    let id = format!("peer.link.{host}");
+    let title = format!("Cluster link matches {host}");
+    let mut blocks = Vec::new();
+    let mut fixes = Vec::new();
+    let mut slows = Vec::new();
+    // RoCE version and GID type: a RoCE v1 GID cannot talk to a RoCE v2 one.
+    if a.roce.is_some() && b.roce.is_some() && a.roce != b.roce {
+        blocks.push(format!(
+            "RoCE version {me} {}, {host} {}",
+            opt(&a.roce),
+            opt(&b.roce)
+        ));
+        fixes.push("both nodes need RoCE v2 GIDs (see rdma.gid on each)".to_string());
+    }
+    if a.gid_type.is_some() && b.gid_type.is_some() && a.gid_type != b.gid_type {
+        blocks.push(format!(
+            "GID type {me} {}, {host} {}",
+            opt(&a.gid_type),
+            opt(&b.gid_type)
+        ));
+        fixes.push("give both nodes an IPv4 cluster address".to_string());
+    }
+    // Subnet: both addresses in one subnet of the same size, or they have no route to each other.
+    if let (Some((na, pa)), Some((nb, pb)), Some(ib)) = (a.subnet(), b.subnet(), b.ip) {
+        if na != nb || pa != pb {
+            blocks.push(format!(
+                "subnet {me} {na}/{pa}, {host} {ib}/{pb}: the nodes have no route to each other"
+            ));
+            fixes.push(
+                "put both cluster addresses in one subnet (the guide: 192.168.100.1/30 and .2/30)"
+                    .to_string(),
+            );
+        }
+    } else if a.ip.is_some() && b.ip.is_some() && a.ip == b.ip {
+        blocks.push(format!("{me} and {host} both use {}", opt(&a.ip)));
+        fixes.push("give each node its own cluster address".to_string());
+    }
+    // One NCCL_IB_GID_INDEX for all nodes (halo cluster init writes the head's) picks the wrong
+    // GID on a node whose table differs.
+    if a.gid_index.is_some() && b.gid_index.is_some() && a.gid_index != b.gid_index {
+        blocks.push(format!(
+            "GID index {me} {}, {host} {}: one NCCL_IB_GID_INDEX selects the wrong GID on one of them",
+            opt(&a.gid_index),
+            opt(&b.gid_index)
+        ));
+        fixes.push(format!(
+            "set gid_index = {} for {host} in cluster.toml (NCCL_IB_GID_INDEX per node)",
+            opt(&b.gid_index)
+        ));
+    }
+    // The plugin negotiates the smaller RDMA MTU; a mismatch costs speed, not correctness.
+    if a.mtu.is_some() && b.mtu.is_some() && a.mtu != b.mtu {
+        slows.push(format!(
+            "MTU {me} {} ({}), {host} {} ({}): the link runs at the smaller RDMA MTU {}",
+            opt(&a.mtu),
+            a.netdev,
+            opt(&b.mtu),
+            b.netdev,
+            opt(&a.rdma_mtu.min(b.rdma_mtu))
+        ));
+    }
+    if !blocks.is_empty() {
+        blocks.extend(slows);
+        return Check::fail(&id, &title, blocks.join("; "), fixes.join("; "));
+    }
+    if !slows.is_empty() {
+        return Check::warn(
+            &id,
+            &title,
+            slows.join("; "),
+            "set MTU 9000 on both cluster interfaces (see net.mtu on each)",
+        );
+    }
+    Check::pass(
+        &id,
+        &title,
+        format!(
+            "{} GID {} (IPv4), subnet {}, MTU {} on both",
+            opt(&a.roce),
+            opt(&a.gid_index),
+            a.subnet()
+                .map_or("?".to_string(), |(n, p)| format!("{n}/{p}")),
+            opt(&a.mtu)
+        ),
+    )
+}
+
+/// perftest's TCP port for the doctor's RDMA ping.
+const PING_PORT: u16 = 18515;
+const PING_ITERS: &str = "20";
+
+/// `ib_send_lat` server (run on the peer over SSH) and client (run here) for a short ping
+/// between the two cluster GIDs.
+pub fn ping_commands(a: &LinkFacts, b: &LinkFacts) -> Option<(Vec<String>, Vec<String>)> {
+    let common = |dev: &str, gid: u32| -> Vec<String> {
+        [
+            "ib_send_lat",
+            "-d",
+            dev,
+            "-x",
+            &gid.to_string(),
+            "-n",
+            PING_ITERS,
+            "-p",
+            &PING_PORT.to_string(),
+            "-F",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+    };
+    let server = common(b.device.as_deref()?, b.gid_index?);
+    let mut client = common(a.device.as_deref()?, a.gid_index?);
+    client.push(b.ip?.to_string());
+    Some((server, client))
+}
+
+/// The ping's verdict from the client's exit, output and error text.
+pub fn judge_ping(
+    host: &str,
+    peer: &LinkFacts,
+    outcome: Result<(bool, String, String), String>,
+) -> Check {
+    let id = format!("peer.rdma.{host}");
+    let title = format!("RDMA ping to {host}");
+    let target = format!(
+        "{} index {} on {host}",
+        peer.device.as_deref().unwrap_or("?"),
+        opt(&peer.gid_index)
+    );
+    let (ok, stdout, stderr) = match outcome {
+        Ok(o) => o,
+        Err(e) if e.contains("cannot start") => {
+            return Check::skip(
+                &id,
+                &title,
+                format!("ib_send_lat not available here or on {host}: install perftest"),
+            );
+        }
+        Err(e) => {
+            return Check::fail(
+                &id,
+                &title,
+                format!("to {target}: {e}"),
+                "check both nodes' RDMA checks (port ACTIVE, RoCE v2 GID), the firewall (ib_send_lat's handshake uses TCP 18515) and the cable",
+            );
+        }
+    };
+    if ok {
+        if let Ok(lat) = halo_harness::bench::perftest::parse_latency(&stdout, 2) {
+            return Check::pass(
+                &id,
+                &title,
+                format!("ib_send_lat to {target}: {:.2} us typical", lat.typical_us),
+            );
+        }
+        return Check::pass(&id, &title, format!("ib_send_lat to {target}: ok"));
+    }
+    let text = format!("{stdout}\n{stderr}");
+    let why = text
+        .lines()
+        .map(str::trim)
+        .find(|l| {
+            l.contains("Failed to modify QP")
+                || l.contains("Couldn't connect")
+                || l.contains("Unable to")
+                || l.contains("Completion with error")
+                || l.contains("timeout")
+        })
+        .unwrap_or_else(|| {
+            text.lines()
+                .map(str::trim)
+                .rfind(|l| !l.is_empty())
+                .unwrap_or("no output")
+        })
+        .to_string();
+    let fix = if why.contains("Couldn't connect") {
+        format!("ib_send_lat's TCP handshake to {} failed: check the firewall on {host} and the cluster address", opt(&peer.ip))
+    } else if why.contains("RTR") || why.contains("RTS") {
+        "the GIDs do not reach each other: check both nodes use RoCE v2 GIDs of the cluster addresses in one subnet".to_string()
+    } else {
+        "RDMA packets do not arrive: check the cable, both ports ACTIVE (rdma link), and flow control".to_string()
+    };
+    Check::fail(&id, &title, format!("to {target}: {why}"), fix)
+}
+
+/// Runs the ping: the server on the peer over SSH, then the client here (retried while the
+/// server is not listening yet).
+fn ping(_me: &str, a: &LinkFacts, host: &str, b: &LinkFacts) -> Check {
+    let Some((server, client)) = ping_commands(a, b) else {
+        return Check::skip(
+            &format!("peer.rdma.{host}"),
+            &format!("RDMA ping to {host}"),
+            "device, GID or address of a node unknown",
+        );
+    };
+    let mut remote = ssh(host, &["timeout", "20"]);
+    remote.args(&server);
+    let outcome = (|| -> Result<(bool, String, String), String> {
+        let server_child = remote
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start ssh: {e}"))?;
+        let _server = Reaped(Some(server_child));
+        let t0 = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut cmd = Command::new(&client[0]);
+            cmd.args(&client[1..]);
+            let out =
+                run_bounded(&mut cmd, Duration::from_secs(15)).map_err(|e| format!("{e:#}"))?;
+            let retry = !out.success
+                && (out.stdout.contains("Couldn't connect")
+                    || out.stderr.contains("Couldn't connect"))
+                && t0.elapsed() < Duration::from_secs(8);
+            if !retry {
+                return Ok((out.success, out.stdout, out.stderr));
+            }
+        }
+    })();
+    judge_ping(host, b, outcome)
+}
+
+/// A child killed and reaped when dropped, so no server outlives the doctor.
+struct Reaped(Option<Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
 }
 
 fn last_line(text: &str) -> String {
@@ -73,4 +365,124 @@ fn last_line(text: &str) -> String {
         .unwrap_or("no output")
         .trim()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(device: &str, ip: &str, gid: u32) -> LinkFacts {
+        LinkFacts {
+            netdev: "enp1s0f0np0".into(),
+            device: Some(device.into()),
+            port: Some(1),
+            mtu: Some(9000),
+            rdma_mtu: Some(4096),
+            ip: Some(ip.parse().unwrap()),
+            prefix: Some(30),
+            gid_index: Some(gid),
+            roce: Some("RoCE v2".into()),
+            gid_type: Some("IPv4".into()),
+        }
+    }
+
+    #[test]
+    fn ping_runs_each_side_on_its_own_gid() {
+        let a = facts("rocep1s0f0", "192.168.100.1", 1);
+        let b = facts("mlx5_0", "192.168.100.2", 3);
+        let (server, client) = ping_commands(&a, &b).unwrap();
+        assert_eq!(
+            server.join(" "),
+            "ib_send_lat -d mlx5_0 -x 3 -n 20 -p 18515 -F"
+        );
+        assert_eq!(
+            client.join(" "),
+            "ib_send_lat -d rocep1s0f0 -x 1 -n 20 -p 18515 -F 192.168.100.2"
+        );
+        let mut unknown = b.clone();
+        unknown.gid_index = None;
+        assert!(ping_commands(&a, &unknown).is_none());
+    }
+
+    const OK: &str = "\
+---------------------------------------------------------------------------------------
+                    Send Latency Test
+ Dual-port       : OFF\t\tDevice         : rocep1s0f0
+ Number of qps   : 1\t\tTransport type : IB
+ Connection type : RC\t\tUsing SRQ      : OFF
+ TX depth        : 1
+ Mtu             : 4096[B]
+ Link type       : Ethernet
+ GID index       : 1
+---------------------------------------------------------------------------------------
+ #bytes #iterations    t_min[usec]    t_max[usec]  t_typical[usec]    t_avg[usec]    t_stdev[usec]   99% percentile[usec]   99.9% percentile[usec] 
+ 2       20          4.98           6.41         5.23     \t       5.30        \t0.27   \t\t6.41    \t\t6.41   
+---------------------------------------------------------------------------------------
+";
+
+    #[test]
+    fn ping_outcomes_read_as_verdicts() {
+        let b = facts("mlx5_0", "192.168.100.2", 3);
+        let c = judge_ping("msmax2", &b, Ok((true, OK.into(), String::new())));
+        assert_eq!(c.verdict, Verdict::Pass);
+        assert_eq!(
+            c.value,
+            "ib_send_lat to mlx5_0 index 3 on msmax2: 5.23 us typical"
+        );
+
+        let rtr =
+            " Failed to modify QP 1234 to RTR\n Unable to Connect the HCA's through the link\n";
+        let c = judge_ping("msmax2", &b, Ok((false, String::new(), rtr.into())));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(
+            c.value,
+            "to mlx5_0 index 3 on msmax2: Failed to modify QP 1234 to RTR"
+        );
+        assert!(c.fix.contains("RoCE v2 GIDs"), "{c:?}");
+
+        let tcp = "Couldn't connect to 192.168.100.2:18515\nUnable to open file descriptor for socket connection";
+        let c = judge_ping("msmax2", &b, Ok((false, String::new(), tcp.into())));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert!(
+            c.fix
+                .starts_with("ib_send_lat's TCP handshake to 192.168.100.2 failed"),
+            "{c:?}"
+        );
+
+        let c = judge_ping(
+            "msmax2",
+            &b,
+            Err("cannot start `ib_send_lat`: No such file or directory".into()),
+        );
+        assert_eq!(c.verdict, Verdict::Skip);
+        assert_eq!(
+            c.value,
+            "ib_send_lat not available here or on msmax2: install perftest"
+        );
+    }
+
+    #[test]
+    fn link_mismatches_that_break_rccl_fail() {
+        let a = facts("rocep1s0f0", "192.168.100.1", 1);
+        let mut b = facts("rocep1s0f0", "192.168.100.2", 1);
+        assert_eq!(compare_links("a", &a, "b", &b).verdict, Verdict::Pass);
+        b.gid_type = Some("IPv6".into());
+        let c = compare_links("a", &a, "b", &b);
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(c.value, "GID type a IPv4, b IPv6");
+    }
+
+    #[test]
+    fn ssh_failures_get_their_own_fixes() {
+        assert!(ssh_fix("h", "h: Permission denied (publickey).").starts_with("ssh-copy-id h"));
+        assert!(
+            ssh_fix("h", "ssh: connect to host h port 22: No route to host")
+                .starts_with("h does not answer")
+        );
+        assert!(
+            ssh_fix("h", "ssh: connect to host h port 22: Connection timed out")
+                .starts_with("h does not answer")
+        );
+        assert!(ssh_fix("h", "Host key verification failed.").starts_with("accept"));
+    }
 }

@@ -5,11 +5,15 @@
 //! library on the running system, checks its `ncclNetPlugin_vN` symbols and calls `init`,
 //! `devices` and `getProperties` the way RCCL does.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
 
 use super::{Check, DoctorOptions};
+use crate::process::run_bounded;
 
 /// File name RCCL resolves for `NCCL_NET_PLUGIN=halo`.
 pub const PLUGIN_FILE: &str = "librccl-net-halo.so";
@@ -40,15 +44,16 @@ pub const CHECK_TITLE: &str = "halo net plugin library";
 
 pub trait PluginProbe {
     /// Judges the library at `path` (a path on this machine, already below the doctor's root);
-    /// `shown` is how the inspected node names it.
-    fn probe(&self, path: &Path, shown: &str) -> Check;
+    /// `shown` is how the inspected node names it; `env` is the environment the doctor judges
+    /// (the process's, or `--env-file`'s), which a loading probe gives the plugin.
+    fn probe(&self, path: &Path, shown: &str, env: &BTreeMap<String, String>) -> Check;
 }
 
 /// Checks that the file is an ELF shared object; it does not load it.
 pub struct ElfFileProbe;
 
 impl PluginProbe for ElfFileProbe {
-    fn probe(&self, path: &Path, shown: &str) -> Check {
+    fn probe(&self, path: &Path, shown: &str, _env: &BTreeMap<String, String>) -> Check {
         elf_check(path, shown).unwrap_or_else(|| {
             Check::pass(
                 CHECK_ID,
@@ -86,34 +91,103 @@ fn elf_check(path: &Path, shown: &str) -> Option<Check> {
     }
 }
 
-/// Loads the library into this process and drives it as RCCL's loader would.
+/// Hidden `halo` subcommand that runs [`probe_here`] and prints its check as JSON.
+pub const PROBE_SUBCOMMAND: &str = "doctor-plugin-probe";
+
+/// Loads the library and drives it as RCCL's loader would, in a child `halo` process whose
+/// environment is the judged one: the plugin reads NCCL_IB_HCA, NCCL_IB_GID_INDEX and its
+/// HALO_* settings from the process environment, so `--env-file` must reach it.
 pub struct LoadingProbe;
 
+/// Variables that configure RCCL, the plugin or ROCm: taken from the judged environment only.
+fn is_job_variable(key: &str) -> bool {
+    ["NCCL_", "RCCL_", "HALO_", "HSA_", "HIP_", "ROCR_"]
+        .iter()
+        .any(|p| key.starts_with(p))
+}
+
 impl PluginProbe for LoadingProbe {
-    fn probe(&self, path: &Path, shown: &str) -> Check {
+    fn probe(&self, path: &Path, shown: &str, env: &BTreeMap<String, String>) -> Check {
         if let Some(bad) = elf_check(path, shown) {
             return bad;
         }
-        match super::plugin_load::load_and_init(path) {
-            Ok(r) if r.missing.is_empty() && r.devices.is_empty() => Check::fail(
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                return Check::fail(
+                    CHECK_ID,
+                    CHECK_TITLE,
+                    format!("{shown}: cannot find the halo executable to load it in: {e}"),
+                    rebuild_fix(),
+                )
+            }
+        };
+        let mut cmd = Command::new(exe);
+        cmd.arg(PROBE_SUBCOMMAND).arg(path).arg(shown);
+        for (k, _) in std::env::vars_os() {
+            if is_job_variable(&k.to_string_lossy()) {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().filter(|(k, _)| is_job_variable(k)));
+        if let Some(ld) = env.get("LD_LIBRARY_PATH") {
+            cmd.env("LD_LIBRARY_PATH", ld);
+        }
+        match run_bounded(&mut cmd, Duration::from_secs(60)) {
+            Ok(out) => serde_json::from_str(&out.stdout).unwrap_or_else(|_| {
+                Check::fail(
+                    CHECK_ID,
+                    CHECK_TITLE,
+                    format!(
+                        "{shown}: loading it ended the probe process ({}): {}",
+                        out.code
+                            .map_or("killed by a signal".to_string(), |c| format!(
+                                "exit status {c}"
+                            )),
+                        out.stderr
+                            .lines()
+                            .rev()
+                            .find(|l| !l.trim().is_empty())
+                            .unwrap_or("no output")
+                            .trim()
+                    ),
+                    rebuild_fix(),
+                )
+            }),
+            Err(e) => Check::fail(
                 CHECK_ID,
                 CHECK_TITLE,
-                format!("{shown}: loads, exports {}, but init reports no device: {}", abi_versions(), r.init_error.unwrap_or_default()),
-                "fix the RDMA checks above (device ACTIVE, RoCE v2 GID); NCCL_IB_HCA / NCCL_IB_GID_INDEX must match a usable port",
-            ),
-            Ok(r) if r.missing.is_empty() => Check::pass(
-                CHECK_ID,
-                CHECK_TITLE,
-                format!("{shown}: exports {}, init ok, {}", abi_versions(), r.devices.join("; ")),
-            ),
-            Ok(r) => Check::fail(
-                CHECK_ID,
-                CHECK_TITLE,
-                format!("{shown}: does not export {} (not a halo build of this version?)", r.missing.join(", ")),
+                format!("{shown}: {e:#}"),
                 rebuild_fix(),
             ),
-            Err(e) => Check::fail(CHECK_ID, CHECK_TITLE, format!("{shown}: {e}"), rebuild_fix()),
         }
+    }
+}
+
+/// The loading probe itself, in this process and its environment.
+pub fn probe_here(path: &Path, shown: &str) -> Check {
+    if let Some(bad) = elf_check(path, shown) {
+        return bad;
+    }
+    match super::plugin_load::load_and_init(path) {
+        Ok(r) if r.missing.is_empty() && r.devices.is_empty() => Check::fail(
+            CHECK_ID,
+            CHECK_TITLE,
+            format!("{shown}: loads, exports {}, but init reports no device: {}", abi_versions(), r.init_error.unwrap_or_default()),
+            "fix the RDMA checks above (device ACTIVE, RoCE v2 GID); NCCL_IB_HCA / NCCL_IB_GID_INDEX must match a usable port",
+        ),
+        Ok(r) if r.missing.is_empty() => Check::pass(
+            CHECK_ID,
+            CHECK_TITLE,
+            format!("{shown}: exports {}, init ok, {}", abi_versions(), r.devices.join("; ")),
+        ),
+        Ok(r) => Check::fail(
+            CHECK_ID,
+            CHECK_TITLE,
+            format!("{shown}: does not export {} (not a halo build of this version?)", r.missing.join(", ")),
+            rebuild_fix(),
+        ),
+        Err(e) => Check::fail(CHECK_ID, CHECK_TITLE, format!("{shown}: {e}"), rebuild_fix()),
     }
 }
 
@@ -159,7 +233,7 @@ pub fn check(opts: &DoctorOptions, probe: &dyn PluginProbe) -> Check {
         local.is_file().then(|| (local, shown.clone()))
     });
     match found {
-        Some((local, shown)) => probe.probe(&local, &shown),
+        Some((local, shown)) => probe.probe(&local, &shown, &opts.env),
         None => Check::fail(
             CHECK_ID,
             CHECK_TITLE,

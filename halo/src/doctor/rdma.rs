@@ -117,6 +117,71 @@ pub fn select_cluster_port(
     })
 }
 
+/// The interface the cluster runs over, as far as the node shows it even without a usable
+/// RoCE v2 GID: from `--iface`, from a GID of any RoCE version carrying an IPv4 address, or
+/// from the only interface the RDMA ports have GIDs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub netdev: String,
+    /// RDMA device and port on `netdev`, when one has GIDs on it.
+    pub port: Option<(String, u32)>,
+    /// The GID carrying an IPv4 address on that port, of whatever RoCE version.
+    pub gid: Option<(u32, Ipv4Addr, String)>,
+}
+
+pub fn find_link(
+    ports: &[RdmaPort],
+    cluster: Option<&ClusterPort>,
+    iface: Option<&str>,
+    ip: Option<Ipv4Addr>,
+) -> Option<Link> {
+    if let Some(c) = cluster {
+        return Some(Link {
+            netdev: c.netdev.clone(),
+            port: Some((c.device.clone(), c.port)),
+            gid: Some((c.gid_index, c.ip, "RoCE v2".to_string())),
+        });
+    }
+    let on = |g: &GidEntry| iface.is_none_or(|i| g.netdev.as_deref() == Some(i));
+    let mut with_ip: Vec<(&RdmaPort, &GidEntry, Ipv4Addr)> = ports
+        .iter()
+        .flat_map(|p| p.gids.iter().map(move |g| (p, g)))
+        .filter(|(_, g)| on(g) && g.netdev.is_some())
+        .filter_map(|(p, g)| Some((p, g, g.gid.to_ipv4_mapped()?)))
+        .filter(|(_, _, a)| ip.is_none_or(|want| *a == want))
+        .collect();
+    with_ip.sort_by_key(|(p, g, _)| (!p.is_active(), g.index));
+    if let Some((p, g, a)) = with_ip.first() {
+        return Some(Link {
+            netdev: g.netdev.clone().unwrap_or_default(),
+            port: Some((p.device.clone(), p.port)),
+            gid: Some((g.index, *a, g.kind.clone())),
+        });
+    }
+    let mut on_netdev: Vec<(&RdmaPort, String)> = ports
+        .iter()
+        .flat_map(|p| p.gids.iter().map(move |g| (p, g)))
+        .filter(|(_, g)| on(g))
+        .filter_map(|(p, g)| Some((p, g.netdev.clone()?)))
+        .collect();
+    on_netdev.dedup();
+    let netdevs: std::collections::BTreeSet<&str> =
+        on_netdev.iter().map(|(_, n)| n.as_str()).collect();
+    match (iface, netdevs.len()) {
+        (Some(i), _) => Some(Link {
+            netdev: i.to_string(),
+            port: on_netdev.first().map(|(p, _)| (p.device.clone(), p.port)),
+            gid: None,
+        }),
+        (None, 1) => on_netdev.first().map(|(p, n)| Link {
+            netdev: n.clone(),
+            port: Some((p.device.clone(), p.port)),
+            gid: None,
+        }),
+        _ => None,
+    }
+}
+
 /// The RoCE path MTU the kernel derives from an Ethernet MTU (headers: GRH, BTH, extended
 /// headers and ICRC take 88 bytes).
 pub fn roce_mtu_for(netdev_mtu: u32) -> Option<u32> {
@@ -132,57 +197,97 @@ pub(crate) fn checks(
     facts: &Facts,
     opts: &DoctorOptions,
 ) -> Vec<Check> {
-    let mut out = vec![devices(ports)];
-    let Some(cluster) = &facts.cluster else {
-        out.push(no_cluster_port(ports, opts));
+    let mut out = vec![devices(ports, facts)];
+    let Some(link) = &facts.link else {
+        out.push(if ports.is_empty() {
+            Check::skip("rdma.port", "RDMA port for the cluster IP", "no RDMA device")
+        } else {
+            Check::fail(
+                "rdma.port",
+                "RDMA port for the cluster IP",
+                "no GID of any RDMA port carries an IPv4 address, and several interfaces have RDMA ports",
+                "name the cluster interface: halo doctor --iface <iface> [--cluster-ip <ip>]",
+            )
+        });
+        let why = if ports.is_empty() {
+            "no RDMA device"
+        } else {
+            "cluster interface unknown"
+        };
         for (id, title) in [
             ("rdma.gid", "RoCE v2 GID for the cluster IP"),
             ("net.mtu", "Interface MTU"),
             ("rdma.mtu", "RDMA active MTU"),
             ("nic.driver", "NIC driver"),
             ("nic.firmware", "NIC firmware"),
+            ("nic.flow_control", "Flow control on the RoCE port"),
         ] {
-            out.push(Check::skip(id, title, "cluster port unknown"));
+            out.push(Check::skip(id, title, why));
         }
         return out;
     };
-    let port = ports
-        .iter()
-        .find(|p| p.device == cluster.device && p.port == cluster.port)
-        .expect("cluster port comes from this list");
-    out.push(port_state(port, cluster));
-    out.push(Check::pass(
-        "rdma.gid",
-        "RoCE v2 GID for the cluster IP",
-        format!(
-            "index {} (RoCE v2 ::ffff:{} on {}): set NCCL_IB_GID_INDEX={}",
-            cluster.gid_index, cluster.ip, cluster.netdev, cluster.gid_index
+    let port = link
+        .port
+        .as_ref()
+        .and_then(|(d, n)| ports.iter().find(|p| &p.device == d && p.port == *n));
+    out.push(match port {
+        Some(p) => port_state(p, &link.netdev),
+        None => Check::fail(
+            "rdma.port",
+            "RDMA port for the cluster IP",
+            format!("no RDMA port has GIDs on {}", link.netdev),
+            "sudo modprobe the NIC's RDMA driver (irdma for the E810, mlx5_ib for ConnectX-4 and newer), check `rdma link`, or pass the RoCE interface with --iface",
         ),
-    ));
+    });
+    out.push(gid_check(port, link, facts, opts));
     let netdev_mtu = root
-        .read(&format!("/sys/class/net/{}/mtu", cluster.netdev))
+        .read(&format!("/sys/class/net/{}/mtu", link.netdev))
         .and_then(|m| m.parse::<u32>().ok());
-    out.push(net_mtu(&cluster.netdev, netdev_mtu));
-    out.push(rdma_mtu(port, &cluster.netdev, netdev_mtu));
-    let driver = root.link_name(&format!("/sys/class/net/{}/device/driver", cluster.netdev));
+    out.push(net_mtu(&link.netdev, netdev_mtu, facts));
+    out.push(match port {
+        Some(p) => rdma_mtu(p, &link.netdev, netdev_mtu, facts),
+        None => Check::skip(
+            "rdma.mtu",
+            "RDMA active MTU",
+            "no RDMA port on the interface",
+        ),
+    });
+    let driver = root.link_name(&format!("/sys/class/net/{}/device/driver", link.netdev));
     out.push(match &driver {
-        Some(d) if d == "ice" => Check::pass("nic.driver", "NIC driver", "ice (Intel E810)"),
-        Some(d) => Check::pass("nic.driver", "NIC driver", d.clone()),
+        Some(d) => Check::pass("nic.driver", "NIC driver", driver_text(d)),
+        None if !root.exists(&format!("/sys/class/net/{}", link.netdev)) => Check::fail(
+            "nic.driver",
+            "NIC driver",
+            format!("no interface {} on this node", link.netdev),
+            "ip -br link lists the interfaces; pass the RoCE one with --iface",
+        ),
         None => Check::warn(
             "nic.driver",
             "NIC driver",
             format!(
                 "{} has no device/driver link (virtual interface?)",
-                cluster.netdev
+                link.netdev
             ),
             "use the physical RoCE interface: halo doctor --iface <iface>",
         ),
     });
-    out.push(firmware(root, &cluster.netdev, driver.as_deref()));
+    out.push(firmware(root, &link.netdev, driver.as_deref()));
+    out.push(flow_control(root, &link.netdev, facts));
     out
 }
 
-fn devices(ports: &[RdmaPort]) -> Check {
+fn driver_text(driver: &str) -> String {
+    let nic = match driver {
+        "ice" => "Intel E810",
+        "mlx5_core" => "NVIDIA/Mellanox ConnectX-4 or newer",
+        "mlx4_core" | "mlx4_en" => "Mellanox ConnectX-3",
+        "bnxt_en" => "Broadcom NetXtreme",
+        _ => return driver.to_string(),
+    };
+    format!("{driver} ({nic})")
+}
+
+fn devices(ports: &[RdmaPort], facts: &Facts) -> Check {
     let mut names: Vec<&str> = ports.iter().map(|p| p.device.as_str()).collect();
     names.dedup();
     if names.is_empty() {
@@ -190,49 +295,71 @@ fn devices(ports: &[RdmaPort]) -> Check {
             "rdma.devices",
             "RDMA devices",
             format!("none under {IB}"),
-            "sudo dnf install rdma-core && sudo modprobe irdma (E810), then check `rdma link`",
+            format!(
+                "{} && sudo modprobe irdma (E810) or mlx5_ib (ConnectX), then check `rdma link`",
+                facts
+                    .os
+                    .install("rdma-core libibverbs-utils", "rdma-core ibverbs-utils")
+            ),
         )
     } else {
         Check::pass("rdma.devices", "RDMA devices", names.join(", "))
     }
 }
 
-fn no_cluster_port(ports: &[RdmaPort], opts: &DoctorOptions) -> Check {
-    let wanted = match (opts.cluster_ip, opts.iface.as_deref()) {
-        (Some(ip), Some(i)) => format!(" for {ip} on {i}"),
-        (Some(ip), None) => format!(" for {ip}"),
-        (None, Some(i)) => format!(" on {i}"),
-        (None, None) => String::new(),
+fn gid_check(port: Option<&RdmaPort>, link: &Link, facts: &Facts, opts: &DoctorOptions) -> Check {
+    const ID: &str = "rdma.gid";
+    const TITLE: &str = "RoCE v2 GID for the cluster IP";
+    if let Some(cluster) = &facts.cluster {
+        return Check::pass(
+            ID,
+            TITLE,
+            format!(
+                "index {} (RoCE v2 ::ffff:{} on {}): set NCCL_IB_GID_INDEX={}",
+                cluster.gid_index, cluster.ip, cluster.netdev, cluster.gid_index
+            ),
+        );
+    }
+    let Some(port) = port else {
+        return Check::skip(ID, TITLE, format!("no RDMA port on {}", link.netdev));
     };
-    let iface = opts
-        .iface
-        .clone()
-        .or_else(|| {
-            ports
-                .iter()
-                .flat_map(|p| &p.gids)
-                .find_map(|g| g.netdev.clone())
-        })
-        .unwrap_or_else(|| "<iface>".to_string());
-    let ip = opts
-        .cluster_ip
-        .map_or("<cluster-ip>".to_string(), |ip| ip.to_string());
+    let has_v2 = port.gids.iter().any(|g| g.kind == "RoCE v2");
+    if !has_v2 {
+        let seen = match &link.gid {
+            Some((i, ip, kind)) => format!("::ffff:{ip} is index {i} as {kind}"),
+            None => "no GID of type RoCE v2".to_string(),
+        };
+        return Check::fail(
+            ID,
+            TITLE,
+            format!(
+                "{} port {} offers only RoCE v1 GIDs ({seen}): RCCL needs RoCE v2",
+                port.device, port.port
+            ),
+            "the NIC has no RoCE v2 (mlx4_core: ConnectX-3 speaks RoCE v1 only): use a RoCE v2 NIC such as a ConnectX-4 Lx or newer or an Intel E810; the address is already on the interface",
+        );
+    }
+    let wanted = match (opts.cluster_ip, opts.iface.as_deref()) {
+        (Some(ip), _) => format!(" for {ip} on {}", link.netdev),
+        (None, _) => format!(" on {}", link.netdev),
+    };
     Check::fail(
-        "rdma.port",
-        "RDMA port for the cluster IP",
-        format!("no RoCE v2 GID with an IPv4 address{wanted}"),
+        ID,
+        TITLE,
+        format!("no RoCE v2 GID with an IPv4 address{wanted}: the interface has no such address"),
         format!(
-            "sudo ip addr add {ip}/30 dev {iface} (RoCE v2 GIDs follow the interface's addresses)"
+            "{} (RoCE v2 GIDs follow the interface's addresses)",
+            facts.net().address_fix(&link.netdev, opts.cluster_ip, 30)
         ),
     )
 }
 
-fn port_state(port: &RdmaPort, cluster: &ClusterPort) -> Check {
+fn port_state(port: &RdmaPort, netdev: &str) -> Check {
     const ID: &str = "rdma.port";
     const TITLE: &str = "RDMA port for the cluster IP";
     let value = format!(
         "{} port {} ({}): state {}, phys_state {}",
-        port.device, port.port, cluster.netdev, port.state, port.phys_state
+        port.device, port.port, netdev, port.state, port.phys_state
     );
     if port.is_active() {
         Check::pass(ID, TITLE, value)
@@ -242,18 +369,13 @@ fn port_state(port: &RdmaPort, cluster: &ClusterPort) -> Check {
             TITLE,
             value,
             format!(
-                "sudo ip link set {} up; check the cable and `rdma link` (want state ACTIVE physical_state LINK_UP)",
-                cluster.netdev
+                "sudo ip link set {netdev} up; check the cable and `rdma link` (want state ACTIVE physical_state LINK_UP)"
             ),
         )
     }
 }
 
-fn mtu_fix(netdev: &str) -> String {
-    format!("sudo ip link set dev {netdev} mtu 9000 (persist: sudo nmcli connection modify <connection> ethernet.mtu 9000)")
-}
-
-fn net_mtu(netdev: &str, mtu: Option<u32>) -> Check {
+fn net_mtu(netdev: &str, mtu: Option<u32>, facts: &Facts) -> Check {
     const ID: &str = "net.mtu";
     const TITLE: &str = "Interface MTU";
     match mtu {
@@ -267,12 +389,12 @@ fn net_mtu(netdev: &str, mtu: Option<u32>) -> Check {
             ID,
             TITLE,
             format!("{netdev} mtu {m} (jumbo frames want 9000)"),
-            mtu_fix(netdev),
+            facts.net().mtu_fix(netdev),
         ),
     }
 }
 
-fn rdma_mtu(port: &RdmaPort, netdev: &str, netdev_mtu: Option<u32>) -> Check {
+fn rdma_mtu(port: &RdmaPort, netdev: &str, netdev_mtu: Option<u32>, facts: &Facts) -> Check {
     const ID: &str = "rdma.mtu";
     const TITLE: &str = "RDMA active MTU";
     let (mtu, how) = match port.active_mtu {
@@ -292,20 +414,92 @@ fn rdma_mtu(port: &RdmaPort, netdev: &str, netdev_mtu: Option<u32>) -> Check {
             ID,
             TITLE,
             format!("{m} ({how}); 4096 needs a netdev MTU of at least 4184"),
-            mtu_fix(netdev),
+            facts.net().mtu_fix(netdev),
         ),
     }
 }
 
-/// `ethtool -i` output: live on the running system, captured as `.halo/ethtool-i-IF.txt` in trees.
-fn ethtool_info(root: &SysRoot, netdev: &str) -> Option<String> {
+/// Output of a diagnostic command about `netdev`: run on the live system, read from
+/// `/.halo/<name>-IF.txt` in a captured tree (e.g. `ethtool -i` → `.halo/ethtool-i-IF.txt`).
+fn captured_or_run(root: &SysRoot, name: &str, argv: &[&str]) -> Option<String> {
     if root.is_live() {
-        let mut cmd = Command::new("ethtool");
-        cmd.args(["-i", netdev]);
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]);
         let out = run_bounded(&mut cmd, Duration::from_secs(5)).ok()?;
         out.success.then_some(out.stdout)
     } else {
-        root.read(&format!("/.halo/ethtool-i-{netdev}.txt"))
+        root.read(&format!("/.halo/{name}.txt"))
+    }
+}
+
+fn ethtool_info(root: &SysRoot, netdev: &str) -> Option<String> {
+    captured_or_run(
+        root,
+        &format!("ethtool-i-{netdev}"),
+        &["ethtool", "-i", netdev],
+    )
+}
+
+/// RX and TX pause from `ethtool -a`: `None` when the output says neither.
+pub fn parse_pause(text: &str) -> Option<(bool, bool)> {
+    let field = |name: &str| {
+        text.lines().find_map(|l| {
+            let v = l.trim().strip_prefix(name)?.trim();
+            Some(v == "on")
+        })
+    };
+    Some((field("RX:")?, field("TX:")?))
+}
+
+/// Priorities with PFC on, from `dcb pfc show dev IF` ("prio-pfc 0:off 1:off 2:off 3:on …").
+pub fn parse_pfc(text: &str) -> Vec<u8> {
+    text.split_whitespace()
+        .skip_while(|w| *w != "prio-pfc")
+        .skip(1)
+        .map_while(|w| w.split_once(':'))
+        .filter(|(_, v)| *v == "on")
+        .filter_map(|(p, _)| p.parse().ok())
+        .collect()
+}
+
+fn flow_control(root: &SysRoot, netdev: &str, facts: &Facts) -> Check {
+    const ID: &str = "nic.flow_control";
+    const TITLE: &str = "Flow control on the RoCE port";
+    let pause = captured_or_run(
+        root,
+        &format!("ethtool-a-{netdev}"),
+        &["ethtool", "-a", netdev],
+    )
+    .as_deref()
+    .and_then(parse_pause);
+    let pfc = captured_or_run(
+        root,
+        &format!("dcb-pfc-{netdev}"),
+        &["dcb", "pfc", "show", "dev", netdev],
+    )
+    .map(|t| parse_pfc(&t));
+    if let Some(prios) = pfc.as_ref().filter(|p| !p.is_empty()) {
+        let list: Vec<String> = prios.iter().map(u8::to_string).collect();
+        return Check::pass(ID, TITLE, format!("PFC on priority {}", list.join(",")));
+    }
+    match pause {
+        Some((true, true)) => {
+            Check::pass(ID, TITLE, format!("{netdev}: pause frames rx on, tx on"))
+        }
+        Some((rx, tx)) => {
+            let onoff = |b: bool| if b { "on" } else { "off" };
+            Check::warn(
+                ID,
+                TITLE,
+                format!(
+                    "{netdev}: pause frames rx {}, tx {}, no PFC: RoCE v2 without flow control drops packets under load and retransmits",
+                    onoff(rx),
+                    onoff(tx)
+                ),
+                facts.net().pause_fix(netdev),
+            )
+        }
+        None => Check::skip(ID, TITLE, format!("`ethtool -a {netdev}` not available")),
     }
 }
 
@@ -358,6 +552,16 @@ mod tests {
         assert_eq!(roce_mtu_for(4184), Some(4096));
         assert_eq!(roce_mtu_for(4183), Some(2048));
         assert_eq!(roce_mtu_for(1500), Some(1024));
+    }
+
+    #[test]
+    fn pause_and_pfc() {
+        let a = "Pause parameters for enp1s0f0np0:\nAutonegotiate:\ton\nRX:\t\toff\nTX:\t\ton\n";
+        assert_eq!(parse_pause(a), Some((false, true)));
+        assert_eq!(parse_pause("garbage"), None);
+        let pfc = "pfc-cap 8 macsec-bypass off delay 0\nprio-pfc 0:off 1:off 2:off 3:on 4:off 5:off 6:off 7:off\n";
+        assert_eq!(parse_pfc(pfc), vec![3]);
+        assert!(parse_pfc("pfc-cap 8\nprio-pfc 0:off 1:off").is_empty());
     }
 
     #[test]

@@ -56,9 +56,29 @@ pub struct Overlay {
 
 impl Overlay {
     pub fn of_good() -> Self {
+        Self::of("good")
+    }
+
+    /// A copy of the captured tree `tests/fixtures/doctor/<name>`.
+    pub fn of(name: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        copy_tree(&good_tree(), dir.path());
+        copy_tree(&fixtures().join("doctor").join(name), dir.path());
         Overlay { dir }
+    }
+
+    /// Makes `rel` a symlink to `target` (replacing what was there).
+    pub fn link(&self, rel: &str, target: &str) -> &Self {
+        let p = self.path(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        if p.symlink_metadata().is_ok() {
+            if p.is_dir() && !p.is_symlink() {
+                fs::remove_dir_all(&p).unwrap();
+            } else {
+                fs::remove_file(&p).unwrap();
+            }
+        }
+        symlink(target, p).unwrap();
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -78,7 +98,7 @@ impl Overlay {
 
     pub fn remove(&self, rel: &str) -> &Self {
         let p = self.path(rel);
-        if p.is_dir() {
+        if p.is_dir() && !p.is_symlink() {
             fs::remove_dir_all(p).unwrap();
         } else {
             fs::remove_file(p).unwrap();
