@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use common::{good_tree, halo, stderr, stdout};
+use halo::process::run_bounded;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -284,23 +286,26 @@ fn serve_fails_with_the_end_of_the_log_when_vllm_dies() {
 fn serve_does_not_call_another_model_ready_and_stops_its_vllm() {
     let s = Setup::new("");
     let port = free_port().to_string();
-    let out = s
-        .halo("serve")
-        .env("FAKE_VLLM_MODE", "wrong-model")
-        .args(["Qwen/Qwen3-8B", "--port", &port, "--wait-secs", "4"])
-        .output()
-        .unwrap();
-    let text = both(&out);
+    // Bounded: the old serve called this ready and then waited on the stand-in forever.
+    let out = run_bounded(
+        s.halo("serve")
+            .env("FAKE_VLLM_MODE", "wrong-model")
+            .env("FAKE_VLLM_LIFETIME", "60")
+            .args(["Qwen/Qwen3-8B", "--port", &port, "--wait-secs", "15"]),
+        Duration::from_secs(90),
+    )
+    .expect("serve must give up at --wait-secs");
+    let text = format!("{}{}", out.stdout, out.stderr);
     println!("{text}");
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(out.code, Some(1), "{text}");
+    assert!(!text.contains("vLLM serves"), "{text}");
     assert!(
-        stderr(&out).contains(&format!(
-            "vLLM did not serve Qwen/Qwen3-8B at http://127.0.0.1:{port}/v1/models within 4 s \
+        out.stderr.contains(&format!(
+            "vLLM did not serve Qwen/Qwen3-8B at http://127.0.0.1:{port}/v1/models within 15 s \
              (/v1/models lists other-org/other-model); stopped it"
         )),
         "{text}"
     );
-    assert!(!text.contains("vLLM serves"), "{text}");
     let pid = s.records()[0]["pid"].as_u64().unwrap();
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
