@@ -57,12 +57,17 @@ enum Cmd {
     /// Create the cluster config, start/stop Ray across the nodes, show its state.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Serve a model with vLLM across the cluster; wait until /v1/models answers
+    /// Serve a model with vLLM across the cluster; ready only when it lists the model
     ///
     /// Runs `vllm serve MODEL --host 0.0.0.0 --port P --tensor-parallel-size N
-    /// --distributed-executor-backend ray --gpu-memory-utilization U --enforce-eager …`
+    /// --distributed-executor-backend ray --gpu-memory-utilization U [--enforce-eager] … -- EXTRA`
     /// with the head node's RCCL environment and RAY_ADDRESS. Start the cluster first
-    /// (`halo cluster up`). Gated models (meta-llama/*, or --gated) need HF_TOKEN.
+    /// (`halo cluster up`). Refuses a port that is already taken (naming the process that
+    /// holds it); calls vLLM ready only while its own process runs and GET /v1/models lists
+    /// the model; if vLLM exits first, fails with the end of its log (vllm-serve-PORT.log).
+    /// HF_TOKEN (from the environment or [env]) is passed on in the environment, never on a
+    /// command line; when it is missing and Hugging Face says the model is gated, a warning
+    /// says the download will fail.
     #[command(verbatim_doc_comment)]
     Serve(ServeArgs),
     /// Measure the network path to a peer: TCP, raw RDMA (perftest) and the RCCL plugin
@@ -78,8 +83,9 @@ enum Cmd {
     Bench(NetBenchArgs),
     /// Measure vLLM throughput at TP=1 and TP=N and print them side by side
     ///
-    /// Runs `vllm bench throughput` twice (single node, then tensor parallel over Ray)
-    /// and compares requests/s, total tokens/s and output tokens/s.
+    /// Runs `vllm bench throughput` twice (single node, then tensor parallel over Ray),
+    /// showing vLLM's output as it comes, and compares requests/s, total tokens/s and output
+    /// tokens/s (--json for scripts).
     #[command(verbatim_doc_comment)]
     BenchServe(BenchArgs),
     /// Print or create the vLLM container with GPU, RDMA devices and the plugin.

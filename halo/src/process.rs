@@ -1,6 +1,6 @@
 //! Child processes with a deadline: every external command halo runs is bounded in time.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,13 +17,34 @@ pub struct Captured {
 
 /// Runs `cmd` with stdin closed and both outputs captured; kills it at `limit`.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Captured> {
+    run_bounded_input(cmd, limit, None)
+}
+
+/// As [`run_bounded`], with `input` written to the child's stdin (then closed). This is how
+/// secrets reach a remote command: never on a command line, where `ps` and logs would show them.
+pub fn run_bounded_input(
+    cmd: &mut Command,
+    limit: Duration,
+    input: Option<&str>,
+) -> Result<Captured> {
     let shown = describe(cmd);
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start `{shown}`"))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        let text = text.to_string();
+        // A child that never reads its stdin must not block us.
+        thread::spawn(move || {
+            let _ = stdin.write_all(text.as_bytes());
+        });
+    }
     // Readers on their own threads so a chatty child never blocks on a full pipe.
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");

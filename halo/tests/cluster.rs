@@ -22,6 +22,10 @@ use halo::process::run_bounded;
 
 const HEAD_IP: &str = "127.0.0.2";
 const WORKER_IP: &str = "127.0.0.3";
+/// A token under [env] and one in halo's environment: both must reach the worker, and
+/// neither may appear in any output or in cluster.state.json.
+const CONFIG_SECRET: &str = "hf_config_secret_0123456789";
+const ENV_SECRET: &str = "hf_environment_secret_9876543210";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -158,7 +162,8 @@ import ray
 
 KEYS = ["NCCL_NET_PLUGIN", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX",
         "NCCL_NET_GDR_LEVEL", "NCCL_IB_TIMEOUT", "NCCL_IB_RETRY_CNT", "RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES",
-        "RAY_DISABLE_METRICS", "VLLM_HOST_IP", "RAY_ADDRESS", "HF_TOKEN", "HALO_TEST_EXTRA"]
+        "RAY_DISABLE_METRICS", "VLLM_HOST_IP", "RAY_ADDRESS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+        "HALO_TEST_EXTRA", "RAY_memory_monitor_refresh_ms"]
 record = {{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in KEYS}}}}
 ray.init(address=os.environ["RAY_ADDRESS"], _node_ip_address=os.environ["VLLM_HOST_IP"], log_to_driver=False)
 record["ray_nodes"] = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
@@ -248,6 +253,11 @@ fn up_status_serve_down_with_real_ray_and_sshd() {
     fs::write(&plugin, b"\x7fELF").unwrap();
     let config = dir.path().join("cluster.toml");
     let ray_port = free_port();
+    // Compile caches as [env] places them on every node (here both nodes share one machine).
+    let caches = dir.path().join("caches");
+    for d in ["vllm/torch_compile_cache/x", "triton/y", "inductor/z"] {
+        fs::create_dir_all(caches.join(d)).unwrap();
+    }
     fs::write(
         &config,
         format!(
@@ -272,6 +282,10 @@ options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel
 
 [env]
 HALO_TEST_EXTRA = "from [env]"
+HF_TOKEN = "{CONFIG_SECRET}"
+VLLM_CACHE_ROOT = "{caches}/vllm"
+TRITON_CACHE_DIR = "{caches}/triton"
+TORCHINDUCTOR_CACHE_DIR = "{caches}/inductor"
 
 [[nodes]]
 host = "head"
@@ -288,6 +302,7 @@ rdma_device = "rxe0"
 gid_index = 1
 "#,
             plugin = plugin.display(),
+            caches = caches.display(),
             ssh_port = sshd.port,
             key = sshd.client_key.display()
         ),
@@ -304,8 +319,30 @@ gid_index = 1
     };
 
     let t = Instant::now();
-    let up = run(halo_cfg().args(["cluster", "up"]), 300);
+    let up = run(
+        halo_cfg()
+            .env("HUGGING_FACE_HUB_TOKEN", ENV_SECRET)
+            .args(["cluster", "up"]),
+        300,
+    );
     assert!(up.success, "cluster up failed");
+    let state_text = fs::read_to_string(dir.path().join("cluster.state.json")).unwrap();
+    for secret in [CONFIG_SECRET, ENV_SECRET] {
+        assert!(
+            !up.stdout.contains(secret) && !up.stderr.contains(secret),
+            "cluster up printed a token"
+        );
+        assert!(
+            !state_text.contains(secret),
+            "cluster.state.json holds a token"
+        );
+    }
+    assert!(
+        up.stdout
+            .contains("IFS= read -r HF_TOKEN && export HF_TOKEN"),
+        "{}",
+        up.stdout
+    );
     assert!(
         up.stdout.contains("[1/2] head head (127.0.0.2)"),
         "{}",
@@ -344,9 +381,10 @@ gid_index = 1
     let serve = run(
         halo_cfg()
             .env("HALO_TEST_RECORD", &record)
-            .env("HF_TOKEN", "hf_test_token")
+            .env("HF_HUB_OFFLINE", "1")
             .args([
                 "serve",
+                "--clear-cache",
                 "meta-llama/Llama-3.1-8B-Instruct",
                 "--tp",
                 "2",
@@ -363,6 +401,22 @@ gid_index = 1
         300,
     );
     assert!(serve.success, "halo serve failed");
+    // Workers first, over SSH, with the cluster's environment: they find the [env] paths.
+    for d in ["vllm", "triton", "inductor"] {
+        let path = caches.join(d);
+        assert!(
+            serve
+                .stdout
+                .contains(&format!("127.0.0.1: removed {}", path.display())),
+            "{}",
+            serve.stdout
+        );
+        assert!(!path.exists());
+    }
+    assert!(
+        !serve.stdout.contains(CONFIG_SECRET) && !serve.stderr.contains(CONFIG_SECRET),
+        "serve printed a token"
+    );
     assert!(
         serve
             .stdout
@@ -411,7 +465,7 @@ gid_index = 1
     assert_eq!(head_env["NCCL_NET_PLUGIN"], plugin_s.as_ref());
     assert_eq!(head_env["VLLM_HOST_IP"], HEAD_IP);
     assert_eq!(head_env["RAY_ADDRESS"], format!("{HEAD_IP}:{ray_port}"));
-    assert_eq!(head_env["HF_TOKEN"], "hf_test_token");
+    assert_eq!(head_env["HF_TOKEN"], CONFIG_SECRET);
     let worker = &rec["worker_env"];
     println!("worker task env: {worker}");
     for (k, v) in [
@@ -427,6 +481,9 @@ gid_index = 1
         ("RAY_DISABLE_METRICS", "1"),
         ("VLLM_HOST_IP", WORKER_IP),
         ("HALO_TEST_EXTRA", "from [env]"),
+        ("HF_TOKEN", CONFIG_SECRET),
+        ("HUGGING_FACE_HUB_TOKEN", ENV_SECRET),
+        ("RAY_memory_monitor_refresh_ms", "0"),
     ] {
         assert_eq!(worker[k], v, "worker env {k}");
     }

@@ -39,6 +39,10 @@ pub struct RaySection {
     pub num_gpus: u32,
     /// How long `up` waits for all nodes to show up in `ray status`.
     pub wait_secs: u64,
+    /// Keep Ray's memory monitor (its OOM killer). Off by default: on unified-memory nodes the
+    /// GPU's share of RAM counts as used, and the monitor kills vLLM's workers while loading.
+    #[serde(default)]
+    pub memory_monitor: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +78,13 @@ pub struct ModelSection {
     pub port: u16,
     pub max_model_len: Option<u32>,
     pub gpu_memory_utilization: f64,
+    /// vLLM's --enforce-eager (no CUDA/HIP graphs); `--eager`/`--no-eager` override it.
+    #[serde(default = "default_eager")]
+    pub eager: bool,
+}
+
+fn default_eager() -> bool {
+    true
 }
 
 impl Default for ModelSection {
@@ -84,9 +95,23 @@ impl Default for ModelSection {
             port: 8000,
             max_model_len: None,
             gpu_memory_utilization: 0.90,
+            eager: default_eager(),
         }
     }
 }
+
+/// Variables whose values are secrets: never on a command line, in a message or in a file halo
+/// writes. `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN` and any name with TOKEN, SECRET, PASSWORD or
+/// API_KEY in it.
+pub fn is_secret_name(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    ["TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY"]
+        .iter()
+        .any(|word| upper.contains(word))
+}
+
+/// Hugging Face token variables taken from halo's own environment and forwarded to every node.
+pub const FORWARDED_SECRETS: [&str; 2] = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +141,7 @@ impl ClusterConfig {
                 num_cpus: 8,
                 num_gpus: 1,
                 wait_secs: 120,
+                memory_monitor: false,
             },
             rccl: RcclSection {
                 plugin: plugin.unwrap_or_else(|| DEFAULT_PLUGIN_PATH.to_string()),
@@ -192,6 +218,9 @@ impl ClusterConfig {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if !self.ray.memory_monitor {
+            env.push(("RAY_memory_monitor_refresh_ms".into(), "0".into()));
+        }
         for (k, v) in &self.env {
             match env.iter_mut().find(|(name, _)| name == k) {
                 Some(slot) => slot.1 = v.clone(),
@@ -199,6 +228,34 @@ impl ClusterConfig {
             }
         }
         env
+    }
+
+    /// [`Self::node_env`] without the secrets: what may appear on a command line.
+    pub fn public_env(&self, node: &Node) -> Vec<(String, String)> {
+        self.node_env(node)
+            .into_iter()
+            .filter(|(k, _)| !is_secret_name(k))
+            .collect()
+    }
+
+    /// The secrets every node gets: those under [env], then `HF_TOKEN` and
+    /// `HUGGING_FACE_HUB_TOKEN` from halo's own environment when [env] does not set them.
+    pub fn secret_env(&self) -> Vec<(String, String)> {
+        let mut secrets: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| is_secret_name(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for name in FORWARDED_SECRETS {
+            if secrets.iter().any(|(k, _)| k == name) {
+                continue;
+            }
+            if let Some(v) = std::env::var(name).ok().filter(|v| !v.trim().is_empty()) {
+                secrets.push((name.to_string(), v));
+            }
+        }
+        secrets
     }
 }
 
@@ -215,7 +272,10 @@ const HEADER: &str = "\
 # The first [[nodes]] entry is the head: `halo cluster up` starts it locally and the others
 # over SSH. Every node gets NCCL_NET_PLUGIN, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME,
 # NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_NET_GDR_LEVEL, NCCL_IB_TIMEOUT, NCCL_IB_RETRY_CNT,
-# RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES=1, RAY_DISABLE_METRICS=1 and VLLM_HOST_IP;
+# RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES=1, RAY_DISABLE_METRICS=1, VLLM_HOST_IP and, unless
+# [ray] memory_monitor = true, RAY_memory_monitor_refresh_ms=0 (Ray's OOM killer off);
 # [env] adds or overrides variables on every node (e.g. NCCL_DEBUG = \"INFO\").
+# HF_TOKEN (and any *TOKEN*/*SECRET*/*PASSWORD*/*API_KEY* variable) reaches the workers over
+# SSH's stdin, never on a command line; halo forwards HF_TOKEN from its own environment too.
 
 ";

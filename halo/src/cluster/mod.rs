@@ -16,7 +16,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::doctor::rdma;
-use crate::process::{describe, run_bounded, shell_quote};
+use crate::process::{describe, run_bounded, run_bounded_input, shell_quote};
 use crate::sysroot::SysRoot;
 pub use config::{state_path, ClusterConfig, Node};
 pub use ray_status::RayStatus;
@@ -203,11 +203,38 @@ fn head_start_args(cfg: &ClusterConfig) -> Vec<String> {
     ]
 }
 
-/// The shell line a worker runs: `env K=V … ray start --address=HEAD:P …`.
+/// Prefixes a remote shell line with reading the named variables, one line each, from stdin
+/// and exporting them, so their values travel over SSH's stdin and never on a command line.
+/// Use with [`secrets_input`]. Without names the line is returned as it is.
+pub fn with_secrets_from_stdin(names: &[String], line: &str) -> String {
+    if names.is_empty() {
+        return line.to_string();
+    }
+    let reads: Vec<String> = names
+        .iter()
+        .map(|n| format!("IFS= read -r {n} && export {n}"))
+        .collect();
+    // `sh -c` so the login shell of the remote user (fish, csh, …) does not matter.
+    let script = format!("{} && exec \"$@\"", reads.join(" && "));
+    format!("sh -c {} sh {line}", shell_quote(&script))
+}
+
+/// What [`with_secrets_from_stdin`]'s line expects on stdin.
+pub fn secrets_input(secrets: &[(String, String)]) -> Option<String> {
+    (!secrets.is_empty()).then(|| secrets.iter().map(|(_, v)| format!("{v}\n")).collect())
+}
+
+/// The shell line a worker runs: `env K=V … ray start --address=HEAD:P …`, preceded by reading
+/// the cluster's secrets from stdin when there are any ([`ClusterConfig::secret_env`]).
 pub fn worker_start_line(cfg: &ClusterConfig, node: &Node) -> String {
+    let names: Vec<String> = cfg.secret_env().into_iter().map(|(k, _)| k).collect();
+    with_secrets_from_stdin(&names, &worker_start_command(cfg, node))
+}
+
+fn worker_start_command(cfg: &ClusterConfig, node: &Node) -> String {
     let mut words = vec!["env".to_string()];
     words.extend(
-        cfg.node_env(node)
+        cfg.public_env(node)
             .iter()
             .map(|(k, v)| shell_quote(&format!("{k}={v}"))),
     );
@@ -307,7 +334,8 @@ pub fn up(config_path: &Path) -> Result<()> {
             node.ip
         );
         let started = Instant::now();
-        let result = run_bounded(&mut cmd, RAY_START_LIMIT)
+        let secrets = secrets_input(&cfg.secret_env());
+        let result = run_bounded_input(&mut cmd, RAY_START_LIMIT, secrets.as_deref())
             .and_then(|out| check_output(&format!("ray start on {}", node.host), out));
         if let Err(e) = result {
             bail!(
