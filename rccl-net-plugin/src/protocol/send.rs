@@ -519,8 +519,21 @@ impl SendState {
                     head.nreqs, e.nreqs
                 )));
             }
+            Self::check_span(seq, &e)?;
         }
+        Self::check_span(seq, &head)?;
         Ok(Some(nreqs))
+    }
+
+    /// Data goes to `addr + offset` for offsets below `size`: a buffer cannot wrap around.
+    fn check_span(seq: u32, e: &CtsEntry) -> Result<(), ProtoError> {
+        if e.addr.checked_add(e.size).is_none() {
+            return Err(ProtoError::Protocol(format!(
+                "receive row {seq} offers {} bytes at {:#x}, past the end of the address space",
+                e.size, e.addr
+            )));
+        }
+        Ok(())
     }
 
     /// Starts matching row `r` against the arrived `fifo_row` of `nreqs` entries.
