@@ -13,6 +13,12 @@
 //!     --a 'target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --role recv --listen-on $HALO_GUEST_IP:18600 --messages 200 --max-size 1048576 --seed 7' \
 //!     --b 'target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --role send --connect $HALO_PEER_IP:18600 --messages 200 --max-size 1048576 --seed 7'
 //!
+//! Soak mode (`--soak`): sizes 0 B ..= 64 KiB, 1 % of them up to `--max-size` (8 MiB by default
+//! there); every message's checksum is recorded when the sender fills it and checked again when
+//! its send completes, and the receiver checks every byte. Each side prints a `SOAK` line with the
+//! message count, the digest of all checksums (equal on both sides when nothing was lost or
+//! corrupted), the throughput, and a progress line every `--report-every` messages.
+//!
 //! Exit status: 0 and "CONFORMANCE PASS" on success; 1 on any mismatch or error (the message, tag
 //! and size are printed); 3 in `--kill-peer-after` mode when the sender saw the expected error.
 
@@ -58,6 +64,8 @@ struct Options {
     seed: u64,
     timeout: Duration,
     kill_peer_after: Option<usize>,
+    soak: bool,
+    report_every: usize,
     /// Set on the receiver child of `--role both`: print the handle on stdout.
     handle_on_stdout: bool,
 }
@@ -65,7 +73,7 @@ struct Options {
 fn usage() -> String {
     "usage: conformance --plugin PATH --version 6|8|10|11|12 --role send|recv|both \
      [--peer-file F | --listen-on IP:PORT | --connect IP:PORT] --messages N --max-size BYTES --seed S \
-     [--timeout SECS] [--kill-peer-after K]"
+     [--timeout SECS] [--kill-peer-after K] [--soak] [--report-every N]"
         .to_string()
 }
 
@@ -82,8 +90,11 @@ fn parse_args() -> Result<Options, String> {
         seed: 1,
         timeout: Duration::from_secs(120),
         kill_peer_after: None,
+        soak: false,
+        report_every: 0,
         handle_on_stdout: false,
     };
+    let mut max_size_given = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || {
@@ -106,7 +117,12 @@ fn parse_args() -> Result<Options, String> {
             "--listen-on" => o.listen_on = Some(val()?),
             "--connect" => o.connect = Some(val()?),
             "--messages" => o.messages = num(val()?)? as usize,
-            "--max-size" => o.max_size = num(val()?)? as usize,
+            "--max-size" => {
+                o.max_size = num(val()?)? as usize;
+                max_size_given = true;
+            }
+            "--soak" => o.soak = true,
+            "--report-every" => o.report_every = num(val()?)? as usize,
             "--seed" => o.seed = num(val()?)?,
             "--timeout" => o.timeout = Duration::from_secs(num(val()?)?),
             "--kill-peer-after" => o.kill_peer_after = Some(num(val()?)? as usize),
@@ -117,6 +133,9 @@ fn parse_args() -> Result<Options, String> {
     }
     if o.plugin.as_os_str().is_empty() || o.version == 0 {
         return Err(format!("--plugin and --version are required\n{}", usage()));
+    }
+    if o.soak && !max_size_given {
+        o.max_size = 8 << 20;
     }
     if o.max_size > i32::MAX as usize {
         return Err("--max-size must fit in an int (test reports int sizes)".into());
@@ -185,7 +204,7 @@ struct Group {
 }
 
 /// The whole exchange, regenerated identically by both sides from the seed.
-fn plan(seed: u64, messages: usize, max_size: usize, max_recvs: usize) -> Vec<Group> {
+fn plan(seed: u64, messages: usize, max_size: usize, max_recvs: usize, soak: bool) -> Vec<Group> {
     let mut rng = Rng(seed);
     let mut groups = Vec::new();
     let mut index = 0;
@@ -204,6 +223,12 @@ fn plan(seed: u64, messages: usize, max_size: usize, max_recvs: usize) -> Vec<Gr
                 // The edge cases come first so even a short run covers them, including two
                 // max-size messages in flight at once.
                 [0, 1, max_size, max_size][slot]
+            } else if soak {
+                if rng.below(100) == 0 {
+                    rng.below(max_size + 1)
+                } else {
+                    rng.below(65536.min(max_size) + 1)
+                }
             } else {
                 match rng.below(16) {
                     0 => 0,
@@ -251,6 +276,8 @@ struct Work {
     group: usize,
     bufs: Vec<Vec<u8>>,
     mhs: Vec<Opaque>,
+    /// Sender: the checksum of each message when it was filled.
+    sums: Vec<u64>,
 }
 
 impl Work {
@@ -264,6 +291,15 @@ struct Outcome {
     bytes: usize,
     max_inflight: usize,
     null_retries: usize,
+    /// Sum of every message's (index, checksum) mix, over the bytes this side handled.
+    digest: u64,
+    /// From the first post to the last completion.
+    elapsed: Duration,
+}
+
+/// One message's share of [`Outcome::digest`].
+fn digest_part(index: usize, sum: u64) -> u64 {
+    (sum ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 fn main() -> ExitCode {
@@ -304,7 +340,13 @@ fn run(opts: &Options) -> Result<(), String> {
         info.ptr_support
     );
     let plugin = Arc::new(plugin);
-    let groups = plan(opts.seed, opts.messages, opts.max_size, max_recvs);
+    let groups = plan(
+        opts.seed,
+        opts.messages,
+        opts.max_size,
+        max_recvs,
+        opts.soak,
+    );
 
     let result = match opts.role {
         Role::Recv => run_receiver(&plugin, opts, &groups),
@@ -320,6 +362,25 @@ fn run(opts: &Options) -> Result<(), String> {
     } else {
         "sent"
     };
+    if opts.soak {
+        let planned: usize = groups.iter().map(|g| g.msgs.len()).sum();
+        let secs = outcome.elapsed.as_secs_f64().max(1e-9);
+        println!(
+            "SOAK {:?}: {} of {planned} messages, 0 lost, 0 corrupted, digest {:016x}, {} bytes in {secs:.1} s: {:.1} MB/s, {:.0} messages/s",
+            opts.role,
+            outcome.messages,
+            outcome.digest,
+            outcome.bytes,
+            outcome.bytes as f64 / secs / 1e6,
+            outcome.messages as f64 / secs
+        );
+        if outcome.messages != planned {
+            return Err(format!(
+                "{} of {planned} messages completed",
+                outcome.messages
+            ));
+        }
+    }
     println!(
         "v{} {:?}: {} messages in {} groups, {} bytes {side}, max {} requests in flight, {} NULL-request retries, elapsed {:.2?}",
         opts.version,
@@ -392,7 +453,10 @@ fn run_sender(plugin: &Arc<Plugin>, opts: &Options, groups: &[Group]) -> Result<
                 &opts.seed.to_string(),
                 "--timeout",
                 &opts.timeout.as_secs().to_string(),
+                "--report-every",
+                &opts.report_every.to_string(),
             ])
+            .args(opts.soak.then_some("--soak"))
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawning the receiver: {e}"))?;
@@ -581,11 +645,20 @@ fn exchange(
         let groups = groups.to_vec();
         let timeout = opts.timeout;
         let kill = opts.kill_peer_after.zip(kill_pid);
+        let report_every = opts.report_every;
         std::thread::Builder::new()
             .name("progress".into())
             .spawn(move || {
                 progress_loop(
-                    &plugin, &groups, comm, sending, work_rx, done_tx, timeout, kill,
+                    &plugin,
+                    &groups,
+                    comm,
+                    sending,
+                    work_rx,
+                    done_tx,
+                    timeout,
+                    kill,
+                    report_every,
                 )
             })
             .map_err(|e| e.to_string())?
@@ -593,11 +666,27 @@ fn exchange(
     let mut inflight_bytes = 0usize;
     let mut returned = 0usize;
     let mut verified_bytes = 0usize;
+    let mut digest = 0u64;
     let mut service_err = None;
     let mut finish = |w: Work, inflight_bytes: &mut usize| -> Result<(), String> {
         *inflight_bytes -= w.bytes();
-        if !sending {
-            verified_bytes += verify_group(opts.seed, &groups[w.group], &w.bufs)?;
+        let g = &groups[w.group];
+        if sending {
+            // The plugin must not have written into a send buffer.
+            for ((m, buf), &sum) in g.msgs.iter().zip(&w.bufs).zip(&w.sums) {
+                if checksum(&buf[..m.size]) != sum {
+                    return Err(format!(
+                        "message {} (tag {}, size {}): the send buffer changed while it was sent",
+                        m.index, m.tag, m.size
+                    ));
+                }
+                digest = digest.wrapping_add(digest_part(m.index, sum));
+            }
+        } else {
+            verified_bytes += verify_group(opts.seed, g, &w.bufs)?;
+            for (m, buf) in g.msgs.iter().zip(&w.bufs) {
+                digest = digest.wrapping_add(digest_part(m.index, checksum(&buf[..m.size])));
+            }
         }
         for &mh in &w.mhs {
             plugin
@@ -638,12 +727,14 @@ fn exchange(
             group: gi,
             bufs: Vec::with_capacity(g.msgs.len()),
             mhs: Vec::with_capacity(g.msgs.len()),
+            sums: Vec::with_capacity(g.msgs.len()),
         };
         for m in &g.msgs {
             // A zero-byte message still gets a one-byte buffer: RCCL never registers empty ranges.
             let mut buf = if sending {
                 let mut b = vec![0u8; m.size.max(1)];
                 fill_payload(&mut b[..m.size], opts.seed, m.index);
+                work.sums.push(checksum(&b[..m.size]));
                 b
             } else {
                 vec![GUARD; m.capacity.max(1)]
@@ -694,6 +785,7 @@ fn exchange(
     if !sending {
         outcome.bytes = verified_bytes;
     }
+    outcome.digest = digest;
     Ok(outcome)
 }
 
@@ -758,7 +850,14 @@ fn progress_loop(
     done_tx: Sender<Work>,
     timeout: Duration,
     kill: Option<(usize, u32)>,
+    report_every: usize,
 ) -> Result<Outcome, String> {
+    let mut started: Option<Instant> = None;
+    let mut next_report = if report_every > 0 {
+        report_every
+    } else {
+        usize::MAX
+    };
     let mut queue: VecDeque<Active> = VecDeque::new();
     let mut posted: Vec<Posted> = Vec::new();
     let mut input_open = true;
@@ -855,6 +954,7 @@ fn progress_loop(
                         break 'post;
                     }
                     Ok((req, slot)) => {
+                        started.get_or_insert_with(Instant::now);
                         posted.push(Posted {
                             req,
                             work: base + qi,
@@ -924,6 +1024,16 @@ fn progress_loop(
             }
         }
 
+        if completed_msgs >= next_report {
+            let secs = started.map_or(0.0, |t| t.elapsed().as_secs_f64()).max(1e-9);
+            println!(
+                "SOAK progress: {completed_msgs} messages, {bytes} bytes, {secs:.1} s: {:.1} MB/s, {:.0} messages/s",
+                bytes as f64 / secs / 1e6,
+                completed_msgs as f64 / secs
+            );
+            next_report = (completed_msgs / report_every + 1) * report_every;
+        }
+
         // Retire fully completed groups from the front, keeping positions stable for `posted`.
         while let Some(a) = queue.front() {
             let total = if sending {
@@ -981,5 +1091,7 @@ fn progress_loop(
         bytes,
         max_inflight,
         null_retries,
+        digest: 0,
+        elapsed: started.map_or(Duration::ZERO, |t| t.elapsed()),
     })
 }

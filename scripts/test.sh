@@ -28,7 +28,7 @@ step "build (plugin, examples, test executables)"
 cargo build --workspace --all-targets
 cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
-wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "wire_version"}
+wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "wire_version", "kill"}
 for line in sys.stdin:
     try:
         m = json.loads(line)
@@ -60,6 +60,18 @@ conf="target/debug/examples/conformance --plugin target/debug/librccl_net_plugin
 scripts/softroce run2 --timeout 900 \
     --a "$conf --role recv --listen-on \$HALO_GUEST_IP:18600" \
     --b "$conf --role send --connect \$HALO_PEER_IP:18600"
+# Soak at CI size (the full run is 10^6 messages, see examples/conformance.rs): sizes 0 B to
+# 64 KiB, 1 % up to 8 MiB, multi-receives with shuffled tags; both sides must report every message
+# and the same digest of all checksums.
+soak="target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --soak --messages 5000 --seed 11"
+scripts/softroce run2 --timeout 600 \
+    --a "$soak --role recv --listen-on \$HALO_GUEST_IP:18600" \
+    --b "$soak --role send --connect \$HALO_PEER_IP:18600" | tee target/soak.log
+digests=$(sed -n 's/^\[[ab]\] SOAK [A-Za-z]*: \([0-9]*\) of \([0-9]*\) messages, 0 lost, 0 corrupted, digest \([0-9a-f]*\),.*/\1 \2 \3/p' target/soak.log | sort -u)
+if [[ -z $digests || $(wc -l <<<"$digests") != 1 || $(cut -d' ' -f1 <<<"$digests") != $(cut -d' ' -f2 <<<"$digests") ]]; then
+    echo "soak: the two sides disagree or lost messages: $digests" >&2
+    exit 1
+fi
 scripts/softroce run2 --timeout 600 \
     --a 'target/debug/halo bench --listen $HALO_GUEST_IP:18700 --plugin target/debug/librccl_net_plugin.so' \
     --b 'target/debug/halo bench --peer $HALO_PEER_IP --ibdev rxe0 --gid-index $HALO_RDMA_GID_INDEX --plugin target/debug/librccl_net_plugin.so --quick --plot $HALO_GUEST_SHARE/bench.png && test -s $HALO_GUEST_SHARE/bench.png'

@@ -2,7 +2,9 @@
 //! before its receive goes at once into the receiver's bounce slot, and the receive, when posted,
 //! takes it (bytes and sizes checked); a receive that cannot take it (a multi-receive, a buffer too
 //! small) makes the message go the ordinary way, with the same results as without the eager path;
-//! with the path off (the default, `HALO_EAGER_MAX=0`) such a send waits for the receiver. The
+//! with the path off (the default, `HALO_EAGER_MAX=0`) such a send waits for the receiver. Sends
+//! whose tags belong to a later grouped receive get NULL until it is their row's turn, with the
+//! path off and on (where such a send may go eagerly into an earlier row and be refused). The
 //! setting is read once per process, so each test runs its body in a child with the setting.
 //! Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
 //! `HALO_REQUIRE_RDMA=1`.
@@ -390,6 +392,144 @@ fn with_the_eager_path_off_small_sends_wait() {
         assert_eq!(NET.closeSend.unwrap()(sc), ncclSuccess);
         assert_eq!(NET.closeRecv.unwrap()(rc), ncclSuccess);
     }
+}
+
+/// A receive of tag 8, then a grouped receive of tags 0..=7; sends of tags 0..=8, each retried
+/// in turn while it gets a NULL request, as a proxy with several sends pending does (aws-ofi-nccl's
+/// grouped_recv "Multi-Tag"). Tags 0..=7 belong to the second receive, so they get NULL until tag 8
+/// has taken the first. With `early_send`, tag 0 is tried once before any receive is posted; with
+/// `Some(true)` it must be accepted then (eagerly: the first row refuses it, and it waits for the
+/// second). Everything completes with the right sizes and bytes.
+///
+/// # Safety
+/// `sc` and `rc` are live comms connected to each other and idle.
+unsafe fn sends_for_a_later_receive(sc: *mut c_void, rc: *mut c_void, early_send: Option<bool>) {
+    let len = |tag: c_int| 100 + 37 * tag as usize;
+    // SAFETY: the comms are live (the caller's contract); every buffer is registered on the
+    // comm it is used with, holds at least the bytes each call names and outlives its requests
+    // (all are waited for before `release`); a request is tested only until it is reported done.
+    unsafe {
+        let src: Vec<Buf> = (0..9).map(|t| Buf::new(sc, len(t), 1 + t as u8)).collect();
+        let mut dst: Vec<Buf> = (0..9).map(|_| Buf::new(rc, 4096, 0)).collect();
+        let mut pending: Vec<c_int> = (0..9).collect();
+        let mut sreqs: Vec<(c_int, *mut c_void)> = Vec::new();
+        if let Some(must) = early_send {
+            let r = isend_once(sc, &src[0], len(0), 0);
+            assert!(!must || !r.is_null(), "tag 0 must go eagerly");
+            if !r.is_null() {
+                sreqs.push((0, r));
+                pending.retain(|&t| t != 0);
+            }
+        }
+        let (first, rest) = dst.split_at_mut(1);
+        let r8 = irecv(rc, &mut [(&mut first[0], 8)]);
+        let mut group: Vec<(&mut Buf, c_int)> = rest.iter_mut().zip(0..8).collect();
+        let r07 = irecv(rc, &mut group);
+        let mut nulls = 0usize;
+        let t0 = Instant::now();
+        while !pending.is_empty() {
+            assert!(
+                t0.elapsed() < LIMIT,
+                "sends of tags {pending:?} never posted"
+            );
+            let mut i = 0;
+            while i < pending.len() {
+                let t = pending[i];
+                let r = isend_once(sc, &src[t as usize], len(t), t);
+                if r.is_null() {
+                    nulls += 1;
+                    i += 1;
+                } else {
+                    sreqs.push((t, r));
+                    pending.remove(i);
+                }
+            }
+        }
+        assert!(
+            nulls > 0,
+            "tags 0..=7 must have waited for the second receive"
+        );
+        let mut reqs: Vec<*mut c_void> = sreqs.iter().map(|&(_, r)| r).collect();
+        reqs.extend([r8, r07]);
+        let res = wait_all(&reqs);
+        for (&(t, _), (code, sizes)) in sreqs.iter().zip(&res) {
+            assert_eq!(
+                (*code, sizes[0] as usize),
+                (ncclSuccess, len(t)),
+                "send of tag {t}"
+            );
+        }
+        let (code, sizes) = res[sreqs.len()];
+        assert_eq!(
+            (code, sizes[0] as usize),
+            (ncclSuccess, len(8)),
+            "receive of tag 8"
+        );
+        let (code, sizes) = res[sreqs.len() + 1];
+        assert_eq!(code, ncclSuccess, "grouped receive of tags 0..=7");
+        for (t, &size) in sizes.iter().enumerate() {
+            assert_eq!(size as usize, len(t as c_int), "size of tag {t}");
+        }
+        // dst[0] took tag 8; dst[1 + t] took tag t.
+        for (k, d) in dst.iter().enumerate() {
+            let t = if k == 0 { 8 } else { k - 1 };
+            let n = len(t as c_int);
+            assert_eq!(&d.mem[..n], &src[t].mem[..], "bytes of tag {t}");
+            assert!(d.mem[n..].iter().all(|&b| b == 0), "bytes past tag {t}");
+        }
+        eprintln!(
+            "sends of tags 0..=8 for a receive of tag 8 then one of tags 0..=7: verified after {nulls} NULL requests"
+        );
+        for b in src.into_iter().chain(dst) {
+            b.release();
+        }
+    }
+}
+
+#[test]
+fn sends_for_a_later_grouped_receive_wait_for_it() {
+    if !in_child(
+        "sends_for_a_later_grouped_receive_wait_for_it",
+        "0",
+        "eager path off: later receive verified",
+    ) {
+        return;
+    }
+    let Some((sc, rc)) = setup("eager::sends_for_a_later_grouped_receive_wait_for_it") else {
+        return;
+    };
+    // SAFETY: `sc` and `rc` are the live comms `setup` connected, idle, and closed after.
+    unsafe {
+        sends_for_a_later_receive(sc, rc, None);
+        sends_for_a_later_receive(sc, rc, Some(false));
+        assert_eq!(NET.closeSend.unwrap()(sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(rc), ncclSuccess);
+    }
+    eprintln!("eager path off: later receive verified");
+}
+
+#[test]
+fn an_eager_send_refused_for_its_tag_waits_for_a_later_receive() {
+    if !in_child(
+        "an_eager_send_refused_for_its_tag_waits_for_a_later_receive",
+        "8192",
+        "eager path on: later receive verified",
+    ) {
+        return;
+    }
+    let Some((sc, rc)) =
+        setup("eager::an_eager_send_refused_for_its_tag_waits_for_a_later_receive")
+    else {
+        return;
+    };
+    // SAFETY: `sc` and `rc` are the live comms `setup` connected, idle, and closed after.
+    unsafe {
+        sends_for_a_later_receive(sc, rc, Some(true));
+        sends_for_a_later_receive(sc, rc, None);
+        assert_eq!(NET.closeSend.unwrap()(sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(rc), ncclSuccess);
+    }
+    eprintln!("eager path on: later receive verified");
 }
 
 /// What the recording profiler callback saw, in call order.

@@ -93,9 +93,7 @@ impl Link {
             ProtoError::Truncated { .. } | ProtoError::TruncatedByPeer { .. } => {
                 NetError::InvalidUsage(format!("{e} ({})", self.context()))
             }
-            ProtoError::TagMismatch { .. } | ProtoError::InvalidUsage(_) => {
-                self.fail_with(NetError::InvalidUsage, e)
-            }
+            ProtoError::InvalidUsage(_) => self.fail_with(NetError::InvalidUsage, e),
             ProtoError::Protocol(_) => self.fail_with(NetError::Remote, e),
         }
     }

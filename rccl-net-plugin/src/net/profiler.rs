@@ -8,7 +8,7 @@
 //! NCCL's callback reads through it. Without a callback (ABI before v10, or NULL) a comm has no
 //! [`Profiler`] at all, and a request without a `phandle` is never armed: one branch each.
 
-use crate::protocol::{row_of, OnWire, Post, PostSink, WrId, FIFO_DEPTH, MAX_RECVS};
+use crate::protocol::{OnWire, Post, PostSink, WrId, FIFO_DEPTH, MAX_RECVS};
 use halo_ffi::{
     ncclProfileQp, ncclProfilerNetEventStart, ncclProfilerNetEventStop,
     ncclProfilerNetIbDescr_v1_t, ncclProfilerNetIbQp_v1_t, ncclResult_t, NCCL_PROFILER_NET_IB_VER,
@@ -163,11 +163,13 @@ impl Profiler {
         };
     }
 
-    /// The completion `key` was seen: stops the events of slots `range` that wait for it.
-    pub fn stop(&mut self, range: std::ops::Range<usize>, key: Key) {
+    /// The completion `key` was seen: stops the events of `slots` that wait for it.
+    pub fn stop(&mut self, slots: impl IntoIterator<Item = usize>, key: Key) {
         let f = self.f;
-        let end = range.end.min(self.slots.len());
-        for s in &mut self.slots[range.start.min(end)..end] {
+        for i in slots {
+            let Some(s) = self.slots.get_mut(i) else {
+                continue;
+            };
             for e in s.events.iter_mut().filter(|e| e.live && e.key == key) {
                 stop_event(f, e);
             }
@@ -212,7 +214,7 @@ impl<'a, S: PostSink> Tap<'a, S> {
             inner,
             seen: [OnWire {
                 seq: 0,
-                first_req: 0,
+                reqs: [0; MAX_RECVS],
                 nreqs: 0,
                 qp: 0,
                 eager: false,
@@ -232,9 +234,14 @@ impl<'a, S: PostSink> Tap<'a, S> {
             }
             .encode();
             let qp_num = qps.get(w.qp).map_or(0, QueuePair::qp_num);
-            for j in 0..usize::from(w.nreqs) {
-                let i = usize::from(w.first_req) + j;
-                p.start(i, Key(wr_id), qp_num, wr_id, IBV_WR_RDMA_WRITE_WITH_IMM);
+            for &i in &w.reqs[..usize::from(w.nreqs)] {
+                p.start(
+                    usize::from(i),
+                    Key(wr_id),
+                    qp_num,
+                    wr_id,
+                    IBV_WR_RDMA_WRITE_WITH_IMM,
+                );
             }
         }
     }
@@ -250,17 +257,6 @@ impl<S: PostSink> PostSink for Tap<'_, S> {
             *slot = *w;
             self.n += 1;
         }
-    }
-}
-
-/// The send requests a completion of `wr_id` may stop: those of its row.
-pub fn send_stop_range(wr_id: u64) -> Option<std::ops::Range<usize>> {
-    match WrId::decode(wr_id)? {
-        WrId::Transmit(seq) | WrId::Eager(seq) => {
-            let first = row_of(seq) * MAX_RECVS;
-            Some(first..first + MAX_RECVS)
-        }
-        _ => None,
     }
 }
 

@@ -11,7 +11,8 @@ use super::request::Request;
 use super::stats::{self, CommCounters, Side};
 use crate::log::NET;
 use crate::protocol::{
-    CtsEntry, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH, MAX_RECVS,
+    CtsEntry, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH,
+    MAX_RECVS, SEND_REQS,
 };
 use halo_ibverbs::WorkCompletion;
 use std::ffi::c_void;
@@ -59,7 +60,7 @@ impl SendComm {
         super::recv_comm::EagerRing::SLOTS as usize * EAGER_HEADER_BYTES;
 
     pub fn new(p: SendParts) -> Box<Self> {
-        let prof = Profiler::new(FIFO_DEPTH * MAX_RECVS, p.link.dev.index);
+        let prof = Profiler::new(SEND_REQS, p.link.dev.index);
         let mut c = Box::new(SendComm {
             kind: COMM_SEND,
             link: p.link,
@@ -73,7 +74,7 @@ impl SendComm {
             prof,
         });
         let me: *mut SendComm = &mut *c;
-        c.reqs = Request::table_for_send(me, FIFO_DEPTH * MAX_RECVS);
+        c.reqs = Request::table_for_send(me, SEND_REQS);
         c
     }
 
@@ -139,9 +140,11 @@ impl SendComm {
                 return Err(self.link.proto_error(e));
             }
             if let Some(p) = self.prof.as_deref_mut() {
-                if let Some(reqs) = profiler::send_stop_range(wc.wr_id) {
-                    p.stop(reqs, profiler::Key(wc.wr_id));
-                }
+                let (reqs, n) = self.core.reqs_completed_by(wc.wr_id);
+                p.stop(
+                    reqs[..n].iter().map(|&i| usize::from(i)),
+                    profiler::Key(wc.wr_id),
+                );
             }
         }
         if !self.core.wants_progress() {

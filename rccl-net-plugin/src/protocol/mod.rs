@@ -33,7 +33,7 @@ pub use post::{OnWire, Post, PostOp, PostSink, RecvSink};
 pub use receiver::{Receiver, RecvConfig, RESTOCK_BATCH, RQ_STOCK};
 pub use recv::{EagerAction, RecvBuf, RecvPost, RecvState};
 pub use send::{
-    EagerSend, FifoRow, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp,
+    EagerSend, FifoRow, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp, SEND_REQS,
 };
 pub use sender::{SendConfig, Sender, SPREAD_MIN_BYTES};
 pub use wire::*;
@@ -47,8 +47,6 @@ pub enum ProtoError {
     Truncated { size: u64, capacity: u64 },
     /// The peer's message did not fit a buffer we posted (reported by the sender).
     TruncatedByPeer { seq: u32 },
-    /// No entry of the posted receive row carries this send's tag.
-    TagMismatch { tag: i32, posted: Vec<i32> },
     /// Malformed input from the caller (e.g. `n` out of range, a request not in flight).
     InvalidUsage(String),
     /// The peer wrote something that cannot come from a well-behaved peer.
@@ -65,10 +63,6 @@ impl fmt::Display for ProtoError {
             ProtoError::TruncatedByPeer { seq } => write!(
                 f,
                 "the peer's message for receive #{seq} was larger than the posted buffer (nothing was written)"
-            ),
-            ProtoError::TagMismatch { tag, posted } => write!(
-                f,
-                "send with tag {tag} matches none of the posted receive tags {posted:?}"
             ),
             ProtoError::InvalidUsage(s) => write!(f, "invalid usage: {s}"),
             ProtoError::Protocol(s) => write!(f, "protocol violation by peer: {s}"),

@@ -1,7 +1,7 @@
 //! Work requests as the protocol core hands them to the verbs layer, which only translates them
 //! (addresses of its own buffers, inline or staged) and posts them in the order given.
 
-use super::wire::{CtsEntry, EagerHeader};
+use super::wire::{CtsEntry, EagerHeader, MAX_RECVS};
 
 /// One work request for queue pair `qp` of the connection (0 carries everything but spread data).
 /// Small by design: rows and sizes are borrowed from the core for the duration of the `post`
@@ -56,8 +56,8 @@ pub enum PostOp<'a> {
 pub struct OnWire {
     /// The row; its completion is `WrId::Eager(seq)` for an eager write, else `WrId::Transmit(seq)`.
     pub seq: u32,
-    /// Requests `first_req .. first_req + nreqs` of the send comm.
-    pub first_req: u16,
+    /// The send comm's requests carried: `reqs[..nreqs]`.
+    pub reqs: [u16; MAX_RECVS],
     pub nreqs: u16,
     /// Queue pair of the first work request.
     pub qp: usize,

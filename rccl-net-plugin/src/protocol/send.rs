@@ -37,12 +37,21 @@ pub struct SendMsg {
     pub host: bool,
 }
 
+/// Send requests of one send comm: [`MAX_RECVS`] per FIFO row (numbered in matching order),
+/// then one per row for the row's eager send ([`SendState::eager_req`]).
+pub const SEND_REQS: usize = FIFO_DEPTH * MAX_RECVS + FIFO_DEPTH;
+
 /// Outcome of [`SendState::post`]. Returned by value on the hot path: boxing would allocate.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum SendPost {
-    /// The receiver has not offered a buffer yet, or resources are busy: return a NULL request.
+    /// The receiver has not offered a buffer for this send yet (no row, or the current row has
+    /// no free entry with its tag: it belongs to a later receive), or resources are busy:
+    /// return a NULL request.
     NotReady,
+    /// A carried send (see [`SendState::place_carried`]) completed the current row first: post
+    /// `transmit`, and return a NULL request for this send.
+    CarriedOn { transmit: Transmit },
     /// The send is accepted as request `req`. When it completes a row, `transmit` says what to post.
     Posted {
         req: u16,
@@ -333,6 +342,8 @@ enum ReqState {
     Eager,
     /// Sent eagerly and taken by the receiver; waiting for the write's completion.
     EagerTaken,
+    /// Sent eagerly, refused by a row that has no entry with its tag: waits for a later row.
+    Carried,
 }
 
 /// A row's eager send, from posting until its row arrives.
@@ -344,6 +355,8 @@ struct EagerOut {
 #[derive(Clone, Copy, Debug, Default)]
 struct SendReq {
     state: ReqState,
+    /// The row that counts this request as live (see [`Row::live`]).
+    row: u8,
     size: u64,
 }
 
@@ -353,8 +366,11 @@ struct Row {
     matching: bool,
     nreqs: usize,
     matched: u8,
-    /// Requests of this row that the caller has not collected with `test` yet.
+    /// Requests matched to this row (or sent eagerly for it) that the caller has not collected
+    /// with `test` yet.
     live: u8,
+    /// Request of each matched entry, in matching order.
+    ids: [u16; MAX_RECVS],
     wqes: u32,
     truncated: Option<(u64, u64)>,
     entries: [CtsEntry; MAX_RECVS],
@@ -373,7 +389,10 @@ struct Row {
 pub struct SendState {
     seq: u32,
     rows: [Row; FIFO_DEPTH],
-    reqs: [SendReq; FIFO_DEPTH * MAX_RECVS],
+    reqs: [SendReq; SEND_REQS],
+    /// An eager send whose row had no entry for its tag: (request, message), matched into the
+    /// first later row that has a free entry with its tag ([`Self::place_carried`]).
+    carried: Option<(u16, SendMsg)>,
     max_msg: u64,
     sq_depth: u32,
     sq_used: u32,
@@ -403,7 +422,8 @@ impl SendState {
         SendState {
             seq: 0,
             rows: [Row::default(); FIFO_DEPTH],
-            reqs: [SendReq::default(); FIFO_DEPTH * MAX_RECVS],
+            reqs: [SendReq::default(); SEND_REQS],
+            carried: None,
             max_msg,
             sq_depth,
             sq_used: 0,
@@ -499,8 +519,21 @@ impl SendState {
                     head.nreqs, e.nreqs
                 )));
             }
+            Self::check_span(seq, &e)?;
         }
+        Self::check_span(seq, &head)?;
         Ok(Some(nreqs))
+    }
+
+    /// Data goes to `addr + offset` for offsets below `size`: a buffer cannot wrap around.
+    fn check_span(seq: u32, e: &CtsEntry) -> Result<(), ProtoError> {
+        if e.addr.checked_add(e.size).is_none() {
+            return Err(ProtoError::Protocol(format!(
+                "receive row {seq} offers {} bytes at {:#x}, past the end of the address space",
+                e.size, e.addr
+            )));
+        }
+        Ok(())
     }
 
     /// Starts matching row `r` against the arrived `fifo_row` of `nreqs` entries.
@@ -520,11 +553,26 @@ impl SendState {
     }
 
     /// Post a send against `fifo_row`, a snapshot of FIFO row [`Self::current_row`].
+    ///
+    /// Sends match receives in the order the receiver posted them: a send takes the first free
+    /// entry with its tag in the current row, the oldest row not fully matched yet. A send whose
+    /// tag has no free entry there belongs to a later receive, which the receiver may not have
+    /// posted yet, so it is answered [`SendPost::NotReady`] (a NULL request, retried by the
+    /// caller) as NCCL's IB transport does. A tag therefore never proves that a send can never
+    /// match; what fails is what no later receive can change: a send larger than the entry it
+    /// matched ([`ProtoError::Truncated`], for its whole row), a row that needs more work requests
+    /// than the send queue holds, and rows no well-behaved receiver writes.
     pub fn post(&mut self, fifo_row: &impl FifoRow, msg: SendMsg) -> Result<SendPost, ProtoError> {
         if self.unconfirmed {
             // The eager row must be resolved first; it may still take this send's place.
             self.cts_waits += 1;
             return Ok(SendPost::NotReady);
+        }
+        if self.carried.is_some() {
+            // The carried send was posted first: it takes its entry before this one.
+            if let Some(transmit) = self.place_carried(fifo_row)? {
+                return Ok(SendPost::CarriedOn { transmit });
+            }
         }
         let r = row_of(self.seq);
         let row = &self.rows[r];
@@ -541,7 +589,50 @@ impl SendState {
                 }
             }
         }
-        self.match_send(r, msg, true)
+        self.match_send(r, msg, None)
+    }
+
+    /// The request of row `r`'s eager send.
+    pub fn eager_req(r: usize) -> u16 {
+        (FIFO_DEPTH * MAX_RECVS + r) as u16
+    }
+
+    /// Whether an eager send refused by its row waits for a later row ([`Self::place_carried`]).
+    pub fn has_carried(&self) -> bool {
+        self.carried.is_some()
+    }
+
+    /// Matches the carried send into `fifo_row`, a snapshot of FIFO row [`Self::current_row`],
+    /// when that row has arrived and has a free entry with its tag. Returns the row's transmit
+    /// when the carried send completes it.
+    pub fn place_carried(
+        &mut self,
+        fifo_row: &impl FifoRow,
+    ) -> Result<Option<Transmit>, ProtoError> {
+        let Some((id, msg)) = self.carried else {
+            return Ok(None);
+        };
+        if self.unconfirmed {
+            return Ok(None);
+        }
+        let r = row_of(self.seq);
+        let row = &self.rows[r];
+        if !row.matching {
+            if row.live > 0 {
+                return Ok(None);
+            }
+            match Self::arrived(self.seq, fifo_row)? {
+                Some(nreqs) => self.open_row(r, fifo_row, nreqs),
+                None => return Ok(None),
+            }
+        }
+        match self.match_send(r, msg, Some(id))? {
+            SendPost::Posted { transmit, .. } => {
+                self.carried = None;
+                Ok(transmit)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The send cannot match a row yet: send it eagerly when the receiver has a free slot.
@@ -551,6 +642,8 @@ impl SendState {
             || self.eager_blocked
             || msg.size > self.eager_max
             || self.sq_used >= self.sq_depth
+            || self.carried.is_some()
+            || self.rows[r].eager_wr
         {
             return SendPost::NotReady;
         }
@@ -564,13 +657,14 @@ impl SendState {
         row.eager = Some(EagerOut { msg });
         row.eager_wr = true;
         row.eager_seq = self.seq;
-        let req = r * MAX_RECVS;
-        self.reqs[req] = SendReq {
+        let req = Self::eager_req(r);
+        self.reqs[usize::from(req)] = SendReq {
             state: ReqState::Eager,
+            row: r as u8,
             size: msg.size,
         };
         SendPost::Eager {
-            req: req as u16,
+            req,
             send: EagerSend {
                 seq: self.seq,
                 slot,
@@ -589,18 +683,21 @@ impl SendState {
         let Some(nreqs) = Self::arrived(self.seq, fifo_row)? else {
             return Ok(Resolved::Nothing);
         };
-        let msg = self.rows[r]
-            .eager
-            .expect("an unconfirmed row has its eager send")
-            .msg;
-        let req = r * MAX_RECVS;
+        let Some(EagerOut { msg }) = self.rows[r].eager else {
+            return Err(ProtoError::InvalidUsage(format!(
+                "row {} waits for its eager send's clear-to-send but holds no eager send",
+                self.seq
+            )));
+        };
+        let req = Self::eager_req(r);
         let head = fifo_row.entry(0);
         if eager_fits(&head, msg.tag, msg.size) {
             self.eager_done_seen = head.eager_done;
             let row = &mut self.rows[r];
             row.eager = None;
             row.nreqs = 1;
-            self.reqs[req].state = if row.eager_wr {
+            row.ids[0] = req;
+            self.reqs[usize::from(req)].state = if row.eager_wr {
                 ReqState::EagerTaken
             } else {
                 ReqState::Done
@@ -608,6 +705,18 @@ impl SendState {
             self.unconfirmed = false;
             self.seq = self.seq.wrapping_add(1);
             return Ok(Resolved::Accepted);
+        }
+        if !(0..nreqs).any(|i| fifo_row.entry(i).tag == msg.tag) {
+            // The row has no entry for this tag: the send belongs to a later receive. The row
+            // opens for other sends, and this one waits for the first later row with its tag.
+            self.open_row(r, fifo_row, nreqs);
+            let row = &mut self.rows[r];
+            row.eager = None;
+            row.live -= 1;
+            self.reqs[usize::from(req)].state = ReqState::Carried;
+            self.carried = Some((req, msg));
+            self.unconfirmed = false;
+            return Ok(Resolved::Refused);
         }
         // Refused: match the message against its row like a fresh send, under the same request.
         let completes = nreqs == 1;
@@ -623,8 +732,10 @@ impl SendState {
         }
         self.open_row(r, fifo_row, nreqs);
         self.rows[r].eager = None;
+        // The request stays counted in its row; `match_send` counts it in again.
+        self.rows[r].live -= 1;
         self.unconfirmed = false;
-        match self.match_send(r, msg, false)? {
+        match self.match_send(r, msg, Some(req))? {
             SendPost::Posted {
                 transmit: Some(t), ..
             } => Ok(Resolved::Transmit(t)),
@@ -635,23 +746,21 @@ impl SendState {
         }
     }
 
-    /// Matches `msg` into the open row `r`. `fresh`: a new request (else the row's refused eager
-    /// send, which already holds request 0 of the row).
-    fn match_send(&mut self, r: usize, msg: SendMsg, fresh: bool) -> Result<SendPost, ProtoError> {
+    /// Matches `msg` into the open row `r`. `id`: the request it already has (a refused eager
+    /// send), else it is a fresh send and gets the row's next request.
+    fn match_send(
+        &mut self,
+        r: usize,
+        msg: SendMsg,
+        id: Option<u16>,
+    ) -> Result<SendPost, ProtoError> {
         let row = &self.rows[r];
         let nreqs = row.nreqs;
         let Some(i) =
             (0..nreqs).find(|&i| row.matched & (1 << i) == 0 && row.entries[i].tag == msg.tag)
         else {
-            if fresh && row.entries[..nreqs].iter().any(|e| e.tag == msg.tag) {
-                // This tag's buffer in the current row is taken: the send belongs to a later row
-                // (another tag of a grouped receive has not posted yet). Try again later.
-                return Ok(SendPost::NotReady);
-            }
-            return Err(ProtoError::TagMismatch {
-                tag: msg.tag,
-                posted: row.entries[..nreqs].iter().map(|e| e.tag).collect(),
-            });
+            // No free entry with this tag: the send belongs to a later row. Try again later.
+            return Ok(SendPost::NotReady);
         };
 
         let k = row.matched.count_ones() as usize;
@@ -680,17 +789,17 @@ impl SendState {
 
         let row = &mut self.rows[r];
         row.matched |= 1 << i;
-        if fresh {
-            row.live += 1;
-        }
+        row.live += 1;
         row.msgs[i] = msg;
         if msg.size > row.entries[i].size && row.truncated.is_none() {
             row.truncated = Some((msg.size, row.entries[i].size));
         }
-        // Requests of a row are numbered in matching order, so a refused eager send keeps its own.
-        let req = r * MAX_RECVS + k;
-        self.reqs[req] = SendReq {
+        // Fresh requests of a row are numbered in matching order.
+        let req = id.unwrap_or((r * MAX_RECVS + k) as u16);
+        row.ids[k] = req;
+        self.reqs[usize::from(req)] = SendReq {
             state: ReqState::Matched,
+            row: r as u8,
             size: msg.size,
         };
 
@@ -701,15 +810,12 @@ impl SendState {
             row.awaiting = true;
             row.tx_seq = self.seq;
             self.sq_used += row.wqes;
-            for j in 0..nreqs {
-                self.reqs[r * MAX_RECVS + j].state = ReqState::InFlight;
+            for &j in &row.ids[..nreqs] {
+                self.reqs[usize::from(j)].state = ReqState::InFlight;
             }
             self.seq = self.seq.wrapping_add(1);
         }
-        Ok(SendPost::Posted {
-            req: req as u16,
-            transmit,
-        })
+        Ok(SendPost::Posted { req, transmit })
     }
 
     /// The eager write of row `seq` completed: its data has left the caller's buffer.
@@ -723,7 +829,7 @@ impl SendState {
         }
         row.eager_wr = false;
         self.sq_used -= 1;
-        let req = &mut self.reqs[r * MAX_RECVS];
+        let req = &mut self.reqs[usize::from(Self::eager_req(r))];
         if req.state == ReqState::EagerTaken {
             req.state = ReqState::Done;
         }
@@ -747,8 +853,8 @@ impl SendState {
         } else {
             ReqState::Done
         };
-        for j in 0..row.nreqs {
-            self.reqs[r * MAX_RECVS + j].state = state;
+        for &j in &row.ids[..row.nreqs] {
+            self.reqs[usize::from(j)].state = state;
         }
         Ok(())
     }
@@ -762,14 +868,16 @@ impl SendState {
                 "send request {req} does not exist"
             )));
         };
-        let row = &mut self.rows[idx / MAX_RECVS];
+        let row = &mut self.rows[usize::from(sr.row)];
         match sr.state {
             ReqState::Free => Err(ProtoError::InvalidUsage(format!(
                 "send request {req} is not in flight"
             ))),
-            ReqState::Matched | ReqState::InFlight | ReqState::Eager | ReqState::EagerTaken => {
-                Ok(None)
-            }
+            ReqState::Matched
+            | ReqState::InFlight
+            | ReqState::Eager
+            | ReqState::EagerTaken
+            | ReqState::Carried => Ok(None),
             ReqState::Done => {
                 self.reqs[idx].state = ReqState::Free;
                 row.live -= 1;
@@ -814,6 +922,17 @@ impl SendState {
             imm: t.imm(),
             host: msg.host,
         })
+    }
+
+    /// The requests transmit `t` carries: the first [`Transmit::nreqs`].
+    pub fn reqs_of(&self, t: &Transmit) -> [u16; MAX_RECVS] {
+        self.rows[t.row].ids
+    }
+
+    /// The requests of the latest transmit of row `r`: `ids[..n]`.
+    pub fn reqs_of_row(&self, r: usize) -> ([u16; MAX_RECVS], usize) {
+        let row = &self.rows[r];
+        (row.ids, row.nreqs)
     }
 
     /// Work requests transmit `t` posts.

@@ -103,6 +103,10 @@ impl Sender {
         let r = self.state.current_row();
         match self.state.post(&RowFn(|i| fifo(r, i)), msg)? {
             SendPost::NotReady => Ok(None),
+            SendPost::CarriedOn { transmit } => {
+                self.transmit(&transmit, out);
+                Ok(None)
+            }
             SendPost::Posted { req, transmit } => {
                 if let Some(t) = transmit {
                     self.transmit(&t, out);
@@ -149,9 +153,9 @@ impl Sender {
     }
 
     /// Whether [`Self::progress`] has anything to do: landed data whose immediates may go out,
-    /// or an eager row waiting for its clear-to-send.
+    /// an eager row waiting for its clear-to-send, or a refused eager send waiting for its row.
     pub fn wants_progress(&self) -> bool {
-        self.landed || self.state.unconfirmed()
+        self.landed || self.state.unconfirmed() || self.state.has_carried()
     }
 
     /// After a batch of completions: posts the immediates whose data has landed and settles an
@@ -167,7 +171,26 @@ impl Sender {
         if self.state.unconfirmed() {
             self.resolve_eager(&fifo, out)?;
         }
+        if self.state.has_carried() {
+            let r = self.state.current_row();
+            if let Some(t) = self.state.place_carried(&RowFn(|i| fifo(r, i)))? {
+                self.transmit(&t, out);
+            }
+        }
         Ok(())
+    }
+
+    /// The requests a completion of `wr_id` may finish: `reqs[..n]` (n = 0 for none).
+    pub fn reqs_completed_by(&self, wr_id: u64) -> ([u16; MAX_RECVS], usize) {
+        let mut reqs = [0; MAX_RECVS];
+        match WrId::decode(wr_id) {
+            Some(WrId::Transmit(seq)) => self.state.reqs_of_row(row_of(seq)),
+            Some(WrId::Eager(seq)) => {
+                reqs[0] = SendState::eager_req(row_of(seq));
+                (reqs, 1)
+            }
+            _ => (reqs, 0),
+        }
     }
 
     /// Collect request `req`: `None` while in progress, the size sent once done.
@@ -207,9 +230,11 @@ impl Sender {
     /// One signaled WRITE_WITH_IMM of header + data into the receiver's bounce slot.
     fn post_eager(&mut self, e: &EagerSend, out: &mut impl PostSink) {
         self.counters.eager_sent += 1;
+        let mut reqs = [0; MAX_RECVS];
+        reqs[0] = SendState::eager_req(row_of(e.seq));
         out.on_wire(&OnWire {
             seq: e.seq,
-            first_req: first_req(e.seq),
+            reqs,
             nreqs: 1,
             qp: 0,
             eager: true,
@@ -270,7 +295,7 @@ impl Sender {
         for (k, _) in self.state.ops(t).filter(is_write).enumerate() {
             last[qp_of(k)] = k;
         }
-        out.on_wire(&on_wire(t, qp_of(0)));
+        out.on_wire(&on_wire(&self.state, t, qp_of(0)));
         for (k, op) in self.state.ops(t).filter(is_write).enumerate() {
             let q = qp_of(k);
             let signaled = q != 0 && last[q] == k;
@@ -307,7 +332,7 @@ impl Sender {
     /// last one is signaled and accounts for the whole row.
     fn post_on_qp0(&mut self, t: &Transmit, skip_writes: bool, out: &mut impl PostSink) {
         if !skip_writes {
-            out.on_wire(&on_wire(t, 0));
+            out.on_wire(&on_wire(&self.state, t, 0));
         }
         if let Some(op) = self.state.single_op(t) {
             self.put(
@@ -352,16 +377,11 @@ impl Sender {
     }
 }
 
-/// The first send request of row `seq` (requests are numbered per row, in matching order).
-fn first_req(seq: u32) -> u16 {
-    (row_of(seq) * MAX_RECVS) as u16
-}
-
 /// What the posts of `t` carry, the first of them on `qp`.
-fn on_wire(t: &Transmit, qp: usize) -> OnWire {
+fn on_wire(state: &SendState, t: &Transmit, qp: usize) -> OnWire {
     OnWire {
         seq: t.seq,
-        first_req: first_req(t.seq),
+        reqs: state.reqs_of(t),
         nreqs: t.nreqs() as u16,
         qp,
         eager: false,
