@@ -124,7 +124,7 @@ fn plan(opts: &ModelOptions, cfg: &ClusterConfig) -> Result<Plan> {
 /// The head's cluster environment, plus RAY_ADDRESS so vLLM joins this Ray cluster.
 fn vllm_command(vllm: &str, cfg: &ClusterConfig) -> Command {
     let mut cmd = Command::new(vllm);
-    cmd.envs(cfg.node_env(cfg.head()))
+    cmd.envs(cfg.local_env(cfg.head()))
         .env("RAY_ADDRESS", cfg.head_address());
     cmd
 }

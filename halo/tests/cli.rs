@@ -90,7 +90,8 @@ fn init_detects_the_rdma_setup_and_writes_the_config() {
     assert_eq!(
         env,
         [
-            "NCCL_NET_PLUGIN=/opt/halo/lib/librccl-net-halo.so",
+            "NCCL_NET_PLUGIN=halo",
+            "LD_LIBRARY_PATH=/opt/halo/lib",
             "NCCL_SOCKET_IFNAME=enp1s0f0np0",
             "GLOO_SOCKET_IFNAME=enp1s0f0np0",
             "NCCL_IB_HCA=rocep1s0f0",
@@ -160,7 +161,7 @@ fn container_commands_per_engine_with_and_without_infiniband() {
     let without = tempfile::tempdir().unwrap();
     let flags_ib = "--device /dev/dri --device /dev/kfd --device /dev/infiniband --ulimit memlock=-1 --group-add keep-groups \
                     --security-opt seccomp=unconfined -v /opt/halo/lib/librccl-net-halo.so:/opt/halo/lib/librccl-net-halo.so:ro \
-                    -e NCCL_NET_PLUGIN=/opt/halo/lib/librccl-net-halo.so -e NCCL_DEBUG=INFO";
+                    -e NCCL_NET_PLUGIN=halo -e LD_LIBRARY_PATH=/opt/halo/lib -e NCCL_DEBUG=INFO";
     let flags_ib = flags_ib.split_whitespace().collect::<Vec<_>>().join(" ");
     let flags_plain = flags_ib.replace(" --device /dev/infiniband --ulimit memlock=-1", "");
     let image = "docker.io/kyuz0/vllm-therock-gfx1151:latest";
@@ -222,9 +223,48 @@ fn container_uses_the_plugin_path_from_the_config() {
         "{line}"
     );
     assert!(
-        line.contains("-e NCCL_NET_PLUGIN=/srv/halo/librccl-net-halo.so"),
+        line.contains("-e NCCL_NET_PLUGIN=halo -e LD_LIBRARY_PATH=/srv/halo "),
         "{line}"
     );
+}
+
+/// The image's loader path can only be passed in: the plugin's directory goes in front of it,
+/// once. A library under another file name can only be given by path.
+#[test]
+fn container_keeps_a_given_loader_path_and_other_file_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("none.toml");
+    let out = halo()
+        .arg("--config")
+        .arg(&config)
+        .args(["container", "print", "--engine", "podman", "--root"])
+        .arg(dir.path())
+        .args(["--env", "LD_LIBRARY_PATH=/opt/rocm/lib:/usr/local/lib"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    assert!(
+        line.contains(
+            "-e NCCL_NET_PLUGIN=halo -e LD_LIBRARY_PATH=/opt/halo/lib:/opt/rocm/lib:/usr/local/lib"
+        ),
+        "{line}"
+    );
+    assert_eq!(line.matches("LD_LIBRARY_PATH=").count(), 1, "{line}");
+    let out = halo()
+        .arg("--config")
+        .arg(&config)
+        .args(["container", "print", "--engine", "podman", "--root"])
+        .arg(dir.path())
+        .args(["--plugin", "/srv/x/libhalo-custom.so"])
+        .output()
+        .unwrap();
+    let line = stdout(&out);
+    assert!(
+        line.contains("-e NCCL_NET_PLUGIN=/srv/x/libhalo-custom.so"),
+        "{line}"
+    );
+    assert!(!line.contains("LD_LIBRARY_PATH"), "{line}");
 }
 
 /// A config for one local node and a stand-in `vllm` that records argv + env and either
@@ -254,7 +294,7 @@ fn serve_setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         format!(
             r#"#!/usr/bin/env python3
 import http.server, json, os, sys
-keys = ["NCCL_NET_PLUGIN", "NCCL_IB_GID_INDEX", "VLLM_HOST_IP", "RAY_ADDRESS", "HF_TOKEN"]
+keys = ["NCCL_NET_PLUGIN", "LD_LIBRARY_PATH", "NCCL_IB_GID_INDEX", "VLLM_HOST_IP", "RAY_ADDRESS", "HF_TOKEN"]
 with open("{record}", "a") as f:
     f.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}) + "\n")
 if sys.argv[1] == "bench":
@@ -347,9 +387,13 @@ fn serve_launches_vllm_with_the_cluster_env_and_waits_for_it() {
             "--trust-remote-code"
         ]
     );
-    assert_eq!(
-        rec["env"]["NCCL_NET_PLUGIN"],
-        "/opt/halo/lib/librccl-net-halo.so"
+    assert_eq!(rec["env"]["NCCL_NET_PLUGIN"], "halo");
+    assert!(
+        rec["env"]["LD_LIBRARY_PATH"]
+            .as_str()
+            .is_some_and(|p| p.split(':').next() == Some("/opt/halo/lib")),
+        "{}",
+        rec["env"]
     );
     assert_eq!(rec["env"]["NCCL_IB_GID_INDEX"], "1");
     assert_eq!(rec["env"]["VLLM_HOST_IP"], "192.168.100.1");
@@ -479,8 +523,5 @@ fn bench_serve_compares_tp1_and_tpn() {
     assert!(argv2
         .windows(2)
         .any(|w| w == ["--distributed-executor-backend", "ray"]));
-    assert_eq!(
-        records[1]["env"]["NCCL_NET_PLUGIN"],
-        "/opt/halo/lib/librccl-net-halo.so"
-    );
+    assert_eq!(records[1]["env"]["NCCL_NET_PLUGIN"], "halo");
 }

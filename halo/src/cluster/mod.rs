@@ -203,14 +203,21 @@ fn head_start_args(cfg: &ClusterConfig) -> Vec<String> {
     ]
 }
 
-/// The shell line a worker runs: `env K=V … ray start --address=HEAD:P …`.
+/// The shell line a worker runs: `env K=V … ray start --address=HEAD:P …`; the plugin's
+/// directory goes in front of the worker's `LD_LIBRARY_PATH`.
 pub fn worker_start_line(cfg: &ClusterConfig, node: &Node) -> String {
     let mut words = vec!["env".to_string()];
-    words.extend(
-        cfg.node_env(node)
-            .iter()
-            .map(|(k, v)| shell_quote(&format!("{k}={v}"))),
-    );
+    words.extend(cfg.node_env(node).iter().map(|(k, v)| {
+        if k == "LD_LIBRARY_PATH" {
+            // In front of the worker's own loader path, expanded by its shell.
+            format!(
+                "{}\"${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\"",
+                shell_quote(&format!("{k}={v}"))
+            )
+        } else {
+            shell_quote(&format!("{k}={v}"))
+        }
+    }));
     words.push(shell_quote(&cfg.ray_for(node)));
     words.extend(
         [
@@ -278,7 +285,7 @@ pub fn up(config_path: &Path) -> Result<()> {
     };
     let head = cfg.head();
     let mut cmd = Command::new(cfg.ray_for(head));
-    cmd.args(head_start_args(&cfg)).envs(cfg.node_env(head));
+    cmd.args(head_start_args(&cfg)).envs(cfg.local_env(head));
     let shown = describe(&cmd);
     println!("[1/{n}] head {} ({}): {shown}", head.host, head.ip);
     let started = Instant::now();

@@ -118,6 +118,8 @@ pub(crate) struct Facts {
     pub mem_total_bytes: Option<u64>,
     pub in_container: Option<&'static str>,
     pub cluster: Option<rdma::ClusterPort>,
+    /// ROCm release of the RCCL found (major, minor).
+    pub rccl_rocm: Option<(u32, u32)>,
 }
 
 pub fn run(opts: &DoctorOptions, probe: &dyn PluginProbe) -> NodeReport {
@@ -135,6 +137,7 @@ pub fn run(opts: &DoctorOptions, probe: &dyn PluginProbe) -> NodeReport {
         mem_total_bytes,
         in_container: host::container_marker(root),
         cluster,
+        rccl_rocm: software::rccl_rocm_version(root),
     };
 
     checks.extend(gpu::checks(root, &facts));
