@@ -104,6 +104,24 @@ fn init_detects_the_rdma_setup_and_writes_the_config() {
             "VLLM_HOST_IP=192.168.100.2",
         ]
     );
+    // A worker's shell puts the plugin's directory in front of its own loader path.
+    let line = halo::cluster::worker_start_line(&cfg, &cfg.nodes[1]);
+    let word = line
+        .split(' ')
+        .find(|w| w.contains("LD_LIBRARY_PATH="))
+        .expect("LD_LIBRARY_PATH in the worker line");
+    for (before, after) in [
+        ("/opt/rocm/lib", "/opt/halo/lib:/opt/rocm/lib"),
+        ("", "/opt/halo/lib"),
+    ] {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("env {word} printenv LD_LIBRARY_PATH"))
+            .env("LD_LIBRARY_PATH", before)
+            .output()
+            .unwrap();
+        assert_eq!(stdout(&out).trim(), after, "{word}");
+    }
 
     // A second init does not clobber the file; a worker without an IP is refused.
     let again = halo()
