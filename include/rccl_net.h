@@ -55,6 +55,8 @@ typedef enum {
 
 /* ncclNetCommConfig_vN.trafficClass when the core does not ask for one. */
 #define NCCL_NET_TRAFFIC_CLASS_UNDEF (-1)
+/* railId / planeId of ncclNetProperties_v12_t when the plugin claims none */
+#define NCCL_NET_ID_UNDEF (-1)
 
 /* Entries of ncclNetVDeviceProps_vN.devs: 4 up to v11, 8 from v12. */
 #define NCCL_NET_MAX_DEVS_PER_NIC 4

@@ -24,7 +24,7 @@ mod common;
 use halo_ffi::*;
 use rccl_net_plugin::abi::ncclNetPlugin_v9 as NET;
 use rccl_net_plugin::gpu::{self, MemKind};
-use rccl_net_plugin::net::{self, RecvComm, RegKind};
+use rccl_net_plugin::net::{self, CommHandle, RegKind};
 use std::ffi::{c_int, c_void};
 use std::process::{Command, Stdio};
 use std::ptr::null_mut;
@@ -685,7 +685,7 @@ fn fallback() {
         );
         println!("verified {len} bytes into stand-in device memory");
 
-        let recv = &*(p.rc as *const RecvComm);
+        let recv = CommHandle::recv_comm(p.rc).expect("a receive comm");
         assert_eq!(recv.flush_reads_done(), 0);
         let freq = iflush(&p, dst.ptr, n, rmh);
         assert!(!freq.is_null(), "a GPU receive is flushed");

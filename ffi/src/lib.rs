@@ -56,6 +56,8 @@ pub const NCCL_NET_OPTIONAL_RECV_COMPLETION: usize = 0x1;
 pub const NCCL_MAX_NET_SIZE_BYTES: usize = 1 << 40;
 /// `trafficClass` when the core does not ask for one.
 pub const NCCL_NET_TRAFFIC_CLASS_UNDEF: c_int = -1;
+/// `railId` / `planeId` of `ncclNetProperties_v12_t` when the plugin claims none.
+pub const NCCL_NET_ID_UNDEF: i16 = -1;
 /// Entries of `ncclNetVDeviceProps_vN::devs` up to v11.
 pub const NCCL_NET_MAX_DEVS_PER_NIC: usize = 4;
 /// Entries of `ncclNetVDeviceProps_v12_t::devs`.

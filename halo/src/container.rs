@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
 use crate::cluster::ClusterConfig;
-use crate::doctor::plugin::DEFAULT_PLUGIN_PATH;
+use crate::doctor::plugin::{plugin_env, prepend_ld_path, DEFAULT_PLUGIN_PATH};
 use crate::process::{describe, run_inherited_bounded};
 use crate::sysroot::SysRoot;
 
@@ -33,7 +33,8 @@ pub struct ContainerArgs {
     pub name: String,
     #[arg(long, value_enum, default_value_t = Engine::Toolbox)]
     pub engine: Engine,
-    /// Host path of librccl-net-halo.so, mounted read-only at the same path
+    /// Host path of librccl-net-halo.so, mounted read-only at the same path and loaded as
+    /// NCCL_NET_PLUGIN=halo with its directory on LD_LIBRARY_PATH
     /// [default: [rccl] plugin from the config, else /opt/halo/lib/librccl-net-halo.so].
     #[arg(long)]
     pub plugin: Option<String>,
@@ -66,9 +67,28 @@ pub fn podman_flags(args: &ContainerArgs, plugin: &str, has_infiniband: bool) ->
     );
     f.push("-v".into());
     f.push(format!("{plugin}:{plugin}:ro"));
-    f.push("-e".into());
-    f.push(format!("NCCL_NET_PLUGIN={plugin}"));
-    for kv in &args.env {
+    // NCCL_NET_PLUGIN=halo with the directory on the loader path: the form every RCCL loads.
+    // An image's own LD_LIBRARY_PATH cannot be extended from outside: pass it with
+    // --env LD_LIBRARY_PATH=… and the plugin's directory is put in front of it.
+    let user_ld = args
+        .env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("LD_LIBRARY_PATH="));
+    for (k, v) in plugin_env(plugin) {
+        let v = if k == "LD_LIBRARY_PATH" {
+            prepend_ld_path(&v, user_ld)
+        } else {
+            v
+        };
+        f.push("-e".into());
+        f.push(format!("{k}={v}"));
+    }
+    for kv in args.env.iter().filter(|kv| {
+        !(kv.starts_with("LD_LIBRARY_PATH=")
+            && plugin_env(plugin)
+                .iter()
+                .any(|(k, _)| k == "LD_LIBRARY_PATH"))
+    }) {
         f.push("-e".into());
         f.push(kv.clone());
     }

@@ -168,7 +168,7 @@ fn plan(opts: &ModelOptions, cfg: &ClusterConfig) -> Result<Plan> {
 /// halo's own environment is inherited, and vLLM passes it on to its Ray workers.
 fn vllm_command(vllm: &str, cfg: &ClusterConfig) -> Command {
     let mut cmd = Command::new(vllm);
-    cmd.envs(cfg.node_env(cfg.head()))
+    cmd.envs(cfg.local_env(cfg.head()))
         .env("RAY_ADDRESS", cfg.head_address());
     cmd
 }

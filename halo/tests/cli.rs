@@ -88,7 +88,8 @@ fn init_detects_the_rdma_setup_and_writes_the_config() {
     assert_eq!(
         env,
         [
-            "NCCL_NET_PLUGIN=/opt/halo/lib/librccl-net-halo.so",
+            "NCCL_NET_PLUGIN=halo",
+            "LD_LIBRARY_PATH=/opt/halo/lib",
             "NCCL_SOCKET_IFNAME=enp1s0f0np0",
             "GLOO_SOCKET_IFNAME=enp1s0f0np0",
             "NCCL_IB_HCA=rocep1s0f0",
@@ -102,6 +103,24 @@ fn init_detects_the_rdma_setup_and_writes_the_config() {
             "RAY_memory_monitor_refresh_ms=0",
         ]
     );
+    // A worker's shell puts the plugin's directory in front of its own loader path.
+    let line = halo::cluster::worker_start_line(&cfg, &cfg.nodes[1]);
+    let word = line
+        .split(' ')
+        .find(|w| w.contains("LD_LIBRARY_PATH="))
+        .expect("LD_LIBRARY_PATH in the worker line");
+    for (before, after) in [
+        ("/opt/rocm/lib", "/opt/halo/lib:/opt/rocm/lib"),
+        ("", "/opt/halo/lib"),
+    ] {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("env {word} printenv LD_LIBRARY_PATH"))
+            .env("LD_LIBRARY_PATH", before)
+            .output()
+            .unwrap();
+        assert_eq!(stdout(&out).trim(), after, "{word}");
+    }
 
     // A second init does not clobber the file; a worker without an IP is refused.
     let again = halo()
@@ -159,7 +178,7 @@ fn container_commands_per_engine_with_and_without_infiniband() {
     let without = tempfile::tempdir().unwrap();
     let flags_ib = "--device /dev/dri --device /dev/kfd --device /dev/infiniband --ulimit memlock=-1 --group-add keep-groups \
                     --security-opt seccomp=unconfined -v /opt/halo/lib/librccl-net-halo.so:/opt/halo/lib/librccl-net-halo.so:ro \
-                    -e NCCL_NET_PLUGIN=/opt/halo/lib/librccl-net-halo.so -e NCCL_DEBUG=INFO";
+                    -e NCCL_NET_PLUGIN=halo -e LD_LIBRARY_PATH=/opt/halo/lib -e NCCL_DEBUG=INFO";
     let flags_ib = flags_ib.split_whitespace().collect::<Vec<_>>().join(" ");
     let flags_plain = flags_ib.replace(" --device /dev/infiniband --ulimit memlock=-1", "");
     let image = "docker.io/kyuz0/vllm-therock-gfx1151:latest";
@@ -221,7 +240,46 @@ fn container_uses_the_plugin_path_from_the_config() {
         "{line}"
     );
     assert!(
-        line.contains("-e NCCL_NET_PLUGIN=/srv/halo/librccl-net-halo.so"),
+        line.contains("-e NCCL_NET_PLUGIN=halo -e LD_LIBRARY_PATH=/srv/halo "),
         "{line}"
     );
+}
+
+/// The image's loader path can only be passed in: the plugin's directory goes in front of it,
+/// once. A library under another file name can only be given by path.
+#[test]
+fn container_keeps_a_given_loader_path_and_other_file_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("none.toml");
+    let out = halo()
+        .arg("--config")
+        .arg(&config)
+        .args(["container", "print", "--engine", "podman", "--root"])
+        .arg(dir.path())
+        .args(["--env", "LD_LIBRARY_PATH=/opt/rocm/lib:/usr/local/lib"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    assert!(
+        line.contains(
+            "-e NCCL_NET_PLUGIN=halo -e LD_LIBRARY_PATH=/opt/halo/lib:/opt/rocm/lib:/usr/local/lib"
+        ),
+        "{line}"
+    );
+    assert_eq!(line.matches("LD_LIBRARY_PATH=").count(), 1, "{line}");
+    let out = halo()
+        .arg("--config")
+        .arg(&config)
+        .args(["container", "print", "--engine", "podman", "--root"])
+        .arg(dir.path())
+        .args(["--plugin", "/srv/x/libhalo-custom.so"])
+        .output()
+        .unwrap();
+    let line = stdout(&out);
+    assert!(
+        line.contains("-e NCCL_NET_PLUGIN=/srv/x/libhalo-custom.so"),
+        "{line}"
+    );
+    assert!(!line.contains("LD_LIBRARY_PATH"), "{line}");
 }

@@ -160,7 +160,7 @@ fn write_fake_vllm(path: &Path, python: &Path) {
 import http.server, json, os, sys
 import ray
 
-KEYS = ["NCCL_NET_PLUGIN", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX",
+KEYS = ["NCCL_NET_PLUGIN", "LD_LIBRARY_PATH", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_IB_GID_INDEX",
         "NCCL_NET_GDR_LEVEL", "NCCL_IB_TIMEOUT", "NCCL_IB_RETRY_CNT", "RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES",
         "RAY_DISABLE_METRICS", "VLLM_HOST_IP", "RAY_ADDRESS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
         "HALO_TEST_EXTRA", "RAY_memory_monitor_refresh_ms"]
@@ -460,16 +460,24 @@ gid_index = 1
         ]
     );
     assert_eq!(rec["ray_nodes"], serde_json::json!([HEAD_IP, WORKER_IP]));
-    let plugin_s = plugin.to_string_lossy();
+    let plugin_dir = dir.path().to_string_lossy().into_owned();
+    let first_ld = |env: &serde_json::Value| {
+        env["LD_LIBRARY_PATH"]
+            .as_str()
+            .and_then(|p| p.split(':').next())
+            .map(str::to_string)
+    };
     let head_env = &rec["env"];
-    assert_eq!(head_env["NCCL_NET_PLUGIN"], plugin_s.as_ref());
+    assert_eq!(head_env["NCCL_NET_PLUGIN"], "halo");
+    assert_eq!(first_ld(head_env).as_deref(), Some(plugin_dir.as_str()));
     assert_eq!(head_env["VLLM_HOST_IP"], HEAD_IP);
     assert_eq!(head_env["RAY_ADDRESS"], format!("{HEAD_IP}:{ray_port}"));
     assert_eq!(head_env["HF_TOKEN"], CONFIG_SECRET);
     let worker = &rec["worker_env"];
     println!("worker task env: {worker}");
+    assert_eq!(first_ld(worker).as_deref(), Some(plugin_dir.as_str()));
     for (k, v) in [
-        ("NCCL_NET_PLUGIN", plugin_s.as_ref()),
+        ("NCCL_NET_PLUGIN", "halo"),
         ("NCCL_SOCKET_IFNAME", "lo"),
         ("GLOO_SOCKET_IFNAME", "lo"),
         ("NCCL_IB_HCA", "rxe0"),

@@ -115,6 +115,7 @@ struct Fault {
 }
 
 const GOOD_ENV: &str = "NCCL_NET_PLUGIN=/opt/halo/lib/librccl-net-halo.so\nNCCL_SOCKET_IFNAME=enp1s0f0np0\nNCCL_IB_GID_INDEX=1\nNCCL_NET_GDR_LEVEL=SYS\n";
+const PLUGIN_FIX: &str = "export NCCL_NET_PLUGIN=halo LD_LIBRARY_PATH=/opt/halo/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} (the directory of librccl-net-halo.so; halo cluster up sets both)";
 const CMDLINE: &str = "proc/cmdline";
 const GOOD: &str = "good";
 const NM_PROFILE: &str = "etc/NetworkManager/system-connections/cluster.nmconnection";
@@ -753,7 +754,39 @@ fn base_faults() -> Vec<Fault> {
             apply: |_| {},
             env: Some("NCCL_NET_PLUGIN=/usr/lib64/librccl-net-ib.so\n"), args: &[],
             id: "env.net_plugin", verdict: Verdict::Warn, value_has: "/usr/lib64/librccl-net-ib.so: not the halo plugin",
-            fix: "export NCCL_NET_PLUGIN=/opt/halo/lib/librccl-net-halo.so (halo cluster up sets it)",
+            fix: PLUGIN_FIX,
+        },
+        Fault {
+            name: "NCCL_NET_PLUGIN path, RCCL of ROCm 6.2",
+            apply: |o| {
+                fs::rename(o.path("opt/rocm-7.12.0"), o.path("opt/rocm-6.2.0")).unwrap();
+                o.write("opt/rocm-6.2.0/.info/version", "6.2.0-66\n");
+            },
+            env: None, args: &[],
+            id: "env.net_plugin", verdict: Verdict::Fail,
+            value_has: "RCCL of ROCm 6.2 only loads librccl-net-<NCCL_NET_PLUGIN>.so by name, so a path is ignored",
+            fix: PLUGIN_FIX,
+        },
+        Fault {
+            name: "NCCL_NET_PLUGIN=halo, RCCL of ROCm 6.2",
+            apply: |o| {
+                fs::rename(o.path("opt/rocm-7.12.0"), o.path("opt/rocm-6.2.0")).unwrap();
+                o.write("opt/rocm-6.2.0/.info/version", "6.2.0-66\n");
+            },
+            env: Some("NCCL_NET_PLUGIN=halo\n"), args: &[],
+            id: "env.net_plugin", verdict: Verdict::Pass, value_has: "halo", fix: "",
+        },
+        Fault {
+            name: "NCCL_NET_PLUGIN path, RCCL version unknown",
+            apply: |o| {
+                o.remove("opt/rocm-7.12.0/.info/version");
+                o.remove("opt/rocm-7.12.0/lib/librccl.so.1.0.71200");
+                o.remove("opt/rocm-7.12.0/lib/librccl.so.1");
+            },
+            env: None, args: &[],
+            id: "env.net_plugin", verdict: Verdict::Warn,
+            value_has: "a path is only loaded by RCCL of ROCm 6.3 and later",
+            fix: PLUGIN_FIX,
         },
         Fault {
             base: GOOD,

@@ -175,7 +175,7 @@ fn serve_launches_vllm_with_the_cluster_env_and_waits_for_the_model() {
         ]
     );
     let env = &s.records()[0]["env"];
-    assert_eq!(env["NCCL_NET_PLUGIN"], "/opt/halo/lib/librccl-net-halo.so");
+    assert_eq!(env["NCCL_NET_PLUGIN"], "halo");
     assert_eq!(env["NCCL_IB_GID_INDEX"], "1");
     assert_eq!(env["VLLM_HOST_IP"], "192.168.100.1");
     assert_eq!(env["RAY_ADDRESS"], "192.168.100.1:6379");
@@ -676,10 +676,7 @@ fn bench_serve_streams_vllm_output_and_prints_json() {
     assert!(argv2
         .windows(2)
         .any(|w| w == ["--distributed-executor-backend", "ray"]));
-    assert_eq!(
-        s.records()[1]["env"]["NCCL_NET_PLUGIN"],
-        "/opt/halo/lib/librccl-net-halo.so"
-    );
+    assert_eq!(s.records()[1]["env"]["NCCL_NET_PLUGIN"], "halo");
 }
 
 #[test]

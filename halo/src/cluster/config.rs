@@ -48,7 +48,9 @@ pub struct RaySection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RcclSection {
-    /// Path of librccl-net-halo.so on the nodes (NCCL_NET_PLUGIN).
+    /// Path of librccl-net-halo.so on the nodes: NCCL_NET_PLUGIN=halo with its directory on
+    /// LD_LIBRARY_PATH (a library under another file name is passed by path, which only RCCL
+    /// of ROCm 6.3 and later accepts).
     pub plugin: String,
     /// NCCL_NET_GDR_LEVEL
     pub gdr_level: String,
@@ -198,26 +200,27 @@ impl ClusterConfig {
 
     /// The environment RCCL, Ray and vLLM need on `node`.
     pub fn node_env(&self, node: &Node) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = [
-            ("NCCL_NET_PLUGIN", self.rccl.plugin.clone()),
-            ("NCCL_SOCKET_IFNAME", node.iface.clone()),
-            ("GLOO_SOCKET_IFNAME", node.iface.clone()),
-            ("NCCL_IB_HCA", node.rdma_device.clone()),
-            ("NCCL_IB_GID_INDEX", node.gid_index.to_string()),
-            ("NCCL_NET_GDR_LEVEL", self.rccl.gdr_level.clone()),
-            ("NCCL_IB_TIMEOUT", self.rccl.ib_timeout.to_string()),
-            ("NCCL_IB_RETRY_CNT", self.rccl.ib_retry_cnt.to_string()),
-            // vLLM assigns the iGPU itself; Ray rewriting ROCR_VISIBLE_DEVICES hides it.
-            (
-                "RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES",
-                "1".to_string(),
-            ),
-            ("RAY_DISABLE_METRICS", "1".to_string()),
-            ("VLLM_HOST_IP", node.ip.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let mut env: Vec<(String, String)> = crate::doctor::plugin::plugin_env(&self.rccl.plugin);
+        env.extend(
+            [
+                ("NCCL_SOCKET_IFNAME", node.iface.clone()),
+                ("GLOO_SOCKET_IFNAME", node.iface.clone()),
+                ("NCCL_IB_HCA", node.rdma_device.clone()),
+                ("NCCL_IB_GID_INDEX", node.gid_index.to_string()),
+                ("NCCL_NET_GDR_LEVEL", self.rccl.gdr_level.clone()),
+                ("NCCL_IB_TIMEOUT", self.rccl.ib_timeout.to_string()),
+                ("NCCL_IB_RETRY_CNT", self.rccl.ib_retry_cnt.to_string()),
+                // vLLM assigns the iGPU itself; Ray rewriting ROCR_VISIBLE_DEVICES hides it.
+                (
+                    "RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES",
+                    "1".to_string(),
+                ),
+                ("RAY_DISABLE_METRICS", "1".to_string()),
+                ("VLLM_HOST_IP", node.ip.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+        );
         if !self.ray.memory_monitor {
             env.push(("RAY_memory_monitor_refresh_ms".into(), "0".into()));
         }
@@ -257,6 +260,19 @@ impl ClusterConfig {
         }
         secrets
     }
+
+    /// [`Self::node_env`] for a process started here: the plugin's directory goes in front of
+    /// this process's `LD_LIBRARY_PATH` instead of replacing it.
+    pub fn local_env(&self, node: &Node) -> Vec<(String, String)> {
+        let mut env = self.node_env(node);
+        let current = std::env::var("LD_LIBRARY_PATH").ok();
+        for (k, v) in env.iter_mut() {
+            if k == "LD_LIBRARY_PATH" {
+                *v = crate::doctor::plugin::prepend_ld_path(v, current.as_deref());
+            }
+        }
+        env
+    }
 }
 
 /// Where `up` records what it started: `cluster.state.json` beside `cluster.toml`.
@@ -270,7 +286,8 @@ pub fn state_path(config: &Path) -> PathBuf {
 const HEADER: &str = "\
 # halo cluster configuration (written by `halo cluster init`; edit freely).
 # The first [[nodes]] entry is the head: `halo cluster up` starts it locally and the others
-# over SSH. Every node gets NCCL_NET_PLUGIN, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME,
+# over SSH. Every node gets NCCL_NET_PLUGIN=halo with the plugin's directory in front of
+# LD_LIBRARY_PATH (the form every RCCL understands), NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME,
 # NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_NET_GDR_LEVEL, NCCL_IB_TIMEOUT, NCCL_IB_RETRY_CNT,
 # RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES=1, RAY_DISABLE_METRICS=1, VLLM_HOST_IP and, unless
 # [ray] memory_monitor = true, RAY_memory_monitor_refresh_ms=0 (Ray's OOM killer off);

@@ -225,7 +225,8 @@ pub fn secrets_input(secrets: &[(String, String)]) -> Option<String> {
 }
 
 /// The shell line a worker runs: `env K=V … ray start --address=HEAD:P …`, preceded by reading
-/// the cluster's secrets from stdin when there are any ([`ClusterConfig::secret_env`]).
+/// the cluster's secrets from stdin when there are any ([`ClusterConfig::secret_env`]); the
+/// plugin's directory goes in front of the worker's `LD_LIBRARY_PATH`.
 pub fn worker_start_line(cfg: &ClusterConfig, node: &Node) -> String {
     let names: Vec<String> = cfg.secret_env().into_iter().map(|(k, _)| k).collect();
     with_secrets_from_stdin(&names, &worker_start_command(cfg, node))
@@ -233,11 +234,17 @@ pub fn worker_start_line(cfg: &ClusterConfig, node: &Node) -> String {
 
 fn worker_start_command(cfg: &ClusterConfig, node: &Node) -> String {
     let mut words = vec!["env".to_string()];
-    words.extend(
-        cfg.public_env(node)
-            .iter()
-            .map(|(k, v)| shell_quote(&format!("{k}={v}"))),
-    );
+    words.extend(cfg.public_env(node).iter().map(|(k, v)| {
+        if k == "LD_LIBRARY_PATH" {
+            // In front of the worker's own loader path, expanded by its shell.
+            format!(
+                "{}\"${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\"",
+                shell_quote(&format!("{k}={v}"))
+            )
+        } else {
+            shell_quote(&format!("{k}={v}"))
+        }
+    }));
     words.push(shell_quote(&cfg.ray_for(node)));
     words.extend(
         [
@@ -305,7 +312,7 @@ pub fn up(config_path: &Path) -> Result<()> {
     };
     let head = cfg.head();
     let mut cmd = Command::new(cfg.ray_for(head));
-    cmd.args(head_start_args(&cfg)).envs(cfg.node_env(head));
+    cmd.args(head_start_args(&cfg)).envs(cfg.local_env(head));
     let shown = describe(&cmd);
     println!("[1/{n}] head {} ({}): {shown}", head.host, head.ip);
     let started = Instant::now();

@@ -3,6 +3,10 @@
 use std::collections::BTreeMap;
 
 use super::plugin::{is_halo_plugin, PLUGIN_FILE};
+
+/// The first ROCm whose RCCL opens `NCCL_NET_PLUGIN` as given (a path) before trying
+/// `librccl-net-<value>.so`; 6.1 and 6.2 only try the latter.
+const ROCM_PLUGIN_PATH: (u32, u32) = (6, 3);
 use super::{Check, Facts};
 
 pub fn checks(env: &BTreeMap<String, String>, facts: &Facts) -> Vec<Check> {
@@ -10,7 +14,7 @@ pub fn checks(env: &BTreeMap<String, String>, facts: &Facts) -> Vec<Check> {
     let iface = facts.link.as_ref().map(|l| l.netdev.as_str());
     vec![
         ib_disable(get("NCCL_IB_DISABLE")),
-        net_plugin(get("NCCL_NET_PLUGIN")),
+        net_plugin(get("NCCL_NET_PLUGIN"), facts.rccl_rocm),
         gdr_level(get("NCCL_NET_GDR_LEVEL")),
         gid_index(get("NCCL_IB_GID_INDEX"), facts),
         socket_ifname(get("NCCL_SOCKET_IFNAME"), iface),
@@ -197,11 +201,13 @@ fn ib_disable(v: Option<&str>) -> Check {
     }
 }
 
-fn net_plugin(v: Option<&str>) -> Check {
+fn net_plugin(v: Option<&str>, rocm: Option<(u32, u32)>) -> Check {
     const ID: &str = "env.net_plugin";
     const TITLE: &str = "NCCL_NET_PLUGIN";
-    let fix =
-        format!("export NCCL_NET_PLUGIN=/opt/halo/lib/{PLUGIN_FILE} (halo cluster up sets it)");
+    let fix = format!(
+        "export NCCL_NET_PLUGIN=halo LD_LIBRARY_PATH=/opt/halo/lib${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}} \
+         (the directory of {PLUGIN_FILE}; halo cluster up sets both)"
+    );
     match v {
         None => Check::warn(
             ID,
@@ -209,6 +215,27 @@ fn net_plugin(v: Option<&str>) -> Check {
             "not set: RCCL uses its built-in transports, not the halo plugin",
             fix,
         ),
+        Some(p) if p.contains('/') && is_halo_plugin(p) => match rocm {
+            Some((major, minor)) if (major, minor) < ROCM_PLUGIN_PATH => Check::fail(
+                ID,
+                TITLE,
+                format!(
+                    "{p}: RCCL of ROCm {major}.{minor} only loads librccl-net-<NCCL_NET_PLUGIN>.so \
+                     by name, so a path is ignored and RCCL silently falls back to its own transports"
+                ),
+                fix,
+            ),
+            Some(_) => Check::pass(ID, TITLE, p),
+            None => Check::warn(
+                ID,
+                TITLE,
+                format!(
+                    "{p}: a path is only loaded by RCCL of ROCm 6.3 and later (6.1/6.2 ignore it); \
+                     the RCCL version is unknown"
+                ),
+                fix,
+            ),
+        },
         Some(p) if is_halo_plugin(p) => Check::pass(ID, TITLE, p),
         Some("none") => Check::warn(ID, TITLE, "none: net plugins disabled", fix),
         Some(p) => Check::warn(

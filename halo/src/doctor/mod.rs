@@ -175,6 +175,8 @@ pub(crate) struct Facts {
     pub os: os::Os,
     /// How the cluster interface is configured persistently.
     pub net_config: os::NetConfig,
+    /// ROCm release of the RCCL found (major, minor).
+    pub rccl_rocm: Option<(u32, u32)>,
 }
 
 impl Facts {
@@ -214,6 +216,7 @@ pub fn run(opts: &DoctorOptions, probe: &dyn PluginProbe) -> NodeReport {
         gfx_target: gpu::gfx_target(root),
         os,
         net_config,
+        rccl_rocm: software::rccl_rocm_version(root),
     };
 
     checks.extend(gpu::checks(root, &facts));

@@ -19,6 +19,36 @@ use crate::process::run_bounded;
 pub const PLUGIN_FILE: &str = "librccl-net-halo.so";
 /// Install location `halo cluster init` and `halo container` assume when nothing else is known.
 pub const DEFAULT_PLUGIN_PATH: &str = "/opt/halo/lib/librccl-net-halo.so";
+/// The `NCCL_NET_PLUGIN` value that selects [`PLUGIN_FILE`] on every RCCL.
+pub const PLUGIN_NAME: &str = "halo";
+
+/// The environment that makes RCCL load the plugin installed at `path`: `NCCL_NET_PLUGIN=halo`
+/// with the library's directory for `LD_LIBRARY_PATH` (callers put it in front of what is
+/// there). Every RCCL resolves that name to `librccl-net-halo.so` through the loader path;
+/// RCCL of ROCm 6.1 and 6.2 only ever tries `librccl-net-<NCCL_NET_PLUGIN>.so`, so a full path
+/// there is silently ignored. A library under another file name can only be named by its path
+/// (RCCL of ROCm 6.3 and later).
+pub fn plugin_env(path: &str) -> Vec<(String, String)> {
+    match path.rsplit_once('/') {
+        Some((dir, PLUGIN_FILE)) => vec![
+            ("NCCL_NET_PLUGIN".into(), PLUGIN_NAME.into()),
+            (
+                "LD_LIBRARY_PATH".into(),
+                if dir.is_empty() { "/" } else { dir }.into(),
+            ),
+        ],
+        _ => vec![("NCCL_NET_PLUGIN".into(), path.into())],
+    }
+}
+
+/// `dir` in front of the loader path `current` (which may be empty).
+pub fn prepend_ld_path(dir: &str, current: Option<&str>) -> String {
+    match current.filter(|c| !c.is_empty()) {
+        Some(c) if c.split(':').next() == Some(dir) => c.to_string(),
+        Some(c) => format!("{dir}:{c}"),
+        None => dir.to_string(),
+    }
+}
 
 const SEARCH_DIRS: [&str; 5] = [
     "/opt/halo/lib",

@@ -27,7 +27,7 @@ struct Collect;
 
 impl LogSink for Collect {
     fn line(level: c_int, _file: &str, _line: c_int, msg: &str) {
-        if level <= 2 {
+        if level <= 3 {
             LOG.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(msg.to_string());

@@ -230,6 +230,17 @@ fn find_rccl(
     })
 }
 
+/// The ROCm release the RCCL library belongs to: its ROCm tree's `.info/version`, else the
+/// versioned file name (`librccl.so.1.0.60200` = 6.2).
+pub fn rccl_rocm_version(root: &SysRoot) -> Option<(u32, u32)> {
+    let found = find_rccl(root)?;
+    if let Some(mm) = found.rocm_version.as_deref().and_then(major_minor) {
+        return Some(mm);
+    }
+    let n: u32 = found.path.rsplit('.').next()?.parse().ok()?;
+    (n >= 10_000).then_some((n / 10_000, n / 100 % 100))
+}
+
 fn major_minor(v: &str) -> Option<(u32, u32)> {
     let k = version_key(v);
     Some((*k.first()?, *k.get(1)?))

@@ -3,8 +3,8 @@
 use super::guard;
 use crate::log;
 use crate::net::{
-    self, ListenComm, MrHandle, NetError, NetResult, Props, RecvComm, Request, SendComm,
-    HANDLE_SIZE, MAX_RECVS,
+    self, CommHandle, ListenComm, MrHandle, NetError, NetResult, Props, Request, COMM_RECV,
+    COMM_SEND, HANDLE_SIZE, MAX_RECVS,
 };
 use halo_ffi::*;
 use std::ffi::{c_int, c_void};
@@ -17,7 +17,8 @@ fn out<'a, T>(p: *mut T, what: &str) -> NetResult<&'a mut T> {
     unsafe { p.as_mut() }.ok_or_else(|| NetError::InvalidArgument(format!("{what} is NULL")))
 }
 
-/// `init` of every version; `prof` is the profiler callback of v10 and later (`None` before).
+/// `init` of v6 … v10 (no `finalize`: the state lives until the library is unloaded); `prof`
+/// is the profiler callback of v10 (`None` before).
 pub fn init(logger: ncclDebugLogger_t, prof: ncclProfilerCallback_t) -> ncclResult_t {
     log::set_logger(logger);
     net::profiler::set_callback(prof);
@@ -60,42 +61,33 @@ pub fn listen(
     })
 }
 
+/// `connect` of every version. A host-only plugin has no device comm: like NCCL's own IB
+/// transport, it never touches the `sendDevComm` out-argument of v7+ (some RCCL builds pass a
+/// 4-byte object there), so the versions do not even pass it down.
 pub fn connect(
     dev: c_int,
     handle: *mut c_void,
     send_comm: *mut *mut c_void,
-    dev_comm: Option<*mut *mut ncclNetDeviceHandle_v7_t>,
     tc: Option<i32>,
 ) -> ncclResult_t {
     guard("connect", || {
         let out_comm = out(send_comm, "sendComm")?;
         *out_comm = std::ptr::null_mut();
-        if let Some(d) = dev_comm.filter(|d| !d.is_null()) {
-            // SAFETY: non-NULL out-pointer from RCCL.
-            unsafe { *d = std::ptr::null_mut() };
-        }
         if let Some(c) = net::plugin()?.connect(dev, handle_buf(handle)?, tc)? {
-            *out_comm = Box::into_raw(c) as *mut c_void;
+            *out_comm = CommHandle::send(c);
         }
         Ok(())
     })
 }
 
-pub fn accept(
-    listen_comm: *mut c_void,
-    recv_comm: *mut *mut c_void,
-    dev_comm: Option<*mut *mut ncclNetDeviceHandle_v7_t>,
-) -> ncclResult_t {
+/// `accept` of every version; `recvDevComm` is left alone as in [`connect`].
+pub fn accept(listen_comm: *mut c_void, recv_comm: *mut *mut c_void) -> ncclResult_t {
     guard("accept", || {
         let out_comm = out(recv_comm, "recvComm")?;
         *out_comm = std::ptr::null_mut();
-        if let Some(d) = dev_comm.filter(|d| !d.is_null()) {
-            // SAFETY: non-NULL out-pointer from RCCL.
-            unsafe { *d = std::ptr::null_mut() };
-        }
         let l = out(listen_comm as *mut ListenComm, "listenComm")?;
         if let Some(c) = l.poll_accept()? {
-            *out_comm = Box::into_raw(c) as *mut c_void;
+            *out_comm = CommHandle::recv(c);
         }
         Ok(())
     })
@@ -110,8 +102,8 @@ pub fn reg_mr(
 ) -> ncclResult_t {
     guard("regMr", || {
         let out_h = out(mhandle, "mhandle")?;
-        // SAFETY: RCCL passes comms it got from this plugin.
-        let dev = unsafe { net::comm_device(comm) }?;
+        // SAFETY: RCCL passes comms it got from this plugin; only the immutable handle is read.
+        let dev = unsafe { CommHandle::device(comm) }?;
         // SAFETY: RCCL keeps the buffer allocated until deregMr.
         let h = unsafe { net::register(&dev, ty, data as u64, size as u64) }?;
         *out_h = Box::into_raw(h) as *mut c_void;
@@ -130,8 +122,8 @@ pub fn reg_mr_dmabuf(
 ) -> ncclResult_t {
     guard("regMrDmaBuf", || {
         let out_h = out(mhandle, "mhandle")?;
-        // SAFETY: RCCL passes comms it got from this plugin.
-        let dev = unsafe { net::comm_device(comm) }?;
+        // SAFETY: RCCL passes comms it got from this plugin; only the immutable handle is read.
+        let dev = unsafe { CommHandle::device(comm) }?;
         // SAFETY: RCCL keeps the buffer allocated until deregMr and owns fd during the call.
         let h = unsafe { net::register_dmabuf(&dev, ty, data as u64, size as u64, offset, fd) }?;
         *out_h = Box::into_raw(h) as *mut c_void;
@@ -139,17 +131,17 @@ pub fn reg_mr_dmabuf(
     })
 }
 
-pub fn dereg_mr(comm: *mut c_void, mhandle: *mut c_void) -> ncclResult_t {
+/// `deregMr`: the handle knows its device; the comm (which another thread may be driving) is
+/// not looked at.
+pub fn dereg_mr(_comm: *mut c_void, mhandle: *mut c_void) -> ncclResult_t {
     guard("deregMr", || {
         if mhandle.is_null() {
             // Nothing was registered: nothing to give back (as NCCL's own transports do).
             return Ok(());
         }
-        // SAFETY: RCCL passes comms it got from this plugin.
-        let dev = unsafe { net::comm_device(comm) }?;
         // SAFETY: handles come from reg_mr's Box::into_raw and are given back once.
         let h = *unsafe { Box::from_raw(mhandle as *mut MrHandle) };
-        dev.regs.release(h)
+        h.release()
     })
 }
 
@@ -170,7 +162,8 @@ pub fn isend(
     guard("isend", || {
         let out_req = out(request, "request")?;
         *out_req = std::ptr::null_mut();
-        let c = out(comm as *mut SendComm, "sendComm")?;
+        // SAFETY: RCCL passes send comms of this plugin, driven from this thread only.
+        let c = unsafe { CommHandle::send_comm(comm) }?;
         if let Some(r) = c.isend(data as u64, size as u64, tag, mh(mhandle), phandle)? {
             *out_req = r as *mut c_void;
         }
@@ -195,7 +188,8 @@ pub fn irecv(
         let out_req = out(request, "request")?;
         // The request may arrive as (void*)1 (optional completion): always overwrite it.
         *out_req = std::ptr::null_mut();
-        let c = out(comm as *mut RecvComm, "recvComm")?;
+        // SAFETY: RCCL passes receive comms of this plugin, driven from this thread only.
+        let c = unsafe { CommHandle::recv_comm(comm) }?;
         let n = usize::try_from(n)
             .ok()
             .filter(|&n| (1..=MAX_RECVS).contains(&n))
@@ -245,7 +239,8 @@ pub fn iflush(
     guard("iflush", || {
         let out_req = out(request, "request")?;
         *out_req = std::ptr::null_mut();
-        let c = out(comm as *mut RecvComm, "recvComm")?;
+        // SAFETY: RCCL passes receive comms of this plugin, driven from this thread only.
+        let c = unsafe { CommHandle::recv_comm(comm) }?;
         let n = usize::try_from(n).unwrap_or(0).min(MAX_RECVS);
         if n == 0 || data.is_null() || mhandles.is_null() {
             return Ok(());
@@ -286,21 +281,21 @@ pub fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclRe
 
 pub fn close_send(comm: *mut c_void) -> ncclResult_t {
     guard("closeSend", || {
-        if !comm.is_null() {
-            // SAFETY: from connect's Box::into_raw, closed once.
-            drop(unsafe { Box::from_raw(comm as *mut SendComm) });
+        if comm.is_null() {
+            return Ok(());
         }
-        Ok(())
+        // SAFETY: from connect, closed once, used by no thread afterwards.
+        unsafe { CommHandle::close(comm, COMM_SEND) }
     })
 }
 
 pub fn close_recv(comm: *mut c_void) -> ncclResult_t {
     guard("closeRecv", || {
-        if !comm.is_null() {
-            // SAFETY: from accept's Box::into_raw, closed once.
-            drop(unsafe { Box::from_raw(comm as *mut RecvComm) });
+        if comm.is_null() {
+            return Ok(());
         }
-        Ok(())
+        // SAFETY: from accept, closed once, used by no thread afterwards.
+        unsafe { CommHandle::close(comm, COMM_RECV) }
     })
 }
 

@@ -18,16 +18,16 @@ pub use v7::ncclNetPlugin_v7;
 pub use v8::ncclNetPlugin_v8;
 pub use v9::ncclNetPlugin_v9;
 
-use crate::log::{warn, NET};
+use crate::log::{info, warn, NET};
 use crate::net::NetError;
 use halo_ffi::*;
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The single mapping from the plugin's errors to RCCL's result codes.
 pub fn result_code(e: &NetError) -> ncclResult_t {
     match e {
-        NetError::System(_) => ncclSystemError,
+        NetError::System(_) | NetError::Unavailable(_) => ncclSystemError,
         NetError::Remote(_) => ncclRemoteError,
         NetError::Internal(_) => ncclInternalError,
         NetError::InvalidArgument(_) => ncclInvalidArgument,
@@ -36,9 +36,19 @@ pub fn result_code(e: &NetError) -> ncclResult_t {
 }
 
 thread_local! {
-    /// Last error text logged by this thread: a comm that stays failed is reported once, not on
-    /// every `test` of the progress loop.
-    static LAST_LOGGED: RefCell<String> = const { RefCell::new(String::new()) };
+    /// Hash of the last error text logged by this thread: a comm that stays failed is reported
+    /// once, not on every `test` of the progress loop. A plain integer on purpose: a thread-local
+    /// that needs dropping (a `String`) registers a destructor with the C runtime, which keeps
+    /// the library mapped after RCCL's `dlclose` for as long as the thread lives.
+    static LAST_LOGGED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// FNV-1a of `text` (never 0, the "nothing logged yet" value).
+fn text_hash(text: &str) -> u64 {
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h | 1
 }
 
 /// Runs one exported call: no panic crosses into C, every error is logged once with its context.
@@ -47,17 +57,12 @@ pub fn guard(what: &str, f: impl FnOnce() -> Result<(), NetError>) -> ncclResult
         Ok(Ok(())) => ncclSuccess,
         Ok(Err(e)) => {
             let text = format!("{what}: {e}");
-            let fresh = LAST_LOGGED.with(|l| {
-                let mut l = l.borrow_mut();
-                if *l == text {
-                    false
-                } else {
-                    l.clone_from(&text);
-                    true
+            let h = text_hash(&text);
+            if LAST_LOGGED.with(|l| l.replace(h)) != h {
+                match e {
+                    NetError::Unavailable(_) => info!(NET, "{text}"),
+                    _ => warn!(NET, "{text}"),
                 }
-            });
-            if fresh {
-                warn!(NET, "{text}");
             }
             result_code(&e)
         }

@@ -33,9 +33,9 @@ unsafe extern "C" fn connect(
     config: *mut ncclNetCommConfig_v10_t,
     handle: *mut c_void,
     send_comm: *mut *mut c_void,
-    dev_comm: *mut *mut ncclNetDeviceHandle_v10_t,
+    _dev_comm: *mut *mut ncclNetDeviceHandle_v10_t,
 ) -> ncclResult_t {
-    c::connect(dev, handle, send_comm, Some(dev_comm), config_tc(config))
+    c::connect(dev, handle, send_comm, config_tc(config))
 }
 pub(super) unsafe extern "C" fn isend(
     comm: *mut c_void,

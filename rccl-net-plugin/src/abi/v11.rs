@@ -1,9 +1,12 @@
 //! `ncclNet_v11_t` (NCCL 2.28 … 2.29) and `ncclNet_v12_t` (2.30+): `init` per communicator with a
 //! context that `listen`/`connect`/`finalize` carry; v12 widens vProps and adds rail/plane ids.
+//!
+//! The contexts are counted: the first `init` builds the plugin's state, the last `finalize`
+//! releases it (RCCL may then unload the library, or call `init` again).
 
 use super::common as c;
 use super::{v10, v6, v7, v8};
-use crate::net::NetError;
+use crate::net::{self, NetError};
 use halo_ffi::*;
 use std::ffi::{c_int, c_void};
 
@@ -19,14 +22,13 @@ unsafe extern "C" fn init(
     logger: ncclDebugLogger_t,
     prof: ncclProfilerCallback_t,
 ) -> ncclResult_t {
-    let r = c::init(logger, prof);
-    if r != ncclSuccess {
-        return r;
-    }
+    crate::log::set_logger(logger);
+    crate::net::profiler::set_callback(prof);
     super::guard("init", || {
         // SAFETY: RCCL passes a valid out-pointer.
         let out = unsafe { ctx.as_mut() }
             .ok_or_else(|| NetError::InvalidArgument("ctx is NULL".into()))?;
+        net::init_context()?;
         *out = Box::into_raw(Box::new(CommContext {
             traffic_class: v10::config_tc(config),
         })) as *mut c_void;
@@ -39,11 +41,14 @@ fn tc(ctx: *mut c_void) -> Option<i32> {
 }
 unsafe extern "C" fn finalize(ctx: *mut c_void) -> ncclResult_t {
     super::guard("finalize", || {
-        if !ctx.is_null() {
-            // SAFETY: from init's Box::into_raw, finalized once.
-            drop(unsafe { Box::from_raw(ctx as *mut CommContext) });
+        if ctx.is_null() {
+            return Err(NetError::InvalidArgument(
+                "finalize of a NULL context".into(),
+            ));
         }
-        Ok(())
+        // SAFETY: from init's Box::into_raw, finalized once.
+        drop(unsafe { Box::from_raw(ctx as *mut CommContext) });
+        net::finalize_context()
     })
 }
 unsafe extern "C" fn listen(
@@ -59,9 +64,9 @@ unsafe extern "C" fn connect(
     dev: c_int,
     handle: *mut c_void,
     send_comm: *mut *mut c_void,
-    dev_comm: *mut *mut ncclNetDeviceHandle_v11_t,
+    _dev_comm: *mut *mut ncclNetDeviceHandle_v11_t,
 ) -> ncclResult_t {
-    c::connect(dev, handle, send_comm, Some(dev_comm), tc(ctx))
+    c::connect(dev, handle, send_comm, tc(ctx))
 }
 unsafe extern "C" fn get_properties_v11(
     dev: c_int,
@@ -86,8 +91,10 @@ unsafe extern "C" fn get_properties_v12(
             *o = ncclNetProperties_v12_t::zeroed();
             c::fill_v9!(o, p);
             o.maxMultiRequestSize = 1;
-            o.railId = p.dev.index as i16;
-            o.planeId = 0;
+            // As NCCL's own transports: no rail or plane is claimed (a defined rail id would make
+            // NCCL's graph search match rails by it).
+            o.railId = NCCL_NET_ID_UNDEF;
+            o.planeId = NCCL_NET_ID_UNDEF;
         }
     })
 }

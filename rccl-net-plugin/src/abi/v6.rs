@@ -34,10 +34,10 @@ unsafe extern "C" fn connect(
     handle: *mut c_void,
     send_comm: *mut *mut c_void,
 ) -> ncclResult_t {
-    c::connect(dev, handle, send_comm, None, None)
+    c::connect(dev, handle, send_comm, None)
 }
 unsafe extern "C" fn accept(listen_comm: *mut c_void, recv_comm: *mut *mut c_void) -> ncclResult_t {
-    c::accept(listen_comm, recv_comm, None)
+    c::accept(listen_comm, recv_comm)
 }
 pub(super) unsafe extern "C" fn reg_mr_int(
     comm: *mut c_void,

@@ -26,16 +26,16 @@ pub(super) unsafe extern "C" fn connect(
     dev: c_int,
     handle: *mut c_void,
     send_comm: *mut *mut c_void,
-    dev_comm: *mut *mut ncclNetDeviceHandle_v7_t,
+    _dev_comm: *mut *mut ncclNetDeviceHandle_v7_t,
 ) -> ncclResult_t {
-    c::connect(dev, handle, send_comm, Some(dev_comm), None)
+    c::connect(dev, handle, send_comm, None)
 }
 pub(super) unsafe extern "C" fn accept(
     listen_comm: *mut c_void,
     recv_comm: *mut *mut c_void,
-    dev_comm: *mut *mut ncclNetDeviceHandle_v7_t,
+    _dev_comm: *mut *mut ncclNetDeviceHandle_v7_t,
 ) -> ncclResult_t {
-    c::accept(listen_comm, recv_comm, Some(dev_comm))
+    c::accept(listen_comm, recv_comm)
 }
 
 #[no_mangle]

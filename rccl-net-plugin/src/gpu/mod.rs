@@ -11,7 +11,7 @@
 
 mod rocm;
 
-pub use rocm::{runtime, DeviceAlloc, DmaBuf, MemKind, Origin, Rocm};
+pub use rocm::{runtime, unload as unload_runtime, DeviceAlloc, DmaBuf, MemKind, Origin, Rocm};
 
 use crate::config::GpuReg;
 use crate::log::{info, INIT, NET};

@@ -10,7 +10,7 @@ use crate::log::{info, INIT, NET};
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
 
 /// Names tried for the HIP runtime, in order.
 const HIP_NAMES: [&str; 3] = ["libamdhip64.so", "libamdhip64.so.7", "libamdhip64.so.6"];
@@ -54,6 +54,7 @@ type HipPointerGetAttributes =
     unsafe extern "C" fn(*mut HipPointerAttribute, *const c_void) -> c_int;
 type HipRuntimeGetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
 type HsaInit = unsafe extern "C" fn() -> u32;
+type HsaShutDown = unsafe extern "C" fn() -> u32;
 type HsaAgentCallback = unsafe extern "C" fn(HsaAgent, *mut c_void) -> u32;
 type HsaIterateAgents = unsafe extern "C" fn(HsaAgentCallback, *mut c_void) -> u32;
 type HsaAgentGetInfo = unsafe extern "C" fn(HsaAgent, u32, *mut c_void) -> u32;
@@ -72,15 +73,27 @@ pub enum MemKind {
     Managed { ordinal: i32 },
 }
 
-/// The dma-buf export entry points (HSA); absent where HSA could not be loaded.
+/// The dma-buf export entry points (HSA); absent where HSA could not be loaded. Holds one
+/// `hsa_init` reference, given back on drop (before the library handle closes).
 struct Hsa {
     /// The library, where HSA was not reached through the HIP handle.
     _lib: Option<Library>,
     export: HsaExportDmabuf,
     close: HsaCloseDmabuf,
+    shut_down: Option<HsaShutDown>,
 }
 
-/// The loaded ROCm runtime. Lives for the whole process (the libraries are never unloaded).
+impl Drop for Hsa {
+    fn drop(&mut self) {
+        if let Some(f) = self.shut_down {
+            // SAFETY: pairs the successful hsa_init of `load_hsa`; nothing of ours uses HSA now.
+            unsafe { f() };
+        }
+    }
+}
+
+/// The loaded ROCm runtime. Loaded on first use and kept until the plugin library is unloaded
+/// ([`unload`]): in an RCCL process the runtime is RCCL's own, and this only holds a reference.
 pub struct Rocm {
     _hip: Library,
     hip_origin: Origin,
@@ -99,15 +112,20 @@ unsafe impl Send for Rocm {}
 // SAFETY: as above; nothing is mutated after loading.
 unsafe impl Sync for Rocm {}
 
-static RUNTIME: OnceLock<Option<Rocm>> = OnceLock::new();
+/// `None`: not tried yet; `Some(None)`: tried, not available; `Some(Some(r))`: loaded (a leaked
+/// box, taken back by [`unload`]).
+static RUNTIME: Mutex<Option<Option<&'static Rocm>>> = Mutex::new(None);
 
-/// The ROCm runtime, loaded on first use; `None` (logged once at INFO) when it cannot be.
+/// The ROCm runtime, loaded on first use; `None` (logged once at INFO) when it cannot be. The
+/// reference is valid until the library's unload.
 pub fn runtime() -> Option<&'static Rocm> {
-    RUNTIME
-        .get_or_init(|| match Rocm::load() {
+    *RUNTIME
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_with(|| match Rocm::load() {
             Ok(r) => {
                 info!(INIT | NET, "{}", r.describe());
-                Some(r)
+                Some(&*Box::leak(Box::new(r)))
             }
             Err(e) => {
                 info!(
@@ -117,7 +135,23 @@ pub fn runtime() -> Option<&'static Rocm> {
                 None
             }
         })
-        .as_ref()
+}
+
+/// Gives the runtime back: HSA's `hsa_init` reference and both library handles.
+///
+/// # Safety
+/// No reference from [`runtime`] may be used afterwards: only the library's unload calls this,
+/// when no exported function runs any more.
+pub unsafe fn unload() {
+    let taken = RUNTIME
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(Some(r)) = taken {
+        // SAFETY: `r` is the box leaked in `runtime`, taken out of the slot once; per the
+        // contract nobody uses it any more.
+        drop(unsafe { Box::from_raw(r as *const Rocm as *mut Rocm) });
+    }
 }
 
 /// Copies a function pointer out of `lib` (the object itself, then its dependencies).
@@ -337,8 +371,12 @@ impl Rocm {
             }
         };
         self.hsa_origin = Some(origin);
+        // Older runtimes may lack it; then the reference is simply kept.
+        // SAFETY: the type matches the HSA declaration of the symbol.
+        let shut_down =
+            unsafe { sym::<HsaShutDown>(lib.as_ref().unwrap_or(&self._hip), "hsa_shut_down") }.ok();
         let (init, iterate, get_info, system_info, export, close) = fns;
-        // HSA counts initialisations; this reference is held for the life of the process.
+        // HSA counts initialisations; this reference is held until `unload`.
         // SAFETY: no preconditions.
         let st = unsafe { init() };
         if st != HSA_STATUS_SUCCESS {
@@ -365,6 +403,7 @@ impl Rocm {
             _lib: lib,
             export,
             close,
+            shut_down,
         });
     }
 

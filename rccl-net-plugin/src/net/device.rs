@@ -122,12 +122,12 @@ fn speed_mbps(netdev: Option<&str>, port: &PortAttr) -> i32 {
 /// An empty list is an error that says why each candidate was left out.
 pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
     let list = halo_ibverbs::devices().map_err(|e| match e {
-        VerbsError::LibraryUnavailable => NetError::System(
+        VerbsError::LibraryUnavailable => NetError::Unavailable(
             "libibverbs.so.1 could not be loaded (install rdma-core / libibverbs1); halo is disabled"
                 .into(),
         ),
         VerbsError::NoDevice => {
-            NetError::System("libibverbs finds no RDMA device; halo is disabled".into())
+            NetError::Unavailable("libibverbs finds no RDMA device; halo is disabled".into())
         }
         e => NetError::System(format!("cannot list RDMA devices: {e}")),
     })?;

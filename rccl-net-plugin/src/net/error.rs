@@ -7,6 +7,9 @@ use std::fmt;
 pub enum NetError {
     /// A system or device call failed (`ncclSystemError`).
     System(String),
+    /// This host has no RDMA stack or device at all (`ncclSystemError`, so RCCL falls back to
+    /// its own transports). Not a fault: logged at INFO, as RCCL's IB transport does.
+    Unavailable(String),
     /// The peer failed or vanished, or a completion reported an error (`ncclRemoteError`).
     Remote(String),
     /// A bug or a broken invariant inside the plugin (`ncclInternalError`).
@@ -21,6 +24,7 @@ impl NetError {
     pub fn message(&self) -> &str {
         match self {
             NetError::System(s)
+            | NetError::Unavailable(s)
             | NetError::Remote(s)
             | NetError::Internal(s)
             | NetError::InvalidArgument(s)

@@ -2,6 +2,7 @@
 //! `ncclNet_vN_t`; nothing here knows about ABI versions.
 
 mod buffer;
+mod comm_handle;
 mod connect;
 mod device;
 mod error;
@@ -16,14 +17,15 @@ mod request;
 mod send_comm;
 mod stats;
 
+pub use comm_handle::{CommHandle, COMM_RECV, COMM_SEND};
 pub use connect::{ConnSettings, Connecting, ListenComm};
 pub use device::NetDevice;
 pub use error::{NetError, NetResult};
-pub use recv_comm::{RecvComm, COMM_RECV};
+pub use recv_comm::RecvComm;
 pub use reg::{register, register_dmabuf};
 pub use regcache::{data_access, MrHandle, RegCache, RegKind};
 pub use request::Request;
-pub use send_comm::{SendComm, COMM_SEND};
+pub use send_comm::SendComm;
 // Sizes in net's own signatures (the listen handle, the buffers of one receive), so that callers
 // need nothing below net.
 pub use crate::oob::HANDLE_SIZE;
@@ -41,16 +43,109 @@ pub struct Plugin {
     pub devices: Vec<Arc<NetDevice>>,
 }
 
-static PLUGIN: Mutex<Option<Arc<Plugin>>> = Mutex::new(None);
+/// The state `init` built, and who holds it.
+struct Slot {
+    plugin: Option<Arc<Plugin>>,
+    /// Live v11+ contexts (`init` … `finalize`, one per communicator).
+    contexts: usize,
+    /// A v6–v10 `init` ran: that ABI has no `finalize`, so the state stays until the library is
+    /// unloaded.
+    unfinalized: bool,
+}
+
+static PLUGIN: Mutex<Slot> = Mutex::new(Slot {
+    plugin: None,
+    contexts: 0,
+    unfinalized: false,
+});
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Reads the configuration and finds the devices (once per process; later calls reuse them).
+/// `init` of the ABI versions without `finalize` (v6–v10): builds the state once; it lives until
+/// [`release_all`] (the library's unload).
 pub fn init() -> NetResult<Arc<Plugin>> {
     let mut slot = lock(&PLUGIN);
-    if let Some(p) = slot.as_ref() {
+    let p = build(&mut slot)?;
+    slot.unfinalized = true;
+    Ok(p)
+}
+
+/// `init` of one v11+ context: builds the state if no context holds it, and counts the context.
+/// Every successful call is paired with one [`finalize_context`].
+pub fn init_context() -> NetResult<Arc<Plugin>> {
+    let mut slot = lock(&PLUGIN);
+    let p = build(&mut slot)?;
+    slot.contexts += 1;
+    Ok(p)
+}
+
+/// `finalize` of one v11+ context. The last one releases everything `init` built (devices,
+/// protection domains, registrations no comm holds, connections still in progress), unless a
+/// v6–v10 `init` also ran; comms still open keep their own device alive until they close.
+pub fn finalize_context() -> NetResult<()> {
+    let mut slot = lock(&PLUGIN);
+    if slot.contexts == 0 {
+        return Err(NetError::InvalidUsage(
+            "finalize without a matching init".into(),
+        ));
+    }
+    slot.contexts -= 1;
+    if slot.contexts > 0 || slot.unfinalized {
+        return Ok(());
+    }
+    let p = slot.plugin.take();
+    drop(slot);
+    release(p);
+    Ok(())
+}
+
+/// Releases everything `init` built, whoever holds it: the library is being unloaded.
+pub fn release_all() {
+    let p = {
+        let mut slot = lock(&PLUGIN);
+        slot.contexts = 0;
+        slot.unfinalized = false;
+        slot.plugin.take()
+    };
+    release(p);
+}
+
+/// Drops the state and the connections in progress, and says what stays alive (held by comms
+/// or registrations RCCL has not given back).
+fn release(p: Option<Arc<Plugin>>) {
+    let pending = lock(&CONNECTING).take().map_or(0, |m| m.len());
+    let Some(p) = p else { return };
+    let held: Vec<String> = p
+        .devices
+        .iter()
+        .filter(|d| Arc::strong_count(d) > 1)
+        .map(|d| format!("{} ({} registrations)", d.describe(), d.regs.len()))
+        .collect();
+    drop(p);
+    if held.is_empty() {
+        info!(
+            INIT | NET,
+            "released all devices{}",
+            if pending > 0 {
+                format!(" and {pending} connection(s) in progress")
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        info!(
+            INIT | NET,
+            "released the plugin's state; still held by open comms or registrations: {}",
+            held.join(", ")
+        );
+    }
+}
+
+/// Reads the configuration and finds the devices, unless the state exists already.
+fn build(slot: &mut Slot) -> NetResult<Arc<Plugin>> {
+    if let Some(p) = slot.plugin.as_ref() {
         return Ok(Arc::clone(p));
     }
     let cfg = PluginConfig::from_env()
@@ -65,13 +160,14 @@ pub fn init() -> NetResult<Arc<Plugin>> {
         cfg: Arc::new(cfg),
         devices,
     });
-    *slot = Some(Arc::clone(&p));
+    slot.plugin = Some(Arc::clone(&p));
     Ok(p)
 }
 
 /// The state `init` built.
 pub fn plugin() -> NetResult<Arc<Plugin>> {
     lock(&PLUGIN)
+        .plugin
         .as_ref()
         .cloned()
         .ok_or_else(|| NetError::InvalidUsage("the plugin is used before a successful init".into()))
@@ -213,27 +309,5 @@ impl Plugin {
             max_p2p_bytes: i32::MAX as usize,
             force_flush: d.gpu.gpu_receives(),
         })
-    }
-}
-
-/// The device behind a send or receive comm pointer from RCCL.
-///
-/// # Safety
-/// `comm` must be a live comm returned by this plugin's connect or accept.
-pub unsafe fn comm_device(comm: *mut std::ffi::c_void) -> NetResult<Arc<NetDevice>> {
-    if comm.is_null() {
-        return Err(NetError::InvalidArgument("NULL comm".into()));
-    }
-    // SAFETY: both comm types are repr(C) with a u32 kind first.
-    let kind = unsafe { *(comm as *const u32) };
-    // SAFETY: the kind word says which type it is.
-    unsafe {
-        match kind {
-            COMM_SEND => Ok(Arc::clone(&(*(comm as *const SendComm)).link.dev)),
-            COMM_RECV => Ok(Arc::clone(&(*(comm as *const RecvComm)).link.dev)),
-            k => Err(NetError::InvalidArgument(format!(
-                "{comm:p} is not a comm of this plugin (kind {k:#x})"
-            ))),
-        }
     }
 }

@@ -21,9 +21,6 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
-/// First word of a [`RecvComm`].
-pub const COMM_RECV: u32 = 0x4852_4356;
-
 /// The receiver's bounce slots for eager messages: `slots` of [`EAGER_HEADER_BYTES`] + `max`.
 pub struct EagerRing {
     pub buf: RegisteredBuf,
@@ -75,10 +72,8 @@ pub struct RecvParts {
     pub stats: bool,
 }
 
-/// The receiving end of a connection. `kind` comes first, as in `SendComm`.
-#[repr(C)]
+/// The receiving end of a connection (RCCL holds it through a [`super::CommHandle`]).
 pub struct RecvComm {
-    kind: u32,
     pub link: Link,
     core: Receiver,
     sizes: RegisteredBuf,
@@ -121,7 +116,6 @@ impl RecvComm {
         };
         let prof = Profiler::new(FIFO_DEPTH * MAX_RECVS, p.link.dev.index);
         let mut c = Box::new(RecvComm {
-            kind: COMM_RECV,
             link: p.link,
             core: Receiver::new(cfg),
             sizes: p.sizes,

@@ -6,15 +6,21 @@ use super::regcache::{data_access, MrHandle, RegKind};
 use crate::gpu::{runtime, MemKind, Strategy};
 use crate::log::{info, warn_once, NET};
 use halo_ffi::{NCCL_PTR_CUDA, NCCL_PTR_HOST};
+use std::sync::Arc;
 
 /// `regMr(type)`: host memory by address; GPU memory through the device's strategy.
 ///
 /// # Safety
 /// The memory must stay allocated until the handle is given back to the device's cache.
-pub unsafe fn register(dev: &NetDevice, ty: i32, addr: u64, len: u64) -> NetResult<Box<MrHandle>> {
+pub unsafe fn register(
+    dev: &Arc<NetDevice>,
+    ty: i32,
+    addr: u64,
+    len: u64,
+) -> NetResult<Box<MrHandle>> {
     match ty {
         // SAFETY: forwarded contract.
-        NCCL_PTR_HOST => unsafe { dev.regs.acquire(&dev.pd, addr, len) },
+        NCCL_PTR_HOST => unsafe { dev.regs.acquire(dev, addr, len) },
         // SAFETY: forwarded contract.
         NCCL_PTR_CUDA => unsafe { register_gpu(dev, addr, len) },
         t => Err(NetError::InvalidArgument(format!(
@@ -25,7 +31,7 @@ pub unsafe fn register(dev: &NetDevice, ty: i32, addr: u64, len: u64) -> NetResu
 
 /// # Safety
 /// As [`register`].
-unsafe fn register_gpu(dev: &NetDevice, addr: u64, len: u64) -> NetResult<Box<MrHandle>> {
+unsafe fn register_gpu(dev: &Arc<NetDevice>, addr: u64, len: u64) -> NetResult<Box<MrHandle>> {
     let rt = match (dev.gpu.strategy, runtime()) {
         (Strategy::None, _) | (_, None) => {
             warn_once!(
@@ -44,32 +50,33 @@ unsafe fn register_gpu(dev: &NetDevice, addr: u64, len: u64) -> NetResult<Box<Mr
     match (rt.classify(addr), dev.gpu.strategy) {
         // RCCL also calls host-resident allocations "CUDA" memory; they register like host memory.
         // SAFETY: forwarded contract.
-        (MemKind::Host, _) => unsafe { dev.regs.acquire(&dev.pd, addr, len) },
+        (MemKind::Host, _) => unsafe { dev.regs.acquire(dev, addr, len) },
         // Managed memory is pageable system memory the kernel can pin.
         // SAFETY: forwarded contract.
         (MemKind::Managed { .. }, _) | (MemKind::Device { .. }, Strategy::Va) => unsafe {
-            dev.regs.acquire_va(&dev.pd, RegKind::GpuVa, addr, len)
+            dev.regs.acquire_va(dev, RegKind::GpuVa, addr, len)
         },
         (MemKind::Device { .. }, _) => {
             let end = addr.checked_add(len).ok_or_else(|| {
                 NetError::InvalidArgument(format!("buffer {addr:#x}+{len} wraps the address space"))
             })?;
-            dev.regs.acquire_with(RegKind::GpuExport, addr, end, || {
-                let buf = rt.export_dmabuf(addr, len as usize).map_err(|e| {
-                    NetError::System(format!("regMr of GPU memory on {}: {e}", dev.describe()))
-                })?;
-                // SAFETY: the region holds its own reference on the dma-buf; `buf` closes only
-                // the fd. The caller keeps the allocation alive while the region exists.
-                unsafe {
-                    dev.pd
-                        .reg_dmabuf_mr(buf.offset, len as usize, addr, buf.fd, data_access())
-                }
-                .map_err(|e| {
-                    NetError::System(format!(
-                        "registering the dma-buf of GPU memory {addr:#x}+{len}: {e}"
-                    ))
+            dev.regs
+                .acquire_with(dev, RegKind::GpuExport, addr, end, || {
+                    let buf = rt.export_dmabuf(addr, len as usize).map_err(|e| {
+                        NetError::System(format!("regMr of GPU memory on {}: {e}", dev.describe()))
+                    })?;
+                    // SAFETY: the region holds its own reference on the dma-buf; `buf` closes only
+                    // the fd. The caller keeps the allocation alive while the region exists.
+                    unsafe {
+                        dev.pd
+                            .reg_dmabuf_mr(buf.offset, len as usize, addr, buf.fd, data_access())
+                    }
+                    .map_err(|e| {
+                        NetError::System(format!(
+                            "registering the dma-buf of GPU memory {addr:#x}+{len}: {e}"
+                        ))
+                    })
                 })
-            })
         }
     }
 }
@@ -83,7 +90,7 @@ unsafe fn register_gpu(dev: &NetDevice, addr: u64, len: u64) -> NetResult<Box<Mr
 /// # Safety
 /// As [`register`]; `fd` must be a file descriptor RCCL owns for the duration of the call.
 pub unsafe fn register_dmabuf(
-    dev: &NetDevice,
+    dev: &Arc<NetDevice>,
     ty: i32,
     addr: u64,
     len: u64,
@@ -97,7 +104,7 @@ pub unsafe fn register_dmabuf(
     let end = addr.checked_add(len).ok_or_else(|| {
         NetError::InvalidArgument(format!("buffer {addr:#x}+{len} wraps the address space"))
     })?;
-    let r = dev.regs.acquire_with(RegKind::DmaBuf, addr, end, || {
+    let r = dev.regs.acquire_with(dev, RegKind::DmaBuf, addr, end, || {
         // SAFETY: the kernel takes its own reference on the dma-buf during the call, so RCCL
         // may close `fd` afterwards; RCCL keeps the memory allocated until deregMr.
         unsafe {

@@ -6,11 +6,13 @@
 //! range; a dma-buf RCCL hands in is never shared: its fd number says nothing about the memory
 //! behind it (RCCL closes it right away and the number is reused).
 
+use super::device::NetDevice;
 use super::error::{NetError, NetResult};
-use halo_ibverbs::{AccessFlags, MemoryRegion, ProtectionDomain};
+use halo_ibverbs::{AccessFlags, MemoryRegion};
 use std::sync::{Arc, Mutex};
 
-/// What RCCL holds as `mhandle`: the keys for the data path, and the registration behind them.
+/// What RCCL holds as `mhandle`: the keys for the data path, the registration behind them, and
+/// the device whose cache holds it, so that `deregMr` never has to look at the comm.
 pub struct MrHandle {
     pub lkey: u32,
     pub rkey: u32,
@@ -20,6 +22,20 @@ pub struct MrHandle {
     /// The memory is GPU memory: a receive into it needs a flush.
     pub gpu: bool,
     mr: Arc<MemoryRegion>,
+    dev: Arc<NetDevice>,
+}
+
+impl MrHandle {
+    /// The device the memory is registered with.
+    pub fn device(&self) -> &Arc<NetDevice> {
+        &self.dev
+    }
+
+    /// Gives the handle back to its device's cache (`deregMr`); the last one deregisters.
+    pub fn release(self) -> NetResult<()> {
+        let dev = Arc::clone(&self.dev);
+        dev.regs.release(self)
+    }
 }
 
 /// The handle of a data-path buffer of `size` bytes at `addr`, checked: the bytes must lie in its
@@ -113,19 +129,19 @@ impl RegCache {
         Ok((start, end))
     }
 
-    /// Registers host memory `[addr, addr + len)` or takes a reference on a registration that
-    /// covers it.
+    /// Registers host memory `[addr, addr + len)` with `owner`'s protection domain (this cache
+    /// is `owner.regs`) or takes a reference on a registration that covers it.
     ///
     /// # Safety
     /// The memory must stay mapped until the handle is given back to [`RegCache::release`].
     pub unsafe fn acquire(
         &self,
-        pd: &ProtectionDomain,
+        owner: &Arc<NetDevice>,
         addr: u64,
         len: u64,
     ) -> NetResult<Box<MrHandle>> {
         // SAFETY: forwarded contract.
-        unsafe { self.acquire_va(pd, RegKind::Host, addr, len) }
+        unsafe { self.acquire_va(owner, RegKind::Host, addr, len) }
     }
 
     /// Registers `[addr, addr + len)` by address (whole pages) as `kind`, or takes a reference
@@ -135,13 +151,14 @@ impl RegCache {
     /// The memory must stay mapped until the handle is given back to [`RegCache::release`].
     pub unsafe fn acquire_va(
         &self,
-        pd: &ProtectionDomain,
+        owner: &Arc<NetDevice>,
         kind: RegKind,
         addr: u64,
         len: u64,
     ) -> NetResult<Box<MrHandle>> {
         let (start, end) = self.page_range(addr, len)?;
-        self.acquire_with(kind, start, end, || {
+        let pd = &owner.pd;
+        self.acquire_with(owner, kind, start, end, || {
             // SAFETY: the caller keeps [start, end) mapped (whole pages of a mapped buffer are mapped).
             unsafe { pd.reg_mr(start as *mut u8, (end - start) as usize, data_access()) }.map_err(
                 |e| {
@@ -160,9 +177,10 @@ impl RegCache {
     /// Takes a reference on a shareable registration of `kind` of exactly `[start, end)`, or
     /// makes a new one with `register`. Only exact ranges are shared: a registration kept alive
     /// by one handle may cover memory that was freed and handed out again, and a range inside it
-    /// must not land on the old pages.
+    /// must not land on the old pages. `owner` is the device this cache belongs to.
     pub fn acquire_with(
         &self,
+        owner: &Arc<NetDevice>,
         kind: RegKind,
         start: u64,
         end: u64,
@@ -175,7 +193,7 @@ impl RegCache {
                 .find(|e| e.kind == kind && e.start == start && e.end == end)
             {
                 e.refs += 1;
-                return Ok(Self::handle(e));
+                return Ok(Self::handle(owner, e));
             }
         }
         let mr = register()?;
@@ -186,10 +204,10 @@ impl RegCache {
             refs: 1,
             mr: Arc::new(mr),
         });
-        Ok(Self::handle(entries.last().expect("just pushed")))
+        Ok(Self::handle(owner, entries.last().expect("just pushed")))
     }
 
-    fn handle(e: &Entry) -> Box<MrHandle> {
+    fn handle(owner: &Arc<NetDevice>, e: &Entry) -> Box<MrHandle> {
         Box::new(MrHandle {
             lkey: e.mr.lkey(),
             rkey: e.mr.rkey(),
@@ -197,6 +215,7 @@ impl RegCache {
             end: e.end,
             gpu: e.kind.gpu(),
             mr: Arc::clone(&e.mr),
+            dev: Arc::clone(owner),
         })
     }
 

@@ -19,9 +19,6 @@ use std::ffi::c_void;
 use std::mem::MaybeUninit;
 use std::sync::atomic::{fence, Ordering};
 
-/// First word of a [`SendComm`].
-pub const COMM_SEND: u32 = 0x4853_4e44;
-
 /// What a send comm is made of, from `connect`.
 pub struct SendParts {
     pub link: Link,
@@ -36,10 +33,8 @@ pub struct SendParts {
     pub stats: bool,
 }
 
-/// The sending end of a connection. `kind` comes first so a `void*` comm can be told apart.
-#[repr(C)]
+/// The sending end of a connection (RCCL holds it through a [`super::CommHandle`]).
 pub struct SendComm {
-    kind: u32,
     pub link: Link,
     core: Sender,
     fifo: RegisteredBuf,
@@ -62,7 +57,6 @@ impl SendComm {
     pub fn new(p: SendParts) -> Box<Self> {
         let prof = Profiler::new(SEND_REQS, p.link.dev.index);
         let mut c = Box::new(SendComm {
-            kind: COMM_SEND,
             link: p.link,
             core: Sender::new(p.cfg),
             fifo: p.fifo,
