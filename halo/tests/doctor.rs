@@ -757,10 +757,12 @@ fn base_faults() -> Vec<Fault> {
             fix: PLUGIN_FIX,
         },
         Fault {
+            base: GOOD,
             name: "NCCL_NET_PLUGIN path, RCCL of ROCm 6.2",
             apply: |o| {
                 fs::rename(o.path("opt/rocm-7.12.0"), o.path("opt/rocm-6.2.0")).unwrap();
                 o.write("opt/rocm-6.2.0/.info/version", "6.2.0-66\n");
+                o.link("opt/rocm", "rocm-6.2.0");
             },
             env: None, args: &[],
             id: "env.net_plugin", verdict: Verdict::Fail,
@@ -768,20 +770,27 @@ fn base_faults() -> Vec<Fault> {
             fix: PLUGIN_FIX,
         },
         Fault {
+            base: GOOD,
             name: "NCCL_NET_PLUGIN=halo, RCCL of ROCm 6.2",
             apply: |o| {
                 fs::rename(o.path("opt/rocm-7.12.0"), o.path("opt/rocm-6.2.0")).unwrap();
                 o.write("opt/rocm-6.2.0/.info/version", "6.2.0-66\n");
+                o.link("opt/rocm", "rocm-6.2.0");
             },
             env: Some("NCCL_NET_PLUGIN=halo\n"), args: &[],
             id: "env.net_plugin", verdict: Verdict::Pass, value_has: "halo", fix: "",
         },
         Fault {
+            base: GOOD,
             name: "NCCL_NET_PLUGIN path, RCCL version unknown",
             apply: |o| {
-                o.remove("opt/rocm-7.12.0/.info/version");
-                o.remove("opt/rocm-7.12.0/lib/librccl.so.1.0.71200");
-                o.remove("opt/rocm-7.12.0/lib/librccl.so.1");
+                // A ROCm tree whose release shows nowhere: no .info/version, no version in
+                // its directory or library names.
+                o.remove("opt/rocm");
+                fs::rename(o.path("opt/rocm-7.12.0"), o.path("opt/rocm")).unwrap();
+                o.remove("opt/rocm/.info/version");
+                o.remove("opt/rocm/lib/librccl.so.1.0.71200");
+                o.remove("opt/rocm/lib/librccl.so.1");
             },
             env: None, args: &[],
             id: "env.net_plugin", verdict: Verdict::Warn,

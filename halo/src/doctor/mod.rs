@@ -216,7 +216,7 @@ pub fn run(opts: &DoctorOptions, probe: &dyn PluginProbe) -> NodeReport {
         gfx_target: gpu::gfx_target(root),
         os,
         net_config,
-        rccl_rocm: software::rccl_rocm_version(root),
+        rccl_rocm: software::rccl_rocm_version(root, &opts.env),
     };
 
     checks.extend(gpu::checks(root, &facts));

@@ -232,9 +232,14 @@ fn find_rccl(
 
 /// The ROCm release the RCCL library belongs to: its ROCm tree's `.info/version`, else the
 /// versioned file name (`librccl.so.1.0.60200` = 6.2).
-pub fn rccl_rocm_version(root: &SysRoot) -> Option<(u32, u32)> {
-    let found = find_rccl(root)?;
-    if let Some(mm) = found.rocm_version.as_deref().and_then(major_minor) {
+pub fn rccl_rocm_version(root: &SysRoot, env: &BTreeMap<String, String>) -> Option<(u32, u32)> {
+    let found = find_rccl(root, &rocm_installs(root), env)?;
+    if let Some(mm) = found
+        .rocm
+        .as_ref()
+        .and_then(|r| r.version.as_deref())
+        .and_then(major_minor)
+    {
         return Some(mm);
     }
     let n: u32 = found.path.rsplit('.').next()?.parse().ok()?;
