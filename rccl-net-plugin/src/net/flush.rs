@@ -8,7 +8,9 @@
 use super::buffer::RegisteredBuf;
 use super::error::{NetError, NetResult};
 use crate::protocol::FIFO_DEPTH;
-use halo_ibverbs::{CompletionQueue, QueuePair, SendOp, SendWr, Sge, WcOpcode, WorkCompletion};
+use halo_ibverbs::{
+    CompletionQueue, CqId, QueuePair, SendOp, SendWr, Sge, WcOpcode, WorkCompletion,
+};
 
 /// Flushes in flight per receive comm: one per outstanding receive is enough.
 pub const FLUSH_SLOTS: usize = FIFO_DEPTH;
@@ -41,6 +43,11 @@ impl Flush {
             reads_done: 0,
             error: None,
         }
+    }
+
+    /// The QP number and CQ, as async events name them.
+    pub fn watch_ids(&self) -> (u32, CqId) {
+        (self.qp.qp_num(), self.cq.id())
     }
 
     fn fail(&mut self, e: NetError) -> NetError {

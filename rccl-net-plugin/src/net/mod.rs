@@ -5,6 +5,7 @@ mod buffer;
 mod connect;
 mod device;
 mod error;
+mod events;
 mod flush;
 mod link;
 mod poster;
