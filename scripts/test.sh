@@ -4,7 +4,8 @@
 #   2. cargo fmt --check, clippy -D warnings, and every host test (unit, proptest, ABI layout;
 #      tests that need an RDMA device say "SKIPPED (no RDMA device)" here);
 #   3. boots a Soft-RoCE QEMU guest and runs every device test there with HALO_REQUIRE_RDMA=1;
-#   4. boots two guests joined by a wire and runs the verbs and plugin checks across it.
+#   4. boots two guests joined by a wire and runs the verbs and plugin checks across it, and takes
+#      one guest's link down mid-stream.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -49,6 +50,10 @@ conf="target/debug/examples/conformance --plugin target/debug/librccl_net_plugin
 scripts/softroce run2 --timeout 900 \
     --a "$conf --role recv --listen-on \$HALO_GUEST_IP:18600" \
     --b "$conf --role send --connect \$HALO_PEER_IP:18600"
+# One guest takes its link down with requests outstanding: its comms must fail within 2 s.
+scripts/softroce run2 --timeout 600 \
+    --a 'target/debug/examples/link_down --plugin target/debug/librccl_net_plugin.so --role down --listen-on $HALO_GUEST_IP:18800 --ifname eth0' \
+    --b 'target/debug/examples/link_down --plugin target/debug/librccl_net_plugin.so --role peer --connect $HALO_PEER_IP:18800 --peer-wait 5'
 scripts/softroce run2 --timeout 600 \
     --a 'target/debug/halo bench --listen $HALO_GUEST_IP:18700 --plugin target/debug/librccl_net_plugin.so' \
     --b 'target/debug/halo bench --peer $HALO_PEER_IP --ibdev rxe0 --gid-index $HALO_RDMA_GID_INDEX --plugin target/debug/librccl_net_plugin.so --quick --plot $HALO_GUEST_SHARE/bench.png && test -s $HALO_GUEST_SHARE/bench.png'
