@@ -12,7 +12,8 @@
 //!
 //! The `peer` end cannot see the event: its port stays up. It streams until a call fails (its own
 //! writes toward the vanished end run out of retries; lower `NCCL_IB_TIMEOUT` to make that quick)
-//! or until it has made no progress for `--peer-wait` seconds, reports which, and closes.
+//! or until, after the pause, it has made no progress for `--peer-wait` seconds; it reports which
+//! and closes.
 //!
 //! ```text
 //! scripts/softroce run2 --timeout 600 \
@@ -445,6 +446,11 @@ fn run(o: &Options) -> Result<(), String> {
                 }
                 if flows.iter().any(|f| f.failed.is_some()) {
                     break Ok(start);
+                }
+                // Before the pause a stall is only a retransmission (a lost frame waits for the
+                // transport timeout): keep waiting.
+                if !peer_paused {
+                    continue;
                 }
                 let idle = flows
                     .iter()
