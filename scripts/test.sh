@@ -6,7 +6,8 @@
 #   3. boots a Soft-RoCE QEMU guest and runs every device test there with HALO_REQUIRE_RDMA=1;
 #   4. on Debian, boots a guest on the backports kernel (which has /dev/udmabuf) and runs the
 #      GPU-direct tests there, so the stand-in runtime exports real dma-bufs;
-#   5. boots two guests joined by a wire and runs the verbs and plugin checks across it.
+#   5. boots two guests joined by a wire and runs the verbs and plugin checks across it, and takes
+#      one guest's link down mid-stream.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)

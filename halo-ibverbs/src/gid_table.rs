@@ -45,7 +45,9 @@ fn ifindex_to_name(ifindex: u32) -> Option<String> {
 }
 
 impl Context {
-    fn query_gid(&self, port: u8, index: u32) -> Result<Gid> {
+    /// The GID at `index` of port `port`'s table (all zero for an unused entry on some devices;
+    /// others fail with EINVAL or ENODATA).
+    pub fn query_gid(&self, port: u8, index: u32) -> Result<Gid> {
         // SAFETY: ibv_gid is a 16-byte union for which all-zero bytes are valid.
         let mut raw: ibv_gid = unsafe { mem::zeroed() };
         let idx = libc::c_int::try_from(index)

@@ -16,6 +16,7 @@
 mod cq;
 mod device;
 mod error;
+mod event;
 mod gid;
 mod gid_table;
 mod mr;
@@ -28,6 +29,7 @@ mod wc;
 pub use cq::{CompletionChannel, CompletionQueue, MAX_POLL_BATCH};
 pub use device::{devices, library_available, Context, DeviceAttr, DeviceInfo, NodeType};
 pub use error::{Result, VerbsError};
+pub use event::{AsyncEvent, AsyncEventKind, AsyncEventQueue, CqId, EventSubject};
 pub use gid::{
     ip_in_subnet, select_gid, AddrFamily, Gid, GidEntry, GidSelector, GidType, IPV4_LOOPBACK_NET,
 };
@@ -52,6 +54,7 @@ mod tests {
         assert_send_sync::<CompletionChannel>();
         assert_send_sync::<CompletionQueue>();
         assert_send_sync::<QueuePair>();
+        assert_send_sync::<AsyncEventQueue>();
         assert_send_sync::<VerbsError>();
     }
 }

@@ -410,7 +410,8 @@ impl Connecting {
                             String::new()
                         }
                     );
-                    let link = Link::new(Arc::clone(&self.dev), side.qps, side.cq, peer, stream);
+                    let link =
+                        Link::new(Arc::clone(&self.dev), side.qps, side.cq, peer, stream, None);
                     let slot_max = u32::from(info.eager_max_kib) * 1024;
                     let cfg = SendConfig {
                         max_msg: max_msg.min(1 << 31),
@@ -692,7 +693,15 @@ impl ListenComm {
                     side.peer_info.qps[0].qpn
                 );
                 let side = *side;
-                let link = Link::new(Arc::clone(&self.dev), side.qps, side.cq, peer, stream);
+                let flush_ids = side.flush.as_ref().map(Flush::watch_ids);
+                let link = Link::new(
+                    Arc::clone(&self.dev),
+                    side.qps,
+                    side.cq,
+                    peer,
+                    stream,
+                    flush_ids,
+                );
                 Ok(Some(RecvComm::new(RecvParts {
                     link,
                     sizes: side.sizes,

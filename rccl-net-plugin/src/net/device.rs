@@ -2,6 +2,7 @@
 
 use super::connect::ConnSettings;
 use super::error::{NetError, NetResult};
+use super::events::DeviceEvents;
 use super::regcache::{data_access, RegCache};
 use crate::config::PluginConfig;
 use crate::gpu::GpuSupport;
@@ -37,6 +38,8 @@ pub struct NetDevice {
     pub regs: RegCache,
     /// How GPU memory is registered on this device (probed at `init`).
     pub gpu: GpuSupport,
+    /// The async events of the device context, shared by the ports of one device.
+    pub events: Arc<DeviceEvents>,
 }
 
 impl NetDevice {
@@ -149,6 +152,7 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
                 continue;
             }
         };
+        let mut events: Option<Arc<DeviceEvents>> = None;
         for port in 1..=dev_attr.phys_port_cnt {
             let why = |s: String| format!("{}:{port}: {s}", info.name);
             if let Some(f) = &cfg.ib_hca {
@@ -238,6 +242,7 @@ pub fn discover(cfg: &PluginConfig) -> NetResult<Vec<NetDevice>> {
                 pd,
                 regs: RegCache::new(),
                 gpu,
+                events: Arc::clone(events.get_or_insert_with(|| watch_events(&ctx))),
             };
             if dev.gpu.gpu_receives() {
                 let settings = ConnSettings {
@@ -298,6 +303,22 @@ pub fn gpu_after_flush_probe(dev: &str, gpu: GpuSupport, flush: Result<(), Strin
             GpuSupport::NONE
         }
     }
+}
+
+/// The event watch of an open device; a device whose events cannot be read is used without.
+fn watch_events(ctx: &Context) -> Arc<DeviceEvents> {
+    let queue = ctx
+        .async_events()
+        .inspect_err(|e| {
+            warn!(
+                INIT | NET,
+                "{}: async events cannot be read ({e}): a port or device fault will be noticed \
+                 only when the transport's retries run out",
+                ctx.name()
+            )
+        })
+        .ok();
+    DeviceEvents::new(ctx.name(), queue)
 }
 
 /// PCI vendor id of Intel, whose Ethernet RDMA devices (E810, X722) use the `irdma` provider.

@@ -10,7 +10,9 @@ use super::connect::{new_flush, ConnSettings};
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
 use crate::protocol::FIFO_DEPTH;
-use halo_ibverbs::{CompletionQueue, QueuePair, SendOp, SendWr, Sge, WcOpcode, WorkCompletion};
+use halo_ibverbs::{
+    CompletionQueue, CqId, QueuePair, SendOp, SendWr, Sge, WcOpcode, WorkCompletion,
+};
 use std::time::{Duration, Instant};
 
 /// Flushes in flight per receive comm: one per outstanding receive is enough.
@@ -44,6 +46,11 @@ impl Flush {
             reads_done: 0,
             error: None,
         }
+    }
+
+    /// The QP number and CQ, as async events name them.
+    pub fn watch_ids(&self) -> (u32, CqId) {
+        (self.qp.qp_num(), self.cq.id())
     }
 
     fn fail(&mut self, e: NetError) -> NetError {

@@ -1,13 +1,15 @@
 //! What both ends of a connection share: the queue pairs, their completion queue, the bootstrap
-//! socket (kept open as a liveness signal) and the first error, which every later call reports.
+//! socket (kept open as a liveness signal), the alarm its device's async events raise, and the
+//! first error, which every later call reports.
 
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
+use super::events::{CommAlarm, Watched};
 use super::poster::PostFailure;
 use crate::log::{warn, NET};
 use crate::oob::{OobError, OobStream};
 use crate::protocol::ProtoError;
-use halo_ibverbs::{CompletionQueue, QueuePair, WorkCompletion};
+use halo_ibverbs::{CompletionQueue, CqId, QueuePair, WorkCompletion};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,18 +28,35 @@ pub struct Link {
     pub oob: OobStream,
     /// First error seen; every later call reports it.
     pub error: Option<NetError>,
+    /// Raised by an async event of the device that breaks this connection.
+    alarm: Arc<CommAlarm>,
     idle_polls: u32,
 }
 
 impl Link {
+    /// `also`: one more QP and its CQ the comm owns (the flush QP), watched for events too.
     pub fn new(
         dev: Arc<NetDevice>,
         qps: Vec<QueuePair>,
         cq: CompletionQueue,
         peer: SocketAddr,
         oob: OobStream,
+        also: Option<(u32, CqId)>,
     ) -> Self {
         assert!(!qps.is_empty(), "a link has at least one queue pair");
+        let mut watched = Watched {
+            port: dev.port,
+            gid_index: dev.gid.index,
+            gid: dev.gid.gid,
+            qps: qps.iter().map(QueuePair::qp_num).collect(),
+            cqs: vec![cq.id()],
+        };
+        if let Some((qp, cq)) = also {
+            watched.qps.push(qp);
+            watched.cqs.push(cq);
+        }
+        let alarm = CommAlarm::new(watched);
+        dev.events.register(&alarm);
         Link {
             dev,
             qps,
@@ -45,6 +64,7 @@ impl Link {
             peer,
             oob,
             error: None,
+            alarm,
             idle_polls: 0,
         }
     }
@@ -78,12 +98,36 @@ impl Link {
         self.fail(e)
     }
 
-    /// The comm's error, if it has failed.
-    pub fn check(&self) -> NetResult<()> {
-        match &self.error {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
+    /// The comm's error, if it has failed. In the common case one load and two compares.
+    #[inline]
+    pub fn check(&mut self) -> NetResult<()> {
+        if self.error.is_none() && !self.alarm.is_raised() {
+            return Ok(());
         }
+        Err(self.failure())
+    }
+
+    /// The recorded error, or the fault an async event raised (logged already by the event's
+    /// dispatcher, which names the event; here it only gains the comm's context).
+    #[cold]
+    fn failure(&mut self) -> NetError {
+        if let Some(e) = &self.error {
+            return e.clone();
+        }
+        let e = match self.alarm.fault() {
+            Some(f) => {
+                let text = format!("{f} ({})", self.context());
+                match f {
+                    NetError::System(_) => NetError::System(text),
+                    _ => NetError::Remote(text),
+                }
+            }
+            None => {
+                NetError::Internal(format!("alarm raised without a fault ({})", self.context()))
+            }
+        };
+        self.error = Some(e.clone());
+        e
     }
 
     /// Maps a protocol refusal: a truncated message fails its request only; anything else
@@ -138,8 +182,11 @@ impl Link {
         Ok(got)
     }
 
-    /// Counts a call that made no progress; every so often checks that the peer is still there.
+    /// Counts a call that made no progress: reads the device's async events when due, and every
+    /// so often checks that the peer is still there.
     pub fn idle_tick(&mut self) -> NetResult<()> {
+        self.dev.events.poll_if_due();
+        self.check()?;
         self.idle_polls += 1;
         if self.idle_polls >= LIVENESS_EVERY {
             self.idle_polls = 0;

@@ -6,6 +6,7 @@ mod comm_handle;
 mod connect;
 mod device;
 mod error;
+mod events;
 mod flush;
 mod link;
 mod poster;

@@ -195,6 +195,7 @@ impl RecvComm {
             }
             Ok(None) => {
                 self.own.nulls += 1;
+                self.link.idle_tick()?;
                 Ok(None)
             }
             Err(e) => Err(self.link.proto_error(e)),
