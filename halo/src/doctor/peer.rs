@@ -1,7 +1,7 @@
 //! `--peer HOST`: passwordless SSH to the peer, then the peer's own doctor report, the two
 //! links compared, and (on the running system) an RDMA ping between them.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::link::LinkFacts;
@@ -324,7 +324,7 @@ fn ping(_me: &str, a: &LinkFacts, host: &str, b: &LinkFacts) -> Check {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start ssh: {e}"))?;
-        let _server = Reaped(Some(server_child));
+        let _server = halo_harness::bench::perftest::Reaped(Some(server_child));
         let t0 = Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(500));
@@ -342,20 +342,6 @@ fn ping(_me: &str, a: &LinkFacts, host: &str, b: &LinkFacts) -> Check {
         }
     })();
     judge_ping(host, b, outcome)
-}
-
-/// A child killed and reaped when dropped, so no server outlives the doctor.
-struct Reaped(Option<Child>);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
 }
 
 fn last_line(text: &str) -> String {

@@ -128,8 +128,9 @@ impl Perftest {
     }
 }
 
-/// A child that is killed and reaped when dropped, so no perftest server outlives a failure.
-struct Reaped(Option<Child>);
+/// A child that is killed and reaped when dropped, so no server (perftest's, or any other a
+/// caller starts) outlives a failure.
+pub struct Reaped(pub Option<Child>);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
