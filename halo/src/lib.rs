@@ -3,8 +3,10 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod collective;
 pub mod container;
 pub mod doctor;
 pub mod process;
+pub mod report;
 pub mod serve;
 pub mod sysroot;
