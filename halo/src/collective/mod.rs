@@ -263,6 +263,15 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
             bail!("--dtypes: unknown type '{d}' (fp32, bf16)");
         }
     }
+    let mut dtypes = args.dtypes.clone();
+    if backends[0] == "gloo" && dtypes.iter().any(|d| d == "bf16") {
+        // torch's gloo backend rejects bf16 reductions ("Invalid scalar type").
+        eprintln!("collective: gloo has no bf16 reductions; measuring fp32 only");
+        dtypes.retain(|d| d != "bf16");
+        if dtypes.is_empty() {
+            dtypes.push("fp32".into());
+        }
+    }
     let mut results = Vec::new();
     let mut torch = None;
     // One driver per variant keeps a hung variant from taking the others with it.
@@ -273,7 +282,7 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
             "node_ips": cfg.nodes.iter().map(|n| n.ip.clone()).collect::<Vec<_>>(),
             "backend": variant.backend(),
             "ops": ["all_reduce", "all_gather"],
-            "dtypes": args.dtypes,
+            "dtypes": dtypes,
             "sizes": sizes(args.max_bytes),
             "iters": args.iters.max(1),
             "warmup": 2,
