@@ -189,10 +189,9 @@ def main():
         init_method = "tcp://%s:%d" % (SPEC["head_ip"], port)
         refs = []
         for rank, ip in enumerate(SPEC["node_ips"]):
-            task = ray.remote(rank_main).options(
+            task = ray.remote(max_calls=1)(rank_main).options(
                 num_cpus=0,
                 num_gpus=0,
-                max_calls=1,
                 resources={"node:%s" % ip: 0.001},
             )
             refs.append(task.remote(rank, world, init_method, SPEC, variant))
