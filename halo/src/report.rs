@@ -43,7 +43,7 @@ r=$(ls /opt/rocm/lib/librccl.so.*.* 2>/dev/null | head -n1); echo "rccl=${r##*li
 echo "rdma_core=$( (dpkg-query -W -f='${Version}' rdma-core || rpm -q --qf '%{VERSION}' rdma-core) 2>/dev/null | head -n1)"
 for d in /sys/class/infiniband/*; do [ -e "$d/fw_ver" ] && echo "firmware_$(basename "$d")=$(cat "$d/fw_ver")"; done
 for n in /sys/class/infiniband/*/device/net/*; do [ -e "$n" ] && command -v ethtool >/dev/null && echo "ethtool_$(basename "$n")=$(ethtool -i "$(basename "$n")" 2>/dev/null | sed -n 's/^firmware-version: //p')"; done
-p="${HALO_PLUGIN:-/opt/halo/lib/librccl-net-halo.so}"
+p="${HALO_PLUGIN:-${NCCL_NET_PLUGIN:-/opt/halo/lib/librccl-net-halo.so}}"
 if [ -e "$p" ]; then echo "plugin=$p $(sha256sum "$p" | cut -c1-16) $(stat -c %s "$p") bytes"; else echo "plugin=$p (missing)"; fi
 "#;
 
@@ -66,7 +66,9 @@ struct NodeTarget {
 fn local_hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+        .ok()
+        .filter(|h| !h.is_empty() && h != "(none)")
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// Collects everything; `cfg` None means this node only.
