@@ -2,19 +2,23 @@
 # Installs what the `halo` harness tests need (run as root on Debian 12 / Ubuntu):
 #   - OpenSSH server and client (the cluster test starts its own sshd on 127.0.0.1)
 #   - rsvg-convert (librsvg2-bin) for `halo bench --plot FILE.png`
-#   - Ray from PyPI, in a dedicated Python virtual environment
+#   - Debian's python3-torch (a CPU build; `halo bench --collective` runs it with gloo)
+#   - Ray from PyPI, in a virtual environment of the system python that sees its packages
 #
 #   scripts/setup-harness.sh           # install (idempotent; fast when already done)
 #   scripts/setup-harness.sh --print   # print the venv's bin directory and exit
 #
 # The venv lives outside the work tree so it is never committed and survives fresh
-# clones: $HALO_HARNESS_VENV, default ~/.cache/halo-harness/venv. The tests find Ray
-# there (or through $HALO_RAY, or `ray` on PATH).
+# clones: $HALO_HARNESS_VENV, default ~/.cache/halo-harness/venv-system. The tests find
+# Ray there (or through $HALO_RAY, or `ray` on PATH). The venv is made from /usr/bin/python3
+# with --system-site-packages so that Ray's workers import Debian's torch (never PyPI's
+# torch wheel, which pulls gigabytes of CUDA libraries).
 set -euo pipefail
 
 RAY_VERSION="2.60.0"
-HARNESS_PKGS=(openssh-server openssh-client librsvg2-bin)
-VENV="${HALO_HARNESS_VENV:-${HOME}/.cache/halo-harness/venv}"
+HARNESS_PKGS=(openssh-server openssh-client librsvg2-bin python3-venv python3-torch)
+VENV="${HALO_HARNESS_VENV:-${HOME}/.cache/halo-harness/venv-system}"
+SYSTEM_PYTHON=/usr/bin/python3
 
 die() {
     echo "setup-harness.sh: error: $*" >&2
@@ -64,33 +68,28 @@ fi
 # --- Ray in a venv ---------------------------------------------------------------
 ray_ok() {
     [[ -x "$VENV/bin/ray" ]] \
-        && [[ "$("$VENV/bin/python" -c 'import ray; print(ray.__version__)' 2>/dev/null)" == "$RAY_VERSION" ]]
+        && [[ "$("$VENV/bin/python" -c 'import ray, torch.distributed as d; assert d.is_gloo_available(); print(ray.__version__)' 2>/dev/null)" == "$RAY_VERSION" ]]
 }
 
 if ray_ok; then
     echo "setup-harness.sh: ray $RAY_VERSION already in $VENV"
 else
-    python=""
-    # Ray wheels exist for CPython 3.9-3.12 only.
-    for cand in python3.11 python3.12 python3.10 python3.9 python3; do
-        if command -v "$cand" >/dev/null \
-            && "$cand" -c 'import sys, venv; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 12)))' 2>/dev/null; then
-            python="$cand"
-            break
-        fi
-    done
-    [[ -n "$python" ]] || die "no Python 3.9-3.12 with the venv module found (apt-get install python3-venv)"
+    python="$SYSTEM_PYTHON"
+    # Ray wheels exist for CPython 3.9-3.12; Debian's torch is built for the system python.
+    "$python" -c 'import sys, venv; sys.exit(not ((3, 9) <= sys.version_info[:2] <= (3, 12)))' 2>/dev/null \
+        || die "$python is not a Python 3.9-3.12 with the venv module (apt-get install python3-venv)"
+    "$python" -c 'import torch.distributed' 2>/dev/null || die "$python cannot import torch (apt-get install python3-torch)"
     if [[ ! -x "$VENV/bin/python" ]]; then
-        echo "setup-harness.sh: creating venv $VENV with $($python --version)"
+        echo "setup-harness.sh: creating venv $VENV with $($python --version) and its system packages"
         mkdir -p "$(dirname "$VENV")"
-        "$python" -m venv "$VENV" || die "could not create venv at $VENV"
+        "$python" -m venv --system-site-packages "$VENV" || die "could not create venv at $VENV"
     fi
     echo "setup-harness.sh: installing ray==$RAY_VERSION into $VENV"
     # Plain `ray` (no [default] extras): `ray start/status/stop` and tasks need nothing more,
     # and the dashboard is disabled by the harness anyway.
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q "ray==$RAY_VERSION" \
         || die "pip install ray==$RAY_VERSION failed"
-    ray_ok || die "ray $RAY_VERSION still not importable from $VENV"
+    ray_ok || die "ray $RAY_VERSION and torch still not importable from $VENV"
 fi
 
 echo "setup-harness.sh: ready in $(($(date +%s) - start)) s; ray: $VENV/bin/ray"

@@ -3,11 +3,13 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod collective;
 pub mod container;
 pub mod doctor;
 pub mod hf;
 pub mod port;
 pub mod process;
+pub mod report;
 pub mod serve;
 pub mod sysroot;
 pub mod vllm;

@@ -88,6 +88,14 @@ enum Cmd {
     /// tokens/s (--json for scripts).
     #[command(verbatim_doc_comment)]
     BenchServe(BenchArgs),
+    /// Write one Markdown report (and JSON beside it) to attach to a bug report
+    ///
+    /// Holds `halo doctor` from every node of the cluster config (this node only without
+    /// one), kernel/ROCm/RCCL/rdma-core/firmware/plugin versions, and, when given, the
+    /// `halo bench --json` and `halo bench --collective --json` results with the RCCL lines
+    /// that show which network RCCL used. --redact hides host names, IPs and tokens.
+    #[command(verbatim_doc_comment)]
+    Report(halo::report::ReportArgs),
     /// Print or create the vLLM container with GPU, RDMA devices and the plugin.
     #[command(subcommand)]
     Container(ContainerCmd),
@@ -99,8 +107,14 @@ struct NetBenchArgs {
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "0.0.0.0:18700", conflicts_with = "peer")]
     listen: Option<SocketAddr>,
     /// The peer running `halo bench --listen` (HOST or HOST:PORT; port 18700 by default).
-    #[arg(long, value_name = "HOST", required_unless_present = "listen")]
+    #[arg(long, value_name = "HOST", required_unless_present_any = ["listen", "collective"])]
     peer: Option<String>,
+    /// All-reduce and all-gather through torch.distributed, one rank per node of the cluster
+    /// config (placed by Ray; start it with `halo cluster up`), for each transport variant.
+    #[arg(long, conflicts_with_all = ["listen", "peer"])]
+    collective: bool,
+    #[command(flatten)]
+    coll: halo::collective::CollectiveArgs,
     /// RDMA device for the perftest rows (e.g. rocep1s0f0, rxe0); without it only TCP is measured.
     #[arg(long, value_name = "DEV")]
     ibdev: Option<String>,
@@ -263,6 +277,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&check)?);
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Bench(args) if args.collective => run_collective(&args, config),
         Cmd::Bench(args) => run_net_bench(args),
         Cmd::Cluster(ClusterCmd::Init(args)) => {
             cluster::init(&args, config).map(|_| ExitCode::SUCCESS)
@@ -276,6 +291,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }),
         Cmd::Cluster(ClusterCmd::Down) => cluster::down(config).map(|_| ExitCode::SUCCESS),
+        Cmd::Report(args) => halo::report::run(&args, config).map(|json| {
+            eprintln!(
+                "report written to {} and {}",
+                args.out.display(),
+                json.display()
+            );
+            ExitCode::SUCCESS
+        }),
         Cmd::Serve(args) => serve::serve(&args, config).map(exit_code),
         Cmd::BenchServe(args) => serve::bench_serve(&args, config).map(|_| ExitCode::SUCCESS),
         Cmd::Container(ContainerCmd::Print(args)) => {
@@ -285,6 +308,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             container::create(&args, config).map(exit_code)
         }
     }
+}
+
+fn run_collective(args: &NetBenchArgs, config: &Path) -> Result<ExitCode> {
+    let report = halo::collective::run(&args.coll, config)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", halo::collective::render(&report));
+    }
+    Ok(if report.failed() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn run_net_bench(args: NetBenchArgs) -> Result<ExitCode> {

@@ -283,3 +283,60 @@ fn container_keeps_a_given_loader_path_and_other_file_names() {
     );
     assert!(!line.contains("LD_LIBRARY_PATH"), "{line}");
 }
+
+#[test]
+fn report_writes_markdown_and_json_and_redacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let coll = dir.path().join("collective.json");
+    fs::write(
+        &coll,
+        r#"{"ranks": 2, "nodes": ["10.9.8.1", "10.9.8.2"], "variants": [
+            {"variant": "plugin", "backend": "nccl", "error": null,
+             "transport": {"network": "halo", "evidence": ["strix1:1:2 [0] NCCL INFO NET/Plugin: Loaded net plugin halo (v10)"]},
+             "rows": [{"op": "all_reduce", "dtype": "bf16", "size": 4096, "count": 2048, "time_us": 31.5,
+                       "algbw_gbs": 0.13, "busbw_gbs": 0.13, "wrong": 0}], "decode": []}]}"#,
+    )
+    .unwrap();
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim();
+    let run = |out: &Path, redact: bool| {
+        let mut c = halo();
+        c.arg("--config")
+            .arg(dir.path().join("none.toml"))
+            .args(["report", "--out"])
+            .arg(out)
+            .arg("--collective")
+            .arg(&coll);
+        if redact {
+            c.arg("--redact");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        (
+            fs::read_to_string(out).unwrap(),
+            fs::read_to_string(out.with_extension("json")).unwrap(),
+        )
+    };
+    let (md, js) = run(&dir.path().join("r.md"), false);
+    assert!(
+        md.contains("## Versions") && md.contains("| kernel |"),
+        "{md}"
+    );
+    assert!(md.contains("## Doctor: "), "{md}");
+    assert!(
+        md.contains("| 4096 | 2048 | bf16 | all_reduce | 31.5 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("NET/Plugin: Loaded net plugin halo (v10)"),
+        "{md}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&js).unwrap();
+    assert!(v["nodes"][0]["doctor"]["checks"].as_array().unwrap().len() > 5);
+    assert!(v["nodes"][0]["versions"]["kernel"].is_string());
+    let (md, js) = run(&dir.path().join("red.md"), true);
+    if host.len() > 1 && host != "(none)" && host != "localhost" {
+        assert!(!md.contains(host) && !js.contains(host), "{md}");
+    }
+    assert!(md.contains("## Doctor: node1"), "{md}");
+}

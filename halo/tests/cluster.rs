@@ -43,7 +43,7 @@ fn harness_ray() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/halo-harness/venv")
+                .join(".cache/halo-harness/venv-system")
         });
     let ray = venv.join("bin/ray");
     ray.is_file().then_some(ray)
@@ -371,6 +371,98 @@ gid_index = 1
     assert_eq!(s["active_nodes"], 2, "{s}");
     assert_eq!(s["expected_nodes"], 2);
     assert_eq!(s["gpus_total"], 2.0);
+
+    // bench --collective: one gloo rank per node through Ray, every result checked.
+    let t = Instant::now();
+    let coll_args = [
+        "bench",
+        "--collective",
+        "--variants",
+        "gloo",
+        "--max-bytes",
+        "32768",
+        "--iters",
+        "3",
+        "--decode-steps",
+        "2",
+        "--json",
+    ];
+    let coll = run(halo_cfg().args(coll_args), 600);
+    assert!(coll.success, "bench --collective failed");
+    let rep: serde_json::Value = serde_json::from_str(&coll.stdout).unwrap();
+    assert_eq!(rep["ranks"], 2);
+    let v = &rep["variants"][0];
+    assert_eq!(v["variant"], "gloo");
+    assert_eq!(v["error"], serde_json::Value::Null, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    // all_reduce and all_gather x fp32 (gloo has no bf16 reductions) x 4, 8, 16, 32 KiB
+    assert_eq!(rows.len(), 8, "{v}");
+    let mut seen = std::collections::BTreeSet::new();
+    for r in rows {
+        assert_eq!(r["wrong"], 0, "{r}");
+        assert!(r["time_us"].as_f64().unwrap() > 0.0, "{r}");
+        let elem = if r["dtype"] == "bf16" { 2 } else { 4 };
+        assert_eq!(r["size"].as_u64().unwrap() % (elem * 2), 0);
+        seen.insert((
+            r["op"].as_str().unwrap().to_string(),
+            r["dtype"].as_str().unwrap().to_string(),
+            r["size"].as_u64().unwrap(),
+        ));
+    }
+    assert!(seen.contains(&("all_reduce".into(), "fp32".into(), 32768)));
+    assert!(seen.contains(&("all_gather".into(), "fp32".into(), 4096)));
+    let decode = v["decode"].as_array().unwrap();
+    assert_eq!(
+        decode
+            .iter()
+            .map(|d| (
+                d["ops"].as_u64().unwrap(),
+                d["size"].as_u64().unwrap(),
+                d["wrong"].as_u64().unwrap()
+            ))
+            .collect::<Vec<_>>(),
+        [(64, 8192, 0), (160, 16384, 0)]
+    );
+    // A corrupted result is counted in #wrong and fails the run.
+    let bad = run(
+        halo_cfg().args(coll_args).args(["--inject-wrong", "5"]),
+        600,
+    );
+    assert!(!bad.success, "a run with wrong results must fail");
+    let rep: serde_json::Value = serde_json::from_str(&bad.stdout).unwrap();
+    let v = &rep["variants"][0];
+    for r in v["rows"].as_array().unwrap() {
+        assert_eq!(r["wrong"], 5, "{r}");
+    }
+    assert_eq!(v["decode"][0]["wrong"], 5);
+    let text = run(
+        halo_cfg().args([
+            "bench",
+            "--collective",
+            "--variants",
+            "gloo",
+            "--max-bytes",
+            "4096",
+            "--iters",
+            "1",
+            "--decode-steps",
+            "1",
+            "--dtypes",
+            "fp32",
+        ]),
+        600,
+    );
+    assert!(text.success);
+    assert!(text.stdout.contains("#wrong"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("decode step: 64 x 8 KiB all-reduce"),
+        "{}",
+        text.stdout
+    );
+    println!(
+        "TIMING bench --collective (3 runs): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // serve: the stand-in joins the cluster and runs a task on the worker.
     let vllm = dir.path().join("vllm");

@@ -189,6 +189,20 @@ pub fn ssh_command(cfg: &ClusterConfig, node: &Node, remote: &str) -> Command {
     cmd
 }
 
+/// The one way halo runs a program on a node: locally on the head, over SSH on the others.
+/// `argv[0]` is the program; the node's RCCL/Ray environment is not added here.
+pub fn node_command(cfg: &ClusterConfig, node: &Node, argv: &[String]) -> Command {
+    let is_head = std::ptr::eq(node, cfg.head()) || node.host == cfg.head().host;
+    if is_head {
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
+    } else {
+        let line: Vec<String> = argv.iter().map(|w| shell_quote(w)).collect();
+        ssh_command(cfg, node, &line.join(" "))
+    }
+}
+
 fn head_start_args(cfg: &ClusterConfig) -> Vec<String> {
     let head = cfg.head();
     vec![

@@ -1,0 +1,609 @@
+//! `halo bench --collective`: all-reduce and all-gather through `torch.distributed` with one rank
+//! per node, placed by Ray, once per transport (the plugin, the plugin without GPU-direct,
+//! RCCL's built-in IB, RCCL over sockets; or `gloo` on CPU), printed with rccl-tests' columns.
+//! RCCL's INFO lines of every run are checked against the transport the run claims.
+
+pub mod rccl_log;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::cluster::{self, ClusterConfig};
+use crate::process::run_bounded;
+use rccl_log::{Claim, TransportSeen};
+
+const DRIVER: &str = include_str!("ranks.py");
+
+/// Environment variable that names the ranks' python (default: the `python` beside `ray`).
+pub const PYTHON_ENV: &str = "HALO_PYTHON";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Variant {
+    /// RCCL with the halo plugin (NCCL_NET_PLUGIN), GPU-direct as RCCL decides.
+    Plugin,
+    /// The plugin with NCCL_NET_GDR_LEVEL=LOC: GPU-direct off.
+    PluginNoGdr,
+    /// RCCL's built-in IB verbs transport (NCCL_NET=IB, no plugin).
+    Ib,
+    /// RCCL over TCP sockets (NCCL_NET=Socket, no plugin).
+    Socket,
+    /// torch's gloo backend on CPU (no RCCL; runs on any machine).
+    Gloo,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Plugin => "plugin",
+            Variant::PluginNoGdr => "plugin-nogdr",
+            Variant::Ib => "ib",
+            Variant::Socket => "socket",
+            Variant::Gloo => "gloo",
+        }
+    }
+
+    fn backend(self) -> &'static str {
+        if self == Variant::Gloo {
+            "gloo"
+        } else {
+            "nccl"
+        }
+    }
+
+    /// The environment that selects this transport, on top of the node's own.
+    pub fn env(self, cfg: &ClusterConfig) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let mut set = |k: &str, v: &str| {
+            env.insert(k.to_string(), v.to_string());
+        };
+        if self != Variant::Gloo {
+            set("NCCL_DEBUG", "INFO");
+            set("NCCL_DEBUG_SUBSYS", "INIT,NET");
+        }
+        match self {
+            Variant::Plugin => {
+                set("NCCL_NET_PLUGIN", &cfg.rccl.plugin);
+                set("NCCL_NET_GDR_LEVEL", &cfg.rccl.gdr_level);
+            }
+            Variant::PluginNoGdr => {
+                set("NCCL_NET_PLUGIN", &cfg.rccl.plugin);
+                set("NCCL_NET_GDR_LEVEL", "LOC");
+            }
+            Variant::Ib => {
+                set("NCCL_NET_PLUGIN", "none");
+                set("NCCL_NET", "IB");
+                set("NCCL_IB_DISABLE", "0");
+                set("NCCL_NET_GDR_LEVEL", "LOC");
+            }
+            Variant::Socket => {
+                set("NCCL_NET_PLUGIN", "none");
+                set("NCCL_NET", "Socket");
+                set("NCCL_IB_DISABLE", "1");
+            }
+            Variant::Gloo => {}
+        }
+        env
+    }
+
+    /// What RCCL's log must show; None for gloo (no RCCL).
+    pub fn claim(self) -> Option<Claim> {
+        let c = |network: &str, gdr| {
+            Some(Claim {
+                network: network.to_string(),
+                gdr,
+            })
+        };
+        match self {
+            Variant::Plugin => c("halo", None),
+            Variant::PluginNoGdr => c("halo", Some(false)),
+            Variant::Ib => c("IB", Some(false)),
+            Variant::Socket => c("Socket", Some(false)),
+            Variant::Gloo => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CollectiveArgs {
+    /// Transports to compare [default: plugin,plugin-nogdr,ib,socket; gloo for CPU-only nodes].
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
+    pub variants: Vec<Variant>,
+    /// Largest message in bytes (from 4 KiB, doubling).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
+    pub max_bytes: u64,
+    /// Timed iterations per size.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub iters: u32,
+    /// Decode-shaped steps timed per row.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub decode_steps: u32,
+    /// Element types (fp32, bf16).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fp32,bf16",
+        value_name = "LIST"
+    )]
+    pub dtypes: Vec<String>,
+    /// Seconds one variant may take before it is reported as failed.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub variant_timeout: u64,
+    /// Corrupt N elements of rank 0's checked result (to see #wrong work).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub inject_wrong: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub op: String,
+    pub dtype: String,
+    pub size: u64,
+    pub count: u64,
+    /// Slowest rank's mean time per operation.
+    pub time_us: f64,
+    pub algbw_gbs: f64,
+    pub busbw_gbs: f64,
+    /// Elements that differ from the expected result, summed over ranks.
+    pub wrong: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeRow {
+    pub ops: u32,
+    pub size: u64,
+    pub dtype: String,
+    pub step_us: f64,
+    pub wrong: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantResult {
+    pub variant: Variant,
+    pub backend: String,
+    pub env: BTreeMap<String, String>,
+    /// What RCCL's log showed (None for gloo).
+    pub transport: Option<TransportSeen>,
+    pub error: Option<String>,
+    pub rows: Vec<Row>,
+    pub decode: Vec<DecodeRow>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CollectiveReport {
+    pub ranks: usize,
+    pub nodes: Vec<String>,
+    pub torch: Option<String>,
+    pub variants: Vec<VariantResult>,
+}
+
+impl CollectiveReport {
+    pub fn wrong(&self) -> u64 {
+        self.variants
+            .iter()
+            .flat_map(|v| {
+                v.rows
+                    .iter()
+                    .map(|r| r.wrong)
+                    .chain(v.decode.iter().map(|d| d.wrong))
+            })
+            .sum()
+    }
+
+    pub fn failed(&self) -> bool {
+        self.wrong() > 0 || self.variants.iter().any(|v| v.error.is_some())
+    }
+}
+
+/// 4 KiB, 8 KiB, … up to `max`.
+pub fn sizes(max: u64) -> Vec<u64> {
+    let mut v = Vec::new();
+    let mut s = 4096u64;
+    while s <= max.max(4096) {
+        v.push(s);
+        s *= 2;
+    }
+    v
+}
+
+/// rccl-tests' bus-bandwidth factor for `n` ranks.
+pub fn bus_factor(op: &str, n: usize) -> f64 {
+    let n = n as f64;
+    match op {
+        "all_reduce" => 2.0 * (n - 1.0) / n,
+        _ => (n - 1.0) / n,
+    }
+}
+
+/// The ranks' python on the head: HALO_PYTHON, else `python` beside a `ray` given by path.
+pub fn driver_python(cfg: &ClusterConfig) -> String {
+    if let Ok(p) = std::env::var(PYTHON_ENV) {
+        if !p.is_empty() {
+            return p;
+        }
+    }
+    let ray = cfg.ray_for(cfg.head());
+    match Path::new(&ray).parent() {
+        Some(dir) if ray.contains('/') => dir.join("python").to_string_lossy().into_owned(),
+        _ => "python3".to_string(),
+    }
+}
+
+/// Runs every variant and gathers the report (errors of single variants are in the report).
+pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport> {
+    let cfg = ClusterConfig::load(config_path)?;
+    if cfg.nodes.len() < 2 {
+        bail!(
+            "--collective needs at least two nodes in {}",
+            config_path.display()
+        );
+    }
+    let variants = if args.variants.is_empty() {
+        vec![
+            Variant::Plugin,
+            Variant::PluginNoGdr,
+            Variant::Ib,
+            Variant::Socket,
+        ]
+    } else {
+        args.variants.clone()
+    };
+    let backends: Vec<&str> = variants.iter().map(|v| v.backend()).collect();
+    if backends.iter().any(|b| *b != backends[0]) {
+        bail!("gloo cannot be mixed with the RCCL variants in one run");
+    }
+    for d in &args.dtypes {
+        if d != "fp32" && d != "bf16" {
+            bail!("--dtypes: unknown type '{d}' (fp32, bf16)");
+        }
+    }
+    let mut dtypes = args.dtypes.clone();
+    if backends[0] == "gloo" && dtypes.iter().any(|d| d == "bf16") {
+        // torch's gloo backend rejects bf16 reductions ("Invalid scalar type").
+        eprintln!("collective: gloo has no bf16 reductions; measuring fp32 only");
+        dtypes.retain(|d| d != "bf16");
+        if dtypes.is_empty() {
+            dtypes.push("fp32".into());
+        }
+    }
+    let mut results = Vec::new();
+    let mut torch = None;
+    // One driver per variant keeps a hung variant from taking the others with it.
+    for variant in variants {
+        let spec = json!({
+            "address": cfg.head_address(),
+            "head_ip": cfg.head().ip,
+            "node_ips": cfg.nodes.iter().map(|n| n.ip.clone()).collect::<Vec<_>>(),
+            "backend": variant.backend(),
+            "ops": ["all_reduce", "all_gather"],
+            "dtypes": dtypes,
+            "sizes": sizes(args.max_bytes),
+            "iters": args.iters.max(1),
+            "warmup": 2,
+            "decode": [[64, 8192], [160, 16384]],
+            "decode_dtype": if variant.backend() == "nccl" { "bf16" } else { "fp32" },
+            "decode_steps": args.decode_steps.max(1),
+            "inject_wrong": args.inject_wrong,
+            "timeout_secs": args.variant_timeout,
+            "variants": [{"name": variant.name(), "env": variant.env(&cfg)}],
+        });
+        let argv = vec![
+            driver_python(&cfg),
+            "-c".to_string(),
+            DRIVER.to_string(),
+            spec.to_string(),
+        ];
+        let mut cmd = cluster::node_command(&cfg, cfg.head(), &argv);
+        eprintln!(
+            "collective: {} on {} ranks",
+            variant.name(),
+            cfg.nodes.len()
+        );
+        let out = run_bounded(&mut cmd, Duration::from_secs(args.variant_timeout + 120))?;
+        let parsed = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("HALO_COLLECTIVE_RESULT "))
+            .map(serde_json::from_str::<Value>)
+            .transpose()
+            .context("the ranks' driver printed a malformed result")?;
+        let Some(Value::Array(list)) = parsed else {
+            let tail: Vec<&str> = out.stderr.lines().rev().take(15).collect();
+            results.push(failed(
+                variant,
+                &cfg,
+                format!(
+                    "the ranks' driver failed (exit {:?}):\n    {}",
+                    out.code,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n    ")
+                ),
+            ));
+            continue;
+        };
+        for v in &list {
+            if torch.is_none() {
+                torch = v["ranks"][0]["torch"].as_str().map(str::to_string);
+            }
+            results.push(assemble(variant, &cfg, v));
+        }
+    }
+    Ok(CollectiveReport {
+        ranks: cfg.nodes.len(),
+        nodes: cfg.nodes.iter().map(|n| n.ip.clone()).collect(),
+        torch,
+        variants: results,
+    })
+}
+
+fn failed(variant: Variant, cfg: &ClusterConfig, error: String) -> VariantResult {
+    VariantResult {
+        variant,
+        backend: variant.backend().to_string(),
+        env: variant.env(cfg),
+        transport: None,
+        error: Some(error),
+        rows: Vec::new(),
+        decode: Vec::new(),
+    }
+}
+
+/// Turns the ranks' raw results into rows: slowest rank's time, summed #wrong, and the
+/// transport check (a run on the wrong transport keeps no rows).
+pub fn assemble(variant: Variant, cfg: &ClusterConfig, v: &Value) -> VariantResult {
+    if let Some(e) = v["error"].as_str() {
+        return failed(variant, cfg, e.to_string());
+    }
+    let ranks = v["ranks"].as_array().cloned().unwrap_or_default();
+    let world = ranks.len();
+    let mut result = failed(variant, cfg, String::new());
+    result.error = None;
+    if let Some(claim) = variant.claim() {
+        let lines: Vec<String> = ranks
+            .iter()
+            .flat_map(|r| r["log"].as_array().cloned().unwrap_or_default())
+            .filter_map(|l| l.as_str().map(str::to_string))
+            .collect();
+        let seen = rccl_log::parse(lines.iter().map(String::as_str));
+        if let Err(e) = rccl_log::verify(&seen, &claim) {
+            result.error = Some(format!(
+                "{} is not a {} run: {e}",
+                variant.name(),
+                claim.network
+            ));
+            result.transport = Some(seen);
+            return result;
+        }
+        result.transport = Some(seen);
+    }
+    let Some(first) = ranks.first() else {
+        result.error = Some("no rank reported".into());
+        return result;
+    };
+    let get = |r: &Value, key: &str, i: usize, field: &str| -> Value { r[key][i][field].clone() };
+    for (i, row) in first["rows"].as_array().into_iter().flatten().enumerate() {
+        let time_us = ranks
+            .iter()
+            .filter_map(|r| get(r, "rows", i, "time_us").as_f64())
+            .fold(0.0, f64::max);
+        let wrong = ranks
+            .iter()
+            .filter_map(|r| get(r, "rows", i, "wrong").as_u64())
+            .sum();
+        let op = row["op"].as_str().unwrap_or("?").to_string();
+        let size = row["size"].as_u64().unwrap_or(0);
+        let algbw = if time_us > 0.0 {
+            size as f64 / (time_us * 1e3)
+        } else {
+            0.0
+        };
+        result.rows.push(Row {
+            busbw_gbs: algbw * bus_factor(&op, world),
+            op,
+            dtype: row["dtype"].as_str().unwrap_or("?").to_string(),
+            size,
+            count: row["count"].as_u64().unwrap_or(0),
+            time_us,
+            algbw_gbs: algbw,
+            wrong,
+        });
+    }
+    for (i, d) in first["decode"].as_array().into_iter().flatten().enumerate() {
+        result.decode.push(DecodeRow {
+            ops: d["ops"].as_u64().unwrap_or(0) as u32,
+            size: d["size"].as_u64().unwrap_or(0),
+            dtype: d["dtype"].as_str().unwrap_or("?").to_string(),
+            step_us: ranks
+                .iter()
+                .filter_map(|r| get(r, "decode", i, "step_us").as_f64())
+                .fold(0.0, f64::max),
+            wrong: ranks
+                .iter()
+                .filter_map(|r| get(r, "decode", i, "wrong").as_u64())
+                .sum(),
+        });
+    }
+    result
+}
+
+/// rccl-tests-style tables per variant, then the variants side by side with ratios to the first.
+pub fn render(report: &CollectiveReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "collective bench: {} ranks on {} (torch {})",
+        report.ranks,
+        report.nodes.join(", "),
+        report.torch.as_deref().unwrap_or("?")
+    );
+    for v in &report.variants {
+        let _ = writeln!(s, "\n## {} ({})", v.variant.name(), v.backend);
+        if let Some(t) = &v.transport {
+            let _ = writeln!(
+                s,
+                "   transport: network {}, plugin {}, {} of {} network channels GDRDMA",
+                t.network.as_deref().unwrap_or("?"),
+                t.plugin.as_deref().unwrap_or("none"),
+                t.gdr_channels,
+                t.net_channels
+            );
+        }
+        if let Some(e) = &v.error {
+            let _ = writeln!(s, "   ERROR: {e}");
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "{:>12} {:>12} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            "size(B)", "count", "type", "op", "time(us)", "algbw", "busbw", "#wrong"
+        );
+        for r in &v.rows {
+            let _ = writeln!(
+                s,
+                "{:>12} {:>12} {:>6} {:>10} {:>10.1} {:>8.3} {:>8.3} {:>8}",
+                r.size, r.count, r.dtype, r.op, r.time_us, r.algbw_gbs, r.busbw_gbs, r.wrong
+            );
+        }
+        for d in &v.decode {
+            let _ = writeln!(
+                s,
+                "   decode step: {} x {} KiB all-reduce ({}): {:.1} us/step ({:.2} us each), #wrong {}",
+                d.ops,
+                d.size / 1024,
+                d.dtype,
+                d.step_us,
+                d.step_us / f64::from(d.ops.max(1)),
+                d.wrong
+            );
+        }
+    }
+    let ok: Vec<&VariantResult> = report
+        .variants
+        .iter()
+        .filter(|v| v.error.is_none())
+        .collect();
+    if ok.len() > 1 {
+        let base = ok[0];
+        let _ = writeln!(
+            s,
+            "\n## side by side (time in us; ratio = time / {} time)",
+            base.variant.name()
+        );
+        let mut head = format!("{:>12} {:>6} {:>10}", "size(B)", "type", "op");
+        for v in &ok {
+            let _ = write!(head, " {:>14}", v.variant.name());
+        }
+        let _ = writeln!(s, "{head}");
+        for (i, r) in base.rows.iter().enumerate() {
+            let mut line = format!("{:>12} {:>6} {:>10}", r.size, r.dtype, r.op);
+            for v in &ok {
+                match v.rows.get(i) {
+                    Some(o) if r.time_us > 0.0 => {
+                        let _ = write!(line, " {:>7.1} ({:.2})", o.time_us, o.time_us / r.time_us);
+                    }
+                    _ => {
+                        let _ = write!(line, " {:>14}", "-");
+                    }
+                }
+            }
+            let _ = writeln!(s, "{line}");
+        }
+    }
+    let wrong = report.wrong();
+    if wrong > 0 {
+        let _ = writeln!(s, "\nFAIL: {wrong} wrong elements in the checked results");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Node;
+
+    fn cfg() -> ClusterConfig {
+        let node = |ip: &str| Node {
+            host: ip.into(),
+            ip: ip.into(),
+            iface: "lo".into(),
+            rdma_device: "rxe0".into(),
+            gid_index: 1,
+            ssh_user: None,
+            ssh_port: None,
+            ray: None,
+        };
+        ClusterConfig::new(
+            vec![node("10.0.0.1"), node("10.0.0.2")],
+            Some("/p/lib.so".into()),
+        )
+    }
+
+    #[test]
+    fn sizes_and_factors() {
+        assert_eq!(sizes(32768), [4096, 8192, 16384, 32768]);
+        assert_eq!(sizes(256 << 20).len(), 17);
+        assert_eq!(bus_factor("all_reduce", 2), 1.0);
+        assert_eq!(bus_factor("all_gather", 2), 0.5);
+    }
+
+    #[test]
+    fn variant_environments() {
+        let c = cfg();
+        let p = Variant::Plugin.env(&c);
+        assert_eq!(p["NCCL_NET_PLUGIN"], "/p/lib.so");
+        assert_eq!(p["NCCL_DEBUG"], "INFO");
+        assert_eq!(p["NCCL_DEBUG_SUBSYS"], "INIT,NET");
+        assert_eq!(Variant::PluginNoGdr.env(&c)["NCCL_NET_GDR_LEVEL"], "LOC");
+        let ib = Variant::Ib.env(&c);
+        assert_eq!(
+            (ib["NCCL_NET"].as_str(), ib["NCCL_NET_PLUGIN"].as_str()),
+            ("IB", "none")
+        );
+        assert_eq!(Variant::Socket.env(&c)["NCCL_NET"], "Socket");
+        assert!(Variant::Gloo.env(&c).is_empty());
+    }
+
+    fn raw(log: &[&str], wrong: u64) -> Value {
+        let rank = |t: f64| {
+            json!({"rank": 0, "torch": "2.11", "log": log,
+                   "rows": [{"op": "all_reduce", "dtype": "fp32", "size": 4096, "count": 1024, "time_us": t, "wrong": wrong}],
+                   "decode": [{"ops": 64, "size": 8192, "dtype": "bf16", "step_us": 900.0, "wrong": 0}]})
+        };
+        json!({"name": "x", "ranks": [rank(10.0), rank(20.0)]})
+    }
+
+    #[test]
+    fn rows_take_the_slowest_rank_and_sum_wrong() {
+        let log = [
+            "a:1:2 [0] NCCL INFO Using network halo",
+            "a:1:2 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[0] [send] via NET/halo/0",
+        ];
+        let v = assemble(Variant::PluginNoGdr, &cfg(), &raw(&log, 3));
+        assert_eq!(v.error, None);
+        let r = &v.rows[0];
+        assert_eq!((r.time_us, r.wrong), (20.0, 6));
+        assert!((r.algbw_gbs - 4096.0 / 20e3).abs() < 1e-9);
+        assert_eq!(r.busbw_gbs, r.algbw_gbs);
+        assert_eq!(v.decode[0].step_us, 900.0);
+    }
+
+    #[test]
+    fn wrong_transport_is_an_error_not_a_row() {
+        let log = [
+            "a:1:2 [0] NCCL INFO Using network Socket",
+            "a:1:2 [0] NCCL INFO Channel 00/0 : 0[0] -> 1[0] [send] via NET/Socket/0",
+        ];
+        let v = assemble(Variant::Plugin, &cfg(), &raw(&log, 0));
+        assert!(v.rows.is_empty());
+        assert!(v.error.unwrap().contains("used network Socket, not halo"));
+        // gloo has no RCCL log to check.
+        let v = assemble(Variant::Gloo, &cfg(), &raw(&[], 0));
+        assert_eq!((v.error, v.rows.len()), (None, 1));
+    }
+}
