@@ -73,6 +73,10 @@ if [[ -z $digests || $(wc -l <<<"$digests") != 1 || $(cut -d' ' -f1 <<<"$digests
     echo "soak: the two sides disagree or lost messages: $digests" >&2
     exit 1
 fi
+# One guest takes its link down with requests outstanding: its comms must fail within 2 s.
+scripts/softroce run2 --timeout 600 \
+    --a 'target/debug/examples/link_down --plugin target/debug/librccl_net_plugin.so --role down --listen-on $HALO_GUEST_IP:18800 --ifname eth0' \
+    --b 'target/debug/examples/link_down --plugin target/debug/librccl_net_plugin.so --role peer --connect $HALO_PEER_IP:18800 --peer-wait 15'
 scripts/softroce run2 --timeout 600 \
     --a 'target/debug/halo bench --listen $HALO_GUEST_IP:18700 --plugin target/debug/librccl_net_plugin.so' \
     --b 'target/debug/halo bench --peer $HALO_PEER_IP --ibdev rxe0 --gid-index $HALO_RDMA_GID_INDEX --plugin target/debug/librccl_net_plugin.so --quick --plot $HALO_GUEST_SHARE/bench.png && test -s $HALO_GUEST_SHARE/bench.png'
