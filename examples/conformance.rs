@@ -25,6 +25,7 @@
 use halo_ffi::{ncclRemoteError, ncclSystemError, NCCL_NET_HANDLE_MAXSIZE};
 use halo_harness::driver::{handle_from_hex, handle_to_hex, Opaque, Plugin};
 use halo_harness::log::stderr_logger;
+use halo_harness::rng::SplitMix64;
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -143,26 +144,24 @@ fn parse_args() -> Result<Options, String> {
     Ok(o)
 }
 
-/// splitmix64: small, fast and identical on both sides.
-struct Rng(u64);
+/// [`SplitMix64`] with sizes and indices as `usize`.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.below(n as u64) as usize
     }
 }
 
 /// Deterministic payload of message `index`.
 fn fill_payload(buf: &mut [u8], seed: u64, index: usize) {
-    let mut rng = Rng(seed ^ (index as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0x5555);
+    let mut rng = Rng(SplitMix64(
+        seed ^ (index as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0x5555,
+    ));
     let mut chunks = buf.chunks_exact_mut(8);
     for c in &mut chunks {
         c.copy_from_slice(&rng.next().to_le_bytes());
@@ -205,7 +204,7 @@ struct Group {
 
 /// The whole exchange, regenerated identically by both sides from the seed.
 fn plan(seed: u64, messages: usize, max_size: usize, max_recvs: usize, soak: bool) -> Vec<Group> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng(SplitMix64(seed));
     let mut groups = Vec::new();
     let mut index = 0;
     while index < messages {

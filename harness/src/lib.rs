@@ -11,3 +11,4 @@ pub mod artifacts;
 pub mod bench;
 pub mod driver;
 pub mod log;
+pub mod rng;
