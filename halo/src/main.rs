@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use halo::cluster::{self, InitArgs};
+use halo::conformance::{self, ConformanceArgs};
 use halo::container::{self, ContainerArgs};
 use halo::doctor::{self, DoctorOptions, ElfFileProbe, LoadingProbe};
 use halo::serve::{self, BenchArgs, ServeArgs};
@@ -76,6 +77,19 @@ enum Cmd {
     /// TCP needs nothing but halo on both nodes; the RDMA rows need perftest.
     #[command(verbatim_doc_comment)]
     Bench(NetBenchArgs),
+    /// Check any RCCL/NCCL net plugin against the ncclNet ABI: the project's conformance run
+    ///
+    /// For each exported table (v6, v8, v10, v11, v12): load, init and device properties, then
+    /// seeded random traffic between two processes the way RCCL's proxy drives it (connect and
+    /// accept polled, up to 32 requests in flight, multi-receives with shuffled tags, NULL-request
+    /// retries, sizes 0 … --max-size), every byte and every reported size checked; then two large
+    /// messages in flight, and a receiver killed mid-transfer (the sender must get an error).
+    ///
+    /// Two nodes: on the peer  halo conformance --plugin X.so --listen
+    ///            here         halo conformance --plugin X.so --peer HOST
+    /// Each check is named PASS or FAIL with its evidence; --json for scripts; exit 1 on a FAIL.
+    #[command(verbatim_doc_comment)]
+    Conformance(ConformanceArgs),
     /// Measure vLLM throughput at TP=1 and TP=N and print them side by side
     ///
     /// Runs `vllm bench throughput` twice (single node, then tensor parallel over Ray)
@@ -267,6 +281,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Doctor(args) => run_doctor(args),
         Cmd::Bench(args) => run_net_bench(args, config),
+        Cmd::Conformance(args) => conformance::main(&args).map(ExitCode::from),
         Cmd::Cluster(ClusterCmd::Init(args)) => {
             cluster::init(&args, config).map(|_| ExitCode::SUCCESS)
         }
