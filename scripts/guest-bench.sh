@@ -48,6 +48,7 @@ PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
+UseDNS no
 PidFile /run/sshd-bench.pid
 EOF
 # The head (b) first: it runs halo bench. The worker (a) is reached over SSH.
@@ -67,7 +68,7 @@ ib_retry_cnt = 7
 
 [ssh]
 key = "$share/client_key"
-options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
+options = ["ConnectTimeout=120", "StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
 
 [bench]
 halo = "$halo"
