@@ -493,8 +493,18 @@ pub fn run(opts: &BenchOptions, mut peer: Peer) -> Result<BenchReport> {
     })
 }
 
+/// Two decimals, or three significant digits below 1: a small measured figure never shows as 0.00.
+fn fmt_figure(v: f64) -> String {
+    if v >= 1.0 || v == 0.0 {
+        format!("{v:.2}")
+    } else {
+        let decimals = (2 - v.log10().floor() as i32).clamp(2, 9) as usize;
+        format!("{v:.decimals$}")
+    }
+}
+
 fn fmt_opt(v: Option<f64>, unit: &str) -> String {
-    v.map_or_else(|| "-".to_string(), |v| format!("{v:.2} {unit}"))
+    v.map_or_else(|| "-".to_string(), |v| format!("{} {unit}", fmt_figure(v)))
 }
 
 /// The comparison table (path, latency, bandwidth), then the per-size rows.
@@ -529,7 +539,7 @@ pub fn render(r: &BenchReport) -> String {
             row.test,
             row.bytes,
             row.latency_us.map_or("-".into(), |v| format!("{v:.2}")),
-            row.gbps.map_or("-".into(), |v| format!("{v:.3}"))
+            row.gbps.map_or("-".into(), fmt_figure)
         ));
     }
     if !r.allreduce.is_empty() {
@@ -567,4 +577,20 @@ pub fn series(r: &BenchReport) -> (Vec<Series>, Vec<Series>) {
         }
     }
     (lat, bw)
+}
+
+#[cfg(test)]
+mod figure_tests {
+    use super::*;
+
+    #[test]
+    fn small_figures_keep_their_digits() {
+        assert_eq!(fmt_figure(55.7), "55.70");
+        assert_eq!(fmt_figure(0.0023), "0.00230");
+        assert_eq!(fmt_figure(0.076), "0.0760");
+        assert_eq!(fmt_figure(0.5), "0.500");
+        assert!(measured(0.0, "x").is_err());
+        assert!(measured(f64::NAN, "x").is_err());
+        assert_eq!(measured(0.002, "x").unwrap(), 0.002);
+    }
 }
