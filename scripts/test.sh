@@ -29,7 +29,7 @@ step "build (plugin, examples, test executables)"
 cargo build --workspace --all-targets
 cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
-wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "wire_version", "kill", "reload", "abi_points"}
+wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "wire_version", "kill", "reload", "abi_points", "conformance_cmd"}
 for line in sys.stdin:
     try:
         m = json.loads(line)
@@ -77,9 +77,15 @@ fi
 scripts/softroce run2 --timeout 600 \
     --a 'target/debug/examples/link_down --plugin target/debug/librccl_net_plugin.so --role down --listen-on $HALO_GUEST_IP:18800 --ifname eth0' \
     --b 'target/debug/examples/link_down --plugin target/debug/librccl_net_plugin.so --role peer --connect $HALO_PEER_IP:18800 --peer-wait 15'
-scripts/softroce run2 --timeout 600 \
-    --a 'target/debug/halo bench --listen $HALO_GUEST_IP:18700 --plugin target/debug/librccl_net_plugin.so' \
-    --b 'target/debug/halo bench --peer $HALO_PEER_IP --ibdev rxe0 --gid-index $HALO_RDMA_GID_INDEX --plugin target/debug/librccl_net_plugin.so --quick --plot $HALO_GUEST_SHARE/bench.png && test -s $HALO_GUEST_SHARE/bench.png'
+# halo bench from the head alone: the worker's listener is started over SSH from a cluster.toml.
+scripts/guest-bench.sh -- --plot /tmp/bench.png
+
+step "a directory under /tmp is visible in the guest"
+repo=$(pwd)
+tmpdir=$(mktemp -d /tmp/halo-tmpcheck.XXXXXX)
+echo visible >"$tmpdir/marker"
+(cd "$tmpdir" && "$repo/scripts/softroce" run --mem 2048 --timeout 600 -- sh -c 'test "$(cat marker)" = visible && touch /tmp/writable')
+rm -rf "$tmpdir"
 
 step "done"
 echo "all tests passed in $(($(date +%s) - start)) s"

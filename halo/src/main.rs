@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use halo::cluster::{self, InitArgs};
+use halo::conformance::{self, ConformanceArgs};
 use halo::container::{self, ContainerArgs};
 use halo::doctor::{self, DoctorOptions, ElfFileProbe, LoadingProbe};
 use halo::serve::{self, BenchArgs, ServeArgs};
@@ -72,15 +73,32 @@ enum Cmd {
     Serve(ServeArgs),
     /// Measure the network path to a peer: TCP, raw RDMA (perftest) and the RCCL plugin
     ///
-    /// On the peer node:  halo bench --listen --plugin /opt/halo/lib/librccl-net-halo.so
-    /// On this node:      halo bench --peer 192.168.100.2 --ibdev rocep1s0f0 --gid-index 1 \
-    ///                        --plugin /opt/halo/lib/librccl-net-halo.so --plot bench.png
+    /// From the head, with cluster.toml (`halo cluster init`): starts `halo bench --listen` on
+    /// the first worker over SSH, with device, GID index and plugin from the config:
+    ///     halo bench [--node HOST] [--plot bench.png]
+    /// Or by hand, on the peer node:  halo bench --listen --plugin /opt/halo/lib/librccl-net-halo.so
+    /// and on this node:              halo bench --peer 192.168.100.2 --ibdev rocep1s0f0 --gid-index 1 \
+    ///                                    --plugin /opt/halo/lib/librccl-net-halo.so --plot bench.png
     ///
-    /// Prints the comparison table (path, latency, bandwidth) and per-size rows; --json for
-    /// scripts, --plot FILE.svg|png for a chart. TCP needs nothing but halo on both nodes;
-    /// the RDMA rows need perftest (and the same --ibdev/--gid-index rules as NCCL_IB_GID_INDEX).
+    /// Every argument is checked on both nodes before anything runs. Prints the comparison table
+    /// (path, latency, bandwidth; a path that failed shows its own error) and per-size rows;
+    /// --json for scripts, --plot FILE.svg|png for a chart. Exit 1 when any path failed.
+    /// TCP needs nothing but halo on both nodes; the RDMA rows need perftest.
     #[command(verbatim_doc_comment)]
     Bench(NetBenchArgs),
+    /// Check any RCCL/NCCL net plugin against the ncclNet ABI: the project's conformance run
+    ///
+    /// For each exported table (v6, v8, v10, v11, v12): load, init and device properties, then
+    /// seeded random traffic between two processes the way RCCL's proxy drives it (connect and
+    /// accept polled, up to 32 requests in flight, multi-receives with shuffled tags, NULL-request
+    /// retries, sizes 0 … --max-size), every byte and every reported size checked; then two large
+    /// messages in flight, and a receiver killed mid-transfer (the sender must get an error).
+    ///
+    /// Two nodes: on the peer  halo conformance --plugin X.so --listen
+    ///            here         halo conformance --plugin X.so --peer HOST
+    /// Each check is named PASS or FAIL with its evidence; --json for scripts; exit 1 on a FAIL.
+    #[command(verbatim_doc_comment)]
+    Conformance(ConformanceArgs),
     /// Measure vLLM throughput at TP=1 and TP=N and print them side by side
     ///
     /// Runs `vllm bench throughput` twice (single node, then tensor parallel over Ray),
@@ -104,32 +122,41 @@ enum Cmd {
 #[derive(Debug, Args)]
 struct NetBenchArgs {
     /// Be the peer: serve the tests on ADDR (default 0.0.0.0:18700) until the measuring side quits.
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "0.0.0.0:18700", conflicts_with = "peer")]
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "0.0.0.0:18700", conflicts_with_all = ["peer", "node"])]
     listen: Option<SocketAddr>,
-    /// The peer running `halo bench --listen` (HOST or HOST:PORT; port 18700 by default).
-    #[arg(long, value_name = "HOST", required_unless_present_any = ["listen", "collective"])]
+    /// With --listen: end when stdin closes (how the head starts and ends a peer over SSH).
+    #[arg(long, requires = "listen", hide = true)]
+    exit_on_stdin_eof: bool,
+    /// A peer already running `halo bench --listen` (HOST or HOST:PORT; port 18700 by default).
+    /// Without it, the peer comes from cluster.toml and is started over SSH.
+    #[arg(long, value_name = "HOST", conflicts_with = "node")]
     peer: Option<String>,
+    /// With cluster.toml: the node to measure against (host or IP) [default: the first worker].
+    #[arg(long, value_name = "HOST")]
+    node: Option<String>,
     /// All-reduce and all-gather through torch.distributed, one rank per node of the cluster
     /// config (placed by Ray; start it with `halo cluster up`), for each transport variant.
-    #[arg(long, conflicts_with_all = ["listen", "peer"])]
+    #[arg(long, conflicts_with_all = ["listen", "peer", "node"])]
     collective: bool,
     #[command(flatten)]
     coll: halo::collective::CollectiveArgs,
-    /// RDMA device for the perftest rows (e.g. rocep1s0f0, rxe0); without it only TCP is measured.
+    /// RDMA device for the perftest rows (e.g. rocep1s0f0, rxe0) [default with cluster.toml: the
+    /// head's rdma_device]; without it (and without cluster.toml) only TCP is measured.
     #[arg(long, value_name = "DEV")]
     ibdev: Option<String>,
-    /// GID index of the cluster IP's RoCE v2 GID (see `halo doctor`).
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    gid_index: u32,
-    /// RDMA device on the peer [default: the same as --ibdev].
+    /// GID index of the cluster IP's RoCE v2 GID (see `halo doctor`) [default: the head's
+    /// gid_index from cluster.toml, else 1].
+    #[arg(long, value_name = "N")]
+    gid_index: Option<u32>,
+    /// RDMA device on the peer [default: the peer node's from cluster.toml, else --ibdev].
     #[arg(long, value_name = "DEV")]
     peer_ibdev: Option<String>,
-    /// GID index on the peer [default: the same as --gid-index].
+    /// GID index on the peer [default: the peer node's from cluster.toml, else --gid-index].
     #[arg(long, value_name = "N")]
     peer_gid_index: Option<u32>,
     /// Parallel TCP streams (like iperf3 -P).
-    #[arg(long, value_name = "N", default_value_t = 8)]
-    streams: usize,
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    streams: u16,
     /// Few sizes and short runs.
     #[arg(long)]
     quick: bool,
@@ -137,15 +164,25 @@ struct NetBenchArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     connect_wait: u64,
     /// The halo plugin library (librccl-net-halo.so) on this node: adds its latency, bandwidth and
-    /// 2-rank all-reduce rows. The peer needs it too: `halo bench --listen --plugin PATH`.
+    /// 2-rank all-reduce rows [default with cluster.toml: [rccl] plugin]. The peer needs it too:
+    /// `halo bench --listen --plugin PATH` (started over SSH: [rccl] plugin).
     #[arg(long, value_name = "PATH")]
     plugin: Option<PathBuf>,
+    /// With cluster.toml: leave out the perftest rows.
+    #[arg(long)]
+    no_perftest: bool,
+    /// With cluster.toml: leave out the plugin rows.
+    #[arg(long)]
+    no_plugin: bool,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
     /// Also draw latency and bandwidth against message size into FILE (.svg, or .png via rsvg-convert).
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Read /sys below DIR when checking the RDMA device (captured trees, tests).
+    #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
+    root: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -278,7 +315,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(args) if args.collective => run_collective(&args, config),
-        Cmd::Bench(args) => run_net_bench(args),
+        Cmd::Bench(args) => run_net_bench(args, config),
+        Cmd::Conformance(args) => conformance::main(&args).map(ExitCode::from),
         Cmd::Cluster(ClusterCmd::Init(args)) => {
             cluster::init(&args, config).map(|_| ExitCode::SUCCESS)
         }
@@ -324,33 +362,110 @@ fn run_collective(args: &NetBenchArgs, config: &Path) -> Result<ExitCode> {
     })
 }
 
-fn run_net_bench(args: NetBenchArgs) -> Result<ExitCode> {
-    if let Some(addr) = args.listen {
-        halo::bench::control::serve(addr, args.plugin.as_deref())?;
+fn run_net_bench(args: NetBenchArgs, config: &Path) -> Result<ExitCode> {
+    use halo::bench::{control, plot, remote, BenchOptions};
+    let root = SysRoot::new(&args.root);
+    if let Some(bind) = args.listen {
+        if args.exit_on_stdin_eof {
+            // Started over SSH by the measuring side: its end closes our stdin.
+            std::thread::spawn(|| {
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+                std::process::exit(0);
+            });
+        }
+        control::serve(&control::ListenOptions {
+            bind,
+            plugin: args.plugin,
+            root,
+        })?;
         return Ok(ExitCode::SUCCESS);
     }
-    let peer = args.peer.expect("clap requires --peer without --listen");
-    let with_port = if peer.contains(':') {
-        peer.clone()
-    } else {
-        format!("{peer}:{}", halo::bench::control::CONTROL_PORT)
-    };
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
-        .with_context(|| format!("resolving {with_port}"))?
-        .next()
-        .with_context(|| format!("{with_port} has no address"))?;
-    let opts = halo::bench::BenchOptions {
-        peer: addr,
-        ibdev: args.ibdev,
-        gid_index: args.gid_index,
-        peer_ibdev: args.peer_ibdev,
+    // Every argument is checked before anything runs.
+    if let Some(path) = &args.plot {
+        plot::check_target(path)?;
+    }
+    let wait = std::time::Duration::from_secs(args.connect_wait);
+    let mut opts = BenchOptions {
+        peer: SocketAddr::from(([127, 0, 0, 1], control::CONTROL_PORT)),
+        ibdev: args.ibdev.clone(),
+        gid_index: args.gid_index.unwrap_or(1),
+        peer_ibdev: args.peer_ibdev.clone(),
         peer_gid_index: args.peer_gid_index,
-        plugin: args.plugin,
+        plugin: args.plugin.clone(),
         quick: args.quick,
-        tcp_streams: args.streams.max(1),
-        connect_wait: std::time::Duration::from_secs(args.connect_wait),
+        tcp_streams: usize::from(args.streams),
+        connect_wait: wait,
+        root,
     };
-    let report = halo::bench::run(&opts)?;
+    let (peer, listener) = if let Some(peer) = &args.peer {
+        let with_port = if peer.contains(':') {
+            peer.clone()
+        } else {
+            format!("{peer}:{}", control::CONTROL_PORT)
+        };
+        opts.peer = std::net::ToSocketAddrs::to_socket_addrs(&with_port)
+            .with_context(|| format!("resolving {with_port}"))?
+            .next()
+            .with_context(|| format!("{with_port} has no address"))?;
+        opts.check_local()?;
+        let mut waiting = control::wait_with_progress(opts.peer, wait);
+        (control::Peer::connect(opts.peer, wait, &mut waiting)?, None)
+    } else {
+        let cfg = cluster::ClusterConfig::load(config).with_context(|| {
+            "halo bench needs --peer HOST (a node running `halo bench --listen`) or a cluster.toml \
+             (`halo cluster init`) to start the peer over SSH"
+        })?;
+        let local = cfg.head().clone();
+        let node = match &args.node {
+            Some(n) => cfg
+                .workers()
+                .iter()
+                .find(|w| w.host == *n || w.ip == *n)
+                .with_context(|| format!("--node {n}: no such worker in {}", config.display()))?,
+            None => cfg.workers().first().with_context(|| {
+                format!(
+                    "{} lists one node; halo bench needs a second",
+                    config.display()
+                )
+            })?,
+        }
+        .clone();
+        opts.peer = SocketAddr::new(
+            node.ip
+                .parse()
+                .with_context(|| format!("node {}: ip {:?}", node.host, node.ip))?,
+            cfg.bench.port,
+        );
+        if !args.no_perftest {
+            opts.ibdev = Some(args.ibdev.clone().unwrap_or(local.rdma_device.clone()));
+            opts.gid_index = args.gid_index.unwrap_or(local.gid_index);
+            opts.peer_ibdev = Some(args.peer_ibdev.clone().unwrap_or(node.rdma_device.clone()));
+            opts.peer_gid_index = Some(args.peer_gid_index.unwrap_or(node.gid_index));
+        }
+        let remote_plugin = (!args.no_plugin).then(|| cfg.rccl.plugin.clone());
+        if !args.no_plugin && opts.plugin.is_none() {
+            opts.plugin = Some(PathBuf::from(&cfg.rccl.plugin));
+        }
+        opts.check_local()?;
+        // The plugin in this process picks its device as it would under RCCL on this node.
+        for (k, v) in cfg.node_env(&local) {
+            if k.starts_with("NCCL_") && std::env::var_os(&k).is_none() {
+                std::env::set_var(k, v);
+            }
+        }
+        let mut listener = remote::RemoteListener::start(&cfg, &node, remote_plugin.as_deref())?;
+        let mut progress = control::wait_with_progress(opts.peer, wait);
+        let peer = control::Peer::connect(opts.peer, wait, &mut |elapsed, e| {
+            listener.check_alive()?;
+            progress(elapsed, e)
+        })?;
+        (peer, Some(listener))
+    };
+    let report = halo::bench::run(&opts, peer);
+    if let Some(l) = listener {
+        l.finish();
+    }
+    let report = report?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -358,11 +473,10 @@ fn run_net_bench(args: NetBenchArgs) -> Result<ExitCode> {
     }
     if let Some(path) = &args.plot {
         let (lat, bw) = halo::bench::series(&report);
-        halo::bench::plot::write(path, &lat, &bw)?;
+        plot::write(path, &lat, &bw)?;
         eprintln!("plot written to {}", path.display());
     }
-    let failed = report.summary.iter().any(|p| p.error.is_some());
-    Ok(if failed {
+    Ok(if report.any_error() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

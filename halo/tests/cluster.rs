@@ -10,14 +10,12 @@
 mod common;
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::halo;
+use common::{free_port, halo};
 use halo::process::run_bounded;
 
 const HEAD_IP: &str = "127.0.0.2";
@@ -26,14 +24,6 @@ const WORKER_IP: &str = "127.0.0.3";
 /// neither may appear in any output or in cluster.state.json.
 const CONFIG_SECRET: &str = "hf_config_secret_0123456789";
 const ENV_SECRET: &str = "hf_environment_secret_9876543210";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn harness_ray() -> Option<PathBuf> {
     if let Ok(r) = std::env::var("HALO_RAY") {
@@ -81,74 +71,6 @@ fn run(cmd: &mut Command, limit_secs: u64) -> halo::process::Captured {
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
     out
-}
-
-struct Sshd {
-    child: Child,
-    port: u16,
-    client_key: PathBuf,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_sshd(sshd: &Path, dir: &Path) -> Sshd {
-    let keygen = |path: &Path| {
-        let out = run(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(path),
-            30,
-        );
-        assert!(out.success, "ssh-keygen failed");
-    };
-    let host_key = dir.join("host_ed25519");
-    let client_key = dir.join("client_ed25519");
-    keygen(&host_key);
-    keygen(&client_key);
-    fs::copy(dir.join("client_ed25519.pub"), dir.join("authorized_keys")).unwrap();
-    // sshd refuses to start without its privilege-separation directory.
-    fs::create_dir_all("/run/sshd").unwrap();
-    let port = free_port();
-    let config = dir.join("sshd_config");
-    fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             UsePAM no\nPidFile {}\n",
-            host_key.display(),
-            dir.join("authorized_keys").display(),
-            dir.join("sshd.pid").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(sshd)
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let server = Sshd {
-        child,
-        port,
-        client_key,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "sshd did not listen: {}",
-            fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-    server
 }
 
 /// A stand-in for vLLM: records its argv and environment, joins the Ray cluster as vLLM's Ray
@@ -236,7 +158,7 @@ impl Drop for ClusterGuard<'_> {
 
 #[test]
 fn up_status_serve_down_with_real_ray_and_sshd() {
-    let Some((ray, sshd_bin)) = prerequisites() else {
+    let Some((ray, _sshd)) = prerequisites() else {
         return;
     };
     let started = Instant::now();
@@ -246,7 +168,7 @@ fn up_status_serve_down_with_real_ray_and_sshd() {
         ray_processes()
     );
     let dir = tempfile::tempdir().unwrap();
-    let sshd = start_sshd(&sshd_bin, dir.path());
+    let sshd = common::start_sshd(dir.path()).expect("sshd checked above");
     let user = std::env::var("USER").unwrap_or_else(|_| "root".to_string());
 
     let plugin = dir.path().join("librccl-net-halo.so");
@@ -350,7 +272,10 @@ gid_index = 1
     );
     assert!(
         up.stdout
-            .contains("[2/2] worker 127.0.0.1 (127.0.0.3): ssh -o BatchMode=yes"),
+            .contains("[2/2] worker 127.0.0.1 (127.0.0.3): ssh -o StrictHostKeyChecking=no")
+            && up
+                .stdout
+                .contains("-o LogLevel=ERROR -o BatchMode=yes -o ConnectTimeout=5"),
         "{}",
         up.stdout
     );

@@ -71,7 +71,16 @@ ln -s /proc/self/fd/1 "$NR/dev/stdout"
 ln -s /proc/self/fd/2 "$NR/dev/stderr"
 mount -t devpts devpts "$NR/dev/pts"
 mount -t tmpfs -o mode=1777 tmpfs "$NR/dev/shm"
+# The guest's /tmp is its own tmpfs; host directories listed in /ctl/tmp_binds (a checkout
+# under /tmp) are bound back in at their paths, from a handle on the host's /tmp taken first.
+mkdir -p /hosttmp
+mount -o bind "$NR/tmp" /hosttmp || fail "cannot bind the host's /tmp"
 mount -t tmpfs -o mode=1777 tmpfs "$NR/tmp" || fail "cannot mount /tmp"
+while read -r dir; do
+    [ -n "$dir" ] || continue
+    mkdir -p "$NR$dir"
+    mount -o bind "/hosttmp/${dir#/tmp/}" "$NR$dir" || fail "cannot map $dir into the guest"
+done </ctl/tmp_binds
 mount -t tmpfs -o mode=755 tmpfs "$NR/run" || fail "cannot mount /run"
 # The share may live under a path the tmpfs mounts just hid (e.g. /tmp): recreate it.
 mkdir -p "$NR$SHARE_PATH"

@@ -192,19 +192,64 @@ pub fn svg(latency: &[Series], bandwidth: &[Series]) -> String {
     s
 }
 
-/// Writes the plot to `path`: SVG as is, PNG rendered by `rsvg-convert` (Debian: librsvg2-bin).
-pub fn write(path: &Path, latency: &[Series], bandwidth: &[Series]) -> Result<()> {
-    let doc = svg(latency, bandwidth);
-    match path
+/// The formats `--plot` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Svg,
+    Png,
+}
+
+/// Checks a plot target before anything is measured: a `.svg` or `.png` name in an existing
+/// directory, and for PNG the `rsvg-convert` that renders it.
+pub fn check_target(path: &Path) -> Result<Format> {
+    let format = match path
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase)
         .as_deref()
     {
-        Some("svg") => {
+        Some("svg") => Format::Svg,
+        Some("png") => Format::Png,
+        _ => bail!(
+            "--plot takes a .svg or .png file name, not {}",
+            path.display()
+        ),
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--plot {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if format == Format::Png {
+        let found = std::process::Command::new("rsvg-convert")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !found.is_ok_and(|s| s.success()) {
+            bail!(
+                "--plot {}: PNG output needs rsvg-convert (apt-get install librsvg2-bin), or name a .svg file",
+                path.display()
+            );
+        }
+    }
+    Ok(format)
+}
+
+/// Writes the plot to `path`: SVG as is, PNG rendered by `rsvg-convert` (Debian: librsvg2-bin).
+pub fn write(path: &Path, latency: &[Series], bandwidth: &[Series]) -> Result<()> {
+    let doc = svg(latency, bandwidth);
+    match check_target(path)? {
+        Format::Svg => {
             std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))
         }
-        Some("png") => {
+        Format::Png => {
             let tmp = path.with_extension("svg.tmp");
             std::fs::write(&tmp, doc)?;
             let out = std::process::Command::new("rsvg-convert")
@@ -224,10 +269,6 @@ pub fn write(path: &Path, latency: &[Series], bandwidth: &[Series]) -> Result<()
                 }
             }
         }
-        _ => bail!(
-            "--plot takes a .svg or .png file name, not {}",
-            path.display()
-        ),
     }
 }
 
@@ -263,5 +304,14 @@ mod tests {
     fn empty_panels_say_so_and_bad_extensions_are_refused() {
         assert!(svg(&[], &[]).contains("no data"));
         assert!(write(Path::new("/nonexistent/x.jpg"), &[], &[]).is_err());
+        let e = check_target(Path::new("bench.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(".svg or .png"), "{e}");
+        let e = check_target(Path::new("/nonexistent/dir/b.svg"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        assert_eq!(check_target(Path::new("b.SVG")).unwrap(), Format::Svg);
     }
 }

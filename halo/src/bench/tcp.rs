@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 /// Bytes of each ping-pong message.
@@ -103,23 +104,51 @@ pub fn sink(listener: &TcpListener, streams: usize) -> Result<u64> {
 }
 
 /// Bandwidth of `streams` parallel streams for `duration` (like `iperf3 -P streams`), in Gbps,
-/// counted on the sending side.
+/// counted on the sending side; also returns the bytes sent.
 pub fn bandwidth(addr: SocketAddr, streams: usize, duration: Duration) -> Result<(f64, u64)> {
+    bandwidth_over(
+        || {
+            TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                .with_context(|| format!("connecting to {addr}"))
+        },
+        streams,
+        duration,
+    )
+}
+
+/// [`bandwidth`] over connections made by `connect`. Every stream is connected before the clock
+/// starts (connecting 8 streams can take longer than a short run), each stream writes at least
+/// one buffer, and a run that moved nothing is an error, never a 0 Gbps figure.
+fn bandwidth_over(
+    connect: impl Fn() -> Result<TcpStream>,
+    streams: usize,
+    duration: Duration,
+) -> Result<(f64, u64)> {
+    let conns = (0..streams.max(1))
+        .map(|_| connect())
+        .collect::<Result<Vec<_>>>()?;
+    let go = Arc::new(Barrier::new(conns.len() + 1));
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            let go = Arc::clone(&go);
+            std::thread::spawn(move || -> std::io::Result<u64> {
+                let buf = vec![0x5au8; 1 << 20];
+                let mut total = 0u64;
+                go.wait();
+                let start = Instant::now();
+                loop {
+                    s.write_all(&buf)?;
+                    total += buf.len() as u64;
+                    if start.elapsed() >= duration {
+                        return Ok(total);
+                    }
+                }
+            })
+        })
+        .collect();
+    go.wait();
     let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..streams {
-        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-            .with_context(|| format!("connecting to {addr}"))?;
-        workers.push(std::thread::spawn(move || -> std::io::Result<u64> {
-            let buf = vec![0x5au8; 1 << 20];
-            let mut total = 0u64;
-            while start.elapsed() < duration {
-                s.write_all(&buf)?;
-                total += buf.len() as u64;
-            }
-            Ok(total)
-        }));
-    }
     let mut total = 0;
     for w in workers {
         total += w
@@ -127,6 +156,9 @@ pub fn bandwidth(addr: SocketAddr, streams: usize, duration: Duration) -> Result
             .map_err(|_| anyhow::anyhow!("a stream writer panicked"))??;
     }
     let secs = start.elapsed().as_secs_f64();
+    if total == 0 || secs <= 0.0 {
+        bail!("the TCP streams moved no data in {secs:.3} s");
+    }
     Ok((total as f64 * 8.0 / secs / 1e9, total))
 }
 
@@ -159,5 +191,27 @@ mod tests {
         let received = server.join().unwrap().unwrap();
         assert_eq!(sent, received, "every byte sent is counted by the sink");
         assert!(gbps > 0.0);
+    }
+
+    /// Connecting the streams took longer than the run itself (8 streams into a slow guest): the
+    /// old timer started before connecting, every stream found its time up and the run reported
+    /// 0.00 Gbps. The clock now starts once all are connected.
+    #[test]
+    fn slow_connections_do_not_eat_the_measured_time() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || sink(&l, 4));
+        let slow_connect = || {
+            std::thread::sleep(Duration::from_millis(60));
+            Ok(TcpStream::connect(addr)?)
+        };
+        let (gbps, sent) = bandwidth_over(slow_connect, 4, Duration::from_millis(100)).unwrap();
+        let received = server.join().unwrap().unwrap();
+        assert_eq!(sent, received);
+        assert!(
+            sent >= 4 << 20,
+            "each stream sends at least one buffer: {sent}"
+        );
+        assert!(gbps > 0.0, "{gbps}");
     }
 }

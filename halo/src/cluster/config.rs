@@ -22,6 +22,8 @@ pub struct ClusterConfig {
     pub ssh: SshSection,
     #[serde(default)]
     pub model: ModelSection,
+    #[serde(default)]
+    pub bench: BenchSection,
     /// Extra variables for every node, applied last (so they override the computed ones).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -115,6 +117,25 @@ pub fn is_secret_name(name: &str) -> bool {
 /// Hugging Face token variables taken from halo's own environment and forwarded to every node.
 pub const FORWARDED_SECRETS: [&str; 2] = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"];
 
+/// `halo bench` run from the head: the peer's `halo bench --listen` is started over SSH.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BenchSection {
+    /// `halo` executable on the nodes.
+    pub halo: String,
+    /// Control port of the peer's `halo bench --listen` (the plugin member uses the next one).
+    pub port: u16,
+}
+
+impl Default for BenchSection {
+    fn default() -> Self {
+        BenchSection {
+            halo: "halo".to_string(),
+            port: 18700,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
@@ -153,6 +174,7 @@ impl ClusterConfig {
             },
             ssh: SshSection::default(),
             model: ModelSection::default(),
+            bench: BenchSection::default(),
             env: BTreeMap::new(),
             nodes,
         }

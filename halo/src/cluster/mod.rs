@@ -171,15 +171,17 @@ pub fn init(args: &InitArgs, config_path: &Path) -> Result<ClusterConfig> {
 /// `ssh [-p port] [-i key] [-o opt]… [user@]host REMOTE`
 pub fn ssh_command(cfg: &ClusterConfig, node: &Node, remote: &str) -> Command {
     let mut cmd = Command::new("ssh");
+    // ssh keeps the first value it is given for an option: the config's come first so that
+    // they override these defaults (e.g. a longer ConnectTimeout for slow nodes).
+    for opt in &cfg.ssh.options {
+        cmd.arg("-o").arg(opt);
+    }
     cmd.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]);
     if let Some(port) = node.ssh_port.or(cfg.ssh.port) {
         cmd.arg("-p").arg(port.to_string());
     }
     if let Some(key) = &cfg.ssh.key {
         cmd.arg("-i").arg(key);
-    }
-    for opt in &cfg.ssh.options {
-        cmd.arg("-o").arg(opt);
     }
     let target = match node.ssh_user.as_ref().or(cfg.ssh.user.as_ref()) {
         Some(user) => format!("{user}@{}", node.host),

@@ -73,6 +73,19 @@ impl Control {
         }
     }
 
+    /// The next line if one arrives within `timeout`, `Ok(None)` if none did; the channel
+    /// closing is an error. For a process that watches the channel while it does other work.
+    pub fn line_within(&mut self, timeout: Duration) -> Result<Option<String>, String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(Ok(l)) => Ok(Some(l)),
+            Ok(Err(e)) => Err(format!("cannot read from {}: {e}", self.who)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(format!("{} closed the control channel", self.who))
+            }
+        }
+    }
+
     /// The next line; the channel closing is an error.
     pub fn recv_line(&mut self, timeout: Duration) -> Result<String, String> {
         self.next_line(timeout)?
