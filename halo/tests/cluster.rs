@@ -10,40 +10,16 @@
 mod common;
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
 use std::time::{Duration, Instant};
 
+use common::cluster::{free_port, harness_ray, run, start_sshd};
 use common::halo;
 use halo::process::run_bounded;
 
 const HEAD_IP: &str = "127.0.0.2";
 const WORKER_IP: &str = "127.0.0.3";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn harness_ray() -> Option<PathBuf> {
-    if let Ok(r) = std::env::var("HALO_RAY") {
-        return Some(PathBuf::from(r)).filter(|p| p.is_file());
-    }
-    let venv = std::env::var_os("HALO_HARNESS_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/halo-harness/venv")
-        });
-    let ray = venv.join("bin/ray");
-    ray.is_file().then_some(ray)
-}
 
 /// Ray and sshd, or why not. Without them the test fails, unless HALO_SKIP_CLUSTER_TESTS=1.
 fn prerequisites() -> Option<(PathBuf, PathBuf)> {
@@ -70,81 +46,6 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
         "{} missing: run scripts/setup-harness.sh (or set HALO_SKIP_CLUSTER_TESTS=1 to skip)",
         missing.join(", ")
     );
-}
-
-fn run(cmd: &mut Command, limit_secs: u64) -> halo::process::Captured {
-    let out = run_bounded(cmd, Duration::from_secs(limit_secs)).unwrap();
-    print!("{}", out.stdout);
-    eprint!("{}", out.stderr);
-    out
-}
-
-struct Sshd {
-    child: Child,
-    port: u16,
-    client_key: PathBuf,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_sshd(sshd: &Path, dir: &Path) -> Sshd {
-    let keygen = |path: &Path| {
-        let out = run(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(path),
-            30,
-        );
-        assert!(out.success, "ssh-keygen failed");
-    };
-    let host_key = dir.join("host_ed25519");
-    let client_key = dir.join("client_ed25519");
-    keygen(&host_key);
-    keygen(&client_key);
-    fs::copy(dir.join("client_ed25519.pub"), dir.join("authorized_keys")).unwrap();
-    // sshd refuses to start without its privilege-separation directory.
-    fs::create_dir_all("/run/sshd").unwrap();
-    let port = free_port();
-    let config = dir.join("sshd_config");
-    fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             UsePAM no\nPidFile {}\n",
-            host_key.display(),
-            dir.join("authorized_keys").display(),
-            dir.join("sshd.pid").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(sshd)
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let server = Sshd {
-        child,
-        port,
-        client_key,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "sshd did not listen: {}",
-            fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-    server
 }
 
 /// A stand-in for vLLM: records its argv and environment, joins the Ray cluster as vLLM's Ray
@@ -195,17 +96,7 @@ server.handle_request()
 }
 
 fn ray_processes() -> String {
-    let pattern = format!(
-        "(raylet/raylet|gcs/gcs_server) .*node[-_]ip[-_]address=({}|{})( |$)",
-        HEAD_IP.replace('.', "\\."),
-        WORKER_IP.replace('.', "\\.")
-    );
-    let out = run_bounded(
-        Command::new("pgrep").arg("-af").arg(pattern),
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    out.stdout
+    common::cluster::ray_processes(&[HEAD_IP, WORKER_IP])
 }
 
 /// Stops whatever the test started even when an assertion fails half-way.
@@ -255,7 +146,6 @@ fn up_status_serve_down_with_real_ray_and_sshd() {
 port = {ray_port}
 executable = "ray"
 num_cpus = 1
-num_gpus = 1
 wait_secs = 90
 
 [rccl]
@@ -333,7 +223,11 @@ gid_index = 1
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["active_nodes"], 2, "{s}");
     assert_eq!(s["expected_nodes"], 2);
-    assert_eq!(s["gpus_total"], 2.0);
+    // Detected, not assumed: 0 on a machine without GPU (the old code declared 1 per node).
+    assert_eq!(
+        s["gpus_total"].as_f64(),
+        Some(2.0 * common::cluster::host_gpus() as f64)
+    );
 
     // serve: the stand-in joins the cluster and runs a task on the worker.
     let vllm = dir.path().join("vllm");

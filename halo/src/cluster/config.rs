@@ -4,11 +4,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::runtime::Runtime;
 use crate::doctor::plugin::DEFAULT_PLUGIN_PATH;
+use crate::process::shell_quote;
 
 /// Overrides `[ray] executable` (e.g. a venv's `ray`).
 pub const RAY_ENV: &str = "HALO_RAY";
@@ -18,6 +21,9 @@ pub const RAY_ENV: &str = "HALO_RAY";
 pub struct ClusterConfig {
     pub ray: RaySection,
     pub rccl: RcclSection,
+    /// Where every node's commands run unless the node sets its own `[nodes.runtime]`.
+    #[serde(default)]
+    pub runtime: Runtime,
     #[serde(default)]
     pub ssh: SshSection,
     #[serde(default)]
@@ -36,7 +42,10 @@ pub struct RaySection {
     /// `ray` executable on every node unless a node sets its own; `HALO_RAY` overrides.
     pub executable: String,
     pub num_cpus: u32,
-    pub num_gpus: u32,
+    /// GPUs each node offers to Ray; absent: detected per node (KFD topology, else amd-smi or
+    /// rocm-smi, inside the node's runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_gpus: Option<u32>,
     /// How long `up` waits for all nodes to show up in `ray status`.
     pub wait_secs: u64,
 }
@@ -60,9 +69,13 @@ pub struct SshSection {
     pub user: Option<String>,
     pub port: Option<u16>,
     pub key: Option<PathBuf>,
-    /// Extra `-o` options, e.g. "StrictHostKeyChecking=accept-new".
+    /// Extra `-o` options, e.g. "UserKnownHostsFile=/path".
     #[serde(default)]
     pub options: Vec<String>,
+    /// Record the host keys of nodes not seen before instead of failing
+    /// (`-o StrictHostKeyChecking=accept-new`; a changed key still fails).
+    #[serde(default)]
+    pub accept_new_host_keys: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,6 +118,9 @@ pub struct Node {
     pub ssh_port: Option<u16>,
     /// `ray` on this node, when it differs from `[ray] executable`.
     pub ray: Option<String>,
+    /// Where this node's commands run, when it differs from `[runtime]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
 }
 
 impl ClusterConfig {
@@ -114,7 +130,7 @@ impl ClusterConfig {
                 port: 6379,
                 executable: "ray".to_string(),
                 num_cpus: 8,
-                num_gpus: 1,
+                num_gpus: None,
                 wait_secs: 120,
             },
             rccl: RcclSection {
@@ -123,6 +139,7 @@ impl ClusterConfig {
                 ib_timeout: 23,
                 ib_retry_cnt: 7,
             },
+            runtime: Runtime::Host,
             ssh: SshSection::default(),
             model: ModelSection::default(),
             env: BTreeMap::new(),
@@ -142,6 +159,13 @@ impl ClusterConfig {
         if cfg.nodes.is_empty() {
             bail!("{}: no [[nodes]]", path.display());
         }
+        for rt in
+            std::iter::once(&cfg.runtime).chain(cfg.nodes.iter().filter_map(|n| n.runtime.as_ref()))
+        {
+            if let Err(e) = rt.validate() {
+                bail!("{}: [runtime]: {e}", path.display());
+            }
+        }
         Ok(cfg)
     }
 
@@ -159,6 +183,36 @@ impl ClusterConfig {
 
     pub fn head_address(&self) -> String {
         format!("{}:{}", self.head().ip, self.ray.port)
+    }
+
+    /// True for the first node, which `halo` runs on (its commands run here, not over SSH).
+    pub fn is_head(&self, node: &Node) -> bool {
+        node == self.head()
+    }
+
+    /// The node's `[nodes.runtime]`, else `[runtime]`.
+    pub fn runtime_for<'a>(&'a self, node: &'a Node) -> &'a Runtime {
+        node.runtime.as_ref().unwrap_or(&self.runtime)
+    }
+
+    /// THE way to run something on a node: `argv` with `env`, inside the node's runtime
+    /// ([`Runtime::wrap`]), here for the head and over SSH ([`super::ssh_command`]) for the others.
+    /// The caller adds nothing but stdio and a deadline (`crate::process::run_bounded`).
+    pub fn command(&self, node: &Node, env: &[(String, String)], argv: &[String]) -> Command {
+        let wrapped = self.runtime_for(node).wrap(env, argv);
+        if self.is_head(node) {
+            let mut cmd = Command::new(&wrapped[0]);
+            cmd.args(&wrapped[1..]);
+            cmd
+        } else {
+            let line: Vec<String> = wrapped.iter().map(|w| shell_quote(w)).collect();
+            super::ssh_command(self, node, &line.join(" "))
+        }
+    }
+
+    /// [`Self::command`] with the node's cluster environment ([`Self::node_env`]).
+    pub fn env_command(&self, node: &Node, argv: &[String]) -> Command {
+        self.command(node, &self.node_env(node), argv)
     }
 
     /// `HALO_RAY`, else the node's own `ray`, else `[ray] executable`.
@@ -217,5 +271,10 @@ const HEADER: &str = "\
 # NCCL_IB_HCA, NCCL_IB_GID_INDEX, NCCL_NET_GDR_LEVEL, NCCL_IB_TIMEOUT, NCCL_IB_RETRY_CNT,
 # RAY_EXPERIMENTAL_NOSET_ROCR_VISIBLE_DEVICES=1, RAY_DISABLE_METRICS=1 and VLLM_HOST_IP;
 # [env] adds or overrides variables on every node (e.g. NCCL_DEBUG = \"INFO\").
+# [runtime] says where every command halo runs on a node goes (Ray, vLLM, probes): engine =
+# \"host\", or a container: engine = \"podman\" | \"toolbox\" | \"distrobox\" with name = \"…\",
+# or engine = \"command\" with enter = [\"PROGRAM\", …] (any command that runs its arguments
+# inside, e.g. unshare/chroot). A node can set its own under [nodes.runtime].
+# [ray] num_gpus, when present, replaces the GPU count detected on each node.
 
 ";

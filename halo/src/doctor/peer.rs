@@ -1,9 +1,12 @@
-//! `--peer HOST`: passwordless SSH to the peer, then the peer's own doctor report.
+//! `--peer HOST`: passwordless SSH to the peer, then the peer's own doctor report. A peer that is
+//! a node of the cluster config is reached with the config's SSH settings, and its doctor runs
+//! inside the node's runtime (`ClusterConfig::command`), where RCCL and the plugin are.
 
 use std::process::Command;
 use std::time::Duration;
 
 use super::{Check, NodeReport};
+use crate::cluster::{probe, ClusterConfig};
 use crate::process::run_bounded;
 
 const SSH_OPTS: [&str; 4] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"];
@@ -14,7 +17,55 @@ fn ssh(host: &str, remote: &[&str]) -> Command {
     cmd
 }
 
-pub fn check_peer(host: &str) -> (Check, NodeReport) {
+pub fn check_peer(host: &str, cluster: Option<&ClusterConfig>) -> (Check, NodeReport) {
+    let node = cluster.and_then(|c| c.nodes.iter().find(|n| n.host == host).map(|n| (c, n)));
+    let Some((cfg, node)) = node else {
+        return check_plain_peer(host);
+    };
+    let id = format!("peer.ssh.{host}");
+    let title = format!("Passwordless SSH to {host}");
+    let failed_report = |why: String| NodeReport {
+        node: host.to_string(),
+        checks: vec![Check::skip("doctor.remote", "Doctor on the peer", why)],
+        peers: Vec::new(),
+    };
+    if let Err(why) = probe::check_ssh(cfg, node) {
+        return (
+            Check::fail(
+                &id,
+                &title,
+                why,
+                "see the message; SSH settings are under [ssh] in the cluster config",
+            ),
+            failed_report("SSH to the peer failed".to_string()),
+        );
+    }
+    let ssh_check = Check::pass(&id, &title, format!("ssh {host} true: ok (cluster config)"));
+    let runtime = cfg.runtime_for(node).clone();
+    let argv = ["halo", "doctor", "--json"].map(String::from);
+    let remote = match run_bounded(&mut cfg.command(node, &[], &argv), Duration::from_secs(90)) {
+        Ok(out) => serde_json::from_str::<NodeReport>(&out.stdout).unwrap_or_else(|_| NodeReport {
+            node: host.to_string(),
+            checks: vec![Check::fail(
+                "doctor.remote",
+                "Doctor on the peer",
+                format!(
+                    "`halo doctor --json` in {runtime} on {host} gave no report: {}",
+                    last_line(&out.stderr)
+                ),
+                format!(
+                    "install halo in {runtime} on {host}, on its PATH (e.g. /usr/local/bin); {}",
+                    runtime.entry_hint()
+                ),
+            )],
+            peers: Vec::new(),
+        }),
+        Err(e) => failed_report(e.to_string()),
+    };
+    (ssh_check, remote)
+}
+
+fn check_plain_peer(host: &str) -> (Check, NodeReport) {
     let id = format!("peer.ssh.{host}");
     let title = format!("Passwordless SSH to {host}");
     let failed_report = |why: String| NodeReport {

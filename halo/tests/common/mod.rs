@@ -3,13 +3,19 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cluster;
+
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The built `halo`, blind to any container this machine's user recorded with
+/// `halo container create` (tests that want a record set HALO_STATE_DIR themselves).
 pub fn halo() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_halo"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halo"));
+    cmd.env("HALO_STATE_DIR", "/nonexistent/halo-test-state");
+    cmd
 }
 
 pub fn fixtures() -> PathBuf {
