@@ -288,7 +288,9 @@ fn up_status_down_with_ray_only_inside_a_root_filesystem() {
     assert!(
         up.stdout
             .contains("--restart stops Ray on every node first")
-            && up.stdout.contains("[1/2] head head (127.0.0.2): env ")
+            && up
+                .stdout
+                .contains("[1/2] head head (127.0.0.2): unshare --mount")
             && up.stdout.contains("cluster up: 2 nodes active"),
         "{}",
         up.stdout
