@@ -274,4 +274,32 @@ fn up_checks_ssh_to_every_node_before_starting_anything() {
         out.stdout
     );
     assert!(out.stderr.contains("no Ray head answers"), "{}", out.stderr);
+
+    // 5. `doctor --peer` reaches a node of the config with the config's SSH settings (port, key,
+    //    known_hosts) and runs the peer's doctor in its runtime; a plain `ssh 127.0.0.1` would
+    //    have gone to port 22.
+    let out = run(
+        halo()
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", "/usr/bin:/bin")
+            .args(["doctor", "--json", "--peer", "127.0.0.1"]),
+        120,
+    );
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let ssh = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "peer.ssh.127.0.0.1")
+        .unwrap();
+    assert_eq!(ssh["verdict"], "pass", "{ssh}");
+    // No halo on the SSH session's PATH here (where there is one, its full report came back).
+    let remote = &report["peers"][0]["checks"];
+    let first = remote[0]["value"].as_str().unwrap_or_default();
+    assert!(
+        first.contains("`halo doctor --json` in the host on 127.0.0.1 gave no report")
+            || remote.as_array().unwrap().len() > 1,
+        "{remote}"
+    );
 }
