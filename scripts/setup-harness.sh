@@ -4,21 +4,26 @@
 #   - rsvg-convert (librsvg2-bin) for `halo bench --plot FILE.png`
 #   - Debian's python3-torch (a CPU build; `halo bench --collective` runs it with gloo)
 #   - Ray from PyPI, in a virtual environment of the system python that sees its packages
+#   - a minimal Debian 12 root filesystem (debootstrap) with Python and the same Ray inside,
+#     standing in for the vLLM container in the container-runtime cluster test
 #
 #   scripts/setup-harness.sh           # install (idempotent; fast when already done)
 #   scripts/setup-harness.sh --print   # print the venv's bin directory and exit
 #
-# The venv lives outside the work tree so it is never committed and survives fresh
-# clones: $HALO_HARNESS_VENV, default ~/.cache/halo-harness/venv-system. The tests find
-# Ray there (or through $HALO_RAY, or `ray` on PATH). The venv is made from /usr/bin/python3
-# with --system-site-packages so that Ray's workers import Debian's torch (never PyPI's
-# torch wheel, which pulls gigabytes of CUDA libraries).
+# Both live outside the work tree so they are never committed and survive fresh clones:
+# $HALO_HARNESS_VENV (default ~/.cache/halo-harness/venv-system) and $HALO_HARNESS_ROOTFS
+# (default ~/.cache/halo-harness/rootfs; built once, about 4 min, 650 MB). The tests find Ray in
+# the venv (or through $HALO_RAY) and the root filesystem there. The venv is made from
+# /usr/bin/python3 with --system-site-packages so that Ray's workers import Debian's torch
+# (never PyPI's torch wheel, which pulls gigabytes of CUDA libraries).
 set -euo pipefail
 
 RAY_VERSION="2.60.0"
-HARNESS_PKGS=(openssh-server openssh-client librsvg2-bin python3-venv python3-torch)
+HARNESS_PKGS=(openssh-server openssh-client librsvg2-bin python3-venv python3-torch debootstrap debian-archive-keyring)
 VENV="${HALO_HARNESS_VENV:-${HOME}/.cache/halo-harness/venv-system}"
 SYSTEM_PYTHON=/usr/bin/python3
+ROOTFS="${HALO_HARNESS_ROOTFS:-${HOME}/.cache/halo-harness/rootfs}"
+DEBIAN_MIRROR="${HALO_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 
 die() {
     echo "setup-harness.sh: error: $*" >&2
@@ -32,7 +37,7 @@ case "${1:-}" in
         exit 0
         ;;
     -h|--help)
-        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^set -e/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -92,4 +97,45 @@ else
     ray_ok || die "ray $RAY_VERSION and torch still not importable from $VENV"
 fi
 
-echo "setup-harness.sh: ready in $(($(date +%s) - start)) s; ray: $VENV/bin/ray"
+# --- Debian root filesystem with Ray inside ------------------------------------------
+# Entered with `unshare --mount … chroot ROOT` (the cluster test's `engine = "command"`), so
+# `ray` exists inside it and not on the host. Debian 12's Python is 3.11, so the wheels are
+# fetched by the host's pip for CPython 3.11 (whatever Python the venv has) and installed
+# inside without network access.
+rootfs_stamp="ray $RAY_VERSION, python3.11"
+if [[ -f "$ROOTFS/.halo-rootfs" && "$(cat "$ROOTFS/.halo-rootfs")" == "$rootfs_stamp" ]]; then
+    echo "setup-harness.sh: root filesystem with $rootfs_stamp already in $ROOTFS"
+else
+    [[ $EUID -eq 0 ]] || die "building the root filesystem $ROOTFS needs root"
+    build="$ROOTFS.building"
+    rm -rf "$build"
+    mkdir -p "$(dirname "$ROOTFS")"
+    t0=$(date +%s)
+    echo "setup-harness.sh: debootstrap bookworm (minbase, python3) into $build"
+    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$build" "$DEBIAN_MIRROR" \
+        >"$build.log" 2>&1 || die "debootstrap failed (log: $build.log)"
+    echo "setup-harness.sh: debootstrap took $(($(date +%s) - t0)) s"
+    mkdir -p "$build/tmp/wheels"
+    arch=$(uname -m)
+    "$VENV/bin/python" -m pip download --disable-pip-version-check -q --dest "$build/tmp/wheels" \
+        --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+        --platform "manylinux2014_$arch" --platform "manylinux_2_17_$arch" --platform "manylinux_2_28_$arch" \
+        "ray==$RAY_VERSION" || die "pip download ray==$RAY_VERSION failed"
+    unshare --mount --propagation private -- sh -c '
+        set -e
+        mount -t proc proc "$1/proc"
+        mount --rbind /dev "$1/dev"
+        exec chroot "$1" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root sh -c "
+            python3 -m venv /opt/ray &&
+            /opt/ray/bin/pip install --disable-pip-version-check -q --no-index --find-links /tmp/wheels ray==$2 &&
+            ln -sf /opt/ray/bin/ray /usr/local/bin/ray &&
+            ray --version"' sh "$build" "$RAY_VERSION" \
+        || die "installing ray inside $build failed"
+    rm -rf "$build/tmp/wheels" "$build.log"
+    echo "$rootfs_stamp" >"$build/.halo-rootfs"
+    rm -rf "$ROOTFS"
+    mv "$build" "$ROOTFS"
+    echo "setup-harness.sh: root filesystem ready in $ROOTFS ($(($(date +%s) - t0)) s)"
+fi
+
+echo "setup-harness.sh: ready in $(($(date +%s) - start)) s; ray: $VENV/bin/ray; root filesystem: $ROOTFS"

@@ -223,12 +223,24 @@ enum ClusterCmd {
     Init(Box<InitArgs>),
     /// Start the Ray head here and every worker over SSH, with the RCCL/vLLM environment
     ///
-    /// Waits until `ray status` lists every node. What was started is recorded in
-    /// cluster.state.json next to the config. The `ray` executable comes from HALO_RAY, the
-    /// node's `ray` key, or [ray] executable.
+    /// First checks every node, before starting anything: SSH (host key, authentication,
+    /// refused), entering its [runtime] (host or container), `ray` inside it, and its GPUs
+    /// (KFD topology, else amd-smi/rocm-smi), which become its --num-gpus. A Ray head that
+    /// already runs is kept and only the missing workers are started (--restart stops Ray on
+    /// every node first). Waits until `ray status` lists every node. What was started is
+    /// recorded in cluster.state.json next to the config. The `ray` executable comes from
+    /// HALO_RAY, the node's `ray` key, or [ray] executable.
     #[command(verbatim_doc_comment)]
-    Up,
-    /// Show nodes alive and GPUs used (from `ray status`); exit 1 when nodes are missing.
+    Up {
+        /// Stop Ray on every node first, then start the cluster anew.
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Show each configured node (active or missing) and the GPUs, from `ray status`
+    ///
+    /// Exit 1 when a node is missing, no Ray head answers (checked within 2 s), or `ray status`
+    /// fails (its reason is printed).
+    #[command(verbatim_doc_comment)]
     Status {
         /// Print JSON.
         #[arg(long)]
@@ -267,7 +279,7 @@ fn read_env_file(path: &Path) -> Result<BTreeMap<String, String>> {
     Ok(env)
 }
 
-fn run_doctor(args: DoctorArgs) -> Result<ExitCode> {
+fn run_doctor(args: DoctorArgs, config: &Path) -> Result<ExitCode> {
     let env = match &args.env_file {
         Some(path) => read_env_file(path)?,
         None => std::env::vars().collect(),
@@ -278,6 +290,18 @@ fn run_doctor(args: DoctorArgs) -> Result<ExitCode> {
         cluster_ip: args.cluster_ip,
         env,
         plugin: args.plugin,
+        // Only --peer uses it; a broken config must not stop the local checks.
+        cluster: if args.peers.is_empty() || !config.exists() {
+            None
+        } else {
+            match cluster::ClusterConfig::load(config) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("halo: note: {e:#}; peers are reached with plain `ssh HOST`");
+                    None
+                }
+            }
+        },
         peers: args.peers,
     };
     // A captured tree's library cannot be loaded here; the running system's can.
@@ -308,7 +332,7 @@ fn exit_code(code: i32) -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config.as_path();
     match cli.command {
-        Cmd::Doctor(args) => run_doctor(args),
+        Cmd::Doctor(args) => run_doctor(args, config),
         Cmd::DoctorPluginProbe { path, shown } => {
             let check = doctor::plugin::probe_here(&path, &shown);
             println!("{}", serde_json::to_string(&check)?);
@@ -320,7 +344,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cluster(ClusterCmd::Init(args)) => {
             cluster::init(&args, config).map(|_| ExitCode::SUCCESS)
         }
-        Cmd::Cluster(ClusterCmd::Up) => cluster::up(config).map(|_| ExitCode::SUCCESS),
+        Cmd::Cluster(ClusterCmd::Up { restart }) => {
+            cluster::up(config, restart).map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Cluster(ClusterCmd::Status { json }) => cluster::status(config, json).map(|all| {
             if all {
                 ExitCode::SUCCESS

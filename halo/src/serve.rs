@@ -16,8 +16,8 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::cluster::config::FORWARDED_SECRETS;
-use crate::cluster::{ssh_command, ClusterConfig, Node};
-use crate::process::{describe, run_bounded, shell_quote};
+use crate::cluster::{ClusterConfig, NodeCommand};
+use crate::process::{describe, run_bounded};
 use crate::vllm::{probe_models, signalled, Answer, VllmProcess};
 use crate::{hf, port};
 
@@ -163,14 +163,17 @@ fn plan(opts: &ModelOptions, cfg: &ClusterConfig) -> Result<Plan> {
     })
 }
 
-/// The head's cluster environment, plus RAY_ADDRESS so vLLM joins this Ray cluster. Secrets
-/// under [env] are set here too (in the environment, never on the command line); HF_TOKEN from
-/// halo's own environment is inherited, and vLLM passes it on to its Ray workers.
-fn vllm_command(vllm: &str, cfg: &ClusterConfig) -> Command {
-    let mut cmd = Command::new(vllm);
-    cmd.envs(cfg.local_env(cfg.head()))
-        .env("RAY_ADDRESS", cfg.head_address());
-    cmd
+/// vLLM on the head, inside its runtime, with the head's cluster environment plus RAY_ADDRESS so
+/// vLLM joins this Ray cluster. Secrets (under [env], and HF_TOKEN from halo's own environment)
+/// reach it over stdin, never on a command line; vLLM passes them on to its Ray workers.
+fn vllm_command(vllm: &str, cfg: &ClusterConfig, args: Vec<String>) -> NodeCommand {
+    let mut argv = vec![vllm.to_string()];
+    argv.extend(args);
+    cfg.env_command(
+        cfg.head(),
+        &[("RAY_ADDRESS".to_string(), cfg.head_address())],
+        &argv,
+    )
 }
 
 /// Removes the compile caches on one node. The paths are worked out on the node itself, from
@@ -191,32 +194,15 @@ for d in "${VLLM_CACHE_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm}" \
 done
 exit $rc"#;
 
-/// The shell line that clears the caches on a worker (over SSH).
-pub fn clear_cache_line(cfg: &ClusterConfig, node: &Node) -> String {
-    let mut words = vec!["env".to_string()];
-    words.extend(
-        cfg.public_env(node)
-            .iter()
-            .map(|(k, v)| shell_quote(&format!("{k}={v}"))),
-    );
-    words.extend(["sh".into(), "-c".into(), shell_quote(CLEAR_CACHE_SCRIPT)]);
-    words.join(" ")
-}
-
-/// `--clear-cache`: the workers over SSH, then the head; every node's result is printed.
+/// `--clear-cache`: the workers over SSH, then the head, each inside its runtime; every node's result is printed.
 fn clear_caches(cfg: &ClusterConfig) -> Result<()> {
     let mut failed = Vec::new();
-    let nodes = cfg.workers().iter().map(|n| (n, false));
-    for (node, is_head) in nodes.chain([(cfg.head(), true)]) {
-        let mut cmd = if is_head {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(CLEAR_CACHE_SCRIPT)
-                .envs(cfg.public_env(node));
-            c
-        } else {
-            ssh_command(cfg, node, &clear_cache_line(cfg, node))
-        };
+    for node in cfg.workers().iter().chain([cfg.head()]) {
+        let mut cmd = cfg.command(
+            node,
+            &cfg.public_env(node),
+            &["sh".into(), "-c".into(), CLEAR_CACHE_SCRIPT.into()],
+        );
         println!("clearing compile caches on {} ({})", node.host, node.ip);
         match run_bounded(&mut cmd, CLEAR_CACHE_LIMIT) {
             Ok(out) => {
@@ -332,15 +318,15 @@ pub fn serve(args: &ServeArgs, config_path: &Path) -> Result<i32> {
         .log
         .clone()
         .unwrap_or_else(|| default_log(config_path, &format!("vllm-serve-{port}.log")));
-    let mut cmd = vllm_command(&args.model.vllm, &cfg);
-    cmd.args(serve_argv(args, &plan, port));
+    let NodeCommand { mut cmd, input } =
+        vllm_command(&args.model.vllm, &cfg, serve_argv(args, &plan, port));
     println!(
         "starting on {} (Ray {}): {}",
         cfg.head().host,
         cfg.head_address(),
         describe(&cmd)
     );
-    let mut vllm = VllmProcess::spawn(&mut cmd, &log, &args.model.vllm)?;
+    let mut vllm = VllmProcess::spawn(&mut cmd, input.as_deref(), &log, &args.model.vllm)?;
     println!(
         "vLLM pid {}, log {}; waiting up to {} s for http://127.0.0.1:{port}/v1/models to list {}",
         vllm.pid(),
@@ -535,6 +521,7 @@ const BENCH_QUIET: Duration = Duration::from_secs(60);
 /// One `vllm bench throughput` run, its output streamed as it comes (to stderr with --json).
 fn bench_run(
     cmd: &mut Command,
+    input: Option<&str>,
     tp: u32,
     log: &Path,
     args: &BenchArgs,
@@ -546,7 +533,7 @@ fn bench_run(
             println!("{text}");
         }
     };
-    let mut vllm = VllmProcess::spawn(cmd, log, &args.model.vllm)?;
+    let mut vllm = VllmProcess::spawn(cmd, input, log, &args.model.vllm)?;
     let limit = Duration::from_secs(args.timeout_secs);
     let mut found = None;
     let mut last_redraw: Option<Instant> = None;
@@ -648,8 +635,8 @@ pub fn bench_serve(args: &BenchArgs, config_path: &Path) -> Result<()> {
     }
     let mut runs = Vec::new();
     for &tp in &sizes {
-        let mut cmd = vllm_command(&args.model.vllm, &cfg);
-        cmd.args(bench_argv(args, &plan, tp));
+        let NodeCommand { mut cmd, input } =
+            vllm_command(&args.model.vllm, &cfg, bench_argv(args, &plan, tp));
         let log = default_log(config_path, &format!("vllm-bench-tp{tp}.log"));
         let note = format!("TP={tp}: {} (log {})", describe(&cmd), log.display());
         if args.json {
@@ -657,7 +644,7 @@ pub fn bench_serve(args: &BenchArgs, config_path: &Path) -> Result<()> {
         } else {
             println!("{note}");
         }
-        let (t, seconds) = bench_run(&mut cmd, tp, &log, args)?;
+        let (t, seconds) = bench_run(&mut cmd, input.as_deref(), tp, &log, args)?;
         let note = format!(
             "TP={tp}: {:.2} total tokens/s ({seconds:.0} s)",
             t.total_tokens_per_s

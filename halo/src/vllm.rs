@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// Lines of vLLM's log kept for error messages.
 const TAIL_LINES: usize = 25;
@@ -94,18 +94,36 @@ pub struct VllmProcess {
 }
 
 impl VllmProcess {
-    /// Starts `cmd` with stdin closed and stdout + stderr into `log` (created or truncated).
-    pub fn spawn(cmd: &mut Command, log: &Path, program: &str) -> Result<Self> {
+    /// Starts `cmd` with stdout + stderr into `log` (created or truncated). Its stdin gets
+    /// `input` (the cluster's secrets, see `ClusterConfig::env_command`) and is then closed.
+    pub fn spawn(
+        cmd: &mut Command,
+        input: Option<&str>,
+        log: &Path,
+        program: &str,
+    ) -> Result<Self> {
         let out = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let err = out.try_clone()?;
         catch_signals();
-        let child = cmd
-            .stdin(Stdio::null())
+        let mut child = cmd
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(out)
             .stderr(err)
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {program} (is vLLM installed? --vllm PATH)"))?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A few short lines: they fit in the pipe, so this cannot block on the child.
+            if let Err(e) = stdin.write_all(text.as_bytes()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("cannot pass the secrets to {program}: {e}");
+            }
+        }
         let file = File::open(log).with_context(|| format!("cannot read {}", log.display()))?;
         Ok(VllmProcess {
             child,

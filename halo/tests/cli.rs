@@ -3,6 +3,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::{good_tree, halo, stderr, stdout};
@@ -63,7 +64,8 @@ fn init_detects_the_rdma_setup_and_writes_the_config() {
     assert_eq!(
         stdout(&out).trim(),
         format!(
-            "wrote {} (2 nodes, head 192.168.100.1 on enp1s0f0np0, rocep1s0f0, GID index 1)",
+            "wrote {} (2 nodes, head 192.168.100.1 on enp1s0f0np0, rocep1s0f0, GID index 1)\n\
+             runtime: the host (no container recorded by `halo container create`)",
             config.display()
         )
     );
@@ -103,24 +105,34 @@ fn init_detects_the_rdma_setup_and_writes_the_config() {
             "RAY_memory_monitor_refresh_ms=0",
         ]
     );
-    // A worker's shell puts the plugin's directory in front of its own loader path.
-    let line = halo::cluster::worker_start_line(&cfg, &cfg.nodes[1]);
-    let word = line
-        .split(' ')
-        .find(|w| w.contains("LD_LIBRARY_PATH="))
-        .expect("LD_LIBRARY_PATH in the worker line");
+    // The node's shell puts the plugin's directory in front of its own loader path: run the
+    // head's command (here, on the host runtime) with a loader path of its own.
+    let head = cfg.head().clone();
     for (before, after) in [
         ("/opt/rocm/lib", "/opt/halo/lib:/opt/rocm/lib"),
         ("", "/opt/halo/lib"),
     ] {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("env {word} printenv LD_LIBRARY_PATH"))
-            .env("LD_LIBRARY_PATH", before)
-            .output()
-            .unwrap();
-        assert_eq!(stdout(&out).trim(), after, "{word}");
+        let mut run = cfg.env_command(
+            &head,
+            &[],
+            &["printenv".to_string(), "LD_LIBRARY_PATH".to_string()],
+        );
+        assert!(run.input.is_none(), "no secrets in this config");
+        let out = run.cmd.env("LD_LIBRARY_PATH", before).output().unwrap();
+        assert_eq!(
+            stdout(&out).trim(),
+            after,
+            "{}",
+            halo::process::describe(&run.cmd)
+        );
     }
+    // A worker's line carries the same prefix, expanded by the worker's shell.
+    let worker = halo::cluster::ray_start_command(&cfg, &cfg.nodes[1], 1);
+    let shown = halo::process::describe(&worker.cmd);
+    assert!(
+        shown.contains(r#"LD_LIBRARY_PATH=/opt/halo/lib"${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}""#),
+        "{shown}"
+    );
 
     // A second init does not clobber the file; a worker without an IP is refused.
     let again = halo()
@@ -242,6 +254,159 @@ fn container_uses_the_plugin_path_from_the_config() {
     assert!(
         line.contains("-e NCCL_NET_PLUGIN=halo -e LD_LIBRARY_PATH=/srv/halo "),
         "{line}"
+    );
+}
+
+/// `container create` with stand-in engines on PATH: --replace removes first, podman's
+/// container is started, and the record makes `cluster init` write `[runtime]` for it.
+#[test]
+fn container_create_records_what_it_made_for_cluster_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let log = dir.path().join("engine.log");
+    for engine in ["podman", "toolbox"] {
+        let path = bin.join(engine);
+        fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"{engine} $*\" >> {}\n", log.display()),
+        )
+        .unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let plugin = dir.path().join("librccl-net-halo.so");
+    fs::write(&plugin, b"\x7fELF").unwrap();
+    let state = dir.path().join("state");
+    let path_var = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let create = |engine: &str, replace: bool| {
+        let mut c = halo();
+        c.env("PATH", &path_var)
+            .env("HALO_STATE_DIR", &state)
+            .args([
+                "--config",
+                "/nonexistent/cluster.toml",
+                "container",
+                "create",
+            ])
+            .args([
+                "--engine",
+                engine,
+                "--name",
+                "vllm-rdma",
+                "--image",
+                "img:1",
+            ])
+            .arg("--plugin")
+            .arg(&plugin);
+        if replace {
+            c.arg("--replace");
+        }
+        c.output().unwrap()
+    };
+    let out = create("podman", true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let calls = fs::read_to_string(&log).unwrap();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert_eq!(calls[0], "podman rm --force --ignore vllm-rdma");
+    assert!(
+        calls[1].starts_with("podman create --name vllm-rdma --network host"),
+        "{}",
+        calls[1]
+    );
+    assert_eq!(calls[2], "podman start vllm-rdma");
+    assert!(stdout(&out).contains("recorded in"), "{}", stdout(&out));
+
+    fs::remove_file(&log).unwrap();
+    let out = create("toolbox", true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let calls = fs::read_to_string(&log).unwrap();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(calls[0], "toolbox rm --force vllm-rdma");
+    assert!(
+        calls[1].starts_with("toolbox create vllm-rdma --image img:1 -- "),
+        "{}",
+        calls[1]
+    );
+    assert_eq!(
+        calls.len(),
+        2,
+        "toolbox starts its container itself: {calls:?}"
+    );
+
+    let config = dir.path().join("cluster.toml");
+    let init = halo()
+        .env("HALO_STATE_DIR", &state)
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "cluster",
+            "init",
+            "--node",
+            "a=10.0.0.1",
+            "--node",
+            "b=10.0.0.2",
+        ])
+        .args([
+            "--iface",
+            "eth1",
+            "--rdma-device",
+            "mlx5_0",
+            "--gid-index",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", stderr(&init));
+    assert!(
+        stdout(&init)
+            .contains("runtime: toolbox vllm-rdma (recorded by `halo container create` in"),
+        "{}",
+        stdout(&init)
+    );
+    let cfg = halo::cluster::ClusterConfig::load(&config).unwrap();
+    let toolbox = halo::cluster::Runtime::Toolbox {
+        name: "vllm-rdma".into(),
+    };
+    assert_eq!(cfg.runtime, toolbox);
+    assert!(fs::read_to_string(&config)
+        .unwrap()
+        .contains("[runtime]\nengine = \"toolbox\"\nname = \"vllm-rdma\""));
+    // Every node's commands now go through the container.
+    let worker = &cfg.nodes[1];
+    let cmd = cfg.command(worker, &[], &["ray".to_string(), "status".to_string()]);
+    assert_eq!(
+        halo::process::describe(&cmd),
+        "ssh -o BatchMode=yes -o ConnectTimeout=5 b 'toolbox run -c vllm-rdma ray status'"
+    );
+    // --engine host overrides the record.
+    let init = halo()
+        .env("HALO_STATE_DIR", &state)
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "cluster",
+            "init",
+            "--force",
+            "--engine",
+            "host",
+            "--node",
+            "a=10.0.0.1",
+        ])
+        .args([
+            "--iface",
+            "eth1",
+            "--rdma-device",
+            "mlx5_0",
+            "--gid-index",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", stderr(&init));
+    assert_eq!(
+        halo::cluster::ClusterConfig::load(&config).unwrap().runtime,
+        halo::cluster::Runtime::Host
     );
 }
 

@@ -12,10 +12,10 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, halo};
+use common::cluster::{free_port, harness_ray, run, start_sshd};
+use common::halo;
 use halo::process::run_bounded;
 
 const HEAD_IP: &str = "127.0.0.2";
@@ -24,20 +24,6 @@ const WORKER_IP: &str = "127.0.0.3";
 /// neither may appear in any output or in cluster.state.json.
 const CONFIG_SECRET: &str = "hf_config_secret_0123456789";
 const ENV_SECRET: &str = "hf_environment_secret_9876543210";
-
-fn harness_ray() -> Option<PathBuf> {
-    if let Ok(r) = std::env::var("HALO_RAY") {
-        return Some(PathBuf::from(r)).filter(|p| p.is_file());
-    }
-    let venv = std::env::var_os("HALO_HARNESS_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/halo-harness/venv-system")
-        });
-    let ray = venv.join("bin/ray");
-    ray.is_file().then_some(ray)
-}
 
 /// Ray and sshd, or why not. Without them the test fails, unless HALO_SKIP_CLUSTER_TESTS=1.
 fn prerequisites() -> Option<(PathBuf, PathBuf)> {
@@ -64,13 +50,6 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
         "{} missing: run scripts/setup-harness.sh (or set HALO_SKIP_CLUSTER_TESTS=1 to skip)",
         missing.join(", ")
     );
-}
-
-fn run(cmd: &mut Command, limit_secs: u64) -> halo::process::Captured {
-    let out = run_bounded(cmd, Duration::from_secs(limit_secs)).unwrap();
-    print!("{}", out.stdout);
-    eprint!("{}", out.stderr);
-    out
 }
 
 /// A stand-in for vLLM: records its argv and environment, joins the Ray cluster as vLLM's Ray
@@ -122,17 +101,7 @@ server.handle_request()
 }
 
 fn ray_processes() -> String {
-    let pattern = format!(
-        "(raylet/raylet|gcs/gcs_server) .*node[-_]ip[-_]address=({}|{})( |$)",
-        HEAD_IP.replace('.', "\\."),
-        WORKER_IP.replace('.', "\\.")
-    );
-    let out = run_bounded(
-        Command::new("pgrep").arg("-af").arg(pattern),
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    out.stdout
+    common::cluster::ray_processes(&[HEAD_IP, WORKER_IP])
 }
 
 /// Stops whatever the test started even when an assertion fails half-way.
@@ -158,7 +127,7 @@ impl Drop for ClusterGuard<'_> {
 
 #[test]
 fn up_status_serve_down_with_real_ray_and_sshd() {
-    let Some((ray, _sshd)) = prerequisites() else {
+    let Some((ray, sshd_bin)) = prerequisites() else {
         return;
     };
     let started = Instant::now();
@@ -168,7 +137,7 @@ fn up_status_serve_down_with_real_ray_and_sshd() {
         ray_processes()
     );
     let dir = tempfile::tempdir().unwrap();
-    let sshd = common::start_sshd(dir.path()).expect("sshd checked above");
+    let sshd = start_sshd(&sshd_bin, dir.path());
     let user = std::env::var("USER").unwrap_or_else(|_| "root".to_string());
 
     let plugin = dir.path().join("librccl-net-halo.so");
@@ -187,7 +156,6 @@ fn up_status_serve_down_with_real_ray_and_sshd() {
 port = {ray_port}
 executable = "ray"
 num_cpus = 1
-num_gpus = 1
 wait_secs = 90
 
 [rccl]
@@ -295,7 +263,11 @@ gid_index = 1
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["active_nodes"], 2, "{s}");
     assert_eq!(s["expected_nodes"], 2);
-    assert_eq!(s["gpus_total"], 2.0);
+    // Detected, not assumed: 0 on a machine without GPU (the old code declared 1 per node).
+    assert_eq!(
+        s["gpus_total"].as_f64(),
+        Some(2.0 * common::cluster::host_gpus() as f64)
+    );
 
     // bench --collective: one gloo rank per node through Ray, every result checked.
     let t = Instant::now();

@@ -464,9 +464,10 @@ fn a_secret_under_env_reaches_vllm_but_no_output_or_file() {
             path.display()
         );
     }
-    // The line a worker would run: the token is read from stdin, not written in it.
+    // What a worker would run: the token is read from stdin, not written in its line.
     let cfg = halo::cluster::ClusterConfig::load(&s.config).unwrap();
-    let line = halo::cluster::worker_start_line(&cfg, &cfg.nodes[1]);
+    let worker = halo::cluster::ray_start_command(&cfg, &cfg.nodes[1], 1);
+    let line = halo::process::describe(&worker.cmd);
     assert!(!line.contains(secret), "{line}");
     assert!(
         line.contains("IFS= read -r HF_TOKEN && export HF_TOKEN"),
@@ -474,7 +475,7 @@ fn a_secret_under_env_reaches_vllm_but_no_output_or_file() {
     );
     assert!(line.contains("NCCL_DEBUG=INFO"), "{line}");
     assert_eq!(
-        halo::cluster::secrets_input(&cfg.secret_env()).as_deref(),
+        worker.input.as_deref(),
         Some(format!("{secret}\n").as_str())
     );
 }

@@ -4,29 +4,23 @@
 //!
 //! [`peer_command`] is the one place that turns "run this on that node" into a command line.
 
-use crate::cluster::{ssh_command, ClusterConfig, Node};
-use crate::process::{describe, shell_quote};
+use crate::cluster::{ClusterConfig, Node, NodeCommand};
+use crate::process::describe;
 use anyhow::{bail, Context, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Lines of the peer's output kept for an error message.
 const KEEP: usize = 8;
 
-/// `argv` run on `node` with the node's environment: `ssh … 'env K=V … argv…'`.
-pub fn peer_command(cfg: &ClusterConfig, node: &Node, argv: &[String]) -> Command {
-    let mut words = vec!["env".to_string()];
-    words.extend(
-        cfg.node_env(node)
-            .iter()
-            .map(|(k, v)| shell_quote(&format!("{k}={v}"))),
-    );
-    words.extend(argv.iter().map(|w| shell_quote(w)));
-    ssh_command(cfg, node, &words.join(" "))
+/// `argv` run on `node`, inside its runtime, with the node's cluster environment (over SSH:
+/// `ssh … 'env K=V … argv…'`); see [`ClusterConfig::env_command`].
+pub fn peer_command(cfg: &ClusterConfig, node: &Node, argv: &[String]) -> NodeCommand {
+    cfg.env_command(node, &[], argv)
 }
 
 /// The listener's command line on the peer node.
@@ -61,7 +55,8 @@ impl RemoteListener {
             .ip
             .parse()
             .with_context(|| format!("node {}: ip {:?} is not an address", node.host, node.ip))?;
-        let mut cmd = peer_command(cfg, node, &listen_argv(cfg, node, plugin));
+        let NodeCommand { mut cmd, input } =
+            peer_command(cfg, node, &listen_argv(cfg, node, plugin));
         eprintln!(
             "halo bench: starting the peer on {}: {}",
             node.host,
@@ -73,6 +68,18 @@ impl RemoteListener {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
+        if let (Some(text), Some(stdin)) = (&input, child.stdin.as_mut()) {
+            // The secrets' lines come first; the pipe then stays open until this side is done.
+            use std::io::Write;
+            if let Err(e) = stdin.write_all(text.as_bytes()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "cannot start the peer on {}: writing its stdin: {e}",
+                    node.host
+                );
+            }
+        }
         let said = Arc::new(Mutex::new(VecDeque::new()));
         for out in [
             Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
@@ -157,6 +164,7 @@ mod tests {
             ssh_user: None,
             ssh_port: Some(2222),
             ray: None,
+            runtime: None,
         }
     }
 
@@ -169,7 +177,7 @@ mod tests {
         cfg.bench.halo = "/opt/halo/bin/halo".into();
         let peer = cfg.nodes[1].clone();
         let argv = listen_argv(&cfg, &peer, Some(&cfg.rccl.plugin));
-        let shown = describe(&peer_command(&cfg, &peer, &argv));
+        let shown = describe(&peer_command(&cfg, &peer, &argv).cmd);
         assert!(
             shown.starts_with("ssh -o BatchMode=yes -o ConnectTimeout=5 -p 2222 peer "),
             "{shown}"

@@ -4,11 +4,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::runtime::Runtime;
 use crate::doctor::plugin::DEFAULT_PLUGIN_PATH;
+use crate::process::shell_quote;
 
 /// Overrides `[ray] executable` (e.g. a venv's `ray`).
 pub const RAY_ENV: &str = "HALO_RAY";
@@ -18,6 +21,9 @@ pub const RAY_ENV: &str = "HALO_RAY";
 pub struct ClusterConfig {
     pub ray: RaySection,
     pub rccl: RcclSection,
+    /// Where every node's commands run unless the node sets its own `[nodes.runtime]`.
+    #[serde(default)]
+    pub runtime: Runtime,
     #[serde(default)]
     pub ssh: SshSection,
     #[serde(default)]
@@ -38,7 +44,10 @@ pub struct RaySection {
     /// `ray` executable on every node unless a node sets its own; `HALO_RAY` overrides.
     pub executable: String,
     pub num_cpus: u32,
-    pub num_gpus: u32,
+    /// GPUs each node offers to Ray; absent: detected per node (KFD topology, else amd-smi or
+    /// rocm-smi, inside the node's runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_gpus: Option<u32>,
     /// How long `up` waits for all nodes to show up in `ray status`.
     pub wait_secs: u64,
     /// Keep Ray's memory monitor (its OOM killer). Off by default: on unified-memory nodes the
@@ -68,9 +77,13 @@ pub struct SshSection {
     pub user: Option<String>,
     pub port: Option<u16>,
     pub key: Option<PathBuf>,
-    /// Extra `-o` options, e.g. "StrictHostKeyChecking=accept-new".
+    /// Extra `-o` options, e.g. "UserKnownHostsFile=/path".
     #[serde(default)]
     pub options: Vec<String>,
+    /// Record the host keys of nodes not seen before instead of failing
+    /// (`-o StrictHostKeyChecking=accept-new`; a changed key still fails).
+    #[serde(default)]
+    pub accept_new_host_keys: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,6 +166,9 @@ pub struct Node {
     pub ssh_port: Option<u16>,
     /// `ray` on this node, when it differs from `[ray] executable`.
     pub ray: Option<String>,
+    /// Where this node's commands run, when it differs from `[runtime]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
 }
 
 impl ClusterConfig {
@@ -162,7 +178,7 @@ impl ClusterConfig {
                 port: 6379,
                 executable: "ray".to_string(),
                 num_cpus: 8,
-                num_gpus: 1,
+                num_gpus: None,
                 wait_secs: 120,
                 memory_monitor: false,
             },
@@ -172,6 +188,7 @@ impl ClusterConfig {
                 ib_timeout: 23,
                 ib_retry_cnt: 7,
             },
+            runtime: Runtime::Host,
             ssh: SshSection::default(),
             model: ModelSection::default(),
             bench: BenchSection::default(),
@@ -192,6 +209,13 @@ impl ClusterConfig {
         if cfg.nodes.is_empty() {
             bail!("{}: no [[nodes]]", path.display());
         }
+        for rt in
+            std::iter::once(&cfg.runtime).chain(cfg.nodes.iter().filter_map(|n| n.runtime.as_ref()))
+        {
+            if let Err(e) = rt.validate() {
+                bail!("{}: [runtime]: {e}", path.display());
+            }
+        }
         Ok(cfg)
     }
 
@@ -209,6 +233,89 @@ impl ClusterConfig {
 
     pub fn head_address(&self) -> String {
         format!("{}:{}", self.head().ip, self.ray.port)
+    }
+
+    /// True for the first node, which `halo` runs on (its commands run here, not over SSH).
+    pub fn is_head(&self, node: &Node) -> bool {
+        node == self.head()
+    }
+
+    /// The node's `[nodes.runtime]`, else `[runtime]`.
+    pub fn runtime_for<'a>(&'a self, node: &'a Node) -> &'a Runtime {
+        node.runtime.as_ref().unwrap_or(&self.runtime)
+    }
+
+    /// THE way to run something on a node: `argv` with `env`, inside the node's runtime
+    /// ([`Runtime::wrap`]), here for the head and over SSH ([`super::ssh_command`]) for the others.
+    /// The caller adds nothing but stdio and a deadline (`crate::process::run_bounded`).
+    pub fn command(&self, node: &Node, env: &[(String, String)], argv: &[String]) -> Command {
+        let wrapped = self.runtime_for(node).wrap(env, argv);
+        if self.is_head(node) {
+            let mut cmd = Command::new(&wrapped[0]);
+            cmd.args(&wrapped[1..]);
+            cmd
+        } else {
+            let line: Vec<String> = wrapped.iter().map(|w| shell_quote(w)).collect();
+            super::ssh_command(self, node, &line.join(" "))
+        }
+    }
+
+    /// `argv` with the node's cluster environment ([`Self::node_env`]) plus `extra`, inside its
+    /// runtime ([`Self::command`]):
+    /// - public variables go on the command line (`env K=V`, `podman exec -e K=V`);
+    /// - `LD_LIBRARY_PATH` is put in front of the node's own loader path, expanded where the
+    ///   command runs (inside the container, when there is one);
+    /// - secrets ([`Self::secret_env`]) are read from stdin there, one line each, so they never
+    ///   appear on a command line or in `ps`: the caller writes [`NodeCommand::input`].
+    pub fn env_command(
+        &self,
+        node: &Node,
+        extra: &[(String, String)],
+        argv: &[String],
+    ) -> NodeCommand {
+        let mut public = Vec::new();
+        let mut ld_path = None;
+        for (k, v) in self
+            .public_env(node)
+            .into_iter()
+            .chain(extra.iter().cloned())
+        {
+            if k == "LD_LIBRARY_PATH" {
+                ld_path = Some(v);
+            } else {
+                public.retain(|(name, _): &(String, String)| *name != k);
+                public.push((k, v));
+            }
+        }
+        let secrets = self.secret_env();
+        let mut prelude: Vec<String> = secrets
+            .iter()
+            .map(|(k, _)| format!("IFS= read -r {k} && export {k}"))
+            .collect();
+        if let Some(dir) = &ld_path {
+            prelude.push(format!(
+                "LD_LIBRARY_PATH={}\"${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}\" && export LD_LIBRARY_PATH",
+                shell_quote(dir)
+            ));
+        }
+        let inner: Vec<String> = if prelude.is_empty() {
+            argv.to_vec()
+        } else {
+            // `sh -c` so neither the login shell of the remote user nor the runtime matters.
+            let mut v = vec![
+                "sh".to_string(),
+                "-c".to_string(),
+                format!("{} && exec \"$@\"", prelude.join(" && ")),
+                "sh".to_string(),
+            ];
+            v.extend(argv.iter().cloned());
+            v
+        };
+        NodeCommand {
+            cmd: self.command(node, &public, &inner),
+            input: (!secrets.is_empty())
+                .then(|| secrets.iter().map(|(_, v)| format!("{v}\n")).collect()),
+        }
     }
 
     /// `HALO_RAY`, else the node's own `ray`, else `[ray] executable`.
@@ -282,19 +389,13 @@ impl ClusterConfig {
         }
         secrets
     }
+}
 
-    /// [`Self::node_env`] for a process started here: the plugin's directory goes in front of
-    /// this process's `LD_LIBRARY_PATH` instead of replacing it.
-    pub fn local_env(&self, node: &Node) -> Vec<(String, String)> {
-        let mut env = self.node_env(node);
-        let current = std::env::var("LD_LIBRARY_PATH").ok();
-        for (k, v) in env.iter_mut() {
-            if k == "LD_LIBRARY_PATH" {
-                *v = crate::doctor::plugin::prepend_ld_path(v, current.as_deref());
-            }
-        }
-        env
-    }
+/// A command for a node and what must be written to its stdin first (the cluster's secrets,
+/// see [`ClusterConfig::env_command`]); give `input` to `crate::process::run_bounded_input`.
+pub struct NodeCommand {
+    pub cmd: Command,
+    pub input: Option<String>,
 }
 
 /// Where `up` records what it started: `cluster.state.json` beside `cluster.toml`.
@@ -316,5 +417,10 @@ const HEADER: &str = "\
 # [env] adds or overrides variables on every node (e.g. NCCL_DEBUG = \"INFO\").
 # HF_TOKEN (and any *TOKEN*/*SECRET*/*PASSWORD*/*API_KEY* variable) reaches the workers over
 # SSH's stdin, never on a command line; halo forwards HF_TOKEN from its own environment too.
+# [runtime] says where every command halo runs on a node goes (Ray, vLLM, probes): engine =
+# \"host\", or a container: engine = \"podman\" | \"toolbox\" | \"distrobox\" with name = \"…\",
+# or engine = \"command\" with enter = [\"PROGRAM\", …] (any command that runs its arguments
+# inside, e.g. unshare/chroot). A node can set its own under [nodes.runtime].
+# [ray] num_gpus, when present, replaces the GPU count detected on each node.
 
 ";

@@ -537,6 +537,7 @@ mod tests {
             ssh_user: None,
             ssh_port: None,
             ray: None,
+            runtime: None,
         };
         ClusterConfig::new(
             vec![node("10.0.0.1"), node("10.0.0.2")],

@@ -157,6 +157,9 @@ pub struct DoctorOptions {
     pub plugin: Option<PathBuf>,
     /// Hosts to check over SSH (`--peer`).
     pub peers: Vec<String>,
+    /// The cluster config, when there is one: a peer that is one of its nodes is reached with its
+    /// SSH settings and its doctor runs inside the node's runtime.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Facts several checks share, probed once.
@@ -233,11 +236,17 @@ pub fn run(opts: &DoctorOptions, probe: &dyn PluginProbe) -> NodeReport {
         peers: Vec::new(),
     };
     for peer in &opts.peers {
-        let (ssh_check, remote) = peer::check_peer(peer);
+        let (ssh_check, remote) = peer::check_peer(peer, opts.cluster.as_ref());
         let reached = ssh_check.verdict == Verdict::Pass;
         report.checks.push(ssh_check);
         if reached {
-            let compared = peer::compare(&report, &remote, peer, root.is_live());
+            let compared = peer::compare(
+                &report,
+                &remote,
+                peer,
+                root.is_live(),
+                opts.cluster.as_ref(),
+            );
             report.checks.extend(compared);
         }
         report.peers.push(remote);

@@ -1,5 +1,7 @@
 //! `--peer HOST`: passwordless SSH to the peer, then the peer's own doctor report, the two
-//! links compared, and (on the running system) an RDMA ping between them.
+//! links compared, and (on the running system) an RDMA ping between them. A peer that is a node
+//! of the cluster config is reached with the config's SSH settings, and its doctor runs inside
+//! the node's runtime (`ClusterConfig::command`), where RCCL and the plugin are.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -8,6 +10,7 @@ use super::link::LinkFacts;
 #[cfg(test)]
 use super::Verdict;
 use super::{Check, NodeReport};
+use crate::cluster::{probe, ClusterConfig};
 use crate::process::run_bounded;
 
 const SSH_OPTS: [&str; 4] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"];
@@ -18,7 +21,69 @@ fn ssh(host: &str, remote: &[&str]) -> Command {
     cmd
 }
 
-pub fn check_peer(host: &str) -> (Check, NodeReport) {
+pub fn check_peer(host: &str, cluster: Option<&ClusterConfig>) -> (Check, NodeReport) {
+    let node = cluster.and_then(|c| c.nodes.iter().find(|n| n.host == host).map(|n| (c, n)));
+    let Some((cfg, node)) = node else {
+        return check_plain_peer(host);
+    };
+    let id = format!("peer.ssh.{host}");
+    let title = format!("Passwordless SSH to {host}");
+    let failed_report = |why: String| NodeReport {
+        node: host.to_string(),
+        checks: vec![Check::skip("doctor.remote", "Doctor on the peer", why)],
+        link: None,
+        peers: Vec::new(),
+    };
+    if let Err(why) = probe::check_ssh(cfg, node) {
+        return (
+            Check::fail(
+                &id,
+                &title,
+                why,
+                "see the message; SSH settings are under [ssh] in the cluster config",
+            ),
+            failed_report("SSH to the peer failed".to_string()),
+        );
+    }
+    let ssh_check = Check::pass(&id, &title, format!("ssh {host} true: ok (cluster config)"));
+    let runtime = cfg.runtime_for(node).clone();
+    let argv = ["halo", "doctor", "--json"].map(String::from);
+    let remote = match run_bounded(&mut cfg.command(node, &[], &argv), Duration::from_secs(90)) {
+        Ok(out) => serde_json::from_str::<NodeReport>(&out.stdout).unwrap_or_else(|_| NodeReport {
+            node: host.to_string(),
+            checks: vec![Check::fail(
+                "doctor.remote",
+                "Doctor on the peer",
+                format!(
+                    "`halo doctor --json` in {runtime} on {host} gave no report: {}",
+                    last_line(&out.stderr)
+                ),
+                format!(
+                    "install halo in {runtime} on {host}, on its PATH (e.g. /usr/local/bin); {}",
+                    runtime.entry_hint()
+                ),
+            )],
+            link: None,
+            peers: Vec::new(),
+        }),
+        Err(e) => failed_report(e.to_string()),
+    };
+    (ssh_check, remote)
+}
+
+/// `argv` on the peer: inside its runtime with the config's SSH settings when it is a node of
+/// the cluster config, else over plain `ssh HOST`.
+fn peer_command(host: &str, cluster: Option<&ClusterConfig>, argv: &[String]) -> Command {
+    match cluster.and_then(|c| c.nodes.iter().find(|n| n.host == host).map(|n| (c, n))) {
+        Some((cfg, node)) => cfg.command(node, &[], argv),
+        None => {
+            let words: Vec<&str> = argv.iter().map(String::as_str).collect();
+            ssh(host, &words)
+        }
+    }
+}
+
+fn check_plain_peer(host: &str) -> (Check, NodeReport) {
     let id = format!("peer.ssh.{host}");
     let title = format!("Passwordless SSH to {host}");
     let failed_report = |why: String| NodeReport {
@@ -92,7 +157,14 @@ pub fn ssh_fix(host: &str, stderr: &str) -> String {
 }
 
 /// What must agree between two nodes for RCCL to connect them, and what only slows them.
-pub fn compare(local: &NodeReport, remote: &NodeReport, host: &str, live: bool) -> Vec<Check> {
+/// With `live`, an RDMA ping runs too; its server starts on the peer the way [`peer_command`] says.
+pub fn compare(
+    local: &NodeReport,
+    remote: &NodeReport,
+    host: &str,
+    live: bool,
+    cluster: Option<&ClusterConfig>,
+) -> Vec<Check> {
     let id = format!("peer.link.{host}");
     let title = format!("Cluster link matches {host}");
     let (Some(a), Some(b)) = (&local.link, &remote.link) else {
@@ -109,7 +181,7 @@ pub fn compare(local: &NodeReport, remote: &NodeReport, host: &str, live: bool) 
     };
     let mut out = vec![compare_links(&local.node, a, host, b)];
     if live {
-        out.push(ping(&local.node, a, host, b));
+        out.push(ping(a, host, b, cluster));
     }
     out
 }
@@ -307,7 +379,7 @@ pub fn judge_ping(
 
 /// Runs the ping: the server on the peer over SSH, then the client here (retried while the
 /// server is not listening yet).
-fn ping(_me: &str, a: &LinkFacts, host: &str, b: &LinkFacts) -> Check {
+fn ping(a: &LinkFacts, host: &str, b: &LinkFacts, cluster: Option<&ClusterConfig>) -> Check {
     let Some((server, client)) = ping_commands(a, b) else {
         return Check::skip(
             &format!("peer.rdma.{host}"),
@@ -315,8 +387,9 @@ fn ping(_me: &str, a: &LinkFacts, host: &str, b: &LinkFacts) -> Check {
             "device, GID or address of a node unknown",
         );
     };
-    let mut remote = ssh(host, &["timeout", "20"]);
-    remote.args(&server);
+    let mut argv = vec!["timeout".to_string(), "20".to_string()];
+    argv.extend(server);
+    let mut remote = peer_command(host, cluster, &argv);
     let outcome = (|| -> Result<(bool, String, String), String> {
         let server_child = remote
             .stdin(Stdio::null())

@@ -3,13 +3,19 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cluster;
+
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The built `halo`, blind to any container this machine's user recorded with
+/// `halo container create` (tests that want a record set HALO_STATE_DIR themselves).
 pub fn halo() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_halo"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halo"));
+    cmd.env("HALO_STATE_DIR", "/nonexistent/halo-test-state");
+    cmd
 }
 
 pub fn fixtures() -> PathBuf {
@@ -116,85 +122,11 @@ impl Overlay {
     }
 }
 
-/// An OpenSSH server on 127.0.0.1 for the tests (from scripts/setup-harness.sh), with a client
-/// key of its own; stopped on drop.
-pub struct Sshd {
-    child: std::process::Child,
-    pub port: u16,
-    pub client_key: PathBuf,
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use cluster::{free_port, Sshd};
 
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `/usr/sbin/sshd` with its keys in `dir`; `None` when sshd is not installed.
-pub fn start_sshd(dir: &Path) -> Option<Sshd> {
-    use std::time::{Duration, Instant};
+/// The tests' OpenSSH server ([`cluster::start_sshd`]); `None` when sshd is not installed.
+pub fn sshd_if_installed(dir: &Path) -> Option<Sshd> {
     let sshd = Path::new("/usr/sbin/sshd");
-    if !sshd.is_file() {
-        return None;
-    }
-    let keygen = |path: &Path| {
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(path)
-            .status()
-            .expect("ssh-keygen");
-        assert!(st.success(), "ssh-keygen failed");
-    };
-    let host_key = dir.join("host_ed25519");
-    let client_key = dir.join("client_ed25519");
-    keygen(&host_key);
-    keygen(&client_key);
-    fs::copy(dir.join("client_ed25519.pub"), dir.join("authorized_keys")).unwrap();
-    // sshd refuses to start without its privilege-separation directory.
-    fs::create_dir_all("/run/sshd").unwrap();
-    let port = free_port();
-    let config = dir.join("sshd_config");
-    fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nStrictModes no\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             UsePAM no\nPidFile {}\n",
-            host_key.display(),
-            dir.join("authorized_keys").display(),
-            dir.join("sshd.pid").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(sshd)
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let server = Sshd {
-        child,
-        port,
-        client_key,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "sshd did not listen: {}",
-            fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Some(server)
+    sshd.is_file().then(|| cluster::start_sshd(sshd, dir))
 }

@@ -103,13 +103,17 @@ impl Options {
             ("--max-size", self.max_size.to_string()),
             ("--seed", self.seed.to_string()),
             ("--timeout", self.timeout.as_secs().to_string()),
-            ("--report-every", self.report_every.to_string()),
         ] {
             a.push(k.into());
             a.push(v.into());
         }
+        // Soak options only when used: `halo conformance`'s receiver does not take them.
         if self.soak {
             a.push("--soak".into());
+        }
+        if self.report_every > 0 {
+            a.push("--report-every".into());
+            a.push(self.report_every.to_string().into());
         }
         a.push("--handle-on-stdout".into());
         a
@@ -557,5 +561,31 @@ fn fetch_handle(opts: &Options) -> Result<[u8; NCCL_NET_HANDLE_MAXSIZE], String>
             }
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(o: &Options) -> Vec<String> {
+        o.receiver_args()
+            .into_iter()
+            .map(|w| w.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_receiver_gets_soak_options_only_in_a_soak_run() {
+        let mut o = Options::new(PathBuf::from("/p.so"), 10);
+        let plain = words(&o);
+        assert!(plain.iter().all(|w| w != "--soak" && w != "--report-every"));
+        assert_eq!(plain.last().map(String::as_str), Some("--handle-on-stdout"));
+        o.soak = true;
+        o.report_every = 500;
+        let soak = words(&o);
+        assert!(soak.iter().any(|w| w == "--soak"));
+        let at = soak.iter().position(|w| w == "--report-every").unwrap();
+        assert_eq!(soak[at + 1], "500");
     }
 }
