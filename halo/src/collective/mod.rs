@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::cluster::{self, ClusterConfig};
+use crate::doctor::plugin::plugin_env;
 use crate::process::run_bounded;
 use rccl_log::{Claim, TransportSeen};
 
@@ -57,7 +58,16 @@ impl Variant {
         }
     }
 
-    /// The environment that selects this transport, on top of the node's own.
+    /// The environment that selects this transport, on top of the node's own (which
+    /// `halo cluster up` gave the plugin's directory on LD_LIBRARY_PATH).
+    ///
+    /// The plugin is named the way every RCCL loads it: `NCCL_NET_PLUGIN=halo` resolves to
+    /// librccl-net-halo.so on the loader path (RCCL of ROCm 6.1 and 6.2 never opens a path).
+    /// The built-in transports are chosen by `NCCL_NET`, which every RCCL matches against
+    /// the networks' names, so the IB row is RCCL's own IB even where a plugin is loaded.
+    /// `NCCL_NET_PLUGIN=none` keeps the plugin from loading at all: the newest RCCL treats
+    /// "none" as "no external plugin"; older ones look for a library named after it
+    /// (librccl-net-none.so), find none, and use their internal networks.
     pub fn env(self, cfg: &ClusterConfig) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         let mut set = |k: &str, v: &str| {
@@ -67,13 +77,18 @@ impl Variant {
             set("NCCL_DEBUG", "INFO");
             set("NCCL_DEBUG_SUBSYS", "INIT,NET");
         }
+        let plugin = plugin_env(&cfg.rccl.plugin)
+            .into_iter()
+            .find(|(k, _)| k == "NCCL_NET_PLUGIN")
+            .map(|(_, v)| v)
+            .unwrap_or_default();
         match self {
             Variant::Plugin => {
-                set("NCCL_NET_PLUGIN", &cfg.rccl.plugin);
+                set("NCCL_NET_PLUGIN", &plugin);
                 set("NCCL_NET_GDR_LEVEL", &cfg.rccl.gdr_level);
             }
             Variant::PluginNoGdr => {
-                set("NCCL_NET_PLUGIN", &cfg.rccl.plugin);
+                set("NCCL_NET_PLUGIN", &plugin);
                 set("NCCL_NET_GDR_LEVEL", "LOC");
             }
             Variant::Ib => {
@@ -445,9 +460,10 @@ pub fn render(report: &CollectiveReport) -> String {
     for v in &report.variants {
         let _ = writeln!(s, "\n## {} ({})", v.variant.name(), v.backend);
         if let Some(t) = &v.transport {
+            let abi = t.plugin_abi.map(|v| format!(" (v{v})")).unwrap_or_default();
             let _ = writeln!(
                 s,
-                "   transport: network {}, plugin {}, {} of {} network channels GDRDMA",
+                "   transport: network {}, plugin {}{abi}, {} of {} network channels GDRDMA",
                 t.network.as_deref().unwrap_or("?"),
                 t.plugin.as_deref().unwrap_or("none"),
                 t.gdr_channels,
@@ -554,6 +570,14 @@ mod tests {
 
     #[test]
     fn variant_environments() {
+        let mut c = cfg();
+        // The installed library is named as every RCCL loads it: by its short name (RCCL of
+        // ROCm 6.1/6.2 would look for librccl-net-/opt/....so.so and silently use IB).
+        c.rccl.plugin = "/opt/halo/lib/librccl-net-halo.so".into();
+        for v in [Variant::Plugin, Variant::PluginNoGdr] {
+            assert_eq!(v.env(&c)["NCCL_NET_PLUGIN"], "halo", "{v:?}");
+        }
+        // A library under another file name can only be given by its path.
         let c = cfg();
         let p = Variant::Plugin.env(&c);
         assert_eq!(p["NCCL_NET_PLUGIN"], "/p/lib.so");
