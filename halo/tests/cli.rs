@@ -340,3 +340,28 @@ fn report_writes_markdown_and_json_and_redacts() {
     }
     assert!(md.contains("## Doctor: node1"), "{md}");
 }
+
+#[test]
+fn collective_bf16_with_gloo_is_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    for types in [["--dtypes", "bf16"], ["--dtype", "fp32,bf16"]] {
+        let out = halo()
+            .arg("--config")
+            .arg(dir.path().join("cluster.toml"))
+            .args(["bench", "--collective", "--variants", "gloo"])
+            .args(types)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{types:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("--dtypes bf16 cannot run with --variants gloo")
+                && err.contains("use --dtypes fp32 with gloo"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("cluster.toml"),
+            "checked before the config: {err}"
+        );
+    }
+}

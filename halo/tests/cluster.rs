@@ -391,6 +391,16 @@ gid_index = 1
     assert!(coll.success, "bench --collective failed");
     let rep: serde_json::Value = serde_json::from_str(&coll.stdout).unwrap();
     assert_eq!(rep["ranks"], 2);
+    // bf16 is left out by default with gloo, and the report says so.
+    let notes = rep["notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 1, "{rep}");
+    assert!(
+        notes[0]
+            .as_str()
+            .unwrap()
+            .starts_with("bf16 not measured: torch's gloo backend rejects bf16"),
+        "{rep}"
+    );
     let v = &rep["variants"][0];
     assert_eq!(v["variant"], "gloo");
     assert_eq!(v["error"], serde_json::Value::Null, "{v}");
@@ -453,6 +463,7 @@ gid_index = 1
         600,
     );
     assert!(text.success);
+    assert!(!text.stdout.contains("note:"), "{}", text.stdout);
     assert!(text.stdout.contains("#wrong"), "{}", text.stdout);
     assert!(
         text.stdout.contains("decode step: 64 x 8 KiB all-reduce"),

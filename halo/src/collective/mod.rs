@@ -139,13 +139,8 @@ pub struct CollectiveArgs {
     /// Decode-shaped steps timed per row.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub decode_steps: u32,
-    /// Element types (fp32, bf16).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "fp32,bf16",
-        value_name = "LIST"
-    )]
+    /// Element types (fp32, bf16) [default: fp32,bf16; fp32 with gloo, which has no bf16].
+    #[arg(long, alias = "dtype", value_delimiter = ',', value_name = "LIST")]
     pub dtypes: Vec<String>,
     /// Seconds one variant may take before it is reported as failed.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
@@ -195,6 +190,8 @@ pub struct CollectiveReport {
     pub ranks: usize,
     pub nodes: Vec<String>,
     pub torch: Option<String>,
+    /// What was left out of the run and why (e.g. bf16 with gloo).
+    pub notes: Vec<String>,
     pub variants: Vec<VariantResult>,
 }
 
@@ -250,15 +247,21 @@ pub fn driver_python(cfg: &ClusterConfig) -> String {
     }
 }
 
-/// Runs every variant and gathers the report (errors of single variants are in the report).
-pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport> {
-    let cfg = ClusterConfig::load(config_path)?;
-    if cfg.nodes.len() < 2 {
-        bail!(
-            "--collective needs at least two nodes in {}",
-            config_path.display()
-        );
-    }
+/// What a run measures, settled from the arguments alone (before anything starts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub variants: Vec<Variant>,
+    pub dtypes: Vec<String>,
+    /// What the defaults left out and why; shown with the results.
+    pub notes: Vec<String>,
+}
+
+/// Why gloo runs leave bf16 out.
+pub const GLOO_BF16: &str = "torch's gloo backend rejects bf16 all-reduce and all-gather \
+     (\"Invalid scalar type\" in Debian's torch 1.13)";
+
+/// Checks the arguments and settles variants and types; errors here come before any run.
+pub fn plan(args: &CollectiveArgs) -> Result<Plan> {
     let variants = if args.variants.is_empty() {
         vec![
             Variant::Plugin,
@@ -269,8 +272,8 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
     } else {
         args.variants.clone()
     };
-    let backends: Vec<&str> = variants.iter().map(|v| v.backend()).collect();
-    if backends.iter().any(|b| *b != backends[0]) {
+    let gloo = variants.contains(&Variant::Gloo);
+    if gloo && variants.iter().any(|v| *v != Variant::Gloo) {
         bail!("gloo cannot be mixed with the RCCL variants in one run");
     }
     for d in &args.dtypes {
@@ -278,14 +281,49 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
             bail!("--dtypes: unknown type '{d}' (fp32, bf16)");
         }
     }
-    let mut dtypes = args.dtypes.clone();
-    if backends[0] == "gloo" && dtypes.iter().any(|d| d == "bf16") {
-        // torch's gloo backend rejects bf16 reductions ("Invalid scalar type").
-        eprintln!("collective: gloo has no bf16 reductions; measuring fp32 only");
-        dtypes.retain(|d| d != "bf16");
-        if dtypes.is_empty() {
-            dtypes.push("fp32".into());
+    let mut notes = Vec::new();
+    let dtypes = if args.dtypes.is_empty() {
+        if gloo {
+            notes.push(format!("bf16 not measured: {GLOO_BF16}"));
+            vec!["fp32".to_string()]
+        } else {
+            vec!["fp32".to_string(), "bf16".to_string()]
         }
+    } else {
+        if gloo && args.dtypes.iter().any(|d| d == "bf16") {
+            bail!("--dtypes bf16 cannot run with --variants gloo: {GLOO_BF16}; use --dtypes fp32 with gloo, or the RCCL variants for bf16");
+        }
+        let mut d: Vec<String> = Vec::new();
+        for t in &args.dtypes {
+            if !d.contains(t) {
+                d.push(t.clone());
+            }
+        }
+        d
+    };
+    Ok(Plan {
+        variants,
+        dtypes,
+        notes,
+    })
+}
+
+/// Runs every variant and gathers the report (errors of single variants are in the report).
+pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport> {
+    let Plan {
+        variants,
+        dtypes,
+        notes,
+    } = plan(args)?;
+    let cfg = ClusterConfig::load(config_path)?;
+    if cfg.nodes.len() < 2 {
+        bail!(
+            "--collective needs at least two nodes in {}",
+            config_path.display()
+        );
+    }
+    for n in &notes {
+        eprintln!("collective: note: {n}");
     }
     let mut results = Vec::new();
     let mut torch = None;
@@ -352,6 +390,7 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
         ranks: cfg.nodes.len(),
         nodes: cfg.nodes.iter().map(|n| n.ip.clone()).collect(),
         torch,
+        notes,
         variants: results,
     })
 }
@@ -457,6 +496,9 @@ pub fn render(report: &CollectiveReport) -> String {
         report.nodes.join(", "),
         report.torch.as_deref().unwrap_or("?")
     );
+    for n in &report.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
     for v in &report.variants {
         let _ = writeln!(s, "\n## {} ({})", v.variant.name(), v.backend);
         if let Some(t) = &v.transport {
@@ -629,5 +671,66 @@ mod tests {
         // gloo has no RCCL log to check.
         let v = assemble(Variant::Gloo, &cfg(), &raw(&[], 0));
         assert_eq!((v.error, v.rows.len()), (None, 1));
+    }
+
+    fn args(variants: &[Variant], dtypes: &[&str]) -> CollectiveArgs {
+        CollectiveArgs {
+            variants: variants.to_vec(),
+            max_bytes: 1 << 20,
+            iters: 1,
+            decode_steps: 1,
+            dtypes: dtypes.iter().map(|d| d.to_string()).collect(),
+            variant_timeout: 60,
+            inject_wrong: 0,
+        }
+    }
+
+    #[test]
+    fn gloo_leaves_bf16_out_with_a_note_and_refuses_it_when_asked() {
+        let p = plan(&args(&[Variant::Gloo], &[])).unwrap();
+        assert_eq!(p.dtypes, ["fp32"]);
+        assert_eq!(p.notes.len(), 1);
+        assert!(
+            p.notes[0].starts_with("bf16 not measured: torch's gloo backend rejects bf16"),
+            "{:?}",
+            p.notes
+        );
+        for asked in [&["bf16"][..], &["fp32", "bf16"]] {
+            let e = plan(&args(&[Variant::Gloo], asked))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--dtypes bf16 cannot run with --variants gloo")
+                    && e.contains("Invalid scalar type"),
+                "{e}"
+            );
+        }
+        let p = plan(&args(&[Variant::Gloo], &["fp32", "fp32"])).unwrap();
+        assert_eq!((p.dtypes, p.notes.len()), (vec!["fp32".to_string()], 0));
+        // RCCL variants measure both by default, without notes.
+        let p = plan(&args(&[], &[])).unwrap();
+        assert_eq!(p.dtypes, ["fp32", "bf16"]);
+        assert_eq!(p.variants.len(), 4);
+        assert!(p.notes.is_empty());
+        assert!(plan(&args(&[Variant::Gloo, Variant::Ib], &[])).is_err());
+        assert!(plan(&args(&[Variant::Ib], &["fp16"])).is_err());
+    }
+
+    #[test]
+    fn the_report_shows_the_notes() {
+        let report = CollectiveReport {
+            ranks: 2,
+            nodes: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            torch: Some("1.13.0a0".into()),
+            notes: vec![format!("bf16 not measured: {GLOO_BF16}")],
+            variants: Vec::new(),
+        };
+        let text = render(&report);
+        assert!(
+            text.contains("note: bf16 not measured: torch's gloo backend rejects bf16"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["notes"][0].as_str().unwrap().contains("bf16"));
     }
 }
