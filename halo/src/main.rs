@@ -79,6 +79,9 @@ enum Cmd {
     /// Prints the comparison table (path, latency, bandwidth) and per-size rows; --json for
     /// scripts, --plot FILE.svg|png for a chart. TCP needs nothing but halo on both nodes;
     /// the RDMA rows need perftest (and the same --ibdev/--gid-index rules as NCCL_IB_GID_INDEX).
+    ///
+    /// With --collective (cluster.toml, `halo cluster up`): all-reduce and all-gather through
+    /// RCCL per transport, rccl-tests' columns; --plot draws bus bandwidth and decode steps.
     #[command(verbatim_doc_comment)]
     Bench(NetBenchArgs),
     /// Measure vLLM throughput at TP=1 and TP=N and print them side by side
@@ -143,7 +146,8 @@ struct NetBenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-    /// Also draw latency and bandwidth against message size into FILE (.svg, or .png via rsvg-convert).
+    /// Also draw the results against message size into FILE (.svg, or .png via rsvg-convert):
+    /// latency and bandwidth; with --collective, bus bandwidth and the decode-step times.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
 }
@@ -311,11 +315,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn run_collective(args: &NetBenchArgs, config: &Path) -> Result<ExitCode> {
+    if let Some(path) = &args.plot {
+        halo::bench::plot::format_of(path)?;
+    }
     let report = halo::collective::run(&args.coll, config)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", halo::collective::render(&report));
+    }
+    if let Some(path) = &args.plot {
+        halo::bench::plot::write_doc(path, &halo::collective::plot_svg(&report))?;
+        eprintln!("plot written to {}", path.display());
     }
     Ok(if report.failed() {
         ExitCode::from(1)
@@ -325,6 +336,9 @@ fn run_collective(args: &NetBenchArgs, config: &Path) -> Result<ExitCode> {
 }
 
 fn run_net_bench(args: NetBenchArgs) -> Result<ExitCode> {
+    if let Some(path) = &args.plot {
+        halo::bench::plot::format_of(path)?;
+    }
     if let Some(addr) = args.listen {
         halo::bench::control::serve(addr, args.plugin.as_deref())?;
         return Ok(ExitCode::SUCCESS);

@@ -14,6 +14,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::bench::plot::{self, Panel, Series};
 use crate::cluster::{self, ClusterConfig};
 use crate::doctor::plugin::plugin_env;
 use crate::process::run_bounded;
@@ -580,6 +581,80 @@ pub fn render(report: &CollectiveReport) -> String {
     s
 }
 
+/// The plot's lines: bus bandwidth per variant, op and type (colour by variant, stroke by op
+/// and type), and the decode-step time per variant. Failed variants have no lines.
+pub fn plot_series(report: &CollectiveReport) -> (Vec<Series>, Vec<Series>) {
+    let mut kinds: Vec<(String, String)> = Vec::new();
+    let mut busbw: Vec<Series> = Vec::new();
+    let mut decode: Vec<Series> = Vec::new();
+    for (color, v) in report.variants.iter().enumerate() {
+        if v.error.is_some() {
+            continue;
+        }
+        for r in &v.rows {
+            let kind = (r.op.clone(), r.dtype.clone());
+            let dash = match kinds.iter().position(|k| *k == kind) {
+                Some(i) => i,
+                None => {
+                    kinds.push(kind);
+                    kinds.len() - 1
+                }
+            };
+            let label = format!("{} {} {}", v.variant.name(), r.op, r.dtype);
+            match busbw.iter_mut().find(|s| s.label == label) {
+                Some(s) => s.points.push((r.size, r.busbw_gbs)),
+                None => busbw.push(Series {
+                    color: Some(color),
+                    dash,
+                    ..Series::new(label, vec![(r.size, r.busbw_gbs)])
+                }),
+            }
+        }
+        if !v.decode.is_empty() {
+            let dtype = &v.decode[0].dtype;
+            decode.push(Series {
+                color: Some(color),
+                ..Series::new(
+                    format!("{} ({dtype})", v.variant.name()),
+                    v.decode.iter().map(|d| (d.size, d.step_us)).collect(),
+                )
+            });
+        }
+    }
+    (busbw, decode)
+}
+
+/// The chart `--collective --plot` writes: bus bandwidth against size, and the decode steps.
+pub fn plot_svg(report: &CollectiveReport) -> String {
+    let (busbw, decode) = plot_series(report);
+    let mut shapes: Vec<String> = Vec::new();
+    for d in report.variants.iter().flat_map(|v| &v.decode) {
+        let shape = format!("{} x {} KiB", d.ops, d.size / 1024);
+        if !shapes.contains(&shape) {
+            shapes.push(shape);
+        }
+    }
+    let decode_title = if shapes.is_empty() {
+        "decode step".to_string()
+    } else {
+        format!("decode step: {} all-reduces", shapes.join(", "))
+    };
+    plot::svg_panels(&[
+        Panel {
+            title: "bus bandwidth",
+            unit: "busbw (GB/s)",
+            series: &busbw,
+            log_y: false,
+        },
+        Panel {
+            title: &decode_title,
+            unit: "time per step (µs)",
+            series: &decode,
+            log_y: false,
+        },
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,5 +807,115 @@ mod tests {
         );
         let json = serde_json::to_value(&report).unwrap();
         assert!(json["notes"][0].as_str().unwrap().contains("bf16"));
+    }
+
+    /// Recorded results of a four-variant run with one failed variant.
+    fn recorded() -> CollectiveReport {
+        let rows = |scale: f64| {
+            let mut rows = Vec::new();
+            for op in ["all_reduce", "all_gather"] {
+                for dtype in ["fp32", "bf16"] {
+                    for size in [4096u64, 65536, 1 << 20] {
+                        let time_us = 20.0 + size as f64 / (scale * 1e3);
+                        let algbw = size as f64 / (time_us * 1e3);
+                        rows.push(Row {
+                            op: op.into(),
+                            dtype: dtype.into(),
+                            size,
+                            count: size / 4,
+                            time_us,
+                            algbw_gbs: algbw,
+                            busbw_gbs: algbw * bus_factor(op, 2),
+                            wrong: 0,
+                        });
+                    }
+                }
+            }
+            rows
+        };
+        let decode = |step: f64| {
+            vec![
+                DecodeRow {
+                    ops: 64,
+                    size: 8192,
+                    dtype: "bf16".into(),
+                    step_us: step,
+                    wrong: 0,
+                },
+                DecodeRow {
+                    ops: 160,
+                    size: 16384,
+                    dtype: "bf16".into(),
+                    step_us: 3.0 * step,
+                    wrong: 0,
+                },
+            ]
+        };
+        let c = cfg();
+        let ok = |variant: Variant, scale: f64, step: f64| VariantResult {
+            rows: rows(scale),
+            decode: decode(step),
+            ..failed(variant, &c, String::new())
+        };
+        let mut plugin = ok(Variant::Plugin, 5.0, 700.0);
+        plugin.error = None;
+        let mut ib = ok(Variant::Ib, 4.0, 900.0);
+        ib.error = None;
+        let mut socket = ok(Variant::Socket, 1.0, 2500.0);
+        socket.error = None;
+        let broken = failed(
+            Variant::PluginNoGdr,
+            &c,
+            "plugin-nogdr is not a halo run: RCCL used network IB".into(),
+        );
+        CollectiveReport {
+            ranks: 2,
+            nodes: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            torch: Some("2.5".into()),
+            notes: Vec::new(),
+            variants: vec![plugin, broken, ib, socket],
+        }
+    }
+
+    #[test]
+    fn plot_file_from_recorded_rows() {
+        use crate::bench::plot::check::{png_size, series_points, well_formed_svg};
+        let report = recorded();
+        let dir = tempfile::tempdir().unwrap();
+        let svg_path = dir.path().join("collective.svg");
+        plot::write_doc(&svg_path, &plot_svg(&report)).unwrap();
+        let doc = std::fs::read_to_string(&svg_path).unwrap();
+        assert_eq!(well_formed_svg(&doc), Ok(()));
+        assert!(doc.contains(">bus bandwidth<") && doc.contains(">busbw (GB/s)<"));
+        assert!(
+            doc.contains(">decode step: 64 x 8 KiB, 160 x 16 KiB all-reduces<"),
+            "{doc}"
+        );
+        let series = series_points(&doc);
+        // 3 variants with rows x 2 ops x 2 types, 3 sizes each; then one decode line per
+        // variant with its two shapes. The failed variant draws nothing.
+        let mut want: Vec<(String, usize)> = Vec::new();
+        for v in ["plugin", "ib", "socket"] {
+            for op in ["all_reduce", "all_gather"] {
+                for t in ["fp32", "bf16"] {
+                    want.push((format!("{v} {op} {t}"), 3));
+                }
+            }
+        }
+        for v in ["plugin", "ib", "socket"] {
+            want.push((format!("{v} (bf16)"), 2));
+        }
+        assert_eq!(series, want);
+        assert!(!doc.contains("plugin-nogdr"));
+        // Sizes on a log2 axis: 4K to 1M labelled; colour per variant, stroke per op and type.
+        assert!(doc.contains(">4K<") && doc.contains(">1M<"));
+        assert_eq!(doc.matches(r#"stroke-dasharray="6,3""#).count(), 3 * 2);
+        // The same chart as a PNG.
+        let png_path = dir.path().join("collective.png");
+        plot::write_doc(&png_path, &plot_svg(&report))
+            .expect("PNG written (needs rsvg-convert from scripts/setup-harness.sh)");
+        let (w, h) = png_size(&std::fs::read(&png_path).unwrap()).unwrap();
+        assert_eq!(w, 1040);
+        assert!(h > 340, "{h}");
     }
 }
