@@ -84,6 +84,9 @@ enum Cmd {
     /// (path, latency, bandwidth; a path that failed shows its own error) and per-size rows;
     /// --json for scripts, --plot FILE.svg|png for a chart. Exit 1 when any path failed.
     /// TCP needs nothing but halo on both nodes; the RDMA rows need perftest.
+    ///
+    /// With --collective (cluster.toml, `halo cluster up`): all-reduce and all-gather through
+    /// RCCL per transport, rccl-tests' columns; --plot draws bus bandwidth and decode steps.
     #[command(verbatim_doc_comment)]
     Bench(NetBenchArgs),
     /// Check any RCCL/NCCL net plugin against the ncclNet ABI: the project's conformance run
@@ -177,7 +180,8 @@ struct NetBenchArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-    /// Also draw latency and bandwidth against message size into FILE (.svg, or .png via rsvg-convert).
+    /// Also draw the results against message size into FILE (.svg, or .png via rsvg-convert):
+    /// latency and bandwidth; with --collective, bus bandwidth and the decode-step times.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
     /// Read /sys below DIR when checking the RDMA device (captured trees, tests).
@@ -375,11 +379,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn run_collective(args: &NetBenchArgs, config: &Path) -> Result<ExitCode> {
+    if let Some(path) = &args.plot {
+        halo::bench::plot::check_target(path)?;
+    }
     let report = halo::collective::run(&args.coll, config)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", halo::collective::render(&report));
+    }
+    if let Some(path) = &args.plot {
+        halo::bench::plot::write_doc(path, &halo::collective::plot_svg(&report))?;
+        eprintln!("plot written to {}", path.display());
     }
     Ok(if report.failed() {
         ExitCode::from(1)

@@ -505,3 +505,68 @@ fn report_writes_markdown_and_json_and_redacts() {
     }
     assert!(md.contains("## Doctor: node1"), "{md}");
 }
+
+#[test]
+fn bench_refuses_a_plot_file_it_cannot_write_before_measuring() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("cluster.toml");
+    // --collective: refused before the cluster config is even read.
+    let out = halo()
+        .arg("--config")
+        .arg(&missing)
+        .args(["bench", "--collective", "--variants", "gloo", "--plot"])
+        .arg(dir.path().join("c.jpg"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--plot takes a .svg or .png file name, not") && err.contains("c.jpg"),
+        "{err}"
+    );
+    // The network bench: refused at once, not after waiting for a peer that is not there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::time::Instant::now();
+    let out = halo()
+        .args(["bench", "--peer", &format!("127.0.0.1:{port}")])
+        .args(["--connect-wait", "20", "--plot"])
+        .arg(dir.path().join("b.pdf"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--plot takes a .svg or .png file name"),
+        "{err}"
+    );
+    assert!(started.elapsed().as_secs() < 10, "{err}");
+}
+
+#[test]
+fn collective_bf16_with_gloo_is_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    for types in [["--dtypes", "bf16"], ["--dtype", "fp32,bf16"]] {
+        let out = halo()
+            .arg("--config")
+            .arg(dir.path().join("cluster.toml"))
+            .args(["bench", "--collective", "--variants", "gloo"])
+            .args(types)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{types:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("--dtypes bf16 cannot run with --variants gloo")
+                && err.contains("use --dtypes fp32 with gloo"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("cluster.toml"),
+            "checked before the config: {err}"
+        );
+    }
+}

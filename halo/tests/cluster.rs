@@ -284,10 +284,35 @@ gid_index = 1
         "2",
         "--json",
     ];
-    let coll = run(halo_cfg().args(coll_args), 600);
+    let plot = dir.path().join("collective.svg");
+    let coll = run(halo_cfg().args(coll_args).arg("--plot").arg(&plot), 600);
     assert!(coll.success, "bench --collective failed");
     let rep: serde_json::Value = serde_json::from_str(&coll.stdout).unwrap();
     assert_eq!(rep["ranks"], 2);
+    // bf16 is left out by default with gloo, and the report says so.
+    let notes = rep["notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 1, "{rep}");
+    assert!(
+        notes[0]
+            .as_str()
+            .unwrap()
+            .starts_with("bf16 not measured: torch's gloo backend rejects bf16"),
+        "{rep}"
+    );
+    // The plot: one bus-bandwidth line per op with a point per size, one decode line.
+    let svg = fs::read_to_string(&plot).expect("--plot wrote the SVG");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for (label, points) in [
+        ("gloo all_reduce fp32", 4),
+        ("gloo all_gather fp32", 4),
+        ("gloo (fp32)", 2),
+    ] {
+        let open = format!(r#"<g class="series" data-label="{label}">"#);
+        let body = svg.split(&open).nth(1).expect(label);
+        let body = &body[..body.find("</g>").unwrap()];
+        assert_eq!(body.matches("<circle").count(), points, "{label}: {svg}");
+    }
+    assert_eq!(svg.matches(r#"<g class="series""#).count(), 3, "{svg}");
     let v = &rep["variants"][0];
     assert_eq!(v["variant"], "gloo");
     assert_eq!(v["error"], serde_json::Value::Null, "{v}");
@@ -332,24 +357,34 @@ gid_index = 1
         assert_eq!(r["wrong"], 5, "{r}");
     }
     assert_eq!(v["decode"][0]["wrong"], 5);
+    let png = dir.path().join("collective.png");
     let text = run(
-        halo_cfg().args([
-            "bench",
-            "--collective",
-            "--variants",
-            "gloo",
-            "--max-bytes",
-            "4096",
-            "--iters",
-            "1",
-            "--decode-steps",
-            "1",
-            "--dtypes",
-            "fp32",
-        ]),
+        halo_cfg()
+            .args([
+                "bench",
+                "--collective",
+                "--variants",
+                "gloo",
+                "--max-bytes",
+                "4096",
+                "--iters",
+                "1",
+                "--decode-steps",
+                "1",
+                "--dtypes",
+                "fp32",
+                "--plot",
+            ])
+            .arg(&png),
         600,
     );
     assert!(text.success);
+    let bytes = fs::read(&png).expect("--plot wrote the PNG (rsvg-convert)");
+    assert!(
+        bytes.len() > 1000 && bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+        "not a PNG of substance"
+    );
+    assert!(!text.stdout.contains("note:"), "{}", text.stdout);
     assert!(text.stdout.contains("#wrong"), "{}", text.stdout);
     assert!(
         text.stdout.contains("decode step: 64 x 8 KiB all-reduce"),

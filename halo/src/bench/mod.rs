@@ -570,10 +570,7 @@ pub fn series(r: &BenchReport) -> (Vec<Series>, Vec<Series>) {
         };
         match list.iter_mut().find(|s| s.label == row.path) {
             Some(s) => s.points.push((row.bytes, v)),
-            None => list.push(Series {
-                label: row.path.clone(),
-                points: vec![(row.bytes, v)],
-            }),
+            None => list.push(Series::new(row.path.clone(), vec![(row.bytes, v)])),
         }
     }
     (lat, bw)

@@ -14,7 +14,9 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::bench::plot::{self, Panel, Series};
 use crate::cluster::{self, ClusterConfig};
+use crate::doctor::plugin::plugin_env;
 use crate::process::run_bounded;
 use rccl_log::{Claim, TransportSeen};
 
@@ -57,7 +59,16 @@ impl Variant {
         }
     }
 
-    /// The environment that selects this transport, on top of the node's own.
+    /// The environment that selects this transport, on top of the node's own (which
+    /// `halo cluster up` gave the plugin's directory on LD_LIBRARY_PATH).
+    ///
+    /// The plugin is named the way every RCCL loads it: `NCCL_NET_PLUGIN=halo` resolves to
+    /// librccl-net-halo.so on the loader path (RCCL of ROCm 6.1 and 6.2 never opens a path).
+    /// The built-in transports are chosen by `NCCL_NET`, which every RCCL matches against
+    /// the networks' names, so the IB row is RCCL's own IB even where a plugin is loaded.
+    /// `NCCL_NET_PLUGIN=none` keeps the plugin from loading at all: the newest RCCL treats
+    /// "none" as "no external plugin"; older ones look for a library named after it
+    /// (librccl-net-none.so), find none, and use their internal networks.
     pub fn env(self, cfg: &ClusterConfig) -> BTreeMap<String, String> {
         let mut env = BTreeMap::new();
         let mut set = |k: &str, v: &str| {
@@ -67,13 +78,18 @@ impl Variant {
             set("NCCL_DEBUG", "INFO");
             set("NCCL_DEBUG_SUBSYS", "INIT,NET");
         }
+        let plugin = plugin_env(&cfg.rccl.plugin)
+            .into_iter()
+            .find(|(k, _)| k == "NCCL_NET_PLUGIN")
+            .map(|(_, v)| v)
+            .unwrap_or_default();
         match self {
             Variant::Plugin => {
-                set("NCCL_NET_PLUGIN", &cfg.rccl.plugin);
+                set("NCCL_NET_PLUGIN", &plugin);
                 set("NCCL_NET_GDR_LEVEL", &cfg.rccl.gdr_level);
             }
             Variant::PluginNoGdr => {
-                set("NCCL_NET_PLUGIN", &cfg.rccl.plugin);
+                set("NCCL_NET_PLUGIN", &plugin);
                 set("NCCL_NET_GDR_LEVEL", "LOC");
             }
             Variant::Ib => {
@@ -124,13 +140,8 @@ pub struct CollectiveArgs {
     /// Decode-shaped steps timed per row.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub decode_steps: u32,
-    /// Element types (fp32, bf16).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "fp32,bf16",
-        value_name = "LIST"
-    )]
+    /// Element types (fp32, bf16) [default: fp32,bf16; fp32 with gloo, which has no bf16].
+    #[arg(long, alias = "dtype", value_delimiter = ',', value_name = "LIST")]
     pub dtypes: Vec<String>,
     /// Seconds one variant may take before it is reported as failed.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
@@ -180,6 +191,8 @@ pub struct CollectiveReport {
     pub ranks: usize,
     pub nodes: Vec<String>,
     pub torch: Option<String>,
+    /// What was left out of the run and why (e.g. bf16 with gloo).
+    pub notes: Vec<String>,
     pub variants: Vec<VariantResult>,
 }
 
@@ -235,15 +248,21 @@ pub fn driver_python(cfg: &ClusterConfig) -> String {
     }
 }
 
-/// Runs every variant and gathers the report (errors of single variants are in the report).
-pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport> {
-    let cfg = ClusterConfig::load(config_path)?;
-    if cfg.nodes.len() < 2 {
-        bail!(
-            "--collective needs at least two nodes in {}",
-            config_path.display()
-        );
-    }
+/// What a run measures, settled from the arguments alone (before anything starts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub variants: Vec<Variant>,
+    pub dtypes: Vec<String>,
+    /// What the defaults left out and why; shown with the results.
+    pub notes: Vec<String>,
+}
+
+/// Why gloo runs leave bf16 out.
+pub const GLOO_BF16: &str = "torch's gloo backend rejects bf16 all-reduce and all-gather \
+     (\"Invalid scalar type\" in Debian's torch 1.13)";
+
+/// Checks the arguments and settles variants and types; errors here come before any run.
+pub fn plan(args: &CollectiveArgs) -> Result<Plan> {
     let variants = if args.variants.is_empty() {
         vec![
             Variant::Plugin,
@@ -254,8 +273,8 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
     } else {
         args.variants.clone()
     };
-    let backends: Vec<&str> = variants.iter().map(|v| v.backend()).collect();
-    if backends.iter().any(|b| *b != backends[0]) {
+    let gloo = variants.contains(&Variant::Gloo);
+    if gloo && variants.iter().any(|v| *v != Variant::Gloo) {
         bail!("gloo cannot be mixed with the RCCL variants in one run");
     }
     for d in &args.dtypes {
@@ -263,14 +282,49 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
             bail!("--dtypes: unknown type '{d}' (fp32, bf16)");
         }
     }
-    let mut dtypes = args.dtypes.clone();
-    if backends[0] == "gloo" && dtypes.iter().any(|d| d == "bf16") {
-        // torch's gloo backend rejects bf16 reductions ("Invalid scalar type").
-        eprintln!("collective: gloo has no bf16 reductions; measuring fp32 only");
-        dtypes.retain(|d| d != "bf16");
-        if dtypes.is_empty() {
-            dtypes.push("fp32".into());
+    let mut notes = Vec::new();
+    let dtypes = if args.dtypes.is_empty() {
+        if gloo {
+            notes.push(format!("bf16 not measured: {GLOO_BF16}"));
+            vec!["fp32".to_string()]
+        } else {
+            vec!["fp32".to_string(), "bf16".to_string()]
         }
+    } else {
+        if gloo && args.dtypes.iter().any(|d| d == "bf16") {
+            bail!("--dtypes bf16 cannot run with --variants gloo: {GLOO_BF16}; use --dtypes fp32 with gloo, or the RCCL variants for bf16");
+        }
+        let mut d: Vec<String> = Vec::new();
+        for t in &args.dtypes {
+            if !d.contains(t) {
+                d.push(t.clone());
+            }
+        }
+        d
+    };
+    Ok(Plan {
+        variants,
+        dtypes,
+        notes,
+    })
+}
+
+/// Runs every variant and gathers the report (errors of single variants are in the report).
+pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport> {
+    let Plan {
+        variants,
+        dtypes,
+        notes,
+    } = plan(args)?;
+    let cfg = ClusterConfig::load(config_path)?;
+    if cfg.nodes.len() < 2 {
+        bail!(
+            "--collective needs at least two nodes in {}",
+            config_path.display()
+        );
+    }
+    for n in &notes {
+        eprintln!("collective: note: {n}");
     }
     let mut results = Vec::new();
     let mut torch = None;
@@ -337,6 +391,7 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
         ranks: cfg.nodes.len(),
         nodes: cfg.nodes.iter().map(|n| n.ip.clone()).collect(),
         torch,
+        notes,
         variants: results,
     })
 }
@@ -442,12 +497,16 @@ pub fn render(report: &CollectiveReport) -> String {
         report.nodes.join(", "),
         report.torch.as_deref().unwrap_or("?")
     );
+    for n in &report.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
     for v in &report.variants {
         let _ = writeln!(s, "\n## {} ({})", v.variant.name(), v.backend);
         if let Some(t) = &v.transport {
+            let abi = t.plugin_abi.map(|v| format!(" (v{v})")).unwrap_or_default();
             let _ = writeln!(
                 s,
-                "   transport: network {}, plugin {}, {} of {} network channels GDRDMA",
+                "   transport: network {}, plugin {}{abi}, {} of {} network channels GDRDMA",
                 t.network.as_deref().unwrap_or("?"),
                 t.plugin.as_deref().unwrap_or("none"),
                 t.gdr_channels,
@@ -522,6 +581,80 @@ pub fn render(report: &CollectiveReport) -> String {
     s
 }
 
+/// The plot's lines: bus bandwidth per variant, op and type (colour by variant, stroke by op
+/// and type), and the decode-step time per variant. Failed variants have no lines.
+pub fn plot_series(report: &CollectiveReport) -> (Vec<Series>, Vec<Series>) {
+    let mut kinds: Vec<(String, String)> = Vec::new();
+    let mut busbw: Vec<Series> = Vec::new();
+    let mut decode: Vec<Series> = Vec::new();
+    for (color, v) in report.variants.iter().enumerate() {
+        if v.error.is_some() {
+            continue;
+        }
+        for r in &v.rows {
+            let kind = (r.op.clone(), r.dtype.clone());
+            let dash = match kinds.iter().position(|k| *k == kind) {
+                Some(i) => i,
+                None => {
+                    kinds.push(kind);
+                    kinds.len() - 1
+                }
+            };
+            let label = format!("{} {} {}", v.variant.name(), r.op, r.dtype);
+            match busbw.iter_mut().find(|s| s.label == label) {
+                Some(s) => s.points.push((r.size, r.busbw_gbs)),
+                None => busbw.push(Series {
+                    color: Some(color),
+                    dash,
+                    ..Series::new(label, vec![(r.size, r.busbw_gbs)])
+                }),
+            }
+        }
+        if !v.decode.is_empty() {
+            let dtype = &v.decode[0].dtype;
+            decode.push(Series {
+                color: Some(color),
+                ..Series::new(
+                    format!("{} ({dtype})", v.variant.name()),
+                    v.decode.iter().map(|d| (d.size, d.step_us)).collect(),
+                )
+            });
+        }
+    }
+    (busbw, decode)
+}
+
+/// The chart `--collective --plot` writes: bus bandwidth against size, and the decode steps.
+pub fn plot_svg(report: &CollectiveReport) -> String {
+    let (busbw, decode) = plot_series(report);
+    let mut shapes: Vec<String> = Vec::new();
+    for d in report.variants.iter().flat_map(|v| &v.decode) {
+        let shape = format!("{} x {} KiB", d.ops, d.size / 1024);
+        if !shapes.contains(&shape) {
+            shapes.push(shape);
+        }
+    }
+    let decode_title = if shapes.is_empty() {
+        "decode step".to_string()
+    } else {
+        format!("decode step: {} all-reduces", shapes.join(", "))
+    };
+    plot::svg_panels(&[
+        Panel {
+            title: "bus bandwidth",
+            unit: "busbw (GB/s)",
+            series: &busbw,
+            log_y: false,
+        },
+        Panel {
+            title: &decode_title,
+            unit: "time per step (µs)",
+            series: &decode,
+            log_y: false,
+        },
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,6 +688,14 @@ mod tests {
 
     #[test]
     fn variant_environments() {
+        let mut c = cfg();
+        // The installed library is named as every RCCL loads it: by its short name (RCCL of
+        // ROCm 6.1/6.2 would look for librccl-net-/opt/....so.so and silently use IB).
+        c.rccl.plugin = "/opt/halo/lib/librccl-net-halo.so".into();
+        for v in [Variant::Plugin, Variant::PluginNoGdr] {
+            assert_eq!(v.env(&c)["NCCL_NET_PLUGIN"], "halo", "{v:?}");
+        }
+        // A library under another file name can only be given by its path.
         let c = cfg();
         let p = Variant::Plugin.env(&c);
         assert_eq!(p["NCCL_NET_PLUGIN"], "/p/lib.so");
@@ -606,5 +747,176 @@ mod tests {
         // gloo has no RCCL log to check.
         let v = assemble(Variant::Gloo, &cfg(), &raw(&[], 0));
         assert_eq!((v.error, v.rows.len()), (None, 1));
+    }
+
+    fn args(variants: &[Variant], dtypes: &[&str]) -> CollectiveArgs {
+        CollectiveArgs {
+            variants: variants.to_vec(),
+            max_bytes: 1 << 20,
+            iters: 1,
+            decode_steps: 1,
+            dtypes: dtypes.iter().map(|d| d.to_string()).collect(),
+            variant_timeout: 60,
+            inject_wrong: 0,
+        }
+    }
+
+    #[test]
+    fn gloo_leaves_bf16_out_with_a_note_and_refuses_it_when_asked() {
+        let p = plan(&args(&[Variant::Gloo], &[])).unwrap();
+        assert_eq!(p.dtypes, ["fp32"]);
+        assert_eq!(p.notes.len(), 1);
+        assert!(
+            p.notes[0].starts_with("bf16 not measured: torch's gloo backend rejects bf16"),
+            "{:?}",
+            p.notes
+        );
+        for asked in [&["bf16"][..], &["fp32", "bf16"]] {
+            let e = plan(&args(&[Variant::Gloo], asked))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--dtypes bf16 cannot run with --variants gloo")
+                    && e.contains("Invalid scalar type"),
+                "{e}"
+            );
+        }
+        let p = plan(&args(&[Variant::Gloo], &["fp32", "fp32"])).unwrap();
+        assert_eq!((p.dtypes, p.notes.len()), (vec!["fp32".to_string()], 0));
+        // RCCL variants measure both by default, without notes.
+        let p = plan(&args(&[], &[])).unwrap();
+        assert_eq!(p.dtypes, ["fp32", "bf16"]);
+        assert_eq!(p.variants.len(), 4);
+        assert!(p.notes.is_empty());
+        assert!(plan(&args(&[Variant::Gloo, Variant::Ib], &[])).is_err());
+        assert!(plan(&args(&[Variant::Ib], &["fp16"])).is_err());
+    }
+
+    #[test]
+    fn the_report_shows_the_notes() {
+        let report = CollectiveReport {
+            ranks: 2,
+            nodes: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            torch: Some("1.13.0a0".into()),
+            notes: vec![format!("bf16 not measured: {GLOO_BF16}")],
+            variants: Vec::new(),
+        };
+        let text = render(&report);
+        assert!(
+            text.contains("note: bf16 not measured: torch's gloo backend rejects bf16"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["notes"][0].as_str().unwrap().contains("bf16"));
+    }
+
+    /// Recorded results of a four-variant run with one failed variant.
+    fn recorded() -> CollectiveReport {
+        let rows = |scale: f64| {
+            let mut rows = Vec::new();
+            for op in ["all_reduce", "all_gather"] {
+                for dtype in ["fp32", "bf16"] {
+                    for size in [4096u64, 65536, 1 << 20] {
+                        let time_us = 20.0 + size as f64 / (scale * 1e3);
+                        let algbw = size as f64 / (time_us * 1e3);
+                        rows.push(Row {
+                            op: op.into(),
+                            dtype: dtype.into(),
+                            size,
+                            count: size / 4,
+                            time_us,
+                            algbw_gbs: algbw,
+                            busbw_gbs: algbw * bus_factor(op, 2),
+                            wrong: 0,
+                        });
+                    }
+                }
+            }
+            rows
+        };
+        let decode = |step: f64| {
+            vec![
+                DecodeRow {
+                    ops: 64,
+                    size: 8192,
+                    dtype: "bf16".into(),
+                    step_us: step,
+                    wrong: 0,
+                },
+                DecodeRow {
+                    ops: 160,
+                    size: 16384,
+                    dtype: "bf16".into(),
+                    step_us: 3.0 * step,
+                    wrong: 0,
+                },
+            ]
+        };
+        let c = cfg();
+        let ok = |variant: Variant, scale: f64, step: f64| VariantResult {
+            rows: rows(scale),
+            decode: decode(step),
+            ..failed(variant, &c, String::new())
+        };
+        let mut plugin = ok(Variant::Plugin, 5.0, 700.0);
+        plugin.error = None;
+        let mut ib = ok(Variant::Ib, 4.0, 900.0);
+        ib.error = None;
+        let mut socket = ok(Variant::Socket, 1.0, 2500.0);
+        socket.error = None;
+        let broken = failed(
+            Variant::PluginNoGdr,
+            &c,
+            "plugin-nogdr is not a halo run: RCCL used network IB".into(),
+        );
+        CollectiveReport {
+            ranks: 2,
+            nodes: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            torch: Some("2.5".into()),
+            notes: Vec::new(),
+            variants: vec![plugin, broken, ib, socket],
+        }
+    }
+
+    #[test]
+    fn plot_file_from_recorded_rows() {
+        use crate::bench::plot::check::{png_size, series_points, well_formed_svg};
+        let report = recorded();
+        let dir = tempfile::tempdir().unwrap();
+        let svg_path = dir.path().join("collective.svg");
+        plot::write_doc(&svg_path, &plot_svg(&report)).unwrap();
+        let doc = std::fs::read_to_string(&svg_path).unwrap();
+        assert_eq!(well_formed_svg(&doc), Ok(()));
+        assert!(doc.contains(">bus bandwidth<") && doc.contains(">busbw (GB/s)<"));
+        assert!(
+            doc.contains(">decode step: 64 x 8 KiB, 160 x 16 KiB all-reduces<"),
+            "{doc}"
+        );
+        let series = series_points(&doc);
+        // 3 variants with rows x 2 ops x 2 types, 3 sizes each; then one decode line per
+        // variant with its two shapes. The failed variant draws nothing.
+        let mut want: Vec<(String, usize)> = Vec::new();
+        for v in ["plugin", "ib", "socket"] {
+            for op in ["all_reduce", "all_gather"] {
+                for t in ["fp32", "bf16"] {
+                    want.push((format!("{v} {op} {t}"), 3));
+                }
+            }
+        }
+        for v in ["plugin", "ib", "socket"] {
+            want.push((format!("{v} (bf16)"), 2));
+        }
+        assert_eq!(series, want);
+        assert!(!doc.contains("plugin-nogdr"));
+        // Sizes on a log2 axis: 4K to 1M labelled; colour per variant, stroke per op and type.
+        assert!(doc.contains(">4K<") && doc.contains(">1M<"));
+        assert_eq!(doc.matches(r#"stroke-dasharray="6,3""#).count(), 3 * 2);
+        // The same chart as a PNG.
+        let png_path = dir.path().join("collective.png");
+        plot::write_doc(&png_path, &plot_svg(&report))
+            .expect("PNG written (needs rsvg-convert from scripts/setup-harness.sh)");
+        let (w, h) = png_size(&std::fs::read(&png_path).unwrap()).unwrap();
+        assert_eq!(w, 1040);
+        assert!(h > 340, "{h}");
     }
 }
