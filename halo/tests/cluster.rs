@@ -12,11 +12,10 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::cluster::{free_port, harness_ray, run, start_sshd};
+use common::cluster::{free_port, harness_ray, run, start_sshd, ClusterGuard};
 use common::halo;
-use halo::process::run_bounded;
 
 const HEAD_IP: &str = "127.0.0.2";
 const WORKER_IP: &str = "127.0.0.3";
@@ -104,27 +103,6 @@ fn ray_processes() -> String {
     common::cluster::ray_processes(&[HEAD_IP, WORKER_IP])
 }
 
-/// Stops whatever the test started even when an assertion fails half-way.
-struct ClusterGuard<'a> {
-    config: &'a Path,
-    ray: &'a Path,
-}
-
-impl Drop for ClusterGuard<'_> {
-    fn drop(&mut self) {
-        if !ray_processes().is_empty() {
-            let _ = run_bounded(
-                halo()
-                    .env("HALO_RAY", self.ray)
-                    .arg("--config")
-                    .arg(self.config)
-                    .args(["cluster", "down"]),
-                Duration::from_secs(120),
-            );
-        }
-    }
-}
-
 #[test]
 fn up_status_serve_down_with_real_ray_and_sshd() {
     let Some((ray, sshd_bin)) = prerequisites() else {
@@ -200,7 +178,8 @@ gid_index = 1
     .unwrap();
     let _guard = ClusterGuard {
         config: &config,
-        ray: &ray,
+        ray: Some(&ray),
+        ips: [HEAD_IP, WORKER_IP],
     };
     let halo_cfg = || {
         let mut c = halo();

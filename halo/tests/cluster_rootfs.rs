@@ -13,7 +13,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::cluster::{free_port, host_gpus, on_path, ray_processes, run, start_sshd};
+use common::cluster::{
+    free_port, host_gpus, on_path, ray_processes, run, start_sshd, ClusterGuard,
+};
 use common::halo;
 use halo::process::run_bounded;
 
@@ -93,26 +95,6 @@ fn assert_daemons_inside(root: &Path) {
     assert!(seen >= 3, "{listing}");
 }
 
-/// Stops whatever the test started even when an assertion fails half-way.
-struct ClusterGuard<'a> {
-    config: &'a Path,
-}
-
-impl Drop for ClusterGuard<'_> {
-    fn drop(&mut self) {
-        if !ray_processes(&[HEAD_IP, WORKER_IP]).is_empty() {
-            let _ = run_bounded(
-                halo()
-                    .env_remove("HALO_RAY")
-                    .arg("--config")
-                    .arg(self.config)
-                    .args(["cluster", "down"]),
-                Duration::from_secs(120),
-            );
-        }
-    }
-}
-
 #[test]
 fn up_status_down_with_ray_only_inside_a_root_filesystem() {
     let Some(root) = rootfs() else {
@@ -150,7 +132,11 @@ fn up_status_down_with_ray_only_inside_a_root_filesystem() {
     );
     let config = dir.path().join("cluster.toml");
     fs::write(&config, head_config(&both)).unwrap();
-    let _guard = ClusterGuard { config: &config };
+    let _guard = ClusterGuard {
+        config: &config,
+        ray: None,
+        ips: [HEAD_IP, WORKER_IP],
+    };
     let halo_cfg = |cfg: &Path| {
         let mut c = halo();
         c.env_remove("HALO_RAY").arg("--config").arg(cfg);

@@ -324,20 +324,30 @@ fn write_state(path: &Path, state: &ClusterState) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn check_output(what: &str, out: crate::process::Captured) -> Result<()> {
-    if out.success {
-        return Ok(());
-    }
-    let tail: Vec<&str> = out
+/// The last `n` non-empty lines a command wrote (stderr first, then stdout).
+fn output_tail(out: &crate::process::Captured, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = out
         .stderr
         .lines()
         .chain(out.stdout.lines())
         .filter(|l| !l.trim().is_empty())
         .collect();
-    let tail = tail[tail.len().saturating_sub(8)..].join("\n    ");
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// A command's exit code, or "signal".
+fn exit_word(out: &crate::process::Captured) -> String {
+    out.code.map_or("signal".to_string(), |c| c.to_string())
+}
+
+fn check_output(what: &str, out: crate::process::Captured) -> Result<()> {
+    if out.success {
+        return Ok(());
+    }
     bail!(
-        "{what} failed (exit {}):\n    {tail}",
-        out.code.map_or("signal".to_string(), |c| c.to_string())
+        "{what} failed (exit {}):\n    {}",
+        exit_word(&out),
+        output_tail(&out, 8).join("\n    ")
     )
 }
 
@@ -639,19 +649,14 @@ pub fn ray_status(cfg: &ClusterConfig) -> Result<RayStatus> {
     );
     let out = run_bounded(&mut cmd, RAY_STATUS_LIMIT)?;
     if !out.success {
-        let tail: Vec<&str> = out
-            .stderr
-            .lines()
-            .chain(out.stdout.lines())
-            .filter(|l| !l.trim().is_empty())
-            .collect();
+        let tail = output_tail(&out, 3);
         bail!(
             "ray status failed (exit {}): {}",
-            out.code.map_or("signal".to_string(), |c| c.to_string()),
+            exit_word(&out),
             if tail.is_empty() {
                 "no output".to_string()
             } else {
-                tail[tail.len().saturating_sub(3)..].join(" | ")
+                tail.join(" | ")
             }
         );
     }

@@ -151,3 +151,29 @@ pub fn host_gpus() -> u32 {
     }
     n
 }
+
+/// Stops whatever a cluster test started (`halo cluster down`) even when an assertion fails
+/// half-way: on drop, when Ray processes of `ips` are still running.
+pub struct ClusterGuard<'a> {
+    pub config: &'a Path,
+    /// `HALO_RAY` for `down`; `None` removes it (Ray lives inside the node's runtime).
+    pub ray: Option<&'a Path>,
+    pub ips: [&'a str; 2],
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        if ray_processes(&self.ips).is_empty() {
+            return;
+        }
+        let mut cmd = super::halo();
+        match self.ray {
+            Some(ray) => cmd.env("HALO_RAY", ray),
+            None => cmd.env_remove("HALO_RAY"),
+        };
+        cmd.arg("--config")
+            .arg(self.config)
+            .args(["cluster", "down"]);
+        let _ = run_bounded(&mut cmd, Duration::from_secs(120));
+    }
+}
