@@ -105,6 +105,7 @@ fn ray_processes() -> String {
 
 #[test]
 fn up_status_serve_down_with_real_ray_and_sshd() {
+    let _nodes = common::cluster::loopback_nodes();
     let Some((ray, sshd_bin)) = prerequisites() else {
         return;
     };

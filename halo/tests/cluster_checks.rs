@@ -66,6 +66,7 @@ fn halo_with(config: &Path, ray: &str) -> Command {
 
 #[test]
 fn status_with_no_head_says_so_within_seconds() {
+    let _nodes = common::cluster::loopback_nodes();
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = write_config(dir.path(), port, None);
@@ -100,6 +101,7 @@ fn status_with_no_head_says_so_within_seconds() {
 
 #[test]
 fn status_reports_why_ray_status_failed() {
+    let _nodes = common::cluster::loopback_nodes();
     let dir = tempfile::tempdir().unwrap();
     // Something listens at the head's port; `ray` is /bin/false (HALO_RAY=/bin/false).
     let listener = TcpListener::bind((HEAD_IP, 0)).unwrap();
@@ -122,6 +124,7 @@ fn status_reports_why_ray_status_failed() {
 
 #[test]
 fn up_names_a_missing_ray_before_starting_anything() {
+    let _nodes = common::cluster::loopback_nodes();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), free_port(), None);
     let out = run(
@@ -154,6 +157,7 @@ fn recording_ray(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn up_checks_ssh_to_every_node_before_starting_anything() {
+    let _nodes = common::cluster::loopback_nodes();
     let sshd_bin = Path::new("/usr/sbin/sshd");
     if !sshd_bin.is_file() {
         assert!(

@@ -97,6 +97,7 @@ fn assert_daemons_inside(root: &Path) {
 
 #[test]
 fn up_status_down_with_ray_only_inside_a_root_filesystem() {
+    let _nodes = common::cluster::loopback_nodes();
     let Some(root) = rootfs() else {
         return;
     };
@@ -336,6 +337,7 @@ impl Drop for PodmanGuard {
 /// setrlimit fails) it says so and skips.
 #[test]
 fn podman_runtime_enters_a_real_container() {
+    let _nodes = common::cluster::loopback_nodes();
     if !on_path("podman") {
         println!("SKIPPED: podman not installed");
         return;

@@ -177,3 +177,31 @@ impl Drop for ClusterGuard<'_> {
         let _ = run_bounded(&mut cmd, Duration::from_secs(120));
     }
 }
+
+/// Held while a test uses the loopback "nodes" (127.0.0.2, 127.0.0.3): test binaries run in
+/// parallel, and two Ray clusters on the same addresses would see each other's processes.
+pub struct LoopbackNodes(fs::File);
+
+/// Waits (saying so) until no other cluster test on this machine uses the loopback nodes.
+pub fn loopback_nodes() -> LoopbackNodes {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join("halo-cluster-tests.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // SAFETY: flock on a descriptor this function owns; no memory is shared with the call.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !free {
+        eprintln!(
+            "waiting for another cluster test to release the loopback nodes ({})",
+            path.display()
+        );
+        // SAFETY: as above; this call blocks until the other holder closes its descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock {}", path.display());
+    }
+    LoopbackNodes(file)
+}
