@@ -6,8 +6,9 @@
 #   3. boots a Soft-RoCE QEMU guest and runs every device test there with HALO_REQUIRE_RDMA=1;
 #   4. on Debian, boots a guest on the backports kernel (which has /dev/udmabuf) and runs the
 #      GPU-direct tests there, so the stand-in runtime exports real dma-bufs;
-#   5. boots two guests joined by a wire and runs the verbs and plugin checks across it, and takes
-#      one guest's link down mid-stream.
+#   5. boots two guests joined by a wire and runs the verbs and plugin checks across it, takes
+#      one guest's link down mid-stream, and runs `halo bench` and `halo doctor --peer` from the
+#      head guest with a cluster.toml (the worker reached over SSH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -79,6 +80,9 @@ scripts/softroce run2 --timeout 600 \
     --b 'target/debug/examples/link_down --plugin target/debug/librccl_net_plugin.so --role peer --connect $HALO_PEER_IP:18800 --peer-wait 15'
 # halo bench from the head alone: the worker's listener is started over SSH from a cluster.toml.
 scripts/guest-bench.sh -- --plot /tmp/bench.png
+# halo doctor --peer from the head: SSH, the two links compared and the RDMA ping must pass; with
+# gid_index = 0 for the worker in cluster.toml the ping must fail and the fix name the right index.
+scripts/guest-doctor.sh
 
 step "a directory under /tmp is visible in the guest"
 repo=$(pwd)

@@ -134,7 +134,8 @@ pub const FORWARDED_SECRETS: [&str; 2] = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"];
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BenchSection {
-    /// `halo` executable on the nodes.
+    /// `halo` executable on the other nodes, inside their runtime: the peer's
+    /// `halo bench --listen` and, for `halo doctor --peer`, the peer's `halo doctor --json`.
     pub halo: String,
     /// Control port of the peer's `halo bench --listen` (the plugin member uses the next one).
     pub port: u16,
@@ -422,5 +423,8 @@ const HEADER: &str = "\
 # or engine = \"command\" with enter = [\"PROGRAM\", …] (any command that runs its arguments
 # inside, e.g. unshare/chroot). A node can set its own under [nodes.runtime].
 # [ray] num_gpus, when present, replaces the GPU count detected on each node.
+# [bench] halo is the `halo` executable on the other nodes (default: `halo` on the PATH there);
+# `halo bench` starts the peer's listener with it and `halo doctor --peer` the peer's doctor.
+# `halo doctor --peer` sends its RDMA ping on each node's rdma_device and gid_index from here.
 
 ";

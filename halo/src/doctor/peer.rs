@@ -1,7 +1,9 @@
 //! `--peer HOST`: passwordless SSH to the peer, then the peer's own doctor report, the two
 //! links compared, and (on the running system) an RDMA ping between them. A peer that is a node
 //! of the cluster config is reached with the config's SSH settings, and its doctor runs inside
-//! the node's runtime (`ClusterConfig::command`), where RCCL and the plugin are.
+//! the node's runtime (`ClusterConfig::command`), where RCCL and the plugin are, as the
+//! config's `[bench] halo` executable. The RDMA ping then runs on the device and GID index the
+//! config gives each node (what RCCL is told to use), else on the detected ones.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use super::link::LinkFacts;
 #[cfg(test)]
 use super::Verdict;
 use super::{Check, NodeReport};
-use crate::cluster::{probe, ClusterConfig};
+use crate::cluster::{probe, ClusterConfig, Node};
 use crate::process::run_bounded;
 
 const SSH_OPTS: [&str; 4] = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=5"];
@@ -47,7 +49,8 @@ pub fn check_peer(host: &str, cluster: Option<&ClusterConfig>) -> (Check, NodeRe
     }
     let ssh_check = Check::pass(&id, &title, format!("ssh {host} true: ok (cluster config)"));
     let runtime = cfg.runtime_for(node).clone();
-    let argv = ["halo", "doctor", "--json"].map(String::from);
+    let argv = [cfg.bench.halo.as_str(), "doctor", "--json"].map(String::from);
+    let halo = &cfg.bench.halo;
     let remote = match run_bounded(&mut cfg.command(node, &[], &argv), Duration::from_secs(90)) {
         Ok(out) => serde_json::from_str::<NodeReport>(&out.stdout).unwrap_or_else(|_| NodeReport {
             node: host.to_string(),
@@ -55,11 +58,11 @@ pub fn check_peer(host: &str, cluster: Option<&ClusterConfig>) -> (Check, NodeRe
                 "doctor.remote",
                 "Doctor on the peer",
                 format!(
-                    "`halo doctor --json` in {runtime} on {host} gave no report: {}",
+                    "`{halo} doctor --json` in {runtime} on {host} gave no report: {}",
                     last_line(&out.stderr)
                 ),
                 format!(
-                    "install halo in {runtime} on {host}, on its PATH (e.g. /usr/local/bin); {}",
+                    "install halo in {runtime} on {host} as {halo} ([bench] halo in the cluster config; default: halo on the PATH, e.g. /usr/local/bin); {}",
                     runtime.entry_hint()
                 ),
             )],
@@ -181,7 +184,7 @@ pub fn compare(
     };
     let mut out = vec![compare_links(&local.node, a, host, b)];
     if live {
-        out.push(ping(a, host, b, cluster));
+        out.push(ping(local, a, host, b, cluster));
     }
     out
 }
@@ -281,6 +284,11 @@ pub fn compare_links(me: &str, a: &LinkFacts, host: &str, b: &LinkFacts) -> Chec
 /// perftest's TCP port for the doctor's RDMA ping.
 const PING_PORT: u16 = 18515;
 const PING_ITERS: &str = "20";
+/// How long the server on the peer may live (`timeout` there), and how long the client here
+/// keeps trying to reach it while it runs: SSH and the server's start take seconds on a slow or
+/// busy node.
+const PING_SERVER_SECS: u64 = 40;
+const PING_CONNECT_WINDOW: Duration = Duration::from_secs(30);
 
 /// `ib_send_lat` server (run on the peer over SSH) and client (run here) for a short ping
 /// between the two cluster GIDs.
@@ -308,12 +316,38 @@ pub fn ping_commands(a: &LinkFacts, b: &LinkFacts) -> Option<(Vec<String>, Vec<S
     Some((server, client))
 }
 
-/// The ping's verdict from the client's exit, output and error text.
-pub fn judge_ping(
-    host: &str,
-    peer: &LinkFacts,
-    outcome: Result<(bool, String, String), String>,
-) -> Check {
+/// One run of the ping: the client's exit and output, and the server's when it had ended by
+/// the time the client gave up (its exit code and stderr).
+#[derive(Debug, Clone, Default)]
+pub struct PingRun {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub server: Option<(Option<i32>, String)>,
+}
+
+/// The line of perftest's output that says why it failed.
+fn perftest_reason(text: &str) -> Option<&str> {
+    text.lines().map(str::trim).find(|l| {
+        l.contains("Failed to modify QP")
+            || l.contains("Incompatibility issue with GID types")
+            || l.contains("Couldn't connect")
+            || l.contains("Unable to")
+            || l.contains("Completion with error")
+            || l.contains("timeout")
+    })
+}
+
+/// The last line that says something (not a row of dashes or stars).
+fn last_words(text: &str) -> Option<&str> {
+    text.lines()
+        .map(str::trim)
+        .rfind(|l| l.chars().any(char::is_alphanumeric))
+}
+
+/// The ping's verdict from the client's exit, output and error text (and the server's, when
+/// it ended first).
+pub fn judge_ping(host: &str, peer: &LinkFacts, outcome: Result<PingRun, String>) -> Check {
     let id = format!("peer.rdma.{host}");
     let title = format!("RDMA ping to {host}");
     let target = format!(
@@ -321,7 +355,7 @@ pub fn judge_ping(
         peer.device.as_deref().unwrap_or("?"),
         opt(&peer.gid_index)
     );
-    let (ok, stdout, stderr) = match outcome {
+    let run = match outcome {
         Ok(o) => o,
         Err(e) if e.contains("cannot start") => {
             return Check::skip(
@@ -339,8 +373,8 @@ pub fn judge_ping(
             );
         }
     };
-    if ok {
-        if let Ok(lat) = halo_harness::bench::perftest::parse_latency(&stdout, 2) {
+    if run.ok {
+        if let Ok(lat) = halo_harness::bench::perftest::parse_latency(&run.stdout, 2) {
             return Check::pass(
                 &id,
                 &title,
@@ -349,26 +383,37 @@ pub fn judge_ping(
         }
         return Check::pass(&id, &title, format!("ib_send_lat to {target}: ok"));
     }
-    let text = format!("{stdout}\n{stderr}");
-    let why = text
-        .lines()
-        .map(str::trim)
-        .find(|l| {
-            l.contains("Failed to modify QP")
-                || l.contains("Couldn't connect")
-                || l.contains("Unable to")
-                || l.contains("Completion with error")
-                || l.contains("timeout")
-        })
-        .unwrap_or_else(|| {
-            text.lines()
-                .map(str::trim)
-                .rfind(|l| !l.is_empty())
-                .unwrap_or("no output")
-        })
+    let text = format!("{}\n{}", run.stdout, run.stderr);
+    let why = perftest_reason(&text)
+        .or_else(|| last_words(&text))
+        .unwrap_or("no output")
         .to_string();
+    // The client could not reach a server that had already ended: the server's own words say
+    // why (not installed, a GID it cannot use), not the firewall.
+    if let (true, Some((code, said))) = (why.contains("Couldn't connect"), &run.server) {
+        let server_why = perftest_reason(said)
+            .or_else(|| last_words(said))
+            .unwrap_or("no output");
+        if *code == Some(127) || said.contains("not found") || said.contains("No such file") {
+            return Check::skip(
+                &id,
+                &title,
+                format!(
+                    "ib_send_lat not available on {host}: {server_why}; install perftest there"
+                ),
+            );
+        }
+        return Check::fail(
+            &id,
+            &title,
+            format!("to {target}: the server on {host} ended: {server_why}"),
+            "check the peer's RDMA checks (device and GID index exist, port ACTIVE)",
+        );
+    }
     let fix = if why.contains("Couldn't connect") {
         format!("ib_send_lat's TCP handshake to {} failed: check the firewall on {host} and the cluster address", opt(&peer.ip))
+    } else if why.contains("Incompatibility issue with GID types") {
+        "one GID is IPv4 and the other IPv6: use the RoCE v2 GID of each node's IPv4 cluster address (see rdma.gid on each)".to_string()
     } else if why.contains("RTR") || why.contains("RTS") {
         "the GIDs do not reach each other: check both nodes use RoCE v2 GIDs of the cluster addresses in one subnet".to_string()
     } else {
@@ -377,44 +422,130 @@ pub fn judge_ping(
     Check::fail(&id, &title, format!("to {target}: {why}"), fix)
 }
 
+/// The node of the cluster config that is `host` (the peer) or has the cluster address `ip`
+/// (this node).
+fn config_node<'a>(
+    cluster: Option<&'a ClusterConfig>,
+    host: Option<&str>,
+    ip: Option<std::net::Ipv4Addr>,
+) -> Option<&'a Node> {
+    cluster?.nodes.iter().find(|n| {
+        host.is_some_and(|h| n.host == h)
+            || ip.is_some_and(|ip| n.ip.parse::<std::net::Ipv4Addr>() == Ok(ip))
+    })
+}
+
+/// The link as the cluster config gives it for `node` (device, GID index, address: what RCCL
+/// is told to use), over the detected facts; the detected ones when the node is not listed.
+pub fn as_configured(detected: &LinkFacts, node: Option<&Node>) -> LinkFacts {
+    let mut f = detected.clone();
+    if let Some(n) = node {
+        f.device = Some(n.rdma_device.clone());
+        f.gid_index = Some(n.gid_index);
+        if let Ok(ip) = n.ip.parse() {
+            f.ip = Some(ip);
+        }
+    }
+    f
+}
+
+/// When the config's device or GID index for `name` is not the one detected there, the line
+/// that fixes the config.
+pub fn config_fix(name: &str, detected: &LinkFacts, used: &LinkFacts) -> Option<String> {
+    if detected.device == used.device && detected.gid_index == used.gid_index {
+        return None;
+    }
+    let dev = detected.device.as_deref().unwrap_or("?");
+    Some(format!(
+        "in cluster.toml set rdma_device = \"{dev}\", gid_index = {} for {name} (it gives {} index {}; {dev} index {} is its {} GID of {})",
+        opt(&detected.gid_index),
+        used.device.as_deref().unwrap_or("?"),
+        opt(&used.gid_index),
+        opt(&detected.gid_index),
+        opt(&detected.roce),
+        opt(&detected.ip),
+    ))
+}
+
 /// Runs the ping: the server on the peer over SSH, then the client here (retried while the
-/// server is not listening yet).
-fn ping(a: &LinkFacts, host: &str, b: &LinkFacts, cluster: Option<&ClusterConfig>) -> Check {
-    let Some((server, client)) = ping_commands(a, b) else {
+/// server runs but does not listen yet), on the GIDs the cluster config gives the two nodes.
+fn ping(
+    local: &NodeReport,
+    a: &LinkFacts,
+    host: &str,
+    b: &LinkFacts,
+    cluster: Option<&ClusterConfig>,
+) -> Check {
+    let used_a = as_configured(a, config_node(cluster, None, a.ip));
+    let used_b = as_configured(b, config_node(cluster, Some(host), None));
+    let Some((server, client)) = ping_commands(&used_a, &used_b) else {
         return Check::skip(
             &format!("peer.rdma.{host}"),
             &format!("RDMA ping to {host}"),
             "device, GID or address of a node unknown",
         );
     };
-    let mut argv = vec!["timeout".to_string(), "20".to_string()];
+    let mut argv = vec!["timeout".to_string(), PING_SERVER_SECS.to_string()];
     argv.extend(server);
     let mut remote = peer_command(host, cluster, &argv);
-    let outcome = (|| -> Result<(bool, String, String), String> {
-        let server_child = remote
+    let outcome = (|| -> Result<PingRun, String> {
+        let mut server_child = remote
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start ssh: {e}"))?;
-        let _server = halo_harness::bench::perftest::Reaped(Some(server_child));
+        let mut err = server_child.stderr.take();
+        let said = std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(e) = &mut err {
+                let _ = std::io::Read::read_to_string(e, &mut s);
+            }
+            s
+        });
+        let mut server = halo_harness::bench::perftest::Reaped(Some(server_child));
         let t0 = Instant::now();
-        loop {
+        let (ok, stdout, stderr) = loop {
             std::thread::sleep(Duration::from_millis(500));
             let mut cmd = Command::new(&client[0]);
             cmd.args(&client[1..]);
             let out =
                 run_bounded(&mut cmd, Duration::from_secs(15)).map_err(|e| format!("{e:#}"))?;
+            let server_ended = matches!(server.0.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
             let retry = !out.success
+                && !server_ended
                 && (out.stdout.contains("Couldn't connect")
                     || out.stderr.contains("Couldn't connect"))
-                && t0.elapsed() < Duration::from_secs(8);
+                && t0.elapsed() < PING_CONNECT_WINDOW;
             if !retry {
-                return Ok((out.success, out.stdout, out.stderr));
+                break (out.success, out.stdout, out.stderr);
             }
-        }
+        };
+        // The server's exit, when it had ended; else it is stopped here.
+        let code = server.0.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        drop(server);
+        let said = said.join().unwrap_or_default();
+        Ok(PingRun {
+            ok,
+            stdout,
+            stderr,
+            server: code.map(|c| (c.code(), said)),
+        })
     })();
-    judge_ping(host, b, outcome)
+    let mut check = judge_ping(host, &used_b, outcome);
+    if check.verdict == super::Verdict::Fail {
+        let hints: Vec<String> = [
+            config_fix(&local.node, a, &used_a),
+            config_fix(host, b, &used_b),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !hints.is_empty() {
+            check.fix = format!("{}; {}", hints.join("; "), check.fix);
+        }
+    }
+    check
 }
 
 fn last_line(text: &str) -> String {
@@ -479,10 +610,107 @@ mod tests {
 ---------------------------------------------------------------------------------------
 ";
 
+    fn run(ok: bool, stdout: &str, stderr: &str) -> PingRun {
+        PingRun {
+            ok,
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            server: None,
+        }
+    }
+
+    /// ib_send_lat 4.x (Debian 12) when the server's GID is IPv6 (a link-local GID, index 0)
+    /// and the client's IPv4: its report ends in a row of dashes.
+    const GID_TYPES: &str = "
+ Found Incompatibility issue with GID types.
+ Please Try to use a different IP version.
+
+---------------------------------------------------------------------------------------
+                    Send Latency Test
+ Dual-port       : OFF\t\tDevice         : rxe0
+ GID index       : 1
+ Data ex. method : Ethernet
+---------------------------------------------------------------------------------------
+";
+
+    #[test]
+    fn a_gid_of_the_other_ip_version_says_so() {
+        let b = facts("rxe0", "198.18.0.1", 0);
+        let c = judge_ping("198.18.0.1", &b, Ok(run(false, GID_TYPES, "")));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(
+            c.value,
+            "to rxe0 index 0 on 198.18.0.1: Found Incompatibility issue with GID types."
+        );
+        assert!(
+            c.fix.starts_with("one GID is IPv4 and the other IPv6"),
+            "{c:?}"
+        );
+        // Nothing recognised: the last line with words, never a row of dashes.
+        let c = judge_ping("h", &b, Ok(run(false, "odd failure\n-----\n", "")));
+        assert_eq!(c.value, "to rxe0 index 0 on h: odd failure");
+    }
+
+    #[test]
+    fn a_server_that_ended_first_is_the_reason() {
+        let b = facts("rxe0", "198.18.0.1", 1);
+        let tcp = "Couldn't connect to 198.18.0.1:18515\nUnable to open file descriptor for socket connection";
+        let mut missing = run(false, "", tcp);
+        missing.server = Some((Some(127), "sh: 1: ib_send_lat: not found\n".into()));
+        let c = judge_ping("198.18.0.1", &b, Ok(missing));
+        assert_eq!(c.verdict, Verdict::Skip);
+        assert_eq!(
+            c.value,
+            "ib_send_lat not available on 198.18.0.1: sh: 1: ib_send_lat: not found; install perftest there"
+        );
+        let mut bad_dev = run(false, "", tcp);
+        bad_dev.server = Some((
+            Some(1),
+            " Unable to find the Infiniband/RoCE device\n".into(),
+        ));
+        let c = judge_ping("198.18.0.1", &b, Ok(bad_dev));
+        assert_eq!(c.verdict, Verdict::Fail);
+        assert_eq!(
+            c.value,
+            "to rxe0 index 1 on 198.18.0.1: the server on 198.18.0.1 ended: Unable to find the Infiniband/RoCE device"
+        );
+    }
+
+    #[test]
+    fn the_ping_uses_the_gids_the_config_gives() {
+        let detected = facts("rxe0", "198.18.0.1", 1);
+        let mut cfg = ClusterConfig::new(Vec::new(), None);
+        for (host, gid) in [("198.18.0.2", 1), ("198.18.0.1", 0)] {
+            cfg.nodes.push(Node {
+                host: host.into(),
+                ip: host.into(),
+                iface: "eth0".into(),
+                rdma_device: "rxe0".into(),
+                gid_index: gid,
+                ssh_user: None,
+                ssh_port: None,
+                ray: None,
+                runtime: None,
+            });
+        }
+        let peer = config_node(Some(&cfg), Some("198.18.0.1"), None);
+        assert_eq!(peer.map(|n| n.gid_index), Some(0));
+        let me = config_node(Some(&cfg), None, Some("198.18.0.2".parse().unwrap()));
+        assert_eq!(me.map(|n| n.host.as_str()), Some("198.18.0.2"));
+        let used = as_configured(&detected, peer);
+        assert_eq!(used.gid_index, Some(0));
+        assert_eq!(
+            config_fix("198.18.0.1", &detected, &used).unwrap(),
+            "in cluster.toml set rdma_device = \"rxe0\", gid_index = 1 for 198.18.0.1 (it gives rxe0 index 0; rxe0 index 1 is its RoCE v2 GID of 198.18.0.1)"
+        );
+        assert_eq!(as_configured(&detected, None), detected);
+        assert_eq!(config_fix("h", &detected, &detected), None);
+    }
+
     #[test]
     fn ping_outcomes_read_as_verdicts() {
         let b = facts("mlx5_0", "192.168.100.2", 3);
-        let c = judge_ping("msmax2", &b, Ok((true, OK.into(), String::new())));
+        let c = judge_ping("msmax2", &b, Ok(run(true, OK, "")));
         assert_eq!(c.verdict, Verdict::Pass);
         assert_eq!(
             c.value,
@@ -491,7 +719,7 @@ mod tests {
 
         let rtr =
             " Failed to modify QP 1234 to RTR\n Unable to Connect the HCA's through the link\n";
-        let c = judge_ping("msmax2", &b, Ok((false, String::new(), rtr.into())));
+        let c = judge_ping("msmax2", &b, Ok(run(false, "", rtr)));
         assert_eq!(c.verdict, Verdict::Fail);
         assert_eq!(
             c.value,
@@ -500,7 +728,7 @@ mod tests {
         assert!(c.fix.contains("RoCE v2 GIDs"), "{c:?}");
 
         let tcp = "Couldn't connect to 192.168.100.2:18515\nUnable to open file descriptor for socket connection";
-        let c = judge_ping("msmax2", &b, Ok((false, String::new(), tcp.into())));
+        let c = judge_ping("msmax2", &b, Ok(run(false, "", tcp)));
         assert_eq!(c.verdict, Verdict::Fail);
         assert!(
             c.fix
