@@ -2,8 +2,9 @@
 //! this test over plain TCP. A connection that identifies itself (the hello with the handle's
 //! nonce) and then closes or is reset is the peer going away: the accept fails at once, not at
 //! `HALO_CONNECT_TIMEOUT_MS` (60 s by default). One that goes away before it identified itself
-//! is dropped and the listener keeps waiting, so the real peer still connects after it.
-//! Needs an RDMA device (run in a Soft-RoCE guest); elsewhere it reports itself skipped.
+//! is dropped and the listener keeps waiting, so the real peer still connects after it. A listen
+//! comm reused for a second accept gives that accept the whole timeout again.
+//! The connect timeout is [`CONNECT_TIMEOUT_MS`] in this test. Needs an RDMA device (run in a Soft-RoCE guest); elsewhere it reports itself skipped.
 
 use rccl_net_plugin::net::{self, NetError, Plugin};
 use rccl_net_plugin::oob::{ConnInfo, ListenHandle, HANDLE_SIZE};
@@ -13,11 +14,16 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Well under the default connect timeout (60 s): an accept failing within it was not waiting
-/// for the deadline.
-const PROMPT: Duration = Duration::from_secs(5);
+/// `HALO_CONNECT_TIMEOUT_MS` of this test process.
+const CONNECT_TIMEOUT_MS: u64 = 8000;
+/// Well under the connect timeout: an accept failing within it was not waiting for the deadline.
+const PROMPT: Duration = Duration::from_secs(3);
 
 fn plugin_or_skip(name: &str) -> Option<Arc<Plugin>> {
+    static TIMEOUT: std::sync::Once = std::sync::Once::new();
+    // Read at the process's first init, whichever test comes first.
+    TIMEOUT
+        .call_once(|| std::env::set_var("HALO_CONNECT_TIMEOUT_MS", CONNECT_TIMEOUT_MS.to_string()));
     match net::init() {
         Ok(p) if !p.devices.is_empty() => Some(p),
         other => {
@@ -133,6 +139,13 @@ fn connections_that_go_before_identifying_are_dropped_and_the_peer_still_connect
         }
     }
     // The real peer.
+    connect_and_accept(&p, &handle, &mut listen);
+}
+
+/// Connects to `handle` and accepts on `listen` until both comms exist.
+fn connect_and_accept(p: &Plugin, handle: &[u8; HANDLE_SIZE], listen: &mut net::ListenComm) {
+    // Each connect works on its own copy of the handle, as RCCL's proxy does per connection.
+    let mut handle = *handle;
     let t0 = Instant::now();
     let (mut sc, mut rc) = (None, None);
     while sc.is_none() || rc.is_none() {
@@ -147,4 +160,17 @@ fn connections_that_go_before_identifying_are_dropped_and_the_peer_still_connect
             rc = listen.poll_accept().expect("accept");
         }
     }
+}
+
+#[test]
+fn a_reused_listen_comm_gives_each_accept_the_whole_timeout() {
+    let Some(p) = plugin_or_skip("reused") else {
+        return;
+    };
+    let mut handle = [0u8; HANDLE_SIZE];
+    let mut listen = p.listen(0, &mut handle, None).expect("listen");
+    connect_and_accept(&p, &handle, &mut listen);
+    // Longer than the connect timeout since the first accept began.
+    std::thread::sleep(Duration::from_millis(CONNECT_TIMEOUT_MS + 500));
+    connect_and_accept(&p, &handle, &mut listen);
 }

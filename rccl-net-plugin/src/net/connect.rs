@@ -498,6 +498,8 @@ pub struct ListenComm {
     chosen: Option<(OobStream, SocketAddr, Box<RecvSide>)>,
     /// Why the last dropped connection was dropped (for the timeout message).
     last_refused: Option<String>,
+    /// When the accept in progress gives up: set by its first poll, cleared when it hands out a
+    /// comm, so that each accept on a reused listen comm has the whole timeout.
     deadline: Option<Instant>,
 }
 
@@ -735,6 +737,8 @@ impl ListenComm {
                 Ok(None)
             }
             Some(msg) if msg == READY => {
+                self.deadline = None;
+                self.last_refused = None;
                 info!(
                     NET,
                     "accepted {peer}: {} qp {:#x} <- remote qp {:#x}",
