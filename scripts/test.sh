@@ -30,7 +30,7 @@ step "build (plugin, examples, test executables)"
 cargo build --workspace --all-targets
 cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
-wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "wire_version", "kill", "reload", "abi_points", "conformance_cmd"}
+wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "wire_version", "handshake", "kill", "reload", "abi_points", "conformance_cmd"}
 for line in sys.stdin:
     try:
         m = json.loads(line)

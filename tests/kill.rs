@@ -8,9 +8,11 @@
 //! peer is the same test binary run again as a child (`HALO_KILL_PEER`), over rxe0's loopback.
 //! Runs alternate directions: the survivor connects and sends (the peer listens, accepts and
 //! receives), or the survivor listens, accepts and receives (the peer connects and sends).
-//! A peer killed before it identified itself to a listener is, to that listener, a peer that
-//! never came: its accept fails at `HALO_CONNECT_TIMEOUT_MS` (60 s by default, 5 s here); such
-//! runs are counted apart from the 30 s bound and reported.
+//! A connecting peer identifies itself (its hello) as soon as its TCP connection is up, before it
+//! builds its queue pairs; killed after that, the listener's accept fails at once. Killed before
+//! (in the few microseconds between its `CONNECTING` line and its hello), it is, to the listener,
+//! a peer that never came: the accept fails at `HALO_CONNECT_TIMEOUT_MS` (60 s by default, 5 s
+//! here); such runs are counted apart from the 30 s bound and reported.
 //! Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says so and skips, unless
 //! `HALO_REQUIRE_RDMA=1`.
 
@@ -323,8 +325,9 @@ fn one_run(phase: Phase, side: Side, rng: &mut Rng) -> Result<Outcome, String> {
                 (c, l)
             }
         };
-        // Connect phase: the kill lands somewhere in the handshake. The connecting peer first
-        // builds its queue pairs (a few hundred ms in the guest) before it says who it is.
+        // Connect phase: the kill lands somewhere in the handshake. The connecting peer says who
+        // it is, then builds its queue pairs (tens to hundreds of ms in the guest), then sends
+        // its connection info.
         let mut killed: Option<Instant> = None;
         let window = match side {
             Side::Sender => 40_000,

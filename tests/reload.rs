@@ -7,7 +7,9 @@
 //! `finalize` (v11) → `dlclose`. From the second cycle on the process must look the same after
 //! every cycle: open uverbs file descriptors, threads, the kernel's PD/CQ/QP/MR objects of this
 //! process (`rdma resource show … pid`), and resident memory (within [`RSS_SLACK_KB`]), and the
-//! library must be gone from `/proc/self/maps`.
+//! library must be gone from `/proc/self/maps`. Inside each cycle, with the comms open, the same
+//! count must see their PD, CQs, QPs and MRs, so that the check after the cycle cannot pass on a
+//! counter that sees nothing.
 //!
 //! `HALO_RELOAD_CYCLES` sets the cycle count (default [`CI_CYCLES`]). Needs an RDMA device (run
 //! in the Soft-RoCE guest); elsewhere the device tests say so and skip, unless
@@ -63,17 +65,32 @@ fn rss_kb() -> i64 {
 }
 
 /// This process's kernel objects of one kind (`pd`, `cq`, `qp`, `mr`), from `rdma resource
-/// show <kind>` lines that name our pid.
+/// show <kind>`. The kernel names the *thread* that created an object (`pid <tid>`), and names
+/// none once that thread has exited: an object counts as ours when its pid is this process or
+/// one of its live threads, or when it is a user object without a pid (its thread is gone; in
+/// the guest no other process holds verbs objects while a test runs). Kernel objects read
+/// `comm [name]`.
 fn rdma_objects(kind: &str) -> usize {
     let out = Command::new("rdma")
         .args(["resource", "show", kind])
         .output()
         .expect("the rdma tool (iproute2)");
     assert!(out.status.success(), "rdma resource show {kind} failed");
-    let pid = format!("pid {} ", std::process::id());
+    let ours: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .chain([std::process::id().to_string()])
+        .collect();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains(&pid))
+        .filter(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let field = |name: &str| words.windows(2).find(|w| w[0] == name).map(|w| w[1]);
+            match field("pid") {
+                Some(pid) => ours.iter().any(|t| t == pid),
+                None => !field("comm").is_some_and(|c| c.starts_with('[')),
+            }
+        })
         .count()
 }
 
@@ -177,6 +194,31 @@ fn transfer(p: &Plugin, sc: Opaque, rc: Opaque, len: usize, seed: u8) {
     p.dereg_mr(rc, rmh).expect("deregMr recv");
 }
 
+/// While `connections` connections (a send and a receive comm each, both in this process) and
+/// one more registration are open, the counter behind the "nothing left" check must see them:
+/// otherwise that check could pass because `rdma resource show` lists nothing of this process.
+/// The registration's MR must also be seen to go at `deregMr`.
+fn live_objects_are_counted(p: &Plugin, sc: Opaque, connections: usize, cycle: u64) {
+    let buf = vec![0u8; MIB];
+    let mh = p
+        .reg_mr(sc, buf.as_ptr() as *mut u8, MIB)
+        .expect("regMr of the counted buffer");
+    let live = counts();
+    if cycle == 0 {
+        eprintln!("with {connections} connections open and a registration: {live:?}");
+    }
+    assert!(
+        live.pd >= 1 && live.cq >= 1 && live.qp >= 2 * connections && live.mr >= 1,
+        "cycle id {cycle}: the kernel objects of open comms are not counted: {live:?}"
+    );
+    p.dereg_mr(sc, mh).expect("deregMr of the counted buffer");
+    assert_eq!(
+        rdma_objects("mr") + 1,
+        live.mr,
+        "cycle id {cycle}: deregMr did not remove exactly one counted MR"
+    );
+}
+
 /// One error through the exported surface, on this (long-lived) thread, as RCCL sees now and
 /// then: the plugin logs it, which must not keep the library mapped after `dlclose`.
 fn provoke_an_error(p: &Plugin) {
@@ -204,6 +246,7 @@ fn cycle(lib: &Path, version: u32, id: u64) {
     assert!(p.devices().expect("devices") >= 1);
     let (s1, r1) = connect_pair(p);
     let (s2, r2) = connect_pair(p);
+    live_objects_are_counted(p, s1, 2, id);
     transfer(p, s1, r1, MIB, id as u8);
     transfer(p, s2, r2, MIB, !(id as u8));
     provoke_an_error(p);

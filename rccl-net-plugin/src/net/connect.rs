@@ -2,13 +2,17 @@
 //!
 //! connect                                  accept
 //!   TCP connect ───────────────────────────▶ TCP accept
+//!   hello{nonce} ──────────────────────────▶ this connection is the peer
 //!   ConnInfo{QP, GID, FIFO} ───────────────▶ QP → RTR → RTS
 //!   QP → RTR → RTS ◀──────────── ConnInfo{QP, GID, sizes array}
 //!   "ready" ───────────────────────────────▶ comm returned
 //!   comm returned
 //!
 //! Every step is a poll: RCCL calls again (with the same handle buffer for connect) until a comm
-//! comes back. A deadline bounds the whole exchange.
+//! comes back. A deadline bounds the whole exchange. The hello goes out before the connecting side
+//! builds its queue pairs (the slow part), so that a listener whose identified peer then goes away
+//! fails its accept at once, as NCCL's own transport does once the peer's magic has arrived; a
+//! connection that goes away before its hello is dropped and the listener keeps waiting.
 
 use super::buffer::RegisteredBuf;
 use super::device::NetDevice;
@@ -337,6 +341,12 @@ impl Connecting {
             ConnectStage::Tcp(mut c) => match c.poll().map_err(oob_err)? {
                 None => ConnectStage::Tcp(c),
                 Some(mut stream) => {
+                    // Say who we are before the slow part (the queue pairs), so that the listener
+                    // can tell our going away from a stray connection's.
+                    stream
+                        .queue_send(&ConnInfo::hello(self.handle.nonce, FEATURES))
+                        .map_err(oob_err)?;
+                    stream.poll_flush().map_err(oob_err)?;
                     let dev = &self.dev;
                     let sq = (FIFO_DEPTH * (MAX_RECVS + 4)) as u32;
                     let nqps = dev
@@ -468,6 +478,14 @@ struct RecvSide {
 /// Connections a listen comm keeps waiting on at once; further ones wait in the backlog.
 const MAX_CANDIDATES: usize = 16;
 
+/// An accepted connection that has not sent its connection info yet.
+struct Candidate {
+    stream: OobStream,
+    peer: SocketAddr,
+    /// It sent the hello with this listener's nonce: it is the peer that holds the handle.
+    identified: bool,
+}
+
 /// A listening endpoint; `accept` polls it.
 pub struct ListenComm {
     pub dev: Arc<NetDevice>,
@@ -475,11 +493,13 @@ pub struct ListenComm {
     listener: OobListener,
     nonce: u64,
     /// Connections that have not sent their info yet.
-    candidates: Vec<(OobStream, SocketAddr)>,
+    candidates: Vec<Candidate>,
     /// The peer whose info matched: waiting for its ready message.
     chosen: Option<(OobStream, SocketAddr, Box<RecvSide>)>,
     /// Why the last dropped connection was dropped (for the timeout message).
     last_refused: Option<String>,
+    /// When the accept in progress gives up: set by its first poll, cleared when it hands out a
+    /// comm, so that each accept on a reused listen comm has the whole timeout.
     deadline: Option<Instant>,
 }
 
@@ -516,8 +536,10 @@ impl ListenComm {
     /// One step of `accept`; the comm once a connection is up.
     ///
     /// Every incoming TCP connection is a candidate until it sends connection info for this
-    /// listener's handle; one that closes, sends garbage or another handle's nonce is dropped with
-    /// a warning, so a stray connection never holds up the real peer.
+    /// listener's handle. One that closes, sends garbage or another handle's nonce before it
+    /// has identified itself (its hello) is dropped with a warning, so a stray connection never
+    /// holds up the real peer, and the listener keeps waiting. One that identified itself as
+    /// the peer and then closes fails the accept at once: the peer holding the handle is gone.
     pub fn poll_accept(&mut self) -> NetResult<Option<Box<RecvComm>>> {
         let now = Instant::now();
         let deadline = *self
@@ -541,15 +563,37 @@ impl ListenComm {
             match self.listener.poll_accept().map_err(oob_err)? {
                 Some(stream) => {
                     let peer = stream.peer_addr();
-                    self.candidates.push((stream, peer));
+                    self.candidates.push(Candidate {
+                        stream,
+                        peer,
+                        identified: false,
+                    });
                 }
                 None => break,
             }
         }
         let mut i = 0;
         while i < self.candidates.len() {
-            let got = self.candidates[i].0.poll_recv();
-            let (mut stream, peer) = match got {
+            let got = self.candidates[i].stream.poll_recv();
+            if let Ok(Some(bytes)) = &got {
+                if ConnInfo::parse_hello(bytes) == Some(self.nonce) {
+                    let c = &mut self.candidates[i];
+                    c.identified = true;
+                    info!(
+                        NET,
+                        "{} identified itself to {}; waiting for its connection info",
+                        c.peer,
+                        self.listener.local_addr()
+                    );
+                    // Its connection info may be there already: look again.
+                    continue;
+                }
+            }
+            let Candidate {
+                mut stream,
+                peer,
+                identified,
+            } = match got {
                 Ok(None) => {
                     i += 1;
                     continue;
@@ -568,11 +612,19 @@ impl ListenComm {
                 Ok(info)
             }) {
                 Ok(info) => info,
+                Err(why) if identified => {
+                    return Err(NetError::Remote(format!(
+                        "the peer {peer} identified itself to {} and then failed before \
+                         completing the connection: {why}",
+                        self.listener.local_addr()
+                    )));
+                }
                 Err(why) => {
                     let why = format!("{peer}: {why}");
                     warn!(
                         NET,
-                        "ignoring a connection to {}: {why}",
+                        "ignoring a connection to {} that did not identify itself: {why}; \
+                         still waiting for the peer",
                         self.listener.local_addr()
                     );
                     self.last_refused = Some(why);
@@ -685,6 +737,8 @@ impl ListenComm {
                 Ok(None)
             }
             Some(msg) if msg == READY => {
+                self.deadline = None;
+                self.last_refused = None;
                 info!(
                     NET,
                     "accepted {peer}: {} qp {:#x} <- remote qp {:#x}",

@@ -32,6 +32,11 @@
 //! The first 28 bytes (magic, version, QP count, features, nonce) keep this layout in every
 //! version, so a peer of another version can still be told which version it met
 //! ([`ConnInfo::preamble`]).
+//!
+//! Before it builds its queue pairs, the connecting side sends those 28 bytes alone, with a QP
+//! count of 0: the *hello* ([`ConnInfo::hello`]). It tells the listener at once that this
+//! connection is its peer (the nonce is the handle's), so a connection that closes after it is
+//! known to be the peer going away, not a stray connection.
 
 use super::wire::Reader;
 use super::HandleError;
@@ -40,11 +45,13 @@ use super::HandleError;
 pub const CONN_INFO_MAGIC: [u8; 8] = *b"HALOCONN";
 /// The format this build writes and reads. It is part of the wire protocol and carries that
 /// protocol's version (`net` checks at compile time that the two agree).
-pub const CONN_INFO_VERSION: u16 = 4;
+pub const CONN_INFO_VERSION: u16 = 5;
 /// Most queue pairs one connection info carries.
 pub const MAX_QPS: usize = 16;
 
 const FIXED_LEN: usize = 112;
+/// Length of the preamble, and of the hello.
+pub const HELLO_LEN: usize = 28;
 const QP_LEN: usize = 8;
 /// QP numbers and PSNs are 24-bit quantities in the transport headers.
 const MAX_24BIT: u32 = 0x00ff_ffff;
@@ -121,6 +128,27 @@ impl ConnInfo {
             out.extend_from_slice(&qp.psn.to_le_bytes());
         }
         out
+    }
+
+    /// The hello of a connection to the listen handle with `nonce`: this version's preamble
+    /// with no queue pairs.
+    pub fn hello(nonce: u64, features: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HELLO_LEN);
+        out.extend_from_slice(&CONN_INFO_MAGIC);
+        out.extend_from_slice(&CONN_INFO_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&features.to_le_bytes());
+        out.extend_from_slice(&nonce.to_le_bytes());
+        out
+    }
+
+    /// The nonce of a hello of this version (`None`: not one).
+    pub fn parse_hello(bytes: &[u8]) -> Option<u64> {
+        if bytes.len() != HELLO_LEN {
+            return None;
+        }
+        let (version, nonce) = Self::preamble(bytes)?;
+        (version == CONN_INFO_VERSION && bytes[10..12] == [0, 0]).then_some(nonce)
     }
 
     /// Version and nonce of a message in any version's format (`None`: not connection info).
@@ -309,6 +337,27 @@ pub(super) mod tests {
         assert_eq!(ConnInfo::preamble(&old), Some((2, c.nonce)));
         assert_eq!(ConnInfo::preamble(&old[..27]), None);
         assert_eq!(ConnInfo::preamble(b"HALOHAND and more bytes here.."), None);
+    }
+
+    #[test]
+    fn hello_is_the_preamble_without_queue_pairs() {
+        let h = ConnInfo::hello(0x1122_3344_5566_7788, 3);
+        assert_eq!(h.len(), HELLO_LEN);
+        assert_eq!(ConnInfo::parse_hello(&h), Some(0x1122_3344_5566_7788));
+        assert_eq!(
+            ConnInfo::preamble(&h),
+            Some((CONN_INFO_VERSION, 0x1122_3344_5566_7788))
+        );
+        // Not connection info: it has no queue pairs.
+        assert!(ConnInfo::decode(&h).is_err());
+        // Connection info is not a hello, nor is another version's preamble.
+        let c = sample();
+        assert_eq!(ConnInfo::parse_hello(&c.encode()), None);
+        assert_eq!(ConnInfo::parse_hello(&c.encode()[..HELLO_LEN]), None);
+        let mut old = h.clone();
+        old[8..10].copy_from_slice(&4u16.to_le_bytes());
+        assert_eq!(ConnInfo::parse_hello(&old), None);
+        assert_eq!(ConnInfo::parse_hello(&h[..HELLO_LEN - 1]), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod wire;
 mod loopback_tests;
 
 pub use addr::{interface_addresses, pick_bind_address};
-pub use conn_info::{ConnInfo, QpInfo, CONN_INFO_MAGIC, CONN_INFO_VERSION, MAX_QPS};
+pub use conn_info::{ConnInfo, QpInfo, CONN_INFO_MAGIC, CONN_INFO_VERSION, HELLO_LEN, MAX_QPS};
 pub use handle::{
     HandleError, ListenHandle, HANDLE_MAGIC, HANDLE_SIZE, HANDLE_USED, HANDLE_VERSION,
 };

@@ -10,8 +10,9 @@ use std::mem::{align_of, offset_of, size_of};
 /// The version of this wire protocol. Peers of different versions refuse each other at connect,
 /// naming both versions. Version 3: clear-to-send rows with eager credits, eager bounce slots,
 /// spread rows over several queue pairs, connection info with the QP list. Version 4: the
-/// row and header checks mix 64-bit words (cheaper per `isend`).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// row and header checks mix 64-bit words (cheaper per `isend`). Version 5: the connecting side
+/// sends a hello (the connection info's preamble, no queue pairs) as soon as TCP is up.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Feature bit: the receiver offers eager bounce slots (the sender may use them or not).
 pub const FEATURE_EAGER: u64 = 1 << 0;
