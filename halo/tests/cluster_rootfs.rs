@@ -4,8 +4,10 @@
 //! `engine = "command"` (`unshare --mount … chroot ROOT`), the same wrapping code as podman,
 //! toolbox and distrobox. The run: a head left from an earlier attempt, then `cluster up`
 //! (keeps the head, starts the missing worker), `up` again (nothing to do), `status` (2 nodes,
-//! GPUs as detected; a node not running is named), `ray status` failing, `up --restart`, `down`,
-//! and `status` on the stopped cluster (quick, with the reason).
+//! GPUs as detected; a node not running is named), `halo bench --collective` with its ranks
+//! inside (gloo, checked results; each rank reports the root filesystem's Python and torch),
+//! `ray status` failing, `up --restart`, `down`, and `status` on the stopped cluster (quick,
+//! with the reason).
 
 mod common;
 
@@ -30,10 +32,21 @@ fn rootfs() -> Option<PathBuf> {
             PathBuf::from(std::env::var("HOME").unwrap_or_default())
                 .join(".cache/halo-harness/rootfs")
         });
+    let built = root.join(".halo-rootfs").is_file();
+    // The collective ranks import Debian's torch through /opt/ray's system site packages.
+    let torch = root
+        .join("usr/lib/python3/dist-packages/torch/__init__.py")
+        .is_file()
+        && fs::read_to_string(root.join("opt/ray/pyvenv.cfg"))
+            .is_ok_and(|c| c.contains("include-system-site-packages = true"));
     let missing: Vec<String> = [
+        (!built, format!("root filesystem {}", root.display())),
         (
-            !root.join(".halo-rootfs").is_file(),
-            format!("root filesystem {}", root.display()),
+            built && !torch,
+            format!(
+                "torch for the collective ranks in {} (built by an older scripts/setup-harness.sh)",
+                root.display()
+            ),
         ),
         (
             !Path::new("/usr/sbin/sshd").is_file(),
@@ -93,6 +106,100 @@ fn assert_daemons_inside(root: &Path) {
     }
     // Head: GCS server and raylet; worker: raylet.
     assert!(seen >= 3, "{listing}");
+}
+
+/// `halo bench --collective` (gloo, CI-sized) on the running cluster: every result checked,
+/// and each rank reports a Python that exists only inside `root` (a process cannot run a
+/// program its root directory does not hold), importing the root filesystem's torch.
+fn collective_inside(root: &Path, mut halo: std::process::Command) {
+    let coll = run(
+        halo.args([
+            "bench",
+            "--collective",
+            "--variants",
+            "gloo",
+            "--max-bytes",
+            "8192",
+            "--iters",
+            "2",
+            "--decode-steps",
+            "1",
+            "--json",
+        ]),
+        300,
+    );
+    assert!(coll.success, "bench --collective failed");
+    let rep: serde_json::Value = serde_json::from_str(&coll.stdout).unwrap();
+    assert_eq!(rep["ranks"], 2, "{rep}");
+    let v = &rep["variants"][0];
+    assert_eq!(v["variant"], "gloo");
+    assert_eq!(v["error"], serde_json::Value::Null, "{v}");
+    // all_reduce and all_gather x fp32 x 4 and 8 KiB, then the two decode shapes.
+    let rows: Vec<(String, u64, u64)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert!(r["time_us"].as_f64().unwrap() > 0.0, "{r}");
+            (
+                format!(
+                    "{} {}",
+                    r["op"].as_str().unwrap(),
+                    r["dtype"].as_str().unwrap()
+                ),
+                r["size"].as_u64().unwrap(),
+                r["wrong"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64, u64)> = [
+        ("all_reduce fp32", 4096),
+        ("all_reduce fp32", 8192),
+        ("all_gather fp32", 4096),
+        ("all_gather fp32", 8192),
+    ]
+    .into_iter()
+    .map(|(k, size)| (k.to_string(), size, 0))
+    .collect();
+    println!("collective rows (op type, size, #wrong): {rows:?}");
+    assert_eq!(rows, want, "{v}");
+    let decode: Vec<(u64, u64, u64)> = v["decode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["ops"].as_u64().unwrap(),
+                d["size"].as_u64().unwrap(),
+                d["wrong"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    println!("collective decode rows (ops, size, #wrong): {decode:?}");
+    assert_eq!(decode, [(64, 8192, 0), (160, 16384, 0)], "{v}");
+
+    let ranks = v["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 2, "{v}");
+    for (i, (r, ip)) in ranks.iter().zip([HEAD_IP, WORKER_IP]).enumerate() {
+        println!("rank {i} saw: {r}");
+        assert_eq!(
+            (r["rank"].as_u64(), r["node_ip"].as_str()),
+            (Some(i as u64), Some(ip))
+        );
+        let python = r["python"].as_str().unwrap();
+        assert!(python.starts_with("/opt/ray/bin/python"), "{r}");
+        assert_eq!(r["prefix"], "/opt/ray", "{r}");
+        assert_eq!(
+            r["torch_path"], "/usr/lib/python3/dist-packages/torch",
+            "{r}"
+        );
+        assert!(
+            !Path::new(python).exists() && root.join(&python[1..]).exists(),
+            "{python} must exist inside {} and not on the host",
+            root.display()
+        );
+    }
+    assert_ne!(ranks[0]["pid"], ranks[1]["pid"]);
 }
 
 #[test]
@@ -215,6 +322,14 @@ fn up_status_down_with_ray_only_inside_a_root_filesystem() {
             && !up.stdout.contains("ray start"),
         "{}",
         up.stdout
+    );
+
+    // The collective ranks, one per node, run inside the root filesystem too.
+    let t = Instant::now();
+    collective_inside(&root, halo_cfg(&config));
+    println!(
+        "TIMING bench --collective inside: {:.1} s",
+        t.elapsed().as_secs_f64()
     );
 
     let status = run(halo_cfg(&config).args(["cluster", "status", "--json"]), 120);

@@ -174,6 +174,38 @@ pub struct DecodeRow {
     pub wrong: u64,
 }
 
+/// Where one rank ran, as the rank saw it: inside the node's runtime, these are the
+/// container's paths.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RankFacts {
+    pub rank: u64,
+    pub node_ip: String,
+    pub hostname: String,
+    pub pid: u64,
+    /// The rank's `sys.executable` and `sys.prefix`.
+    pub python: String,
+    pub prefix: String,
+    pub torch: String,
+    /// The directory torch was imported from.
+    pub torch_path: String,
+}
+
+impl RankFacts {
+    fn from_json(r: &Value) -> RankFacts {
+        let text = |k: &str| r[k].as_str().unwrap_or("?").to_string();
+        RankFacts {
+            rank: r["rank"].as_u64().unwrap_or(0),
+            node_ip: text("node_ip"),
+            hostname: text("hostname"),
+            pid: r["pid"].as_u64().unwrap_or(0),
+            python: text("python"),
+            prefix: text("prefix"),
+            torch: text("torch"),
+            torch_path: text("torch_path"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct VariantResult {
     pub variant: Variant,
@@ -182,6 +214,8 @@ pub struct VariantResult {
     /// What RCCL's log showed (None for gloo).
     pub transport: Option<TransportSeen>,
     pub error: Option<String>,
+    /// Where each rank ran (empty when the driver reported nothing).
+    pub ranks: Vec<RankFacts>,
     pub rows: Vec<Row>,
     pub decode: Vec<DecodeRow>,
 }
@@ -234,17 +268,50 @@ pub fn bus_factor(op: &str, n: usize) -> f64 {
     }
 }
 
-/// The ranks' python on the head: HALO_PYTHON, else `python` beside a `ray` given by path.
-pub fn driver_python(cfg: &ClusterConfig) -> String {
+/// Run inside the head's runtime as `sh -c FIND_PYTHON sh RAY ARGS…`: execs the Python that
+/// runs `RAY` there (the interpreter on its `#!` line, also through `/usr/bin/env`) with
+/// `ARGS…`, else `python3`. A `ray` on PATH is often a link into a virtual environment whose
+/// Python is not the `python3` on PATH (the only one that can import `ray`).
+pub const FIND_PYTHON: &str = r#"r=$(command -v "$1" 2>/dev/null) || { echo "halo: $1 not found on PATH (the ranks' driver runs with the Python of ray)" >&2; exit 127; }
+shift
+py=python3
+first=
+IFS= read -r first < "$r" || true
+case "$first" in
+  '#!'*)
+    line=${first#??}; line=${line# }
+    interp=${line%% *}
+    case "$interp" in
+      */env) cand=${line#"$interp"}; cand=${cand# }; cand=${cand%% *} ;;
+      *) cand=$interp ;;
+    esac
+    case "${cand##*/}" in
+      python*) command -v "$cand" >/dev/null 2>&1 && py=$cand ;;
+    esac
+    ;;
+esac
+exec "$py" "$@"
+"#;
+
+/// The command, run inside the head's runtime, that starts the ranks' driver with its arguments
+/// appended: `HALO_PYTHON`; else `python` beside a `ray` given by path; else the Python of the
+/// `ray` on the runtime's PATH ([`FIND_PYTHON`]).
+pub fn driver_python(cfg: &ClusterConfig) -> Vec<String> {
     if let Ok(p) = std::env::var(PYTHON_ENV) {
         if !p.is_empty() {
-            return p;
+            return vec![p];
         }
     }
     let ray = cfg.ray_for(cfg.head());
     match Path::new(&ray).parent() {
-        Some(dir) if ray.contains('/') => dir.join("python").to_string_lossy().into_owned(),
-        _ => "python3".to_string(),
+        Some(dir) if ray.contains('/') => vec![dir.join("python").to_string_lossy().into_owned()],
+        _ => vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            FIND_PYTHON.to_string(),
+            "sh".to_string(),
+            ray,
+        ],
     }
 }
 
@@ -347,12 +414,8 @@ pub fn run(args: &CollectiveArgs, config_path: &Path) -> Result<CollectiveReport
             "timeout_secs": args.variant_timeout,
             "variants": [{"name": variant.name(), "env": variant.env(&cfg)}],
         });
-        let argv = vec![
-            driver_python(&cfg),
-            "-c".to_string(),
-            DRIVER.to_string(),
-            spec.to_string(),
-        ];
+        let mut argv = driver_python(&cfg);
+        argv.extend(["-c".to_string(), DRIVER.to_string(), spec.to_string()]);
         let mut cmd = cluster::node_command(&cfg, cfg.head(), &argv);
         eprintln!(
             "collective: {} on {} ranks",
@@ -403,6 +466,7 @@ fn failed(variant: Variant, cfg: &ClusterConfig, error: String) -> VariantResult
         env: variant.env(cfg),
         transport: None,
         error: Some(error),
+        ranks: Vec::new(),
         rows: Vec::new(),
         decode: Vec::new(),
     }
@@ -418,6 +482,7 @@ pub fn assemble(variant: Variant, cfg: &ClusterConfig, v: &Value) -> VariantResu
     let world = ranks.len();
     let mut result = failed(variant, cfg, String::new());
     result.error = None;
+    result.ranks = ranks.iter().map(RankFacts::from_json).collect();
     if let Some(claim) = variant.claim() {
         let lines: Vec<String> = ranks
             .iter()
@@ -511,6 +576,13 @@ pub fn render(report: &CollectiveReport) -> String {
                 t.plugin.as_deref().unwrap_or("none"),
                 t.gdr_channels,
                 t.net_channels
+            );
+        }
+        for r in &v.ranks {
+            let _ = writeln!(
+                s,
+                "   rank {} on {} (host {}, pid {}): python {} (prefix {}), torch {} from {}",
+                r.rank, r.node_ip, r.hostname, r.pid, r.python, r.prefix, r.torch, r.torch_path
             );
         }
         if let Some(e) = &v.error {
@@ -712,12 +784,14 @@ mod tests {
     }
 
     fn raw(log: &[&str], wrong: u64) -> Value {
-        let rank = |t: f64| {
-            json!({"rank": 0, "torch": "2.11", "log": log,
+        let rank = |rank: u64, t: f64| {
+            json!({"rank": rank, "node_ip": format!("10.0.0.{}", rank + 1), "hostname": "n", "pid": 100 + rank,
+                   "python": "/opt/venv/bin/python3", "prefix": "/opt/venv",
+                   "torch": "2.11", "torch_path": "/usr/lib/python3/dist-packages/torch", "log": log,
                    "rows": [{"op": "all_reduce", "dtype": "fp32", "size": 4096, "count": 1024, "time_us": t, "wrong": wrong}],
                    "decode": [{"ops": 64, "size": 8192, "dtype": "bf16", "step_us": 900.0, "wrong": 0}]})
         };
-        json!({"name": "x", "ranks": [rank(10.0), rank(20.0)]})
+        json!({"name": "x", "ranks": [rank(0, 10.0), rank(1, 20.0)]})
     }
 
     #[test]
@@ -733,6 +807,122 @@ mod tests {
         assert!((r.algbw_gbs - 4096.0 / 20e3).abs() < 1e-9);
         assert_eq!(r.busbw_gbs, r.algbw_gbs);
         assert_eq!(v.decode[0].step_us, 900.0);
+        // Where each rank ran, as it reported it, in the report and its text.
+        assert_eq!(
+            v.ranks[1],
+            RankFacts {
+                rank: 1,
+                node_ip: "10.0.0.2".into(),
+                hostname: "n".into(),
+                pid: 101,
+                python: "/opt/venv/bin/python3".into(),
+                prefix: "/opt/venv".into(),
+                torch: "2.11".into(),
+                torch_path: "/usr/lib/python3/dist-packages/torch".into(),
+            }
+        );
+        let report = CollectiveReport {
+            ranks: 2,
+            nodes: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            torch: Some("2.11".into()),
+            notes: Vec::new(),
+            variants: vec![v],
+        };
+        assert!(
+            render(&report).contains(
+                "   rank 1 on 10.0.0.2 (host n, pid 101): python /opt/venv/bin/python3 (prefix /opt/venv), \
+                 torch 2.11 from /usr/lib/python3/dist-packages/torch\n"
+            ),
+            "{}",
+            render(&report)
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json["variants"][0]["ranks"][0]["python"],
+            "/opt/venv/bin/python3"
+        );
+    }
+
+    /// The driver runs with the Python of the `ray` the runtime's PATH finds: the one on its
+    /// `#!` line (directly or through env), else python3.
+    #[test]
+    fn the_driver_runs_with_the_python_of_ray() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        let venv = dir.path().join("venv/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&venv).unwrap();
+        let script = |path: &Path, text: &str| {
+            std::fs::write(path, text).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        // Stand-ins for the venv's Python and the python3 on PATH: they say who they are.
+        script(&venv.join("python3"), "#!/bin/sh\necho venv \"$@\"\n");
+        script(&bin.join("python3"), "#!/bin/sh\necho path \"$@\"\n");
+        let mut c = cfg();
+        c.ray.executable = "ray".into();
+        let argv = driver_python(&c);
+        assert_eq!(argv[..2], ["sh", "-c"]);
+        assert_eq!(argv[3..], ["sh", "ray"]);
+        let run_with = |shebang: &str| {
+            script(&bin.join("ray"), &format!("{shebang}\nimport ray\n"));
+            let out = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .args(["-c", "print(1)", "{\"a\": 1}"])
+                .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let venv_py = venv.join("python3").display().to_string();
+        for shebang in [format!("#!{venv_py}"), format!("#! {venv_py} -E")] {
+            assert_eq!(
+                run_with(&shebang),
+                (
+                    Some(0),
+                    "venv -c print(1) {\"a\": 1}\n".into(),
+                    String::new()
+                ),
+                "{shebang}"
+            );
+        }
+        for shebang in ["#!/usr/bin/env python3", "#!/bin/sh", "\u{7f}ELF"] {
+            assert_eq!(
+                run_with(shebang),
+                (
+                    Some(0),
+                    "path -c print(1) {\"a\": 1}\n".into(),
+                    String::new()
+                ),
+                "{shebang}"
+            );
+        }
+        // A venv Python that is gone: python3 on PATH.
+        let missing = dir.path().join("gone/bin/python3").display().to_string();
+        assert_eq!(
+            run_with(&format!("#!{missing}")).1,
+            "path -c print(1) {\"a\": 1}\n"
+        );
+        // No ray at all: a clear error, not Python's "No module named ray".
+        std::fs::remove_file(bin.join("ray")).unwrap();
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(127));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("halo: ray not found on PATH"),
+            "{out:?}"
+        );
+        // `ray` by path: the python beside it, without a shell.
+        c.ray.executable = "/opt/ray/bin/ray".into();
+        assert_eq!(driver_python(&c), ["/opt/ray/bin/python"]);
     }
 
     #[test]

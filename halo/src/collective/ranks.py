@@ -163,7 +163,13 @@ def rank_main(rank, world, init_method, spec, variant):
     return {
         "rank": rank,
         "node_ip": ray.util.get_node_ip_address(),
+        # Where the rank ran, as the rank itself sees it (inside the node's container).
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "python": sys.executable,
+        "prefix": sys.prefix,
         "torch": torch.__version__,
+        "torch_path": os.path.dirname(torch.__file__),
         "rows": rows,
         "decode": decode,
         "log": lines,
