@@ -11,7 +11,7 @@ use super::request::Request;
 use super::stats::{self, CommCounters, Side};
 use crate::log::NET;
 use crate::protocol::{
-    CtsEntry, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH,
+    CtsEntry, Fifo, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH,
     MAX_RECVS, SEND_REQS,
 };
 use halo_ibverbs::WorkCompletion;
@@ -101,10 +101,10 @@ impl SendComm {
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
-            None => self.core.isend(|row, i| fifo.entry(row, i), msg, &mut out),
+            None => self.core.isend_from(fifo, msg, &mut out),
             Some(p) => {
                 let mut tap = Tap::new(&mut out);
-                let r = self.core.isend(|row, i| fifo.entry(row, i), msg, &mut tap);
+                let r = self.core.isend_from(fifo, msg, &mut tap);
                 if let Ok(Some(req)) = r {
                     p.arm(usize::from(req), phandle, size);
                 }
@@ -147,10 +147,10 @@ impl SendComm {
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
-            None => self.core.progress(|row, i| fifo.entry(row, i), &mut out),
+            None => self.core.progress_from(fifo, &mut out),
             Some(p) => {
                 let mut tap = Tap::new(&mut out);
-                let r = self.core.progress(|row, i| fifo.entry(row, i), &mut tap);
+                let r = self.core.progress_from(fifo, &mut tap);
                 tap.start_events(p, &self.link.qps);
                 r
             }
@@ -189,15 +189,26 @@ impl SendComm {
 struct FifoView(*const u8);
 
 impl FifoView {
-    fn entry(&self, row: usize, i: usize) -> CtsEntry {
+    fn at(&self, row: usize, i: usize) -> *const CtsEntry {
         debug_assert!(row < FIFO_DEPTH && i < MAX_RECVS);
-        // SAFETY: the FIFO holds FIFO_DEPTH rows of MAX_RECVS entries and lives as long as the
-        // comm; the NIC writes it concurrently, hence the volatile read (a torn entry is caught
-        // by its stamp and check).
-        let e =
-            unsafe { std::ptr::read_volatile(self.0.cast::<CtsEntry>().add(row * MAX_RECVS + i)) };
+        // In bounds: the FIFO holds FIFO_DEPTH rows of MAX_RECVS entries.
+        self.0.cast::<CtsEntry>().wrapping_add(row * MAX_RECVS + i)
+    }
+}
+
+impl Fifo for FifoView {
+    fn entry(&self, row: usize, i: usize) -> CtsEntry {
+        // SAFETY: the entry lies in the FIFO, which lives as long as the comm; the NIC writes it
+        // concurrently, hence the volatile read (a torn entry is caught by its stamp and check).
+        let e = unsafe { std::ptr::read_volatile(self.at(row, i)) };
         fence(Ordering::Acquire);
         e
+    }
+
+    fn stamp(&self, row: usize, i: usize) -> u32 {
+        // SAFETY: as in `entry`; one aligned u32 of the entry. No fence: a matching stamp is
+        // followed by a full `entry` read, which has one.
+        unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*self.at(row, i)).stamp)) }
     }
 }
 
