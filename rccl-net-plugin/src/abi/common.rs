@@ -258,6 +258,17 @@ pub fn iflush(
 }
 
 pub fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
+    if !request.is_null() && !done.is_null() {
+        let mut s = [0u64; MAX_RECVS];
+        // SAFETY: as below. A request an earlier poll completed is answered here, without the
+        // panic guard: nothing on this path can panic.
+        if let Some(n) = unsafe { Request::take_done(request as *mut Request, &mut s) } {
+            report_sizes(&s[..n], sizes);
+            // SAFETY: checked non-NULL; RCCL's out-pointer.
+            unsafe { *done = 1 };
+            return ncclSuccess;
+        }
+    }
     guard("test", || {
         let d = out(done, "done")?;
         *d = 0;
@@ -267,16 +278,22 @@ pub fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclRe
         let mut s = [0u64; MAX_RECVS];
         // SAFETY: RCCL tests requests it got from isend/irecv on open comms, from the comm's thread.
         if let Some(n) = unsafe { Request::test(request as *mut Request, &mut s) }? {
-            if !sizes.is_null() {
-                for (i, v) in s[..n].iter().enumerate() {
-                    // SAFETY: RCCL's sizes array has one int per receive of the request.
-                    unsafe { *sizes.add(i) = *v as c_int };
-                }
-            }
+            report_sizes(&s[..n], sizes);
             *d = 1;
         }
         Ok(())
     })
+}
+
+/// Writes the sizes of a finished request into RCCL's `sizes` array (NULL: not wanted).
+fn report_sizes(s: &[u64], sizes: *mut c_int) {
+    if sizes.is_null() {
+        return;
+    }
+    for (i, v) in s.iter().enumerate() {
+        // SAFETY: RCCL's sizes array has one int per receive of the request.
+        unsafe { *sizes.add(i) = *v as c_int };
+    }
 }
 
 pub fn close_send(comm: *mut c_void) -> ncclResult_t {

@@ -126,7 +126,9 @@ impl SendComm {
         }
     }
 
-    fn progress(&mut self) -> NetResult<()> {
+    /// Polls completions and acts on them; whether there were any.
+    #[inline]
+    fn progress(&mut self) -> NetResult<bool> {
         let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
         let got = self.link.poll(&mut wcs)?;
         for wc in got {
@@ -141,9 +143,16 @@ impl SendComm {
                 );
             }
         }
-        if !self.core.wants_progress() {
-            return Ok(());
+        if self.core.wants_progress() {
+            self.progress_core()?;
         }
+        Ok(!got.is_empty())
+    }
+
+    /// Lets the protocol core post what completions made possible (immediates whose data has
+    /// landed, an eager row's settlement).
+    #[inline(never)]
+    fn progress_core(&mut self) -> NetResult<()> {
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
@@ -160,15 +169,34 @@ impl SendComm {
         r.map_err(|e| self.link.proto_error(e))
     }
 
+    /// The size of request `req` when an earlier poll completed it (the request is then
+    /// collected); `None` otherwise, with nothing changed. No poll, no look at the link (and
+    /// with a profiler attached, always `None`: its bookkeeping stays on the guarded path).
+    #[inline(always)]
+    pub(super) fn take_done(&mut self, req: u16) -> Option<u64> {
+        if self.prof.is_some() || !self.core.is_done(req) {
+            return None;
+        }
+        self.collect(req)
+    }
+
+    #[inline(never)]
+    fn collect(&mut self, req: u16) -> Option<u64> {
+        self.test(req).ok().flatten()
+    }
+
+    #[inline]
     pub(super) fn test(&mut self, req: u16) -> NetResult<Option<u64>> {
         self.own.tests += 1;
-        self.link.check()?;
-        // A request an earlier poll already completed needs no poll (a message-rate stream tests
-        // each of a batch of completions in turn).
+        // A request an earlier poll already completed is done, whatever happened since: no
+        // poll and no look at the link (a message-rate stream tests each of a batch of
+        // completions in turn).
         let mut r = self.core.test(req);
         if matches!(r, Ok(None)) {
-            self.progress()?;
-            r = self.core.test(req);
+            self.link.check()?;
+            if self.progress()? {
+                r = self.core.test(req);
+            }
         }
         if !matches!(r, Ok(None)) {
             if let Some(p) = self.prof.as_deref_mut() {
