@@ -99,6 +99,10 @@ impl SendComm {
             self.link.peer
         );
         let fifo = FifoView(self.fifo.ptr());
+        if self.core.waits_for_cts(&fifo, size) {
+            // The common answer while the receiver has not offered a buffer: nothing to post.
+            return self.null_send();
+        }
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
             None => self.core.isend_from(fifo, msg, &mut out),
@@ -116,14 +120,17 @@ impl SendComm {
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
         match r {
             Ok(Some(req)) => Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request)),
-            Ok(None) => {
-                self.own.nulls += 1;
-                // Waiting for the receiver: a dead receiver never answers, so watch the peer here too.
-                self.link.idle_tick()?;
-                Ok(None)
-            }
+            Ok(None) => self.null_send(),
             Err(e) => Err(self.link.proto_error(e)),
         }
+    }
+
+    /// An `isend` that returns a NULL request.
+    fn null_send(&mut self) -> NetResult<Option<*mut Request>> {
+        self.own.nulls += 1;
+        // Waiting for the receiver: a dead receiver never answers, so watch the peer here too.
+        self.link.idle_tick()?;
+        Ok(None)
     }
 
     /// Polls completions and acts on them; whether there were any.

@@ -633,6 +633,27 @@ impl SendState {
         self.match_send(r, msg, None)
     }
 
+    /// Whether a post of a `size`-byte message could only answer [`SendPost::NotReady`] now,
+    /// because the current row has not arrived in `fifo_row` (a snapshot of
+    /// [`Self::current_row`]) and the message cannot go eagerly; counted as a clear-to-send wait.
+    /// A few compares and one look at the row's stamp: the call a sender makes while it waits
+    /// for the receiver. `false` says nothing: [`Self::post`] decides.
+    #[inline]
+    pub fn waits_for_row(&mut self, fifo_row: &impl FifoRow, size: u64) -> bool {
+        if self.unconfirmed || self.carried.is_some() {
+            return false;
+        }
+        if self.eager_slots > 0 && size <= self.eager_max {
+            return false;
+        }
+        let row = &self.rows[row_of(self.seq)];
+        if row.matching || row.live > 0 || fifo_row.stamp(0) == stamp(self.seq) {
+            return false;
+        }
+        self.cts_waits += 1;
+        true
+    }
+
     /// The request of row `r`'s eager send.
     pub fn eager_req(r: usize) -> u16 {
         (FIFO_DEPTH * MAX_RECVS + r) as u16

@@ -99,7 +99,20 @@ impl Sender {
         msg: SendMsg,
         out: &mut impl PostSink,
     ) -> Result<Option<u16>, ProtoError> {
+        if self.waits_for_cts(&fifo, msg.size) {
+            return Ok(None);
+        }
         self.isend_from(fifo, msg, out)
+    }
+
+    /// Whether an `isend` of `size` bytes can only return `None` now: the receiver has not
+    /// offered the current row yet and the message cannot go eagerly. Cheap (one load from the
+    /// FIFO); the caller returns a NULL request without posting anything. `false`: call
+    /// [`Self::isend_from`].
+    #[inline]
+    pub fn waits_for_cts(&mut self, fifo: &impl Fifo, size: u64) -> bool {
+        let row = self.state.current_row();
+        self.state.waits_for_row(&RowOf { fifo, row }, size)
     }
 
     /// [`Self::isend`] from any [`Fifo`] (a reader of NIC memory peeks at a row's stamp alone).
