@@ -1,6 +1,6 @@
 //! Functions shared by the per-version tables, in version-neutral argument types.
 
-use super::guard;
+use super::{guard, report};
 use crate::log;
 use crate::net::{
     self, CommHandle, ListenComm, MrHandle, NetError, NetResult, Props, Request, COMM_RECV,
@@ -257,32 +257,33 @@ pub fn iflush(
     })
 }
 
+/// `test`, the most frequent call of the data path, runs without the panic guard of the other
+/// calls: what in it could panic (handling completions, the occasional link checks) runs under
+/// its own ([`crate::net`]'s `contained`); the rest is loads, stores and a completion poll.
 pub fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
-    if !request.is_null() && !done.is_null() {
-        let mut s = [0u64; MAX_RECVS];
-        // SAFETY: as below. A request an earlier poll completed is answered here, without the
-        // panic guard: nothing on this path can panic.
-        if let Some(n) = unsafe { Request::take_done(request as *mut Request, &mut s) } {
-            report_sizes(&s[..n], sizes);
-            // SAFETY: checked non-NULL; RCCL's out-pointer.
-            unsafe { *done = 1 };
-            return ncclSuccess;
-        }
+    if done.is_null() {
+        return report("test", &NetError::InvalidArgument("done is NULL".into()));
     }
-    guard("test", || {
-        let d = out(done, "done")?;
-        *d = 0;
-        if request.is_null() {
-            return Err(NetError::InvalidArgument("test of a NULL request".into()));
+    // SAFETY: checked non-NULL; RCCL's out-pointer.
+    unsafe { *done = 0 };
+    if request.is_null() {
+        return report(
+            "test",
+            &NetError::InvalidArgument("test of a NULL request".into()),
+        );
+    }
+    let mut s = [0u64; MAX_RECVS];
+    // SAFETY: RCCL tests requests it got from isend/irecv on open comms, from the comm's thread.
+    match unsafe { Request::test(request as *mut Request, &mut s) } {
+        Ok(Some(n)) => {
+            report_sizes(&s[..n.min(MAX_RECVS)], sizes);
+            // SAFETY: as above.
+            unsafe { *done = 1 };
+            ncclSuccess
         }
-        let mut s = [0u64; MAX_RECVS];
-        // SAFETY: RCCL tests requests it got from isend/irecv on open comms, from the comm's thread.
-        if let Some(n) = unsafe { Request::test(request as *mut Request, &mut s) }? {
-            report_sizes(&s[..n], sizes);
-            *d = 1;
-        }
-        Ok(())
-    })
+        Ok(None) => ncclSuccess,
+        Err(e) => report("test", &e),
+    }
 }
 
 /// Writes the sizes of a finished request into RCCL's `sizes` array (NULL: not wanted).

@@ -3,7 +3,7 @@
 
 use super::buffer::RegisteredBuf;
 use super::device::NetDevice;
-use super::error::{NetError, NetResult};
+use super::error::{contained, NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, SlotRing, Staging, Targets};
@@ -210,7 +210,7 @@ impl RecvComm {
         if got.is_empty() {
             return Ok(false);
         }
-        self.on_completions(got)?;
+        contained(|| self.on_completions(got))?;
         Ok(true)
     }
 
@@ -284,31 +284,23 @@ impl RecvComm {
         self.flush.as_ref().map_or(0, Flush::reads_done)
     }
 
-    /// The sizes of receive `req` when an earlier poll completed it (the request is then
-    /// collected); `None` otherwise, with nothing changed. No poll, no look at the link (and
-    /// with a profiler attached, always `None`: its bookkeeping stays on the guarded path).
-    #[inline(always)]
-    pub(super) fn take_done(&mut self, req: u16) -> Option<(usize, [u64; MAX_RECVS])> {
-        if self.prof.is_some() || usize::from(req) >= FIFO_DEPTH || !self.core.is_done(req) {
-            return None;
-        }
-        self.collect(req)
-    }
-
-    #[inline(never)]
-    fn collect(&mut self, req: u16) -> Option<(usize, [u64; MAX_RECVS])> {
-        self.test(req).ok().flatten()
-    }
-
+    /// `test` of request `req`: its sizes into `sizes` and their count once done. Runs without
+    /// the C boundary's panic guard: see `abi::common::test`.
     #[inline]
-    pub(super) fn test(&mut self, req: u16) -> NetResult<Option<(usize, [u64; MAX_RECVS])>> {
+    pub(super) fn test(
+        &mut self,
+        req: u16,
+        sizes: &mut [u64; MAX_RECVS],
+    ) -> NetResult<Option<usize>> {
         self.own.tests += 1;
         if let Some(slot) = (req as usize).checked_sub(FIFO_DEPTH) {
-            let flush = self
-                .flush
-                .as_mut()
-                .ok_or_else(|| NetError::Internal("flush request without a flush QP".into()))?;
-            return Ok(flush.test(slot)?.then_some((0, [0; MAX_RECVS])));
+            return contained(|| {
+                let flush = self
+                    .flush
+                    .as_mut()
+                    .ok_or_else(|| NetError::Internal("flush request without a flush QP".into()))?;
+                Ok(flush.test(slot)?.then_some(0))
+            });
         }
         // A request an earlier poll already completed is done, whatever happened since: no
         // poll and no look at the link (a message-rate stream tests each of a batch of
@@ -320,15 +312,34 @@ impl RecvComm {
                 r = self.core.test(req);
             }
         }
-        if !matches!(r, Ok(None)) {
-            if let Some(p) = self.prof.as_deref_mut() {
-                let first = usize::from(req) * MAX_RECVS;
-                for i in first..first + MAX_RECVS {
-                    p.finish(i);
-                }
+        match r {
+            Ok(None) => Ok(None),
+            Ok(Some((n, s))) => {
+                let n = n.min(MAX_RECVS);
+                sizes[..n].copy_from_slice(&s[..n]);
+                self.finish_events(req)?;
+                Ok(Some(n))
+            }
+            Err(e) => {
+                self.finish_events(req)?;
+                Err(self.link.proto_error(e))
             }
         }
-        r.map_err(|e| self.link.proto_error(e))
+    }
+
+    /// Ends the profiler events of finished request `req`.
+    #[inline]
+    fn finish_events(&mut self, req: u16) -> NetResult<()> {
+        let Some(p) = self.prof.as_deref_mut() else {
+            return Ok(());
+        };
+        contained(|| {
+            let first = usize::from(req) * MAX_RECVS;
+            for i in first..first + MAX_RECVS {
+                p.finish(i);
+            }
+            Ok(())
+        })
     }
 
     /// What the comm did so far: the core's counters and its own.

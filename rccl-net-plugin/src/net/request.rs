@@ -42,43 +42,12 @@ impl Request {
             .collect()
     }
 
-    /// `test` of a request an earlier poll completed: its sizes into `sizes` and their count,
-    /// the request collected. `None` for any other request (or a pointer that is not one of
-    /// ours): nothing changed, call [`Self::test`]. Polls nothing and cannot panic.
-    ///
-    /// # Safety
-    /// As [`Self::test`].
-    #[inline(always)]
-    pub unsafe fn take_done(req: *mut Request, sizes: &mut [u64; MAX_RECVS]) -> Option<usize> {
-        // SAFETY: per the contract, `req` points into a live comm's request table.
-        let r = unsafe { &*req };
-        if r.magic != REQ_MAGIC {
-            return None;
-        }
-        match r.owner {
-            Owner::Send(c) => {
-                // SAFETY: as in `test`.
-                let c = unsafe { &mut *c };
-                let size = c.take_done(r.idx)?;
-                sizes[0] = size;
-                Some(1)
-            }
-            Owner::Recv(c) => {
-                // SAFETY: as in `test`.
-                let c = unsafe { &mut *c };
-                let (n, s) = c.take_done(r.idx)?;
-                let n = n.min(MAX_RECVS);
-                sizes[..n].copy_from_slice(&s[..n]);
-                Some(n)
-            }
-        }
-    }
-
     /// Tests the request behind a pointer handed out by `isend`/`irecv`.
     ///
     /// # Safety
     /// `req` must come from this plugin's `isend`/`irecv` on a comm that is still open, and only
     /// the thread that drives that comm may call this.
+    #[inline]
     pub unsafe fn test(
         req: *mut Request,
         sizes: &mut [u64; MAX_RECVS],
@@ -105,12 +74,7 @@ impl Request {
             Owner::Recv(c) => {
                 // SAFETY: as above.
                 let c = unsafe { &mut *c };
-                c.test(r.idx).map(|o| {
-                    o.map(|(n, s)| {
-                        sizes[..n].copy_from_slice(&s[..n]);
-                        n
-                    })
-                })
+                c.test(r.idx, sizes)
             }
         }
     }

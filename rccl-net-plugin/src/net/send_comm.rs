@@ -2,7 +2,7 @@
 //! ([`Sender`]) and posts what it answers.
 
 use super::buffer::RegisteredBuf;
-use super::error::NetResult;
+use super::error::{contained, NetResult};
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, Staging, Targets};
 use super::profiler::{self, Profiler, Tap};
@@ -138,6 +138,15 @@ impl SendComm {
     fn progress(&mut self) -> NetResult<bool> {
         let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
         let got = self.link.poll(&mut wcs)?;
+        if got.is_empty() && !self.core.wants_progress() {
+            return Ok(false);
+        }
+        contained(|| self.on_completions(got))?;
+        Ok(!got.is_empty())
+    }
+
+    /// Hands completions to the protocol core, then lets it post what has become possible.
+    fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
         for wc in got {
             if let Err(e) = self.core.on_completion(wc.wr_id) {
                 return Err(self.link.proto_error(e));
@@ -150,16 +159,9 @@ impl SendComm {
                 );
             }
         }
-        if self.core.wants_progress() {
-            self.progress_core()?;
+        if !self.core.wants_progress() {
+            return Ok(());
         }
-        Ok(!got.is_empty())
-    }
-
-    /// Lets the protocol core post what completions made possible (immediates whose data has
-    /// landed, an eager row's settlement).
-    #[inline(never)]
-    fn progress_core(&mut self) -> NetResult<()> {
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
@@ -176,22 +178,8 @@ impl SendComm {
         r.map_err(|e| self.link.proto_error(e))
     }
 
-    /// The size of request `req` when an earlier poll completed it (the request is then
-    /// collected); `None` otherwise, with nothing changed. No poll, no look at the link (and
-    /// with a profiler attached, always `None`: its bookkeeping stays on the guarded path).
-    #[inline(always)]
-    pub(super) fn take_done(&mut self, req: u16) -> Option<u64> {
-        if self.prof.is_some() || !self.core.is_done(req) {
-            return None;
-        }
-        self.collect(req)
-    }
-
-    #[inline(never)]
-    fn collect(&mut self, req: u16) -> Option<u64> {
-        self.test(req).ok().flatten()
-    }
-
+    /// `test` of request `req`: its size once done. Runs without the C boundary's panic guard:
+    /// see `abi::common::test`.
     #[inline]
     pub(super) fn test(&mut self, req: u16) -> NetResult<Option<u64>> {
         self.own.tests += 1;
@@ -207,7 +195,10 @@ impl SendComm {
         }
         if !matches!(r, Ok(None)) {
             if let Some(p) = self.prof.as_deref_mut() {
-                p.finish(usize::from(req));
+                contained(|| {
+                    p.finish(usize::from(req));
+                    Ok(())
+                })?;
             }
         }
         r.map_err(|e| self.link.proto_error(e))

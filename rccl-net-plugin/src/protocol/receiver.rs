@@ -175,13 +175,8 @@ impl Receiver {
         std::mem::take(&mut self.restock)
     }
 
-    /// Whether request `req` finished successfully: [`Self::test`] returns its sizes.
-    #[inline]
-    pub fn is_done(&self, req: u16) -> bool {
-        self.state.is_done(req)
-    }
-
     /// Collect request `req`: `None` while in progress; the received sizes once done.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
         let r = self.state.test(req);
         if let Ok(Some((n, sizes))) = &r {

@@ -299,16 +299,9 @@ impl RecvState {
         Ok(r as u16)
     }
 
-    /// Whether request `req` finished successfully ([`Self::test`] then returns its sizes).
-    #[inline]
-    pub fn is_done(&self, req: u16) -> bool {
-        self.reqs
-            .get(usize::from(req))
-            .is_some_and(|r| r.state == ReqState::Done)
-    }
-
     /// Collect request `req`: `None` while in progress; the received sizes (`n` of them) once
     /// done, or the error. A finished request is freed by this call.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
         let Some(rr) = self.reqs.get_mut(req as usize) else {
             return Err(ProtoError::InvalidUsage(format!(

@@ -971,16 +971,9 @@ impl SendState {
         Ok(())
     }
 
-    /// Whether request `req` finished successfully ([`Self::test`] then returns its size).
-    #[inline]
-    pub fn is_done(&self, req: u16) -> bool {
-        self.reqs
-            .get(usize::from(req))
-            .is_some_and(|r| r.state == ReqState::Done)
-    }
-
     /// Collect request `req`: `None` while in progress; the size sent, or the error, once finished.
     /// A finished request is freed by this call.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<u64>, ProtoError> {
         let idx = req as usize;
         let Some(sr) = self.reqs.get(idx).copied() else {

@@ -236,13 +236,8 @@ impl Sender {
         }
     }
 
-    /// Whether request `req` finished successfully: [`Self::test`] returns its size.
-    #[inline]
-    pub fn is_done(&self, req: u16) -> bool {
-        self.state.is_done(req)
-    }
-
     /// Collect request `req`: `None` while in progress, the size sent once done.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<u64>, ProtoError> {
         let r = self.state.test(req);
         if let Ok(Some(size)) = r {
