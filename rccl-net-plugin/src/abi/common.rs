@@ -201,30 +201,43 @@ pub fn irecv(
                 "irecv with a NULL data, tags or mhandles array".into(),
             ));
         }
-        let mut bufs = [(0u64, 0u64, 0i32, None); MAX_RECVS];
-        for (i, b) in bufs.iter_mut().enumerate().take(n) {
-            // SAFETY: RCCL's arrays hold n entries.
-            unsafe {
-                *b = (
-                    *data.add(i) as u64,
-                    size_of(i) as u64,
-                    *tags.add(i),
-                    mh(*mhandles.add(i)),
-                )
-            };
-        }
-        let mut ph = [std::ptr::null_mut(); MAX_RECVS];
-        if !phandles.is_null() {
-            for (i, p) in ph.iter_mut().enumerate().take(n) {
-                // SAFETY: a non-NULL phandles array holds one handle per buffer.
-                *p = unsafe { *phandles.add(i) };
+        // SAFETY: RCCL's arrays hold n entries, i < n.
+        let buf = |i: usize| unsafe {
+            (
+                *data.add(i) as u64,
+                size_of(i) as u64,
+                *tags.add(i),
+                mh(*mhandles.add(i)),
+            )
+        };
+        let ph = |i: usize| {
+            if phandles.is_null() {
+                std::ptr::null_mut()
+            } else {
+                // SAFETY: a non-NULL phandles array holds one handle per buffer, i < n.
+                unsafe { *phandles.add(i) }
             }
-        }
-        if let Some(r) = c.irecv(&bufs[..n], &ph[..n])? {
+        };
+        // The common receive has one buffer: no arrays of eight to fill.
+        let r = if n == 1 {
+            c.irecv(&[buf(0)], &[ph(0)])?
+        } else {
+            let bufs: [_; MAX_RECVS] =
+                std::array::from_fn(|i| if i < n { buf(i) } else { buf_none() });
+            let phs: [_; MAX_RECVS] =
+                std::array::from_fn(|i| if i < n { ph(i) } else { std::ptr::null_mut() });
+            c.irecv(&bufs[..n], &phs[..n])?
+        };
+        if let Some(r) = r {
             *out_req = r as *mut c_void;
         }
         Ok(())
     })
+}
+
+/// An unused buffer slot of `irecv`'s array.
+fn buf_none<'a>() -> (u64, u64, i32, Option<&'a MrHandle>) {
+    (0, 0, 0, None)
 }
 
 /// `iflush` of the `n` buffers of a completed receive (`sizes_of(i)` = bytes received).

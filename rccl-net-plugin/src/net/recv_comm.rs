@@ -149,28 +149,32 @@ impl RecvComm {
             // Completions of earlier clear-to-send writes free the send queue.
             self.progress()?;
         }
-        let mut rb = [RecvBuf::default(); MAX_RECVS];
         if bufs.is_empty() || bufs.len() > MAX_RECVS {
             return Err(NetError::InvalidArgument(format!(
                 "irecv of {} buffers (1..={MAX_RECVS} allowed)",
                 bufs.len()
             )));
         }
-        for (i, &(addr, size, tag, mh)) in bufs.iter().enumerate() {
-            let rkey = checked_handle(mh, addr, size, format_args!("irecv buffer {i}"))?
-                .map_or(0, |m| m.rkey);
-            rb[i] = RecvBuf {
-                addr,
-                size,
-                rkey,
-                tag,
-                // Eager messages are copied by the CPU: never into GPU memory.
-                host: mh.is_none_or(|m| !m.gpu),
-            };
+        // The common receive has one buffer: no array of eight to fill.
+        if bufs.len() == 1 {
+            let rb = recv_bufs::<1>(bufs)?;
+            self.post_recv(&rb, bufs, phandles)
+        } else {
+            let rb = recv_bufs::<MAX_RECVS>(bufs)?;
+            self.post_recv(&rb[..bufs.len()], bufs, phandles)
         }
+    }
+
+    /// Offers the receive of `rb` (the checked form of `bufs`).
+    fn post_recv(
+        &mut self,
+        rb: &[RecvBuf],
+        bufs: &[(u64, u64, i32, Option<&MrHandle>)],
+        phandles: &[*mut c_void],
+    ) -> NetResult<Option<*mut Request>> {
         let ring = self.eager.as_ref().map(EagerRing::ring);
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
-        let r = self.core.irecv(&rb[..bufs.len()], &mut out);
+        let r = self.core.irecv(rb, &mut out);
         out.finish()
             .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
         match r {
@@ -346,6 +350,27 @@ impl RecvComm {
     pub fn counters(&self) -> (crate::protocol::Counters, CommCounters) {
         (self.core.counters(), self.own)
     }
+}
+
+/// The first `N` of `bufs` (address, capacity, tag, memory handle), checked against their
+/// registrations.
+fn recv_bufs<const N: usize>(
+    bufs: &[(u64, u64, i32, Option<&MrHandle>)],
+) -> NetResult<[RecvBuf; N]> {
+    let mut rb = [RecvBuf::default(); N];
+    for (i, (dst, &(addr, size, tag, mh))) in rb.iter_mut().zip(bufs).enumerate() {
+        let rkey =
+            checked_handle(mh, addr, size, format_args!("irecv buffer {i}"))?.map_or(0, |m| m.rkey);
+        *dst = RecvBuf {
+            addr,
+            size,
+            rkey,
+            tag,
+            // Eager messages are copied by the CPU: never into GPU memory.
+            host: mh.is_none_or(|m| !m.gpu),
+        };
+    }
+    Ok(rb)
 }
 
 /// Sizes row `row` of the sizes array at `base`, after the immediate announcing it completed.
