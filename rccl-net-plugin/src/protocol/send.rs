@@ -184,6 +184,7 @@ pub enum WireOp {
 
 impl Transmit {
     /// The transmit of row `row` (sequence `seq`) carrying `msgs`.
+    #[inline]
     fn new(seq: u32, row: usize, msgs: &[SendMsg], truncated: bool, max_msg: u64) -> Self {
         Transmit {
             seq,
@@ -239,6 +240,7 @@ impl Transmit {
     }
 
     /// Work requests this transmit of `msgs` posts; the send queue must have room for all.
+    #[inline]
     fn wqe_count_of(&self, msgs: &[SendMsg]) -> u32 {
         if self.truncated {
             return 1;
@@ -496,6 +498,7 @@ impl SendState {
     }
 
     /// Applies the spreading rule to a transmit about to be counted.
+    #[inline]
     fn shape(&self, t: &mut Transmit) {
         if self.spread_parts > 0 && !t.truncated && t.payload_bytes() >= self.spread_min {
             t.spread = true;
@@ -530,6 +533,7 @@ impl SendState {
     /// Checks FIFO row `fifo_row` for request `seq`: `Ok(None)` while it has not fully landed,
     /// else its head entry (which holds the entry count). Reads the head entry first and the
     /// others only once it is there.
+    #[inline]
     fn arrived(seq: u32, fifo_row: &impl FifoRow) -> Result<Option<CtsEntry>, ProtoError> {
         let want = stamp(seq);
         if fifo_row.stamp(0) != want {
@@ -578,6 +582,7 @@ impl SendState {
     }
 
     /// Starts matching row `r` against the arrived `fifo_row` whose head entry is `head`.
+    #[inline]
     fn open_row(&mut self, r: usize, fifo_row: &impl FifoRow, head: CtsEntry) {
         let nreqs = usize::from(head.nreqs);
         self.eager_done_seen = head.eager_done;
@@ -810,6 +815,7 @@ impl SendState {
 
     /// Matches `msg` into the open row `r`. `id`: the request it already has (a refused eager
     /// send), else it is a fresh send and gets the row's next request.
+    #[inline]
     fn match_send(
         &mut self,
         r: usize,
@@ -859,6 +865,7 @@ impl SendState {
 
     /// The transmit of row `r` carrying `msgs` (the whole row) and its work requests:
     /// `Ok(None)` while the send queue has no room for them, an error when it never will.
+    #[inline]
     fn plan(
         &self,
         r: usize,
@@ -883,6 +890,7 @@ impl SendState {
     /// Matches `msg` to entry `i` of the open row `r` as request `id` (or the row's next one);
     /// `planned`: the row's transmit when this send completes the row. Returns the request and
     /// the transmit.
+    #[inline]
     fn commit(
         &mut self,
         r: usize,
