@@ -113,23 +113,30 @@ fn too_many_sges(qp: &QueuePair, i: usize, count: usize) -> VerbsError {
     ))
 }
 
-/// An inline work request must fit the QP's inline room and cannot be a READ.
+/// An inline work request must fit the QP's inline room and cannot be a READ. Inlined: checked
+/// on every small send of the data path; the error is built out of line.
+#[inline]
 fn check_inline(qp: &QueuePair, i: usize, wr: &SendWr<'_>) -> Result<()> {
-    let max_inline = u64::from(qp.caps().max_inline_data);
     let bytes: u64 = wr.sge.iter().map(|s| u64::from(s.length)).sum();
-    if bytes > max_inline {
-        return Err(VerbsError::InvalidArgument(format!(
-            "inline work request {i} on {} carries {bytes} bytes, the QP allows {max_inline}",
-            qp.describe()
-        )));
+    if bytes <= u64::from(qp.caps().max_inline_data) && !matches!(wr.op, SendOp::Read { .. }) {
+        return Ok(());
     }
+    Err(inline_error(qp, i, wr, bytes))
+}
+
+#[cold]
+fn inline_error(qp: &QueuePair, i: usize, wr: &SendWr<'_>, bytes: u64) -> VerbsError {
     if matches!(wr.op, SendOp::Read { .. }) {
-        return Err(VerbsError::InvalidArgument(format!(
+        return VerbsError::InvalidArgument(format!(
             "work request {i} on {}: an RDMA READ cannot be inline",
             qp.describe()
-        )));
+        ));
     }
-    Ok(())
+    VerbsError::InvalidArgument(format!(
+        "inline work request {i} on {} carries {bytes} bytes, the QP allows {}",
+        qp.describe(),
+        qp.caps().max_inline_data
+    ))
 }
 
 /// Copies `src` into the slot of work request `i` and returns the pointer to hand to the provider.
