@@ -72,6 +72,29 @@ impl SendComm {
         c
     }
 
+    /// `isend` of a sender still waiting for the receiver: `Some` with the answer (a NULL
+    /// request, or the error of the occasional link checks) when the current row has not
+    /// arrived and the message cannot go eagerly; `None` otherwise, nothing changed: call
+    /// [`Self::isend`]. Loads and compares only (what could panic runs contained), so the C
+    /// boundary calls it without its panic guard.
+    #[inline]
+    pub fn isend_waiting(
+        &mut self,
+        data: u64,
+        size: u64,
+        mh: Option<&MrHandle>,
+    ) -> Option<NetResult<()>> {
+        let fifo = FifoView(self.fifo.ptr());
+        if crate::log::trace_enabled() || !self.core.waits_for_cts(&fifo, size) {
+            return None;
+        }
+        // A failed link or a bad buffer: `isend` reports it.
+        if self.link.check().is_err() || checked_handle(mh, data, size, "isend data").is_err() {
+            return None;
+        }
+        Some(self.null_send().map(drop))
+    }
+
     /// `isend`: `Ok(None)` when it cannot be posted yet. `phandle`: the profiler's handle for
     /// this send (NULL: none).
     pub fn isend(
@@ -99,10 +122,6 @@ impl SendComm {
             self.link.peer
         );
         let fifo = FifoView(self.fifo.ptr());
-        if self.core.waits_for_cts(&fifo, size) {
-            // The common answer while the receiver has not offered a buffer: nothing to post.
-            return self.null_send();
-        }
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
             None => self.core.isend_from(fifo, msg, &mut out),
