@@ -268,6 +268,39 @@ impl CompletionQueue {
         Ok(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<WorkCompletion>(), n) })
     }
 
+    /// [`Self::poll_into`] of up to `N` completions (at most [`MAX_POLL_BATCH`]), for a caller
+    /// that polls on every call: inlined, with a raw batch of `N` entries only, and the
+    /// conversion and error paths out of line, so an empty poll costs little beyond the
+    /// provider's own.
+    #[inline]
+    pub fn poll_batch<'a, const N: usize>(
+        &self,
+        out: &'a mut [MaybeUninit<WorkCompletion>; N],
+    ) -> Result<&'a [WorkCompletion]> {
+        const { assert!(N > 0 && N <= MAX_POLL_BATCH) };
+        let mut raw = [const { MaybeUninit::<ibv_wc>::uninit() }; N];
+        // SAFETY: the CQ is alive and raw has room for N entries; poll_cq writes at most that.
+        let n = unsafe { ibv_poll_cq(self.as_ptr(), N as libc::c_int, raw[0].as_mut_ptr()) };
+        if n == 0 {
+            return Ok(&[]);
+        }
+        if n < 0 {
+            return Err(self.poll_error(n));
+        }
+        let n = (n as usize).min(N);
+        for (dst, src) in out.iter_mut().zip(&raw[..n]) {
+            // SAFETY: poll_cq initialised the first n entries.
+            dst.write(WorkCompletion::from_raw(unsafe { src.assume_init_ref() }));
+        }
+        // SAFETY: the first n entries of `out` were just written.
+        Ok(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<WorkCompletion>(), n) })
+    }
+
+    #[cold]
+    fn poll_error(&self, ret: libc::c_int) -> VerbsError {
+        VerbsError::from_ret("ibv_poll_cq", format!("{} CQ", self.inner.ctx.name()), ret)
+    }
+
     /// Arms the CQ: the next completion (or the next solicited one) raises an event on its
     /// completion channel.
     pub fn req_notify(&self, solicited_only: bool) -> Result<()> {

@@ -113,23 +113,30 @@ fn too_many_sges(qp: &QueuePair, i: usize, count: usize) -> VerbsError {
     ))
 }
 
-/// An inline work request must fit the QP's inline room and cannot be a READ.
+/// An inline work request must fit the QP's inline room and cannot be a READ. Inlined: checked
+/// on every small send of the data path; the error is built out of line.
+#[inline]
 fn check_inline(qp: &QueuePair, i: usize, wr: &SendWr<'_>) -> Result<()> {
-    let max_inline = u64::from(qp.caps().max_inline_data);
     let bytes: u64 = wr.sge.iter().map(|s| u64::from(s.length)).sum();
-    if bytes > max_inline {
-        return Err(VerbsError::InvalidArgument(format!(
-            "inline work request {i} on {} carries {bytes} bytes, the QP allows {max_inline}",
-            qp.describe()
-        )));
+    if bytes <= u64::from(qp.caps().max_inline_data) && !matches!(wr.op, SendOp::Read { .. }) {
+        return Ok(());
     }
+    Err(inline_error(qp, i, wr, bytes))
+}
+
+#[cold]
+fn inline_error(qp: &QueuePair, i: usize, wr: &SendWr<'_>, bytes: u64) -> VerbsError {
     if matches!(wr.op, SendOp::Read { .. }) {
-        return Err(VerbsError::InvalidArgument(format!(
+        return VerbsError::InvalidArgument(format!(
             "work request {i} on {}: an RDMA READ cannot be inline",
             qp.describe()
-        )));
+        ));
     }
-    Ok(())
+    VerbsError::InvalidArgument(format!(
+        "inline work request {i} on {} carries {bytes} bytes, the QP allows {}",
+        qp.describe(),
+        qp.caps().max_inline_data
+    ))
 }
 
 /// Copies `src` into the slot of work request `i` and returns the pointer to hand to the provider.
@@ -157,6 +164,51 @@ fn failed_index<T>(base: *const T, bad: *const T, n: usize) -> usize {
     }
     let offset = (bad as usize).wrapping_sub(base as usize) / mem::size_of::<T>();
     offset.min(n.saturating_sub(1))
+}
+
+/// The verbs form of `wr`, its SGEs at `sg_list` (`next` NULL).
+#[inline]
+fn build_send_wr(wr: &SendWr<'_>, sg_list: *mut ibv_sge) -> ibv_send_wr {
+    // SAFETY: ibv_send_wr is plain old data (integers, pointers, unions of them) for which
+    // all-zero bytes are valid.
+    let mut w: ibv_send_wr = unsafe { mem::zeroed() };
+    w.wr_id = wr.wr_id;
+    w.sg_list = sg_list;
+    w.num_sge = wr.sge.len() as libc::c_int;
+    let mut flags = 0;
+    if wr.signaled {
+        flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+    }
+    if wr.inline {
+        flags |= ibv_send_flags::IBV_SEND_INLINE.0;
+    }
+    w.send_flags = flags;
+    let rdma = |remote_addr, rkey| rdma_t { remote_addr, rkey };
+    match wr.op {
+        SendOp::Write { remote_addr, rkey } => {
+            w.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+            w.wr.rdma = rdma(remote_addr, rkey);
+        }
+        SendOp::WriteImm {
+            remote_addr,
+            rkey,
+            imm,
+        } => {
+            w.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+            w.wr.rdma = rdma(remote_addr, rkey);
+            w.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        }
+        SendOp::Read { remote_addr, rkey } => {
+            w.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
+            w.wr.rdma = rdma(remote_addr, rkey);
+        }
+        SendOp::Send => w.opcode = ibv_wr_opcode::IBV_WR_SEND,
+        SendOp::SendImm { imm } => {
+            w.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
+            w.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        }
+    }
+    w
 }
 
 impl QueuePair {
@@ -191,45 +243,8 @@ impl QueuePair {
             if wr.inline {
                 check_inline(self, i, wr)?;
             }
-            // SAFETY: ibv_send_wr is plain old data (integers, pointers, unions of them) for which
-            // all-zero bytes are valid.
-            let w = raw[i].write(unsafe { mem::zeroed() });
-            w.wr_id = wr.wr_id;
-            w.sg_list = stage_sges(&mut sges, i, wr.sge);
-            w.num_sge = wr.sge.len() as libc::c_int;
-            let mut flags = 0;
-            if wr.signaled {
-                flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
-            }
-            if wr.inline {
-                flags |= ibv_send_flags::IBV_SEND_INLINE.0;
-            }
-            w.send_flags = flags;
-            let rdma = |remote_addr, rkey| rdma_t { remote_addr, rkey };
-            match wr.op {
-                SendOp::Write { remote_addr, rkey } => {
-                    w.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
-                    w.wr.rdma = rdma(remote_addr, rkey);
-                }
-                SendOp::WriteImm {
-                    remote_addr,
-                    rkey,
-                    imm,
-                } => {
-                    w.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
-                    w.wr.rdma = rdma(remote_addr, rkey);
-                    w.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-                }
-                SendOp::Read { remote_addr, rkey } => {
-                    w.opcode = ibv_wr_opcode::IBV_WR_RDMA_READ;
-                    w.wr.rdma = rdma(remote_addr, rkey);
-                }
-                SendOp::Send => w.opcode = ibv_wr_opcode::IBV_WR_SEND,
-                SendOp::SendImm { imm } => {
-                    w.opcode = ibv_wr_opcode::IBV_WR_SEND_WITH_IMM;
-                    w.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-                }
-            }
+            let sg_list = stage_sges(&mut sges, i, wr.sge);
+            raw[i].write(build_send_wr(wr, sg_list));
         }
         let n = wrs.len();
         let base = raw.as_mut_ptr().cast::<ibv_send_wr>();
@@ -246,6 +261,49 @@ impl QueuePair {
                 op: "ibv_post_send",
                 qp_num: self.qp_num(),
                 wr_index: failed_index(base, bad, n),
+                errno: ret.abs(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Posts one send-queue work request: [`Self::post_send`] of a single work request with up
+    /// to two SGEs (the data path's common case), built on the stack without the batch arrays.
+    ///
+    /// # Safety
+    /// As [`Self::post_send`].
+    #[inline]
+    pub unsafe fn post_send_one(&self, wr: &SendWr<'_>) -> Result<()> {
+        if wr.sge.len() > 2 {
+            // SAFETY: forwarded contract.
+            return unsafe { self.post_send(std::slice::from_ref(wr)) };
+        }
+        if wr.inline {
+            check_inline(self, 0, wr)?;
+        }
+        let mut sges = [const { MaybeUninit::<ibv_sge>::uninit() }; 2];
+        let sg_list = if wr.sge.is_empty() {
+            ptr::null_mut()
+        } else {
+            for (dst, s) in sges.iter_mut().zip(wr.sge) {
+                dst.write(ibv_sge {
+                    addr: s.addr,
+                    length: s.length,
+                    lkey: s.lkey,
+                });
+            }
+            sges.as_mut_ptr().cast()
+        };
+        let mut w = build_send_wr(wr, sg_list);
+        let mut bad: *mut ibv_send_wr = ptr::null_mut();
+        // SAFETY: the QP is alive; the work request and its SGEs live on this stack frame until
+        // the call returns, and the provider copies what it keeps.
+        let ret = unsafe { ibv_post_send(self.as_ptr(), &mut w, &mut bad) };
+        if ret != 0 {
+            return Err(VerbsError::Post {
+                op: "ibv_post_send",
+                qp_num: self.qp_num(),
+                wr_index: 0,
                 errno: ret.abs(),
             });
         }

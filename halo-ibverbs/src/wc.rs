@@ -59,6 +59,7 @@ pub enum WcError {
 }
 
 impl WcError {
+    #[cold]
     fn from_raw(raw: ibv_wc_status::Type) -> WcError {
         use ibv_wc_status::*;
         match raw {
@@ -177,6 +178,7 @@ pub enum WcStatus {
 
 impl WcStatus {
     /// Converts an `enum ibv_wc_status` value.
+    #[inline]
     pub fn from_raw(raw: u32) -> WcStatus {
         if raw == ibv_wc_status::IBV_WC_SUCCESS {
             WcStatus::Success
@@ -209,6 +211,7 @@ pub enum WcOpcode {
 }
 
 impl WcOpcode {
+    #[inline]
     fn from_raw(raw: ibv_wc_opcode::Type) -> WcOpcode {
         use ibv_wc_opcode::*;
         match raw {
@@ -244,6 +247,7 @@ pub struct WorkCompletion {
 }
 
 impl WorkCompletion {
+    #[inline]
     pub(crate) fn from_raw(wc: &ibv_wc) -> WorkCompletion {
         let with_imm = wc.wc_flags & ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
         WorkCompletion {

@@ -1,6 +1,6 @@
 //! Functions shared by the per-version tables, in version-neutral argument types.
 
-use super::guard;
+use super::{guard, report};
 use crate::log;
 use crate::net::{
     self, CommHandle, ListenComm, MrHandle, NetError, NetResult, Props, Request, COMM_RECV,
@@ -159,6 +159,21 @@ pub fn isend(
     phandle: *mut c_void,
     request: *mut *mut c_void,
 ) -> ncclResult_t {
+    // A sender waiting for the receiver calls this again and again: that answer (a NULL request)
+    // is given without the panic guard, from loads and compares (see `SendComm::isend_waiting`).
+    if !request.is_null() {
+        // SAFETY: RCCL passes send comms of this plugin, driven from this thread only.
+        if let Some(c) = unsafe { CommHandle::send_comm_if(comm) } {
+            if let Some(r) = c.isend_waiting(data as u64, size as u64, mh(mhandle)) {
+                // SAFETY: checked non-NULL; RCCL's out-pointer.
+                unsafe { *request = std::ptr::null_mut() };
+                return match r {
+                    Ok(()) => ncclSuccess,
+                    Err(e) => report("isend", &e),
+                };
+            }
+        }
+    }
     guard("isend", || {
         let out_req = out(request, "request")?;
         *out_req = std::ptr::null_mut();
@@ -201,30 +216,43 @@ pub fn irecv(
                 "irecv with a NULL data, tags or mhandles array".into(),
             ));
         }
-        let mut bufs = [(0u64, 0u64, 0i32, None); MAX_RECVS];
-        for (i, b) in bufs.iter_mut().enumerate().take(n) {
-            // SAFETY: RCCL's arrays hold n entries.
-            unsafe {
-                *b = (
-                    *data.add(i) as u64,
-                    size_of(i) as u64,
-                    *tags.add(i),
-                    mh(*mhandles.add(i)),
-                )
-            };
-        }
-        let mut ph = [std::ptr::null_mut(); MAX_RECVS];
-        if !phandles.is_null() {
-            for (i, p) in ph.iter_mut().enumerate().take(n) {
-                // SAFETY: a non-NULL phandles array holds one handle per buffer.
-                *p = unsafe { *phandles.add(i) };
+        // SAFETY: RCCL's arrays hold n entries, i < n.
+        let buf = |i: usize| unsafe {
+            (
+                *data.add(i) as u64,
+                size_of(i) as u64,
+                *tags.add(i),
+                mh(*mhandles.add(i)),
+            )
+        };
+        let ph = |i: usize| {
+            if phandles.is_null() {
+                std::ptr::null_mut()
+            } else {
+                // SAFETY: a non-NULL phandles array holds one handle per buffer, i < n.
+                unsafe { *phandles.add(i) }
             }
-        }
-        if let Some(r) = c.irecv(&bufs[..n], &ph[..n])? {
+        };
+        // The common receive has one buffer: no arrays of eight to fill.
+        let r = if n == 1 {
+            c.irecv(&[buf(0)], &[ph(0)])?
+        } else {
+            let bufs: [_; MAX_RECVS] =
+                std::array::from_fn(|i| if i < n { buf(i) } else { buf_none() });
+            let phs: [_; MAX_RECVS] =
+                std::array::from_fn(|i| if i < n { ph(i) } else { std::ptr::null_mut() });
+            c.irecv(&bufs[..n], &phs[..n])?
+        };
+        if let Some(r) = r {
             *out_req = r as *mut c_void;
         }
         Ok(())
     })
+}
+
+/// An unused buffer slot of `irecv`'s array.
+fn buf_none<'a>() -> (u64, u64, i32, Option<&'a MrHandle>) {
+    (0, 0, 0, None)
 }
 
 /// `iflush` of the `n` buffers of a completed receive (`sizes_of(i)` = bytes received).
@@ -257,26 +285,44 @@ pub fn iflush(
     })
 }
 
+/// `test`, the most frequent call of the data path, runs without the panic guard of the other
+/// calls: what in it could panic (handling completions, the occasional link checks) runs under
+/// its own ([`crate::net`]'s `contained`); the rest is loads, stores and a completion poll.
 pub fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclResult_t {
-    guard("test", || {
-        let d = out(done, "done")?;
-        *d = 0;
-        if request.is_null() {
-            return Err(NetError::InvalidArgument("test of a NULL request".into()));
+    if done.is_null() {
+        return report("test", &NetError::InvalidArgument("done is NULL".into()));
+    }
+    // SAFETY: checked non-NULL; RCCL's out-pointer.
+    unsafe { *done = 0 };
+    if request.is_null() {
+        return report(
+            "test",
+            &NetError::InvalidArgument("test of a NULL request".into()),
+        );
+    }
+    let mut s = [0u64; MAX_RECVS];
+    // SAFETY: RCCL tests requests it got from isend/irecv on open comms, from the comm's thread.
+    match unsafe { Request::test(request as *mut Request, &mut s) } {
+        Ok(Some(n)) => {
+            report_sizes(&s[..n.min(MAX_RECVS)], sizes);
+            // SAFETY: as above.
+            unsafe { *done = 1 };
+            ncclSuccess
         }
-        let mut s = [0u64; MAX_RECVS];
-        // SAFETY: RCCL tests requests it got from isend/irecv on open comms, from the comm's thread.
-        if let Some(n) = unsafe { Request::test(request as *mut Request, &mut s) }? {
-            if !sizes.is_null() {
-                for (i, v) in s[..n].iter().enumerate() {
-                    // SAFETY: RCCL's sizes array has one int per receive of the request.
-                    unsafe { *sizes.add(i) = *v as c_int };
-                }
-            }
-            *d = 1;
-        }
-        Ok(())
-    })
+        Ok(None) => ncclSuccess,
+        Err(e) => report("test", &e),
+    }
+}
+
+/// Writes the sizes of a finished request into RCCL's `sizes` array (NULL: not wanted).
+fn report_sizes(s: &[u64], sizes: *mut c_int) {
+    if sizes.is_null() {
+        return;
+    }
+    for (i, v) in s.iter().enumerate() {
+        // SAFETY: RCCL's sizes array has one int per receive of the request.
+        unsafe { *sizes.add(i) = *v as c_int };
+    }
 }
 
 pub fn close_send(comm: *mut c_void) -> ncclResult_t {

@@ -55,25 +55,26 @@ fn text_hash(text: &str) -> u64 {
 pub fn guard(what: &str, f: impl FnOnce() -> Result<(), NetError>) -> ncclResult_t {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => ncclSuccess,
-        Ok(Err(e)) => {
-            let text = format!("{what}: {e}");
-            let h = text_hash(&text);
-            if LAST_LOGGED.with(|l| l.replace(h)) != h {
-                match e {
-                    NetError::Unavailable(_) => info!(NET, "{text}"),
-                    _ => warn!(NET, "{text}"),
-                }
-            }
-            result_code(&e)
-        }
+        Ok(Err(e)) => report(what, &e),
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let msg = crate::net::panic_text(panic.as_ref());
             warn!(NET, "{what}: internal error (panic): {msg}");
             ncclInternalError
         }
     }
+}
+
+/// The result code of a failed call `what`, its error logged once (a comm that stays failed is
+/// reported once, not on every `test` of the progress loop).
+#[cold]
+pub fn report(what: &str, e: &NetError) -> ncclResult_t {
+    let text = format!("{what}: {e}");
+    let h = text_hash(&text);
+    if LAST_LOGGED.with(|l| l.replace(h)) != h {
+        match e {
+            NetError::Unavailable(_) => info!(NET, "{text}"),
+            _ => warn!(NET, "{text}"),
+        }
+    }
+    result_code(e)
 }

@@ -89,6 +89,22 @@ impl CommHandle {
         Ok(unsafe { &mut *(h.comm as *mut SendComm) })
     }
 
+    /// The send comm behind `p` when `p` is one (`None` for anything else, which
+    /// [`Self::send_comm`] then reports).
+    ///
+    /// # Safety
+    /// As [`Self::send_comm`].
+    #[inline]
+    pub unsafe fn send_comm_if<'a>(p: *mut c_void) -> Option<&'a mut SendComm> {
+        // SAFETY: per the contract (NULL is refused by `as_ref`).
+        let h = unsafe { (p as *const CommHandle).as_ref() }?;
+        if h.kind != COMM_SEND {
+            return None;
+        }
+        // SAFETY: a send handle's comm is a live Box<SendComm>; the caller is its only user.
+        Some(unsafe { &mut *(h.comm as *mut SendComm) })
+    }
+
     /// The receive comm behind `p`, for the thread that drives it.
     ///
     /// # Safety

@@ -42,3 +42,40 @@ impl fmt::Display for NetError {
 impl std::error::Error for NetError {}
 
 pub type NetResult<T> = Result<T, NetError>;
+
+/// Runs `f`, turning a panic into [`NetError::Internal`]: for the parts of a call that runs
+/// without the C boundary's panic guard (`test`) and do more than loads, stores and a poll.
+#[cold]
+pub fn contained<T>(f: impl FnOnce() -> NetResult<T>) -> NetResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(NetError::Internal(format!(
+            "internal error (panic): {}",
+            panic_text(p.as_ref())
+        )))
+    })
+}
+
+/// The message of a panic's payload.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_contained_part_becomes_an_internal_error() {
+        let r: NetResult<()> = contained(|| panic!("broken invariant {}", 7));
+        assert_eq!(
+            r,
+            Err(NetError::Internal(
+                "internal error (panic): broken invariant 7".into()
+            ))
+        );
+        assert_eq!(contained(|| Ok(3)), Ok(3));
+    }
+}

@@ -128,6 +128,30 @@ impl<'a> Poster<'a> {
             return;
         }
         let base = self.arena.as_ptr() as u64;
+        if n == 1 {
+            // The common case (one work request per call): no batch arrays.
+            // SAFETY: entry 0 was written by `post` since the last flush.
+            let p = unsafe { self.pending[0].assume_init_mut() };
+            if let Some(off) = p.arena {
+                p.sge[0].addr = base + u64::from(off);
+            }
+            let wr = SendWr {
+                wr_id: p.wr_id,
+                op: p.op,
+                sge: &p.sge[..usize::from(p.nsge)],
+                signaled: p.signaled,
+                inline: p.inline,
+            };
+            // SAFETY: the SGE is inline (it points into the arena, unchanged until this call
+            // returns) or lies in a registered region that outlives the work request: the
+            // caller's buffer (owned by the request until `test` reports it done) or our staging
+            // rows (reused only after their write completed).
+            match unsafe { self.qps[self.qp].post_send_one(&wr) } {
+                Ok(()) => self.posted += 1,
+                Err(err) => self.failure = Some(PostFailure { qp: self.qp, err }),
+            }
+            return;
+        }
         // Inline bytes kept in the arena get their address now that the poster stays put.
         for p in &mut self.pending[..n] {
             // SAFETY: entries 0..n were written by `post` since the last flush.

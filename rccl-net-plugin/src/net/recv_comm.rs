@@ -3,7 +3,7 @@
 
 use super::buffer::RegisteredBuf;
 use super::device::NetDevice;
-use super::error::{NetError, NetResult};
+use super::error::{contained, NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, SlotRing, Staging, Targets};
@@ -149,28 +149,32 @@ impl RecvComm {
             // Completions of earlier clear-to-send writes free the send queue.
             self.progress()?;
         }
-        let mut rb = [RecvBuf::default(); MAX_RECVS];
         if bufs.is_empty() || bufs.len() > MAX_RECVS {
             return Err(NetError::InvalidArgument(format!(
                 "irecv of {} buffers (1..={MAX_RECVS} allowed)",
                 bufs.len()
             )));
         }
-        for (i, &(addr, size, tag, mh)) in bufs.iter().enumerate() {
-            let rkey = checked_handle(mh, addr, size, format_args!("irecv buffer {i}"))?
-                .map_or(0, |m| m.rkey);
-            rb[i] = RecvBuf {
-                addr,
-                size,
-                rkey,
-                tag,
-                // Eager messages are copied by the CPU: never into GPU memory.
-                host: mh.is_none_or(|m| !m.gpu),
-            };
+        // The common receive has one buffer: no array of eight to fill.
+        if bufs.len() == 1 {
+            let rb = recv_bufs::<1>(bufs)?;
+            self.post_recv(&rb, bufs, phandles)
+        } else {
+            let rb = recv_bufs::<MAX_RECVS>(bufs)?;
+            self.post_recv(&rb[..bufs.len()], bufs, phandles)
         }
+    }
+
+    /// Offers the receive of `rb` (the checked form of `bufs`).
+    fn post_recv(
+        &mut self,
+        rb: &[RecvBuf],
+        bufs: &[(u64, u64, i32, Option<&MrHandle>)],
+        phandles: &[*mut c_void],
+    ) -> NetResult<Option<*mut Request>> {
         let ring = self.eager.as_ref().map(EagerRing::ring);
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
-        let r = self.core.irecv(&rb[..bufs.len()], &mut out);
+        let r = self.core.irecv(rb, &mut out);
         out.finish()
             .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
         match r {
@@ -202,12 +206,21 @@ impl RecvComm {
         }
     }
 
-    fn progress(&mut self) -> NetResult<()> {
+    /// Polls completions and acts on them; whether there were any.
+    #[inline]
+    fn progress(&mut self) -> NetResult<bool> {
         let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
         let got = self.link.poll(&mut wcs)?;
         if got.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
+        contained(|| self.on_completions(got))?;
+        Ok(true)
+    }
+
+    /// Hands completions to the protocol core and posts what it answers.
+    #[inline(never)]
+    fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
         let ring = self.eager.as_ref().map(EagerRing::ring);
         let sizes = self.sizes.ptr();
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
@@ -275,38 +288,89 @@ impl RecvComm {
         self.flush.as_ref().map_or(0, Flush::reads_done)
     }
 
-    pub(super) fn test(&mut self, req: u16) -> NetResult<Option<(usize, [u64; MAX_RECVS])>> {
+    /// `test` of request `req`: its sizes into `sizes` and their count once done. Runs without
+    /// the C boundary's panic guard: see `abi::common::test`.
+    #[inline]
+    pub(super) fn test(
+        &mut self,
+        req: u16,
+        sizes: &mut [u64; MAX_RECVS],
+    ) -> NetResult<Option<usize>> {
         self.own.tests += 1;
         if let Some(slot) = (req as usize).checked_sub(FIFO_DEPTH) {
-            let flush = self
-                .flush
-                .as_mut()
-                .ok_or_else(|| NetError::Internal("flush request without a flush QP".into()))?;
-            return Ok(flush.test(slot)?.then_some((0, [0; MAX_RECVS])));
+            return contained(|| {
+                let flush = self
+                    .flush
+                    .as_mut()
+                    .ok_or_else(|| NetError::Internal("flush request without a flush QP".into()))?;
+                Ok(flush.test(slot)?.then_some(0))
+            });
         }
-        self.link.check()?;
-        // A request an earlier poll already completed needs no poll (a message-rate stream tests
-        // each of a batch of completions in turn).
+        // A request an earlier poll already completed is done, whatever happened since: no
+        // poll and no look at the link (a message-rate stream tests each of a batch of
+        // completions in turn).
         let mut r = self.core.test(req);
         if matches!(r, Ok(None)) {
-            self.progress()?;
-            r = self.core.test(req);
-        }
-        if !matches!(r, Ok(None)) {
-            if let Some(p) = self.prof.as_deref_mut() {
-                let first = usize::from(req) * MAX_RECVS;
-                for i in first..first + MAX_RECVS {
-                    p.finish(i);
-                }
+            self.link.check()?;
+            if self.progress()? {
+                r = self.core.test(req);
             }
         }
-        r.map_err(|e| self.link.proto_error(e))
+        match r {
+            Ok(None) => Ok(None),
+            Ok(Some((n, s))) => {
+                let n = n.min(MAX_RECVS);
+                sizes[..n].copy_from_slice(&s[..n]);
+                self.finish_events(req)?;
+                Ok(Some(n))
+            }
+            Err(e) => {
+                self.finish_events(req)?;
+                Err(self.link.proto_error(e))
+            }
+        }
+    }
+
+    /// Ends the profiler events of finished request `req`.
+    #[inline]
+    fn finish_events(&mut self, req: u16) -> NetResult<()> {
+        let Some(p) = self.prof.as_deref_mut() else {
+            return Ok(());
+        };
+        contained(|| {
+            let first = usize::from(req) * MAX_RECVS;
+            for i in first..first + MAX_RECVS {
+                p.finish(i);
+            }
+            Ok(())
+        })
     }
 
     /// What the comm did so far: the core's counters and its own.
     pub fn counters(&self) -> (crate::protocol::Counters, CommCounters) {
         (self.core.counters(), self.own)
     }
+}
+
+/// The first `N` of `bufs` (address, capacity, tag, memory handle), checked against their
+/// registrations.
+fn recv_bufs<const N: usize>(
+    bufs: &[(u64, u64, i32, Option<&MrHandle>)],
+) -> NetResult<[RecvBuf; N]> {
+    let mut rb = [RecvBuf::default(); N];
+    for (i, (dst, &(addr, size, tag, mh))) in rb.iter_mut().zip(bufs).enumerate() {
+        let rkey =
+            checked_handle(mh, addr, size, format_args!("irecv buffer {i}"))?.map_or(0, |m| m.rkey);
+        *dst = RecvBuf {
+            addr,
+            size,
+            rkey,
+            tag,
+            // Eager messages are copied by the CPU: never into GPU memory.
+            host: mh.is_none_or(|m| !m.gpu),
+        };
+    }
+    Ok(rb)
 }
 
 /// Sizes row `row` of the sizes array at `base`, after the immediate announcing it completed.

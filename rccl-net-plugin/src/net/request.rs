@@ -47,6 +47,7 @@ impl Request {
     /// # Safety
     /// `req` must come from this plugin's `isend`/`irecv` on a comm that is still open, and only
     /// the thread that drives that comm may call this.
+    #[inline]
     pub unsafe fn test(
         req: *mut Request,
         sizes: &mut [u64; MAX_RECVS],
@@ -73,12 +74,7 @@ impl Request {
             Owner::Recv(c) => {
                 // SAFETY: as above.
                 let c = unsafe { &mut *c };
-                c.test(r.idx).map(|o| {
-                    o.map(|(n, s)| {
-                        sizes[..n].copy_from_slice(&s[..n]);
-                        n
-                    })
-                })
+                c.test(r.idx, sizes)
             }
         }
     }

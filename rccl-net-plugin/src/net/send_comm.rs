@@ -2,7 +2,7 @@
 //! ([`Sender`]) and posts what it answers.
 
 use super::buffer::RegisteredBuf;
-use super::error::NetResult;
+use super::error::{contained, NetResult};
 use super::link::{Link, POLL_BATCH};
 use super::poster::{Poster, Staging, Targets};
 use super::profiler::{self, Profiler, Tap};
@@ -11,7 +11,7 @@ use super::request::Request;
 use super::stats::{self, CommCounters, Side};
 use crate::log::NET;
 use crate::protocol::{
-    CtsEntry, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH,
+    CtsEntry, Fifo, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH,
     MAX_RECVS, SEND_REQS,
 };
 use halo_ibverbs::WorkCompletion;
@@ -72,6 +72,29 @@ impl SendComm {
         c
     }
 
+    /// `isend` of a sender still waiting for the receiver: `Some` with the answer (a NULL
+    /// request, or the error of the occasional link checks) when the current row has not
+    /// arrived and the message cannot go eagerly; `None` otherwise, nothing changed: call
+    /// [`Self::isend`]. Loads and compares only (what could panic runs contained), so the C
+    /// boundary calls it without its panic guard.
+    #[inline]
+    pub fn isend_waiting(
+        &mut self,
+        data: u64,
+        size: u64,
+        mh: Option<&MrHandle>,
+    ) -> Option<NetResult<()>> {
+        let fifo = FifoView(self.fifo.ptr());
+        if crate::log::trace_enabled() || !self.core.waits_for_cts(&fifo, size) {
+            return None;
+        }
+        // A failed link or a bad buffer: `isend` reports it.
+        if self.link.check().is_err() || checked_handle(mh, data, size, "isend data").is_err() {
+            return None;
+        }
+        Some(self.null_send().map(drop))
+    }
+
     /// `isend`: `Ok(None)` when it cannot be posted yet. `phandle`: the profiler's handle for
     /// this send (NULL: none).
     pub fn isend(
@@ -101,10 +124,10 @@ impl SendComm {
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
-            None => self.core.isend(|row, i| fifo.entry(row, i), msg, &mut out),
+            None => self.core.isend_from(fifo, msg, &mut out),
             Some(p) => {
                 let mut tap = Tap::new(&mut out);
-                let r = self.core.isend(|row, i| fifo.entry(row, i), msg, &mut tap);
+                let r = self.core.isend_from(fifo, msg, &mut tap);
                 if let Ok(Some(req)) = r {
                     p.arm(usize::from(req), phandle, size);
                 }
@@ -116,19 +139,33 @@ impl SendComm {
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
         match r {
             Ok(Some(req)) => Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request)),
-            Ok(None) => {
-                self.own.nulls += 1;
-                // Waiting for the receiver: a dead receiver never answers, so watch the peer here too.
-                self.link.idle_tick()?;
-                Ok(None)
-            }
+            Ok(None) => self.null_send(),
             Err(e) => Err(self.link.proto_error(e)),
         }
     }
 
-    fn progress(&mut self) -> NetResult<()> {
+    /// An `isend` that returns a NULL request.
+    fn null_send(&mut self) -> NetResult<Option<*mut Request>> {
+        self.own.nulls += 1;
+        // Waiting for the receiver: a dead receiver never answers, so watch the peer here too.
+        self.link.idle_tick()?;
+        Ok(None)
+    }
+
+    /// Polls completions and acts on them; whether there were any.
+    #[inline]
+    fn progress(&mut self) -> NetResult<bool> {
         let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
         let got = self.link.poll(&mut wcs)?;
+        if got.is_empty() && !self.core.wants_progress() {
+            return Ok(false);
+        }
+        contained(|| self.on_completions(got))?;
+        Ok(!got.is_empty())
+    }
+
+    /// Hands completions to the protocol core, then lets it post what has become possible.
+    fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
         for wc in got {
             if let Err(e) = self.core.on_completion(wc.wr_id) {
                 return Err(self.link.proto_error(e));
@@ -147,10 +184,10 @@ impl SendComm {
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
-            None => self.core.progress(|row, i| fifo.entry(row, i), &mut out),
+            None => self.core.progress_from(fifo, &mut out),
             Some(p) => {
                 let mut tap = Tap::new(&mut out);
-                let r = self.core.progress(|row, i| fifo.entry(row, i), &mut tap);
+                let r = self.core.progress_from(fifo, &mut tap);
                 tap.start_events(p, &self.link.qps);
                 r
             }
@@ -160,19 +197,27 @@ impl SendComm {
         r.map_err(|e| self.link.proto_error(e))
     }
 
+    /// `test` of request `req`: its size once done. Runs without the C boundary's panic guard:
+    /// see `abi::common::test`.
+    #[inline]
     pub(super) fn test(&mut self, req: u16) -> NetResult<Option<u64>> {
         self.own.tests += 1;
-        self.link.check()?;
-        // A request an earlier poll already completed needs no poll (a message-rate stream tests
-        // each of a batch of completions in turn).
+        // A request an earlier poll already completed is done, whatever happened since: no
+        // poll and no look at the link (a message-rate stream tests each of a batch of
+        // completions in turn).
         let mut r = self.core.test(req);
         if matches!(r, Ok(None)) {
-            self.progress()?;
-            r = self.core.test(req);
+            self.link.check()?;
+            if self.progress()? {
+                r = self.core.test(req);
+            }
         }
         if !matches!(r, Ok(None)) {
             if let Some(p) = self.prof.as_deref_mut() {
-                p.finish(usize::from(req));
+                contained(|| {
+                    p.finish(usize::from(req));
+                    Ok(())
+                })?;
             }
         }
         r.map_err(|e| self.link.proto_error(e))
@@ -189,15 +234,26 @@ impl SendComm {
 struct FifoView(*const u8);
 
 impl FifoView {
-    fn entry(&self, row: usize, i: usize) -> CtsEntry {
+    fn at(&self, row: usize, i: usize) -> *const CtsEntry {
         debug_assert!(row < FIFO_DEPTH && i < MAX_RECVS);
-        // SAFETY: the FIFO holds FIFO_DEPTH rows of MAX_RECVS entries and lives as long as the
-        // comm; the NIC writes it concurrently, hence the volatile read (a torn entry is caught
-        // by its stamp and check).
-        let e =
-            unsafe { std::ptr::read_volatile(self.0.cast::<CtsEntry>().add(row * MAX_RECVS + i)) };
+        // In bounds: the FIFO holds FIFO_DEPTH rows of MAX_RECVS entries.
+        self.0.cast::<CtsEntry>().wrapping_add(row * MAX_RECVS + i)
+    }
+}
+
+impl Fifo for FifoView {
+    fn entry(&self, row: usize, i: usize) -> CtsEntry {
+        // SAFETY: the entry lies in the FIFO, which lives as long as the comm; the NIC writes it
+        // concurrently, hence the volatile read (a torn entry is caught by its stamp and check).
+        let e = unsafe { std::ptr::read_volatile(self.at(row, i)) };
         fence(Ordering::Acquire);
         e
+    }
+
+    fn stamp(&self, row: usize, i: usize) -> u32 {
+        // SAFETY: as in `entry`; one aligned u32 of the entry. No fence: a matching stamp is
+        // followed by a full `entry` read, which has one.
+        unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*self.at(row, i)).stamp)) }
     }
 }
 

@@ -33,7 +33,8 @@ pub use post::{OnWire, Post, PostOp, PostSink, RecvSink};
 pub use receiver::{Receiver, RecvConfig, RESTOCK_BATCH, RQ_STOCK};
 pub use recv::{EagerAction, RecvBuf, RecvPost, RecvState};
 pub use send::{
-    EagerSend, FifoRow, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp, SEND_REQS,
+    EagerSend, Fifo, FifoRow, Resolved, RowFn, RowOf, SendMsg, SendPost, SendState, Transmit,
+    WireOp, SEND_REQS,
 };
 pub use sender::{SendConfig, Sender, SPREAD_MIN_BYTES};
 pub use wire::*;

@@ -176,6 +176,7 @@ impl Receiver {
     }
 
     /// Collect request `req`: `None` while in progress; the received sizes once done.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
         let r = self.state.test(req);
         if let Ok(Some((n, sizes))) = &r {

@@ -153,7 +153,7 @@ impl RecvState {
         req.state = ReqState::Posted;
         req.seq = seq;
         req.n = n;
-        req.sizes = [0; MAX_RECVS];
+        // `sizes[..n]` is written when the data arrives; nothing reads past `n`.
         for (i, b) in bufs.iter().enumerate() {
             self.row[i] = CtsEntry {
                 addr: b.addr,
@@ -301,23 +301,25 @@ impl RecvState {
 
     /// Collect request `req`: `None` while in progress; the received sizes (`n` of them) once
     /// done, or the error. A finished request is freed by this call.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
-        let Some(rr) = self.reqs.get(req as usize).copied() else {
+        let Some(rr) = self.reqs.get_mut(req as usize) else {
             return Err(ProtoError::InvalidUsage(format!(
                 "receive request {req} does not exist"
             )));
         };
         match rr.state {
+            // The common answer of a polling loop: nothing copied.
+            ReqState::Posted => Ok(None),
+            ReqState::Done => {
+                rr.state = ReqState::Free;
+                Ok(Some((rr.n, rr.sizes)))
+            }
             ReqState::Free => Err(ProtoError::InvalidUsage(format!(
                 "receive request {req} is not in flight"
             ))),
-            ReqState::Posted => Ok(None),
-            ReqState::Done => {
-                self.reqs[req as usize].state = ReqState::Free;
-                Ok(Some((rr.n, rr.sizes)))
-            }
             ReqState::Failed => {
-                self.reqs[req as usize].state = ReqState::Free;
+                rr.state = ReqState::Free;
                 Err(ProtoError::TruncatedByPeer { seq: rr.seq })
             }
         }

@@ -6,9 +6,45 @@ use super::{
 };
 
 /// The FIFO row the sender looks at, as the NIC left it: entry `i` on demand, so that a row
-/// that has not arrived costs one entry's read.
+/// that has not arrived costs one entry's read, or only its stamp's.
 pub trait FifoRow {
     fn entry(&self, i: usize) -> CtsEntry;
+    /// The `stamp` of entry `i` (readers of NIC memory override it to read nothing else).
+    fn stamp(&self, i: usize) -> u32 {
+        self.entry(i).stamp
+    }
+}
+
+/// The sender's whole FIFO as the NIC left it: entry `i` of row `row`. Any
+/// `Fn(row, i) -> CtsEntry` is one; a reader of NIC memory implements it directly to make
+/// [`Fifo::stamp`] a single load.
+pub trait Fifo {
+    fn entry(&self, row: usize, i: usize) -> CtsEntry;
+    /// The `stamp` of entry `i` of row `row`.
+    fn stamp(&self, row: usize, i: usize) -> u32 {
+        self.entry(row, i).stamp
+    }
+}
+
+impl<F: Fn(usize, usize) -> CtsEntry> Fifo for F {
+    fn entry(&self, row: usize, i: usize) -> CtsEntry {
+        self(row, i)
+    }
+}
+
+/// Row `row` of a [`Fifo`].
+pub struct RowOf<'a, F: Fifo + ?Sized> {
+    pub fifo: &'a F,
+    pub row: usize,
+}
+
+impl<F: Fifo + ?Sized> FifoRow for RowOf<'_, F> {
+    fn entry(&self, i: usize) -> CtsEntry {
+        self.fifo.entry(self.row, i)
+    }
+    fn stamp(&self, i: usize) -> u32 {
+        self.fifo.stamp(self.row, i)
+    }
 }
 
 impl FifoRow for [CtsEntry; MAX_RECVS] {
@@ -148,6 +184,7 @@ pub enum WireOp {
 
 impl Transmit {
     /// The transmit of row `row` (sequence `seq`) carrying `msgs`.
+    #[inline]
     fn new(seq: u32, row: usize, msgs: &[SendMsg], truncated: bool, max_msg: u64) -> Self {
         Transmit {
             seq,
@@ -203,6 +240,7 @@ impl Transmit {
     }
 
     /// Work requests this transmit of `msgs` posts; the send queue must have room for all.
+    #[inline]
     fn wqe_count_of(&self, msgs: &[SendMsg]) -> u32 {
         if self.truncated {
             return 1;
@@ -460,6 +498,7 @@ impl SendState {
     }
 
     /// Applies the spreading rule to a transmit about to be counted.
+    #[inline]
     fn shape(&self, t: &mut Transmit) {
         if self.spread_parts > 0 && !t.truncated && t.payload_bytes() >= self.spread_min {
             t.spread = true;
@@ -492,9 +531,15 @@ impl SendState {
     }
 
     /// Checks FIFO row `fifo_row` for request `seq`: `Ok(None)` while it has not fully landed,
-    /// else its entry count. Reads the head entry first and the others only once it is there.
-    fn arrived(seq: u32, fifo_row: &impl FifoRow) -> Result<Option<usize>, ProtoError> {
+    /// else its head entry (which holds the entry count). Reads the head entry first and the
+    /// others only once it is there.
+    #[inline]
+    fn arrived(seq: u32, fifo_row: &impl FifoRow) -> Result<Option<CtsEntry>, ProtoError> {
         let want = stamp(seq);
+        if fifo_row.stamp(0) != want {
+            // Not written yet: one load.
+            return Ok(None);
+        }
         let head = fifo_row.entry(0);
         if head.stamp != want || !head.is_intact() {
             // Not written yet, or still landing.
@@ -522,7 +567,7 @@ impl SendState {
             Self::check_span(seq, &e)?;
         }
         Self::check_span(seq, &head)?;
-        Ok(Some(nreqs))
+        Ok(Some(head))
     }
 
     /// Data goes to `addr + offset` for offsets below `size`: a buffer cannot wrap around.
@@ -536,9 +581,10 @@ impl SendState {
         Ok(())
     }
 
-    /// Starts matching row `r` against the arrived `fifo_row` of `nreqs` entries.
-    fn open_row(&mut self, r: usize, fifo_row: &impl FifoRow, nreqs: usize) {
-        let head = fifo_row.entry(0);
+    /// Starts matching row `r` against the arrived `fifo_row` whose head entry is `head`.
+    #[inline]
+    fn open_row(&mut self, r: usize, fifo_row: &impl FifoRow, head: CtsEntry) {
+        let nreqs = usize::from(head.nreqs);
         self.eager_done_seen = head.eager_done;
         let row = &mut self.rows[r];
         row.matching = true;
@@ -582,7 +628,7 @@ impl SendState {
                 return Ok(SendPost::NotReady);
             }
             match Self::arrived(self.seq, fifo_row)? {
-                Some(nreqs) => self.open_row(r, fifo_row, nreqs),
+                Some(head) => self.open_row(r, fifo_row, head),
                 None => {
                     self.cts_waits += 1;
                     return Ok(self.try_eager(r, msg));
@@ -590,6 +636,27 @@ impl SendState {
             }
         }
         self.match_send(r, msg, None)
+    }
+
+    /// Whether a post of a `size`-byte message could only answer [`SendPost::NotReady`] now,
+    /// because the current row has not arrived in `fifo_row` (a snapshot of
+    /// [`Self::current_row`]) and the message cannot go eagerly; counted as a clear-to-send wait.
+    /// A few compares and one look at the row's stamp: the call a sender makes while it waits
+    /// for the receiver. `false` says nothing: [`Self::post`] decides.
+    #[inline]
+    pub fn waits_for_row(&mut self, fifo_row: &impl FifoRow, size: u64) -> bool {
+        if self.unconfirmed || self.carried.is_some() {
+            return false;
+        }
+        if self.eager_slots > 0 && size <= self.eager_max {
+            return false;
+        }
+        let row = &self.rows[row_of(self.seq)];
+        if row.matching || row.live > 0 || fifo_row.stamp(0) == stamp(self.seq) {
+            return false;
+        }
+        self.cts_waits += 1;
+        true
     }
 
     /// The request of row `r`'s eager send.
@@ -622,7 +689,7 @@ impl SendState {
                 return Ok(None);
             }
             match Self::arrived(self.seq, fifo_row)? {
-                Some(nreqs) => self.open_row(r, fifo_row, nreqs),
+                Some(head) => self.open_row(r, fifo_row, head),
                 None => return Ok(None),
             }
         }
@@ -680,9 +747,10 @@ impl SendState {
             return Ok(Resolved::Nothing);
         }
         let r = row_of(self.seq);
-        let Some(nreqs) = Self::arrived(self.seq, fifo_row)? else {
+        let Some(head) = Self::arrived(self.seq, fifo_row)? else {
             return Ok(Resolved::Nothing);
         };
+        let nreqs = usize::from(head.nreqs);
         let Some(EagerOut { msg }) = self.rows[r].eager else {
             return Err(ProtoError::InvalidUsage(format!(
                 "row {} waits for its eager send's clear-to-send but holds no eager send",
@@ -690,7 +758,6 @@ impl SendState {
             )));
         };
         let req = Self::eager_req(r);
-        let head = fifo_row.entry(0);
         if eager_fits(&head, msg.tag, msg.size) {
             self.eager_done_seen = head.eager_done;
             let row = &mut self.rows[r];
@@ -709,7 +776,7 @@ impl SendState {
         if !(0..nreqs).any(|i| fifo_row.entry(i).tag == msg.tag) {
             // The row has no entry for this tag: the send belongs to a later receive. The row
             // opens for other sends, and this one waits for the first later row with its tag.
-            self.open_row(r, fifo_row, nreqs);
+            self.open_row(r, fifo_row, head);
             let row = &mut self.rows[r];
             row.eager = None;
             row.live -= 1;
@@ -719,26 +786,26 @@ impl SendState {
             return Ok(Resolved::Refused);
         }
         // Refused: match the message against its row like a fresh send, under the same request.
-        let completes = nreqs == 1;
-        if completes {
-            let mut t = Transmit::new(self.seq, r, &[msg], msg.size > head.size, self.max_msg);
-            self.shape(&mut t);
-            let wqes = t.wqe_count_of(&[msg]);
-            // A row that can never fit goes on to `match_send`, which refuses it.
-            if self.sq_used + wqes > self.sq_depth && wqes <= self.sq_depth {
+        if nreqs == 1 {
+            // The message completes its row (its tag is the row's only entry): the transmit is
+            // planned before anything changes, so a full send queue leaves the row as it was.
+            let Some(planned) = self.plan(r, &[msg], msg.size > head.size)? else {
                 // Retried on a later call, once completions free the queue.
                 return Ok(Resolved::Nothing);
-            }
+            };
+            self.open_row(r, fifo_row, head);
+            self.rows[r].eager = None;
+            // The request stays counted in its row; `commit` counts it in again.
+            self.rows[r].live -= 1;
+            self.unconfirmed = false;
+            let (_, t) = self.commit(r, 0, msg, Some(req), Some(planned));
+            return Ok(Resolved::Transmit(t.expect("a planned transmit")));
         }
-        self.open_row(r, fifo_row, nreqs);
+        self.open_row(r, fifo_row, head);
         self.rows[r].eager = None;
-        // The request stays counted in its row; `match_send` counts it in again.
         self.rows[r].live -= 1;
         self.unconfirmed = false;
         match self.match_send(r, msg, Some(req))? {
-            SendPost::Posted {
-                transmit: Some(t), ..
-            } => Ok(Resolved::Transmit(t)),
             SendPost::Posted { transmit: None, .. } => Ok(Resolved::Refused),
             other => Err(ProtoError::InvalidUsage(format!(
                 "refused eager send could not take its row: {other:?}"
@@ -748,6 +815,7 @@ impl SendState {
 
     /// Matches `msg` into the open row `r`. `id`: the request it already has (a refused eager
     /// send), else it is a fresh send and gets the row's next request.
+    #[inline]
     fn match_send(
         &mut self,
         r: usize,
@@ -756,66 +824,118 @@ impl SendState {
     ) -> Result<SendPost, ProtoError> {
         let row = &self.rows[r];
         let nreqs = row.nreqs;
-        let Some(i) =
-            (0..nreqs).find(|&i| row.matched & (1 << i) == 0 && row.entries[i].tag == msg.tag)
-        else {
-            // No free entry with this tag: the send belongs to a later row. Try again later.
-            return Ok(SendPost::NotReady);
-        };
-
-        let k = row.matched.count_ones() as usize;
-        let completes_row = k + 1 == nreqs;
-        let mut transmit = None;
-        if completes_row {
-            let truncated = row.truncated.is_some() || msg.size > row.entries[i].size;
-            // The message takes its place in the row now; it is taken back if the row cannot go.
-            let prev = std::mem::replace(&mut self.rows[r].msgs[i], msg);
-            let msgs = &self.rows[r].msgs[..nreqs];
-            let mut t = Transmit::new(self.seq, r, msgs, truncated, self.max_msg);
-            self.shape(&mut t);
-            let wqes = t.wqe_count_of(msgs);
-            if self.sq_used + wqes > self.sq_depth {
-                self.rows[r].msgs[i] = prev;
-                if wqes > self.sq_depth {
-                    return Err(ProtoError::InvalidUsage(format!(
-                        "a send of {} bytes needs {wqes} work requests; the send queue holds {}",
-                        msg.size, self.sq_depth
-                    )));
-                }
+        // The common row offers one buffer: one look at it.
+        let i = if nreqs == 1 {
+            if row.matched != 0 || row.entries[0].tag != msg.tag {
                 return Ok(SendPost::NotReady);
             }
-            transmit = Some(t);
-        }
+            0
+        } else {
+            match (0..nreqs).find(|&i| row.matched & (1 << i) == 0 && row.entries[i].tag == msg.tag)
+            {
+                Some(i) => i,
+                // No free entry with this tag: the send belongs to a later row. Try again later.
+                None => return Ok(SendPost::NotReady),
+            }
+        };
+        let planned = if row.matched.count_ones() as usize + 1 == nreqs {
+            let truncated = row.truncated.is_some() || msg.size > row.entries[i].size;
+            let planned = if nreqs == 1 {
+                self.plan(r, &[msg], truncated)?
+            } else {
+                // The message takes its place in the row to be counted; it is taken back if the
+                // row cannot go.
+                let prev = std::mem::replace(&mut self.rows[r].msgs[i], msg);
+                let planned = self.plan(r, &self.rows[r].msgs[..nreqs], truncated);
+                if !matches!(planned, Ok(Some(_))) {
+                    self.rows[r].msgs[i] = prev;
+                }
+                planned?
+            };
+            match planned {
+                Some(p) => Some(p),
+                None => return Ok(SendPost::NotReady),
+            }
+        } else {
+            None
+        };
+        let (req, transmit) = self.commit(r, i, msg, id, planned);
+        Ok(SendPost::Posted { req, transmit })
+    }
 
+    /// The transmit of row `r` carrying `msgs` (the whole row) and its work requests:
+    /// `Ok(None)` while the send queue has no room for them, an error when it never will.
+    #[inline]
+    fn plan(
+        &self,
+        r: usize,
+        msgs: &[SendMsg],
+        truncated: bool,
+    ) -> Result<Option<(Transmit, u32)>, ProtoError> {
+        let mut t = Transmit::new(self.seq, r, msgs, truncated, self.max_msg);
+        self.shape(&mut t);
+        let wqes = t.wqe_count_of(msgs);
+        if self.sq_used + wqes <= self.sq_depth {
+            return Ok(Some((t, wqes)));
+        }
+        if wqes > self.sq_depth {
+            return Err(ProtoError::InvalidUsage(format!(
+                "a row of {} bytes needs {wqes} work requests; the send queue holds {}",
+                t.payload, self.sq_depth
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Matches `msg` to entry `i` of the open row `r` as request `id` (or the row's next one);
+    /// `planned`: the row's transmit when this send completes the row. Returns the request and
+    /// the transmit.
+    #[inline]
+    fn commit(
+        &mut self,
+        r: usize,
+        i: usize,
+        msg: SendMsg,
+        id: Option<u16>,
+        planned: Option<(Transmit, u32)>,
+    ) -> (u16, Option<Transmit>) {
+        let seq = self.seq;
         let row = &mut self.rows[r];
+        let k = row.matched.count_ones() as usize;
         row.matched |= 1 << i;
         row.live += 1;
         row.msgs[i] = msg;
-        if msg.size > row.entries[i].size && row.truncated.is_none() {
-            row.truncated = Some((msg.size, row.entries[i].size));
+        let capacity = row.entries[i].size;
+        if msg.size > capacity && row.truncated.is_none() {
+            row.truncated = Some((msg.size, capacity));
         }
         // Fresh requests of a row are numbered in matching order.
         let req = id.unwrap_or((r * MAX_RECVS + k) as u16);
         row.ids[k] = req;
+        let Some((t, wqes)) = planned else {
+            self.reqs[usize::from(req)] = SendReq {
+                state: ReqState::Matched,
+                row: r as u8,
+                size: msg.size,
+            };
+            return (req, None);
+        };
+        row.matching = false;
+        row.wqes = wqes;
+        row.awaiting = true;
+        row.tx_seq = seq;
+        self.sq_used += wqes;
         self.reqs[usize::from(req)] = SendReq {
-            state: ReqState::Matched,
+            state: ReqState::InFlight,
             row: r as u8,
             size: msg.size,
         };
-
-        if let Some(t) = &transmit {
-            let row = &mut self.rows[r];
-            row.matching = false;
-            row.wqes = t.wqe_count_of(&row.msgs[..nreqs]);
-            row.awaiting = true;
-            row.tx_seq = self.seq;
-            self.sq_used += row.wqes;
-            for &j in &row.ids[..nreqs] {
-                self.reqs[usize::from(j)].state = ReqState::InFlight;
-            }
-            self.seq = self.seq.wrapping_add(1);
+        let n = row.nreqs;
+        for &j in &row.ids[..n - 1] {
+            self.reqs[usize::from(j)].state = ReqState::InFlight;
         }
-        Ok(SendPost::Posted { req, transmit })
+        self.seq = seq.wrapping_add(1);
+        (req, Some(t))
     }
 
     /// The eager write of row `seq` completed: its data has left the caller's buffer.
@@ -861,6 +981,7 @@ impl SendState {
 
     /// Collect request `req`: `None` while in progress; the size sent, or the error, once finished.
     /// A finished request is freed by this call.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<u64>, ProtoError> {
         let idx = req as usize;
         let Some(sr) = self.reqs.get(idx).copied() else {

@@ -4,7 +4,9 @@
 
 use super::counters::Counters;
 use super::post::{OnWire, Post, PostOp, PostSink};
-use super::send::{EagerSend, Resolved, RowFn, SendMsg, SendPost, SendState, Transmit, WireOp};
+use super::send::{
+    EagerSend, Fifo, Resolved, RowOf, SendMsg, SendPost, SendState, Transmit, WireOp,
+};
 use super::wire::{row_of, CtsEntry, WrId, FIFO_DEPTH, MAX_QPS, MAX_RECVS};
 use super::ProtoError;
 use std::collections::VecDeque;
@@ -97,11 +99,40 @@ impl Sender {
         msg: SendMsg,
         out: &mut impl PostSink,
     ) -> Result<Option<u16>, ProtoError> {
+        if self.waits_for_cts(&fifo, msg.size) {
+            return Ok(None);
+        }
+        self.isend_from(fifo, msg, out)
+    }
+
+    /// Whether an `isend` of `size` bytes can only return `None` now: the receiver has not
+    /// offered the current row yet and the message cannot go eagerly. Cheap (one load from the
+    /// FIFO); the caller returns a NULL request without posting anything. `false`: call
+    /// [`Self::isend_from`].
+    #[inline]
+    pub fn waits_for_cts(&mut self, fifo: &impl Fifo, size: u64) -> bool {
+        let row = self.state.current_row();
+        self.state.waits_for_row(&RowOf { fifo, row }, size)
+    }
+
+    /// [`Self::isend`] from any [`Fifo`] (a reader of NIC memory peeks at a row's stamp alone).
+    pub fn isend_from(
+        &mut self,
+        fifo: impl Fifo,
+        msg: SendMsg,
+        out: &mut impl PostSink,
+    ) -> Result<Option<u16>, ProtoError> {
         if self.state.unconfirmed() {
             self.resolve_eager(&fifo, out)?;
         }
         let r = self.state.current_row();
-        match self.state.post(&RowFn(|i| fifo(r, i)), msg)? {
+        match self.state.post(
+            &RowOf {
+                fifo: &fifo,
+                row: r,
+            },
+            msg,
+        )? {
             SendPost::NotReady => Ok(None),
             SendPost::CarriedOn { transmit } => {
                 self.transmit(&transmit, out);
@@ -165,6 +196,15 @@ impl Sender {
         fifo: impl Fn(usize, usize) -> CtsEntry,
         out: &mut impl PostSink,
     ) -> Result<(), ProtoError> {
+        self.progress_from(fifo, out)
+    }
+
+    /// [`Self::progress`] from any [`Fifo`].
+    pub fn progress_from(
+        &mut self,
+        fifo: impl Fifo,
+        out: &mut impl PostSink,
+    ) -> Result<(), ProtoError> {
         if std::mem::take(&mut self.landed) {
             self.flush_deferred(out);
         }
@@ -173,7 +213,10 @@ impl Sender {
         }
         if self.state.has_carried() {
             let r = self.state.current_row();
-            if let Some(t) = self.state.place_carried(&RowFn(|i| fifo(r, i)))? {
+            if let Some(t) = self.state.place_carried(&RowOf {
+                fifo: &fifo,
+                row: r,
+            })? {
                 self.transmit(&t, out);
             }
         }
@@ -194,6 +237,7 @@ impl Sender {
     }
 
     /// Collect request `req`: `None` while in progress, the size sent once done.
+    #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<u64>, ProtoError> {
         let r = self.state.test(req);
         if let Ok(Some(size)) = r {
@@ -211,11 +255,11 @@ impl Sender {
     /// Settles the eager row once the receiver's clear-to-send for it has landed.
     fn resolve_eager(
         &mut self,
-        fifo: &impl Fn(usize, usize) -> CtsEntry,
+        fifo: &impl Fifo,
         out: &mut impl PostSink,
     ) -> Result<(), ProtoError> {
         let r = self.state.current_row();
-        match self.state.resolve(&RowFn(|i| fifo(r, i)))? {
+        match self.state.resolve(&RowOf { fifo, row: r })? {
             Resolved::Nothing => {}
             Resolved::Accepted => self.counters.eager_accepted += 1,
             Resolved::Refused => self.counters.eager_refused += 1,
