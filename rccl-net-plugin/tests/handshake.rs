@@ -6,6 +6,8 @@
 //! comm reused for a second accept gives that accept the whole timeout again.
 //! The connect timeout is [`CONNECT_TIMEOUT_MS`] in this test. Needs an RDMA device (run in a Soft-RoCE guest); elsewhere it reports itself skipped.
 
+mod common;
+
 use rccl_net_plugin::net::{self, NetError, Plugin};
 use rccl_net_plugin::oob::{ConnInfo, ListenHandle, HANDLE_SIZE};
 use rccl_net_plugin::protocol::FEATURES;
@@ -24,17 +26,7 @@ fn plugin_or_skip(name: &str) -> Option<Arc<Plugin>> {
     // Read at the process's first init, whichever test comes first.
     TIMEOUT
         .call_once(|| std::env::set_var("HALO_CONNECT_TIMEOUT_MS", CONNECT_TIMEOUT_MS.to_string()));
-    match net::init() {
-        Ok(p) if !p.devices.is_empty() => Some(p),
-        other => {
-            let why = other.err().map_or("no device".into(), |e| e.to_string());
-            if std::env::var("HALO_REQUIRE_RDMA").as_deref() == Ok("1") {
-                panic!("{name}: HALO_REQUIRE_RDMA=1 but the plugin has no device: {why}");
-            }
-            eprintln!("{name}: SKIPPED (no RDMA device): {why}");
-            None
-        }
-    }
+    common::plugin_or_skip(name)
 }
 
 fn send_frame(s: &mut TcpStream, msg: &[u8]) {

@@ -3,29 +3,17 @@
 //! older format's preamble (magic, version, nonce), as an older build would.
 //! Needs an RDMA device (run in a Soft-RoCE guest); elsewhere it reports itself skipped.
 
-use rccl_net_plugin::net::{self, NetError, Plugin};
+mod common;
+
+use common::plugin_or_skip;
+use rccl_net_plugin::net::NetError;
 use rccl_net_plugin::oob::{ConnInfo, ListenHandle, QpInfo, HANDLE_SIZE};
 use rccl_net_plugin::protocol::PROTOCOL_VERSION;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const OLD: u16 = 2;
-
-fn plugin_or_skip(name: &str) -> Option<Arc<Plugin>> {
-    match net::init() {
-        Ok(p) if !p.devices.is_empty() => Some(p),
-        other => {
-            let why = other.err().map_or("no device".into(), |e| e.to_string());
-            if std::env::var("HALO_REQUIRE_RDMA").as_deref() == Ok("1") {
-                panic!("{name}: HALO_REQUIRE_RDMA=1 but the plugin has no device: {why}");
-            }
-            eprintln!("{name}: SKIPPED (no RDMA device): {why}");
-            None
-        }
-    }
-}
 
 fn old_info(nonce: u64) -> Vec<u8> {
     ConnInfo {
