@@ -161,17 +161,25 @@ pub fn isend(
 ) -> ncclResult_t {
     // A sender waiting for the receiver calls this again and again: that answer (a NULL request)
     // is given without the panic guard, from loads and compares (see `SendComm::isend_waiting`).
+    // A panic there still never crosses the C boundary (`contained`).
     if !request.is_null() {
-        // SAFETY: RCCL passes send comms of this plugin, driven from this thread only.
-        if let Some(c) = unsafe { CommHandle::send_comm_if(comm) } {
-            if let Some(r) = c.isend_waiting(data as u64, size as u64, mh(mhandle)) {
-                // SAFETY: checked non-NULL; RCCL's out-pointer.
-                unsafe { *request = std::ptr::null_mut() };
-                return match r {
-                    Ok(()) => ncclSuccess,
-                    Err(e) => report("isend", &e),
-                };
-            }
+        let waiting = crate::net::contained(|| {
+            // SAFETY: RCCL passes send comms of this plugin, driven from this thread only.
+            Ok(unsafe { CommHandle::send_comm_if(comm) }
+                .and_then(|c| c.isend_waiting(data as u64, size as u64, mh(mhandle))))
+        });
+        let answer = match waiting {
+            Ok(None) => None,
+            Ok(Some(r)) => Some(r),
+            Err(e) => Some(Err(e)),
+        };
+        if let Some(r) = answer {
+            // SAFETY: checked non-NULL; RCCL's out-pointer.
+            unsafe { *request = std::ptr::null_mut() };
+            return match r {
+                Ok(()) => ncclSuccess,
+                Err(e) => report("isend", &e),
+            };
         }
     }
     guard("isend", || {
@@ -301,8 +309,11 @@ pub fn test(request: *mut c_void, done: *mut c_int, sizes: *mut c_int) -> ncclRe
         );
     }
     let mut s = [0u64; MAX_RECVS];
+    // No closure-and-guard around the most frequent call, but a panic still never crosses the C
+    // boundary: `contained` turns it into an internal error (catch_unwind costs nothing until
+    // something panics).
     // SAFETY: RCCL tests requests it got from isend/irecv on open comms, from the comm's thread.
-    match unsafe { Request::test(request as *mut Request, &mut s) } {
+    match crate::net::contained(|| unsafe { Request::test(request as *mut Request, &mut s) }) {
         Ok(Some(n)) => {
             report_sizes(&s[..n.min(MAX_RECVS)], sizes);
             // SAFETY: as above.

@@ -21,7 +21,7 @@ mod stats;
 pub use comm_handle::{CommHandle, COMM_RECV, COMM_SEND};
 pub use connect::{ConnSettings, Connecting, ListenComm};
 pub use device::NetDevice;
-pub use error::{panic_text, NetError, NetResult};
+pub use error::{contained, panic_text, NetError, NetResult};
 pub use recv_comm::RecvComm;
 pub use reg::{register, register_dmabuf};
 pub use regcache::{data_access, MrHandle, RegCache, RegKind};
