@@ -35,20 +35,7 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
     .into_iter()
     .filter_map(|(gone, what)| gone.then_some(what))
     .collect();
-    if missing.is_empty() {
-        return Some((ray.unwrap(), sshd));
-    }
-    if std::env::var("HALO_SKIP_CLUSTER_TESTS").as_deref() == Ok("1") {
-        println!(
-            "SKIPPED: cluster test ({} missing; HALO_SKIP_CLUSTER_TESTS=1)",
-            missing.join(", ")
-        );
-        return None;
-    }
-    panic!(
-        "{} missing: run scripts/setup-harness.sh (or set HALO_SKIP_CLUSTER_TESTS=1 to skip)",
-        missing.join(", ")
-    );
+    common::cluster::prerequisites_met("cluster test", &missing).then(|| (ray.unwrap(), sshd))
 }
 
 /// A stand-in for vLLM: records its argv and environment, joins the Ray cluster as vLLM's Ray

@@ -57,20 +57,7 @@ fn rootfs() -> Option<PathBuf> {
     .into_iter()
     .filter_map(|(gone, what)| gone.then_some(what))
     .collect();
-    if missing.is_empty() {
-        return Some(root);
-    }
-    if std::env::var("HALO_SKIP_CLUSTER_TESTS").as_deref() == Ok("1") {
-        println!(
-            "SKIPPED: container-runtime cluster test ({} missing; HALO_SKIP_CLUSTER_TESTS=1)",
-            missing.join(", ")
-        );
-        return None;
-    }
-    panic!(
-        "{} missing: run scripts/setup-harness.sh (or set HALO_SKIP_CLUSTER_TESTS=1 to skip)",
-        missing.join(", ")
-    );
+    common::cluster::prerequisites_met("container-runtime cluster test", &missing).then_some(root)
 }
 
 /// `[runtime]` entering `root` with the host's /proc, /sys and /dev, in a private mount

@@ -205,3 +205,23 @@ pub fn loopback_nodes() -> LoopbackNodes {
     }
     LoopbackNodes(file)
 }
+
+/// Whether a cluster test can run: true when nothing is `missing`; with something missing it
+/// fails the test, or, under HALO_SKIP_CLUSTER_TESTS=1, prints SKIPPED and returns false.
+pub fn prerequisites_met<S: AsRef<str>>(test: &str, missing: &[S]) -> bool {
+    if missing.is_empty() {
+        return true;
+    }
+    let missing: Vec<&str> = missing.iter().map(AsRef::as_ref).collect();
+    if std::env::var("HALO_SKIP_CLUSTER_TESTS").as_deref() == Ok("1") {
+        println!(
+            "SKIPPED: {test} ({} missing; HALO_SKIP_CLUSTER_TESTS=1)",
+            missing.join(", ")
+        );
+        return false;
+    }
+    panic!(
+        "{} missing: run scripts/setup-harness.sh (or set HALO_SKIP_CLUSTER_TESTS=1 to skip)",
+        missing.join(", ")
+    );
+}
