@@ -168,12 +168,7 @@ pub fn isend(
             Ok(unsafe { CommHandle::send_comm_if(comm) }
                 .and_then(|c| c.isend_waiting(data as u64, size as u64, mh(mhandle))))
         });
-        let answer = match waiting {
-            Ok(None) => None,
-            Ok(Some(r)) => Some(r),
-            Err(e) => Some(Err(e)),
-        };
-        if let Some(r) = answer {
+        if let Some(r) = waiting.unwrap_or_else(|e| Some(Err(e))) {
             // SAFETY: checked non-NULL; RCCL's out-pointer.
             unsafe { *request = std::ptr::null_mut() };
             return match r {
