@@ -5,10 +5,12 @@
 //! netbench [--plugin PATH] [--version N] [--dev N] [--json] [--quick] [--window N] [--timeout SECS]
 //!          [--compare-perftest [--ibdev rxe0] [--gid-index N] [--perftest-port P]]
 //!          [--latency] [--bandwidth] [--msgrate] [--allreduce] [--decode] [--scaling]
-//!          [--server ADDR:PORT | --connect HOST:PORT]
+//!          [--server ADDR:PORT | --connect HOST:PORT] [--wire-dev IBDEV]
 //! ```
 //!
-//! With no suite flag every suite runs. The far end is a copy of this program spawned on the same
+//! With no suite flag every suite runs. The latency, message-rate, bandwidth and decode rows also
+//! give the packets on the wire per message, read from the verbs device's counters around each
+//! timed loop (`--wire-dev`; default: perftest's device, else the plugin's). The far end is a copy of this program spawned on the same
 //! machine, or with `--connect` a `netbench --server` on another host (or guest). On Soft-RoCE:
 //!
 //! ```text
@@ -18,7 +20,8 @@
 //!
 //! Comparison of several plugins: `--compare NAME=PATH[,NAME=PATH...]` (repeatable) instead of
 //! `--plugin`, `--env NAME:VAR=VALUE` (repeatable) for what plugin NAME needs in its environment,
-//! `--rounds N` (default 2). Each round runs every plugin once, in the order given, each in a
+//! `--rounds N` (default 2). Each round runs every plugin once, in the order given turned by one
+//! plugin per round (A B C, B C A, …), each in a
 //! child process (`netbench --plugin PATH --json` with that plugin's environment, which its far
 //! ends inherit), then perftest once with `--compare-perftest`; the result is one table per figure
 //! with every plugin's value per round and its ratio to the best other plugin and to perftest.
@@ -41,7 +44,7 @@ use std::time::Duration;
 
 const USAGE: &str = "usage: netbench [--plugin PATH] [--version N] [--dev N] [--json] [--quick] \
 [--window N] [--timeout SECS] [--compare-perftest [--ibdev DEV] [--gid-index N] [--perftest-port P]] \
-[--latency] [--bandwidth] [--msgrate] [--allreduce] [--decode] [--scaling] [--server ADDR:PORT | --connect HOST:PORT]
+[--latency] [--bandwidth] [--msgrate] [--allreduce] [--decode] [--scaling] [--server ADDR:PORT | --connect HOST:PORT] [--wire-dev IBDEV]
        netbench --compare NAME=PATH[,NAME=PATH...] [--env NAME:VAR=VALUE]... [--rounds N] [other options as above, \
 but --plugin and --server; --connect HOST:PORT without --compare-perftest]";
 
@@ -96,6 +99,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     let mut port = 18515u16;
     let mut suites = Suites::NONE;
     let (mut server, mut connect) = (None, None);
+    let mut wire_dev: Option<String> = None;
     let (mut entrants, mut envs, mut rounds) = (Vec::new(), Vec::new(), 2usize);
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -117,6 +121,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--ibdev" => ibdev = val()?,
             "--gid-index" => gid_index = num(val()?)? as u32,
             "--perftest-port" => port = num(val()?)? as u16,
+            "--wire-dev" => wire_dev = Some(val()?),
             "--latency" => suites.latency = true,
             "--bandwidth" => suites.bandwidth = true,
             "--msgrate" => suites.msgrate = true,
@@ -164,6 +169,11 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         ];
         if quick {
             args.push("--quick".into());
+        }
+        // Packets per message: every run counts on the device perftest uses, unless told otherwise.
+        if let Some(d) = wire_dev.clone().or_else(|| compare.then(|| ibdev.clone())) {
+            args.push("--wire-dev".into());
+            args.push(d.into());
         }
         // Two hosts: every run drives a `netbench --server` there (started anew for each run, in
         // the same order of rounds and plugins, e.g. by scripts/compare-peers-wire.sh).
@@ -249,6 +259,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             perftest,
             peer,
             timeout,
+            wire_dev,
         },
         json,
     ))

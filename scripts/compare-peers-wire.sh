@@ -10,8 +10,9 @@
 # netbench on guest b (e.g. --quick, --rounds 3, --latency, --json); --netbench PATH picks the
 # program (default target/release/examples/netbench of this checkout). Per round and plugin, guest a
 # starts `netbench --plugin P --server` and guest b's `netbench --compare … --connect` drives it, in
-# the same order; then perftest runs across the wire once per round (ib_write_lat 8 B and 4 KiB,
-# ib_write_bw 1 MiB), guest a serving.
+# the same order (turned by one plugin each round; packets per message are counted on b's rxe0);
+# then perftest runs across the wire once per round (ib_write_lat 8 B and 4 KiB, ib_write_bw
+# 1 MiB), guest a serving.
 # Environment per plugin (both guests): halo and nccl-ib NCCL_IB_HCA=rxe0; ofi
 # FI_PROVIDER='verbs;ofi_rxm' FI_VERBS_IFACE=eth0 FI_UNIVERSE_SIZE=64.
 set -euo pipefail
@@ -68,8 +69,12 @@ perftest() {
 }
 
 if [ "$HALO_GUEST_ROLE" = a ]; then
+    n=${#plugins[@]}
     for round in $(seq "$ROUNDS"); do
-        for p in "${plugins[@]}"; do
+        # netbench --compare turns the order by one plugin each round (A B C, B C A, C A B, …);
+        # the servers follow it. A server out of turn is refused by name on b's side.
+        for k in $(seq 0 $((n - 1))); do
+            p=${plugins[$(((round - 1 + k) % n))]}
             read -r name path env <<<"$p"
             echo "compare-peers-wire: round $round: serving $name" >&2
             # shellcheck disable=SC2086 # the plugin's environment is a list of VAR=VALUE words
@@ -93,7 +98,7 @@ for p in "${plugins[@]}"; do
 done
 set +e
 set -x
-"$NETBENCH" --compare "${list#,}" "${envs[@]}" --connect "$HALO_PEER_IP:$PORT" "${ARGS[@]}"
+"$NETBENCH" --compare "${list#,}" "${envs[@]}" --connect "$HALO_PEER_IP:$PORT" --wire-dev "$DEV" "${ARGS[@]}"
 status=$?
 set +x
 # perftest's rounds follow the plugins' (guest a serves them in the same order).

@@ -407,6 +407,7 @@ fn run_plugin(
         perftest: None,
         peer: halo_harness::bench::PeerLink::Connect(format!("{}:{port}", peer.ip)),
         timeout: Duration::from_secs(120),
+        wire_dev: None,
     };
     let r = halo_harness::bench::run(&o).map_err(anyhow::Error::msg)?;
     for l in &r.latency {

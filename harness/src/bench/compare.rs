@@ -233,7 +233,7 @@ fn allreduce_busbw(report: &Value, ranks: u64) -> Vec<(u64, f64)> {
         .unwrap_or_default()
 }
 
-const FIGURES: [Figure; 7] = [
+const FIGURES: [Figure; 10] = [
     Figure {
         key: "latency",
         title: "latency: typical one-way time, us (lower is better)",
@@ -295,6 +295,40 @@ const FIGURES: [Figure; 7] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "decode", "size", "step_mean_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "latency_pkts",
+        title: "latency: packets on the wire per one-way message (device counters; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "latency", "size", "wire_pkts"),
+        perftest: Some(|p| {
+            p.latency
+                .iter()
+                .filter_map(|(s, l)| Some((*s as u64, l.wire_pkts?)))
+                .collect()
+        }),
+    },
+    Figure {
+        key: "msgrate_pkts",
+        title: "message rate: packets on the wire per message (device counters; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "msgrate", "size", "wire_pkts"),
+        perftest: Some(|p| {
+            p.msgrate
+                .iter()
+                .filter_map(|(s, b)| Some((*s as u64, b.wire_pkts?)))
+                .collect()
+        }),
+    },
+    Figure {
+        key: "decode_pkts",
+        title: "decode step: packets on the wire per all-reduce (device counters; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode", "size", "wire_pkts"),
         perftest: None,
     },
     Figure {
@@ -622,9 +656,10 @@ pub fn json(c: &Comparison) -> Value {
                 "error": p.error,
                 "latency": p.latency.iter().map(|(s, l)| json!({
                     "size": s, "typical_us": l.typical_us, "avg_us": l.avg_us, "p99_us": l.p99_us,
+                    "wire_pkts": l.wire_pkts,
                 })).collect::<Vec<_>>(),
-                "bandwidth": p.bandwidth.iter().map(|(s, b)| json!({"size": s, "gbps": b.gbps, "msgs_per_s": b.msgs_per_s})).collect::<Vec<_>>(),
-                "msgrate": p.msgrate.iter().map(|(s, b)| json!({"size": s, "gbps": b.gbps, "msgs_per_s": b.msgs_per_s})).collect::<Vec<_>>(),
+                "bandwidth": p.bandwidth.iter().map(|(s, b)| json!({"size": s, "gbps": b.gbps, "msgs_per_s": b.msgs_per_s, "wire_pkts": b.wire_pkts})).collect::<Vec<_>>(),
+                "msgrate": p.msgrate.iter().map(|(s, b)| json!({"size": s, "gbps": b.gbps, "msgs_per_s": b.msgs_per_s, "wire_pkts": b.wire_pkts})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "summary": summary_obj,
         }
@@ -649,7 +684,7 @@ mod tests {
     fn report(lat8: f64, bw: f64) -> Value {
         json!({
             "plugin_name": "x", "version": 10, "device": "rxe1",
-            "latency": [{"size": 8, "typical_us": lat8}],
+            "latency": [{"size": 8, "typical_us": lat8, "wire_pkts": 4.0}],
             "bandwidth": [{"size": 65536, "gbps": bw}],
             "allreduce": [{"ranks": 2, "rows": [{"size": 65536, "busbw": bw / 8.0}]}],
             "decode": [
@@ -707,6 +742,7 @@ mod tests {
                             typical_us: 4.0,
                             avg_us: 4.0,
                             p99_us: 5.0,
+                            wire_pkts: Some(2.0),
                         },
                     )],
                     ..PerftestRound::default()
@@ -757,6 +793,17 @@ mod tests {
         assert_eq!(d("c", 8192).unwrap().values, vec![Some(2000.0), None]);
         assert_eq!(d("c", 8192).unwrap().vs_perftest, None);
         assert!(t.iter().all(|t| t.key != "scaling" && t.key != "msgrate"));
+        // Packets per message: every plugin sends 4 where perftest sends 2.
+        let pk = t.iter().find(|t| t.key == "latency_pkts").unwrap();
+        assert!(pk.lower_is_better);
+        let a = pk.rows.iter().find(|r| r.name == "a").unwrap();
+        assert_eq!(
+            (a.mean, a.vs_best_other, a.vs_perftest),
+            (Some(4.0), Some(1.0), Some(2.0))
+        );
+        assert!(t
+            .iter()
+            .all(|t| t.key != "msgrate_pkts" && t.key != "decode_pkts"));
     }
 
     #[test]
@@ -786,6 +833,7 @@ mod tests {
             11.0 / 8.0
         );
         assert_eq!(cmp["perftest"][1]["latency"][0]["typical_us"], 4.0);
+        assert_eq!(cmp["perftest"][1]["latency"][0]["wire_pkts"], 2.0);
         let dec = &cmp["summary"]["decode"];
         assert_eq!(dec["lower_is_better"], true);
         assert_eq!(dec["rows"][0]["bytes"], 8192);

@@ -77,7 +77,13 @@ fn serve_inner(cfg: &MemberConfig, ctl: &mut Control) -> Result<(), String> {
     let listen = plugin
         .listen(cfg.dev, &mut handle)
         .map_err(|e| e.to_string())?;
-    ctl.send(&format!("handle {}", handle_to_hex(&handle)))?;
+    // The plugin's name follows, so that a driver running another plugin (a server started
+    // out of turn) stops with a clear error instead of a handle it cannot read.
+    ctl.send(&format!(
+        "handle {} {}",
+        handle_to_hex(&handle),
+        plugin.name()
+    ))?;
     let mut listen = Some(listen);
     let mut comms: Option<(Opaque, Opaque)> = None;
     let pair = |comms: Option<(Opaque, Opaque)>| comms.ok_or("not connected yet".to_string());

@@ -15,6 +15,7 @@ pub mod perftest;
 pub mod report;
 mod scaling;
 mod suites;
+pub mod wire;
 
 pub use member::{member_main, MemberConfig, MEMBER_FLAG};
 pub use ops::{DecodeTiming, Net, Polls, Ring, RingTiming};
@@ -94,6 +95,9 @@ pub struct Options {
     pub peer: PeerLink,
     /// Bound on every single wait (a connection, one transfer, one answer).
     pub timeout: Duration,
+    /// The verbs device whose packet counters give the packets on the wire per message
+    /// ([`wire`]); default: perftest's device, else the plugin's device if it is a verbs device.
+    pub wire_dev: Option<String>,
 }
 
 /// One latency size. Times are one-way (round trip / 2), as `ib_write_lat` reports.
@@ -106,6 +110,9 @@ pub struct LatencyRow {
     pub p99_us: f64,
     /// This side's calls (both directions of every round trip).
     pub polls: Polls,
+    /// Packets on the wire per one-way message (data, clear-to-send, acknowledgements), from
+    /// the device's counters; `None` where they cannot be read.
+    pub wire_pkts: Option<f64>,
     pub perftest: Option<LatencyStats>,
 }
 
@@ -124,6 +131,8 @@ pub struct StreamRow {
     pub send_polls: Polls,
     /// Receiver side.
     pub recv_polls: Polls,
+    /// Packets on the wire per message, as in [`LatencyRow::wire_pkts`].
+    pub wire_pkts: Option<f64>,
     pub perftest: Option<BandwidthStats>,
 }
 
@@ -166,6 +175,8 @@ pub struct DecodeRow {
     pub allreduce_us: f64,
     /// Elements differing from the exact sum, over every all-reduce and both ranks.
     pub wrong: usize,
+    /// Packets on the wire per all-reduce (warm-up steps included).
+    pub wire_pkts: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -235,10 +246,17 @@ pub fn run(o: &Options) -> Result<Report, String> {
         ));
     }
     let device = plugin.properties(o.dev).map_err(|e| e.to_string())?.name;
+    let wire_dev = o
+        .wire_dev
+        .clone()
+        .or_else(|| o.perftest.as_ref().map(|p| p.ibdev.clone()))
+        .unwrap_or_else(|| device.clone());
     let local = Local {
         plugin,
         timeout: o.timeout,
         dev: o.dev,
+        wire: wire::WireCounter::open(&wire_dev),
+        both_ends_here: !matches!(o.peer, PeerLink::Connect(_)),
     };
     let plan = Plan::new(o.quick);
     let mut pt = o.perftest.clone().map(|d| Perftest::new(d, o.timeout));

@@ -2,6 +2,7 @@
 //! on the same device (the client connects to 127.0.0.1, or to the named host), parsed from the
 //! client's result table.
 
+use super::wire::WireCounter;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ pub struct LatencyStats {
     pub typical_us: f64,
     pub avg_us: f64,
     pub p99_us: f64,
+    /// Packets on the wire per one-way message, from the device's counters (see
+    /// [`super::wire`]); `None` where they cannot be read.
+    pub wire_pkts: Option<f64>,
 }
 
 /// `ib_write_bw`'s average bandwidth and message rate.
@@ -29,6 +33,8 @@ pub struct LatencyStats {
 pub struct BandwidthStats {
     pub gbps: f64,
     pub msgs_per_s: f64,
+    /// Packets on the wire per message, as in [`LatencyStats::wire_pkts`].
+    pub wire_pkts: Option<f64>,
 }
 
 /// Runs the perftest pair one size at a time.
@@ -36,21 +42,43 @@ pub struct Perftest {
     dev: PerftestDevice,
     runs: u16,
     timeout: Duration,
+    wire: Option<WireCounter>,
 }
 
 impl Perftest {
     pub fn new(dev: PerftestDevice, timeout: Duration) -> Perftest {
         Perftest {
+            wire: WireCounter::open(&dev.ibdev),
             dev,
             runs: 0,
             timeout,
         }
     }
 
+    /// Runs one tool with its `messages` messages, counting the packets on the wire (server
+    /// and client both on this device).
+    fn counted(
+        &mut self,
+        tool: &str,
+        size: usize,
+        iters: usize,
+        messages: usize,
+        extra: &[&str],
+    ) -> Result<(String, Option<f64>), String> {
+        let wire = self.wire.clone();
+        WireCounter::around(wire.as_ref(), true, messages, || {
+            self.run(tool, size, iters, extra)
+        })
+    }
+
     pub fn write_lat(&mut self, size: usize, iters: usize) -> Result<LatencyStats, String> {
-        let extra = [];
-        let out = self.run("ib_write_lat", size, iters.max(5), &extra)?;
-        parse_latency(&out, size)
+        let iters = iters.max(5);
+        // Each iteration is a round trip: two one-way messages.
+        let (out, wire_pkts) = self.counted("ib_write_lat", size, iters, 2 * iters, &[])?;
+        Ok(LatencyStats {
+            wire_pkts,
+            ..parse_latency(&out, size)?
+        })
     }
 
     pub fn write_bw(
@@ -62,9 +90,13 @@ impl Perftest {
         let iters = iters.max(5);
         let depth = window.min(iters).to_string();
         let extra = ["-t", depth.as_str(), "--report_gbits"];
-        let out = self.run("ib_write_bw", size, iters, &extra)?;
+        let (out, wire_pkts) = self.counted("ib_write_bw", size, iters, iters, &extra)?;
         let (gbps, msgs_per_s) = parse_bandwidth(&out, size)?;
-        Ok(BandwidthStats { gbps, msgs_per_s })
+        Ok(BandwidthStats {
+            gbps,
+            msgs_per_s,
+            wire_pkts,
+        })
     }
 
     /// Starts the server, then the client (retried while the server is not listening yet);
@@ -184,6 +216,7 @@ pub fn parse_latency(out: &str, size: usize) -> Result<LatencyStats, String> {
         typical_us: num(4)?,
         avg_us: num(5)?,
         p99_us: num(7)?,
+        wire_pkts: None,
     })
 }
 

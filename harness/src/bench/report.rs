@@ -53,7 +53,7 @@ pub fn text(r: &Report) -> String {
         let _ = writeln!(s, "\n## latency (one-way = round trip / 2, us)");
         let _ = writeln!(
             s,
-            "{:>9} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            "{:>9} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
             "bytes",
             "iters",
             "typical",
@@ -63,13 +63,15 @@ pub fn text(r: &Report) -> String {
             "pt_avg",
             "ratio",
             "tests/rq",
-            "nulls/rq"
+            "nulls/rq",
+            "pkts/msg",
+            "pt_pkts"
         );
         for l in &r.latency {
             let (tests, nulls) = per_request(&l.polls);
             let _ = writeln!(
                 s,
-                "{:>9} {:>6} {:>10.2} {:>10.2} {:>10.2} {} {} {} {:>8.1} {:>8.1}",
+                "{:>9} {:>6} {:>10.2} {:>10.2} {:>10.2} {} {} {} {:>8.1} {:>8.1} {} {}",
                 l.size,
                 l.iters,
                 l.typical_us,
@@ -83,7 +85,9 @@ pub fn text(r: &Report) -> String {
                     3
                 ),
                 tests,
-                nulls
+                nulls,
+                opt(l.wire_pkts, 8, 2),
+                opt(l.perftest.and_then(|p| p.wire_pkts), 8, 2)
             );
         }
     }
@@ -94,7 +98,7 @@ pub fn text(r: &Report) -> String {
         let _ = writeln!(s, "\n## {title} (window {})", rows[0].window);
         let _ = writeln!(
             s,
-            "{:>9} {:>6} {:>10} {:>9} {:>12} {:>9} {:>12} {:>8} {:>8} {:>8}",
+            "{:>9} {:>6} {:>10} {:>9} {:>12} {:>9} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8}",
             "bytes",
             "msgs",
             "MB/s",
@@ -104,13 +108,15 @@ pub fn text(r: &Report) -> String {
             "pt_msgs/s",
             "ratio",
             "tests/rq",
-            "nulls/rq"
+            "nulls/rq",
+            "pkts/msg",
+            "pt_pkts"
         );
         for b in rows {
             let (tests, nulls) = per_request(&b.send_polls);
             let _ = writeln!(
                 s,
-                "{:>9} {:>6} {:>10.1} {:>9.3} {:>12.0} {} {} {} {:>8.1} {:>8.1}",
+                "{:>9} {:>6} {:>10.1} {:>9.3} {:>12.0} {} {} {} {:>8.1} {:>8.1} {} {}",
                 b.size,
                 b.count,
                 b.mb_per_s,
@@ -120,7 +126,9 @@ pub fn text(r: &Report) -> String {
                 opt(b.perftest.map(|p| p.msgs_per_s), 12, 0),
                 opt(b.perftest.and_then(|p| ratio(b.gbps, p.gbps)), 8, 3),
                 tests,
-                nulls
+                nulls,
+                opt(b.wire_pkts, 8, 2),
+                opt(b.perftest.and_then(|p| p.wire_pkts), 8, 2)
             );
         }
     };
@@ -197,14 +205,20 @@ fn decode_table(s: &mut String, rows: &[DecodeRow]) {
     );
     let _ = writeln!(
         s,
-        "{:>10} {:>8} {:>14} {:>14} {:>10} {:>7}",
-        "size(B)", "ARs/step", "step_mean(us)", "step_med(us)", "us/AR", "#wrong"
+        "{:>10} {:>8} {:>14} {:>14} {:>10} {:>7} {:>8}",
+        "size(B)", "ARs/step", "step_mean(us)", "step_med(us)", "us/AR", "#wrong", "pkts/AR"
     );
     for d in rows {
         let _ = writeln!(
             s,
-            "{:>10} {:>8} {:>14.1} {:>14.1} {:>10.2} {:>7}",
-            d.size, d.allreduces, d.step_mean_us, d.step_median_us, d.allreduce_us, d.wrong
+            "{:>10} {:>8} {:>14.1} {:>14.1} {:>10.2} {:>7} {}",
+            d.size,
+            d.allreduces,
+            d.step_mean_us,
+            d.step_median_us,
+            d.allreduce_us,
+            d.wrong,
+            opt(d.wire_pkts, 8, 1)
         );
     }
 }
@@ -215,7 +229,7 @@ fn decode_json(rows: &[DecodeRow]) -> Value {
             json!({
                 "size": d.size, "allreduces": d.allreduces, "warmup": d.warmup, "steps": d.steps,
                 "step_mean_us": d.step_mean_us, "step_median_us": d.step_median_us,
-                "allreduce_us": d.allreduce_us, "wrong": d.wrong,
+                "allreduce_us": d.allreduce_us, "wrong": d.wrong, "wire_pkts": d.wire_pkts,
             })
         })
         .collect()
@@ -232,7 +246,8 @@ fn stream_json(rows: &[StreamRow]) -> Value {
                 "size": b.size, "count": b.count, "window": b.window, "seconds": b.seconds,
                 "mb_per_s": b.mb_per_s, "gbps": b.gbps, "msgs_per_s": b.msgs_per_s,
                 "send_polls": polls(&b.send_polls), "recv_polls": polls(&b.recv_polls),
-                "perftest": b.perftest.map(|p| json!({"gbps": p.gbps, "msgs_per_s": p.msgs_per_s})),
+                "wire_pkts": b.wire_pkts,
+                "perftest": b.perftest.map(|p| json!({"gbps": p.gbps, "msgs_per_s": p.msgs_per_s, "wire_pkts": p.wire_pkts})),
                 "ratio": b.perftest.and_then(|p| ratio(b.gbps, p.gbps)),
             })
         })
@@ -251,7 +266,8 @@ pub fn json(r: &Report) -> Value {
             "size": l.size, "iters": l.iters,
             "typical_us": l.typical_us, "avg_us": l.avg_us, "p99_us": l.p99_us,
             "polls": polls(&l.polls),
-            "perftest": l.perftest.map(|p| json!({"typical_us": p.typical_us, "avg_us": p.avg_us, "p99_us": p.p99_us})),
+            "wire_pkts": l.wire_pkts,
+            "perftest": l.perftest.map(|p| json!({"typical_us": p.typical_us, "avg_us": p.avg_us, "p99_us": p.p99_us, "wire_pkts": p.wire_pkts})),
             "ratio": l.perftest.and_then(|p| ratio(l.typical_us, p.typical_us)),
         })).collect::<Vec<_>>(),
         "bandwidth": stream_json(&r.bandwidth),
@@ -306,6 +322,7 @@ mod tests {
             step_median_us: mean - 1.0,
             allreduce_us: mean / allreduces as f64,
             wrong,
+            wire_pkts: (size == 8192).then_some(12.0),
         }
     }
 
@@ -322,12 +339,22 @@ mod tests {
             .find(|l| l.trim_start().starts_with("16384"))
             .unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(cols, ["16384", "160", "4800.0", "4799.0", "30.00", "3"]);
+        assert_eq!(
+            cols,
+            ["16384", "160", "4800.0", "4799.0", "30.00", "3", "-"]
+        );
+        let line = t
+            .lines()
+            .find(|l| l.trim_start().starts_with("8192"))
+            .unwrap();
+        assert!(line.trim_end().ends_with("12.0"), "{line}");
         let j = json(&r);
         assert_eq!(j["decode"][0]["size"], 8192);
         assert_eq!(j["decode"][0]["allreduces"], 64);
         assert_eq!(j["decode"][0]["allreduce_us"], 20.0);
         assert_eq!(j["decode"][1]["wrong"], 3);
+        assert_eq!(j["decode"][0]["wire_pkts"], 12.0);
+        assert!(j["decode"][1]["wire_pkts"].is_null());
         assert!(!r.all_exact());
         assert!(report(vec![row(8192, 64, 1.0, 0)]).all_exact());
         // Without decode rows, no decode table.

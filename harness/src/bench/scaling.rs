@@ -80,7 +80,7 @@ pub(super) fn measure(local: &Local, o: &Options, k: usize) -> Result<ScalingRow
     }
     let mut handles = Vec::with_capacity(k);
     for m in &mut members {
-        handles.push(member_handle(&mut m.ctl, o.timeout)?);
+        handles.push(member_handle(&mut m.ctl, &local.plugin, o.timeout)?);
     }
     let before = snapshot();
     let mut listens = Vec::with_capacity(k);

@@ -5,6 +5,7 @@ use super::control::{field, Control, SpawnedMember};
 use super::member::{self, MemberConfig};
 use super::ops::{Net, Polls, Ring};
 use super::perftest::Perftest;
+use super::wire::WireCounter;
 use super::{AllreduceRow, AllreduceTable, DecodeRow, LatencyRow, Options, PeerLink, StreamRow};
 use crate::driver::{handle_from_hex, handle_to_hex, Opaque, Plugin};
 use halo_ffi::NCCL_NET_HANDLE_MAXSIZE;
@@ -111,9 +112,22 @@ pub(super) struct Local {
     pub(super) plugin: Plugin,
     pub(super) timeout: Duration,
     pub(super) dev: i32,
+    /// The device's packet counters, when readable.
+    pub(super) wire: Option<WireCounter>,
+    /// Whether the far ends use this host's device too (see [`super::wire::per_message`]).
+    pub(super) both_ends_here: bool,
 }
 
 impl Local {
+    /// Runs `f`, which sends `messages` messages, and counts the packets on the wire per message.
+    fn counted<T>(
+        &self,
+        messages: usize,
+        f: impl FnOnce() -> Result<T, String>,
+    ) -> Result<(T, Option<f64>), String> {
+        WireCounter::around(self.wire.as_ref(), self.both_ends_here, messages, f)
+    }
+
     pub(super) fn net(&self) -> Net<'_> {
         Net {
             plugin: &self.plugin,
@@ -169,13 +183,27 @@ pub(super) fn spawn_member(o: &Options, index: usize) -> Result<SpawnedMember, S
     }
 }
 
-/// Reads a member's `handle` line.
+/// Reads a member's `handle` line: the listen handle of the member's plugin, then its name,
+/// which must be `plugin`'s (this process's).
 pub(super) fn member_handle(
     ctl: &mut Control,
+    plugin: &Plugin,
     timeout: Duration,
 ) -> Result<[u8; NCCL_NET_HANDLE_MAXSIZE], String> {
     let w = ctl.expect("handle", timeout)?;
+    check_same_plugin(&w.get(1..).unwrap_or_default().join(" "), &plugin.name())?;
     handle_from_hex(w.first().ok_or("empty handle line")?)
+}
+
+/// A far end that names another plugin than this process's cannot read its handles.
+fn check_same_plugin(far: &str, here: &str) -> Result<(), String> {
+    if far.is_empty() || far == here {
+        return Ok(());
+    }
+    Err(format!(
+        "the far end runs plugin {far:?} and this process {here:?}: its server was started for \
+         another run (start one server per run, in the order the runs go)"
+    ))
 }
 
 /// Connects this process to its member (spawned or remote) in both directions.
@@ -193,7 +221,7 @@ pub(super) fn open_pair(local: &Local, o: &Options) -> Result<Pair, String> {
         send: Opaque(std::ptr::null_mut()),
         recv: Opaque(std::ptr::null_mut()),
     };
-    let mut peer_handle = member_handle(pair.ctl(), o.timeout)?;
+    let mut peer_handle = member_handle(pair.ctl(), &local.plugin, o.timeout)?;
     let (lc, h) = local.listen()?;
     pair.ctl().send(&format!("connect {}", handle_to_hex(&h)))?;
     let (send, recv) = local.net().connect_pair(o.dev, lc, &mut peer_handle)?;
@@ -258,9 +286,11 @@ pub(super) fn latency(
         let warmup = (iters / 10).max(2);
         pair.ctl().send(&format!("lat {size} {}", warmup + iters))?;
         let mut polls = Polls::default();
-        let rtts = local
-            .net()
-            .ping(pair.send, pair.recv, size, warmup + iters, &mut polls)?;
+        let (rtts, wire_pkts) = local.counted(2 * (warmup + iters), || {
+            local
+                .net()
+                .ping(pair.send, pair.recv, size, warmup + iters, &mut polls)
+        })?;
         pair.ctl().expect("done", o.timeout)?;
         let mut one_way: Vec<f64> = rtts[warmup..].iter().map(|r| r / 2.0).collect();
         one_way.sort_by(f64::total_cmp);
@@ -271,6 +301,7 @@ pub(super) fn latency(
             avg_us: one_way.iter().sum::<f64>() / one_way.len() as f64,
             p99_us: percentile(&one_way, 0.99),
             polls,
+            wire_pkts,
             perftest,
         });
     }
@@ -296,10 +327,13 @@ pub(super) fn stream(
             .send(&format!("stream {size} {count} {}", o.window))?;
         pair.ctl().expect("ready", o.timeout)?;
         let mut send_polls = Polls::default();
-        let t = local
-            .net()
-            .stream_send(pair.send, size, count, o.window, &mut send_polls)?;
-        let recv_polls = member::polls_from_words(&pair.ctl().expect("done", o.timeout)?)?;
+        let ((t, recv_polls), wire_pkts) = local.counted(count, || {
+            let t = local
+                .net()
+                .stream_send(pair.send, size, count, o.window, &mut send_polls)?;
+            let done = pair.ctl().expect("done", o.timeout)?;
+            Ok((t, member::polls_from_words(&done)?))
+        })?;
         let secs = t.as_secs_f64().max(1e-9);
         let bytes = (size * count) as f64;
         rows.push(StreamRow {
@@ -312,6 +346,7 @@ pub(super) fn stream(
             msgs_per_s: count as f64 / secs,
             send_polls,
             recv_polls,
+            wire_pkts,
             perftest,
         });
     }
@@ -338,7 +373,7 @@ pub(super) fn allreduce(
             }
             let mut handles = Vec::new();
             for m in &mut own {
-                handles.push(member_handle(&mut m.ctl, o.timeout)?);
+                handles.push(member_handle(&mut m.ctl, &local.plugin, o.timeout)?);
             }
             let (lc, h) = local.listen()?;
             // Member r connects to member r+1; the last one closes the ring at rank 0.
@@ -464,13 +499,16 @@ pub(super) fn decode(
         pair.ctl()
             .send(&format!("decode {count} {allreduces} {warmup} {steps} 1 2"))?;
         let mut polls = Polls::default();
-        let mine =
-            Ring::new(local.net(), 0, 2, pair.send, pair.recv, count).and_then(|mut ring| {
-                let t = ring.decode(count, allreduces, warmup, steps, &mut polls);
-                ring.release()?;
-                t
-            })?;
-        let w = pair.ctl().expect("decode", o.timeout)?;
+        let ((mine, w), wire_pkts) = local.counted((warmup + steps) * allreduces, || {
+            let mine = Ring::new(local.net(), 0, 2, pair.send, pair.recv, count).and_then(
+                |mut ring| {
+                    let t = ring.decode(count, allreduces, warmup, steps, &mut polls);
+                    ring.release()?;
+                    t
+                },
+            )?;
+            Ok((mine, pair.ctl().expect("decode", o.timeout)?))
+        })?;
         let theirs = w
             .get(1..)
             .unwrap_or_default()
@@ -491,6 +529,7 @@ pub(super) fn decode(
             step_median_us,
             allreduce_us: step_mean_us / allreduces.max(1) as f64,
             wrong,
+            wire_pkts,
         });
     }
     Ok(rows)
@@ -514,6 +553,19 @@ mod tests {
         );
         assert_eq!(step_stats(&[]), (0.0, 0.0));
         assert_eq!(step_stats(&[vec![], vec![]]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn a_far_end_with_another_plugin_is_refused_by_name() {
+        assert_eq!(check_same_plugin("halo", "halo"), Ok(()));
+        // A member from before the name was sent.
+        assert_eq!(check_same_plugin("", "halo"), Ok(()));
+        let e = check_same_plugin("AWS Libfabric", "halo").unwrap_err();
+        assert!(
+            e.contains("\"AWS Libfabric\"") && e.contains("\"halo\""),
+            "{e}"
+        );
+        assert!(e.contains("one server per run"), "{e}");
     }
 
     #[test]
