@@ -6,7 +6,9 @@
 #   scripts/softroce run2 --timeout 3500 -- scripts/compare-peers-wire.sh ARGS -- scripts/compare-peers-wire.sh ARGS
 #   ARGS: --halo target/release/librccl_net_plugin.so --nccl-ib PATH/nccl-ib.so --ofi PATH/ofi.so [netbench args]
 #
-# Any of --halo, --nccl-ib and --ofi may be left out (at least one is needed). Other arguments go to
+# Any of --halo, --nccl-ib and --ofi may be left out (at least one is needed). --extra 'NAME PATH
+# [VAR=VALUE...]' (repeatable) adds a plugin, or the same plugin with other settings (e.g.
+# --extra "halo-eager target/release/librccl_net_plugin.so NCCL_IB_HCA=rxe0 HALO_EAGER_MAX=8192"). Other arguments go to
 # netbench on guest b (e.g. --quick, --rounds 3, --latency, --json); --netbench PATH picks the
 # program (default target/release/examples/netbench of this checkout). Per round and plugin, guest a
 # starts `netbench --plugin P --server` and guest b's `netbench --compare … --connect` drives it, in
@@ -21,23 +23,30 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 NETBENCH=$ROOT/target/release/examples/netbench
 DEV=rxe0 IFACE=eth0 PORT=18800
 HALO="" NCCLIB="" OFI="" ROUNDS=2
-ARGS=()
+ARGS=() EXTRA=()
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --halo) HALO=${2:?--halo needs a path}; shift 2 ;;
         --nccl-ib) NCCLIB=${2:?--nccl-ib needs a path}; shift 2 ;;
         --ofi) OFI=${2:?--ofi needs a path}; shift 2 ;;
+        --extra) EXTRA+=("${2:?--extra needs 'NAME PATH [VAR=VALUE...]'}"); shift 2 ;;
         --netbench) NETBENCH=${2:?--netbench needs a path}; shift 2 ;;
         --rounds) ROUNDS=${2:?--rounds needs a number}; ARGS+=(--rounds "$2"); shift 2 ;;
         -h|--help) usage 0 ;;
         *) ARGS+=("$1"); shift ;;
     esac
 done
-[ -n "$HALO$NCCLIB$OFI" ] || { echo "compare-peers-wire: give at least one of --halo, --nccl-ib, --ofi" >&2; usage; }
-for f in "$NETBENCH" "$HALO" "$NCCLIB" "$OFI"; do
+[ -n "$HALO$NCCLIB$OFI${EXTRA[*]}" ] || { echo "compare-peers-wire: give at least one of --halo, --nccl-ib, --ofi, --extra" >&2; usage; }
+extra_paths=()
+for e in "${EXTRA[@]}"; do
+    read -r _ path _ <<<"$e"
+    [ -n "$path" ] || { echo "compare-peers-wire: --extra '$e': expected 'NAME PATH [VAR=VALUE...]'" >&2; exit 2; }
+    extra_paths+=("$path")
+done
+for f in "$NETBENCH" "$HALO" "$NCCLIB" "$OFI" "${extra_paths[@]}"; do
     [ -z "$f" ] || [ -e "$f" ] || { echo "compare-peers-wire: $f does not exist" >&2; exit 2; }
 done
 : "${HALO_GUEST_ROLE:?run this in two guests: scripts/softroce run2 (see --help)}"
@@ -49,6 +58,7 @@ plugins=()
 [ -n "$HALO" ] && plugins+=("halo $HALO NCCL_IB_HCA=$DEV")
 [ -n "$NCCLIB" ] && plugins+=("nccl-ib $NCCLIB NCCL_IB_HCA=$DEV")
 [ -n "$OFI" ] && plugins+=("ofi $OFI FI_PROVIDER=verbs;ofi_rxm FI_VERBS_IFACE=$IFACE FI_UNIVERSE_SIZE=64")
+plugins+=("${EXTRA[@]}")
 
 # perftest across the wire: guest a serves, guest b connects (retrying until a's server is up).
 perftest() {
