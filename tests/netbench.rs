@@ -1,6 +1,6 @@
 //! The `netbench` example end to end: a quick run of every suite must report positive latencies
 //! and bandwidths for every size and exact all-reduce results (the decode rows' too), and a quick perftest comparison
-//! must yield ratios. Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says
+//! must yield ratios and packet counts. Needs an RDMA device (run inside the Soft-RoCE guest); elsewhere it says
 //! so and skips, unless `HALO_REQUIRE_RDMA=1` makes a missing device a failure. Under `cargo test`
 //! the example is built on demand; run directly (in the guest), the example and the plugin must be
 //! built already: `cargo build -p rccl-net-plugin && cargo build -p halo-rdma --examples`.
@@ -11,8 +11,13 @@ use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// One run at a time: the packet counts are the device's, and would count a concurrent run's
+/// traffic too.
+static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs netbench with `args` and parses its JSON report.
 fn run(args: &[&str]) -> Value {
+    let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     // the example loads the plugin built next to it
     halo_harness::artifacts::plugin_library();
     let mut child = Command::new(halo_harness::artifacts::example("netbench"))
@@ -138,5 +143,30 @@ fn perftest_comparison_yields_ratios() {
         for r in rows(&v, key) {
             positive(r, "ratio");
         }
+    }
+    // Packets on the wire per message, from rxe's counters: ib_write_lat sends the data and
+    // gets its acknowledgement; the plugin adds the clear-to-send write and its acknowledgement
+    // (a little less in a short run: the first receives' rows go out before the timed loop).
+    let lat8 = rows(&v, "latency")
+        .iter()
+        .find(|r| r["size"] == 8)
+        .expect("an 8-byte latency row");
+    let pt = lat8["perftest"]["wire_pkts"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no perftest packet count in {lat8}"));
+    assert!(
+        (pt - 2.0).abs() < 0.05,
+        "ib_write_lat: {pt} packets per message"
+    );
+    let ours = positive(lat8, "wire_pkts");
+    assert!(
+        (3.0..=4.5).contains(&ours),
+        "plugin: {ours} packets per message"
+    );
+    for r in rows(&v, "bandwidth") {
+        // At least one packet per message, and rxe's 4 KiB MTU splits a 64 KiB write in 16.
+        let n = positive(r, "wire_pkts");
+        let size = r["size"].as_f64().unwrap();
+        assert!(n >= size / 4096.0, "{n} packets per {size}-byte message");
     }
 }

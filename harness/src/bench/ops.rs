@@ -70,9 +70,11 @@ pub struct Net<'a> {
 }
 
 impl Net<'_> {
-    fn expired(&self, t0: Instant, what: &str) -> Result<(), String> {
+    /// Whether the wait that began at `t0` ran out; `what` names it, and is only built then:
+    /// the check runs in every round of the timed loops.
+    fn expired(&self, t0: Instant, what: impl FnOnce() -> String) -> Result<(), String> {
         if t0.elapsed() > self.timeout {
-            Err(format!("{what}: no progress within {:?}", self.timeout))
+            Err(format!("{}: no progress within {:?}", what(), self.timeout))
         } else {
             Ok(())
         }
@@ -89,7 +91,7 @@ impl Net<'_> {
         let (mut send, mut recv) = (Opaque(null_mut()), Opaque(null_mut()));
         let t0 = Instant::now();
         while send.is_null() || recv.is_null() {
-            self.expired(t0, "connection setup")?;
+            self.expired(t0, || "connection setup".into())?;
             if send.is_null() {
                 send = self
                     .plugin
@@ -120,7 +122,7 @@ impl Net<'_> {
                 return Ok(req);
             }
             c.null_sends += 1;
-            self.expired(t0, &format!("isend of {size} bytes"))?;
+            self.expired(t0, || format!("isend of {size} bytes"))?;
         }
     }
 
@@ -146,7 +148,7 @@ impl Net<'_> {
                 return Ok(req);
             }
             c.null_recvs += 1;
-            self.expired(t0, &format!("irecv of {size} bytes"))?;
+            self.expired(t0, || format!("irecv of {size} bytes"))?;
         }
     }
 
@@ -189,7 +191,7 @@ impl Net<'_> {
             if let Some(n) = self.poll(req, c)? {
                 return Ok(n);
             }
-            self.expired(t0, what)?;
+            self.expired(t0, || what.to_string())?;
         }
     }
 
@@ -232,7 +234,7 @@ impl Net<'_> {
                     if !sdone {
                         sdone = self.poll(sreq, c)?.is_some();
                     }
-                    self.expired(t0, &format!("ping-pong round trip of {size} bytes"))?;
+                    self.expired(t0, || format!("ping-pong round trip of {size} bytes"))?;
                 }
                 rtts.push(t0.elapsed().as_secs_f64() * 1e6);
                 if posted < iters {
@@ -320,10 +322,9 @@ impl Net<'_> {
                         last_progress = Instant::now();
                     }
                 }
-                self.expired(
-                    last_progress,
-                    &format!("stream of {size}-byte messages ({done}/{count} done)"),
-                )?;
+                self.expired(last_progress, || {
+                    format!("stream of {size}-byte messages ({done}/{count} done)")
+                })?;
             }
             Ok(t0.elapsed())
         })();
@@ -360,10 +361,9 @@ impl Net<'_> {
                         posted += 1;
                     }
                 }
-                self.expired(
-                    last_progress,
-                    &format!("stream receive of {size}-byte messages"),
-                )?;
+                self.expired(last_progress, || {
+                    format!("stream receive of {size}-byte messages")
+                })?;
             }
             Ok(())
         })();
@@ -481,14 +481,13 @@ impl<'a> Ring<'a> {
         let (mut sreq, mut rreq) = (Opaque(null_mut()), Opaque(null_mut()));
         let (mut sdone, mut rdone) = (false, false);
         while !(sdone && rdone) {
-            self.net.expired(
-                t0,
-                &format!(
+            self.net.expired(t0, || {
+                format!(
                     "all-reduce step ({sbytes} B to rank {}, {rbytes} B from rank {})",
                     (self.rank + 1) % self.n,
                     (self.rank + self.n - 1) % self.n
-                ),
-            )?;
+                )
+            })?;
             if rreq.is_null() {
                 let mut data = [rptr.cast::<c_void>()];
                 let mut tags = [TAG];
