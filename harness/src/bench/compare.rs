@@ -225,6 +225,13 @@ fn rows_of(report: &Value, list: &str, key: &str, value: &str) -> Vec<(u64, f64)
         .unwrap_or_default()
 }
 
+/// perftest's (size, value) pairs as rows, leaving out sizes without the value.
+fn by_size<T>(rows: &[(usize, T)], value: impl Fn(&T) -> Option<f64>) -> Rows {
+    rows.iter()
+        .filter_map(|(s, v)| Some((*s as u64, value(v)?)))
+        .collect()
+}
+
 fn allreduce_busbw(report: &Value, ranks: u64) -> Vec<(u64, f64)> {
     report["allreduce"]
         .as_array()
@@ -240,12 +247,7 @@ const FIGURES: [Figure; 10] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "latency", "size", "typical_us"),
-        perftest: Some(|p| {
-            p.latency
-                .iter()
-                .map(|(s, l)| (*s as u64, l.typical_us))
-                .collect()
-        }),
+        perftest: Some(|p| by_size(&p.latency, |l| Some(l.typical_us))),
     },
     Figure {
         key: "bandwidth",
@@ -253,12 +255,7 @@ const FIGURES: [Figure; 10] = [
         by: "bytes",
         lower_is_better: false,
         values: |r| rows_of(r, "bandwidth", "size", "gbps"),
-        perftest: Some(|p| {
-            p.bandwidth
-                .iter()
-                .map(|(s, b)| (*s as u64, b.gbps))
-                .collect()
-        }),
+        perftest: Some(|p| by_size(&p.bandwidth, |b| Some(b.gbps))),
     },
     Figure {
         key: "msgrate",
@@ -266,12 +263,7 @@ const FIGURES: [Figure; 10] = [
         by: "bytes",
         lower_is_better: false,
         values: |r| rows_of(r, "msgrate", "size", "msgs_per_s"),
-        perftest: Some(|p| {
-            p.msgrate
-                .iter()
-                .map(|(s, b)| (*s as u64, b.msgs_per_s))
-                .collect()
-        }),
+        perftest: Some(|p| by_size(&p.msgrate, |b| Some(b.msgs_per_s))),
     },
     Figure {
         key: "allreduce2",
@@ -303,12 +295,7 @@ const FIGURES: [Figure; 10] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "latency", "size", "wire_pkts"),
-        perftest: Some(|p| {
-            p.latency
-                .iter()
-                .filter_map(|(s, l)| Some((*s as u64, l.wire_pkts?)))
-                .collect()
-        }),
+        perftest: Some(|p| by_size(&p.latency, |l| l.wire_pkts)),
     },
     Figure {
         key: "msgrate_pkts",
@@ -316,12 +303,7 @@ const FIGURES: [Figure; 10] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "msgrate", "size", "wire_pkts"),
-        perftest: Some(|p| {
-            p.msgrate
-                .iter()
-                .filter_map(|(s, b)| Some((*s as u64, b.wire_pkts?)))
-                .collect()
-        }),
+        perftest: Some(|p| by_size(&p.msgrate, |b| b.wire_pkts)),
     },
     Figure {
         key: "decode_pkts",
