@@ -159,34 +159,27 @@ pub fn isend(
     phandle: *mut c_void,
     request: *mut *mut c_void,
 ) -> ncclResult_t {
-    // A sender waiting for the receiver calls this again and again: that answer (a NULL request)
-    // is given without the panic guard, from loads and compares (see `SendComm::isend_waiting`).
-    // A panic there still never crosses the C boundary (`contained`).
-    if !request.is_null() {
-        let waiting = crate::net::contained(|| {
-            // SAFETY: RCCL passes send comms of this plugin, driven from this thread only.
-            Ok(unsafe { CommHandle::send_comm_if(comm) }
-                .and_then(|c| c.isend_waiting(data as u64, size as u64, mh(mhandle))))
-        });
-        if let Some(r) = waiting.unwrap_or_else(|e| Some(Err(e))) {
-            // SAFETY: checked non-NULL; RCCL's out-pointer.
-            unsafe { *request = std::ptr::null_mut() };
-            return match r {
-                Ok(()) => ncclSuccess,
-                Err(e) => report("isend", &e),
-            };
-        }
-    }
-    guard("isend", || {
-        let out_req = out(request, "request")?;
-        *out_req = std::ptr::null_mut();
+    let out_req = match out(request, "request") {
+        Ok(r) => r,
+        Err(e) => return report("isend", &e),
+    };
+    *out_req = std::ptr::null_mut();
+    // The call that posts a message, and the one a sender waiting for the receiver makes again
+    // and again (a NULL request): one `contained` frame and one look at the handle for either,
+    // so a panic still never crosses the C boundary.
+    let r = crate::net::contained(|| {
         // SAFETY: RCCL passes send comms of this plugin, driven from this thread only.
         let c = unsafe { CommHandle::send_comm(comm) }?;
-        if let Some(r) = c.isend(data as u64, size as u64, tag, mh(mhandle), phandle)? {
-            *out_req = r as *mut c_void;
+        c.isend(data as u64, size as u64, tag, mh(mhandle), phandle)
+    });
+    match r {
+        Ok(Some(req)) => {
+            *out_req = req as *mut c_void;
+            ncclSuccess
         }
-        Ok(())
-    })
+        Ok(None) => ncclSuccess,
+        Err(e) => report("isend", &e),
+    }
 }
 
 /// `irecv`; `size_of(i)` reads the capacity of buffer `i` from the version's sizes array;

@@ -12,8 +12,8 @@ use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
 use super::stats::{self, CommCounters, Side};
 use crate::protocol::{
-    eager_slot_offset, EagerHeader, Receiver, RecvBuf, RecvConfig, CTS_ROW_BYTES, FIFO_DEPTH,
-    MAX_RECVS, SIZES_ROW_BYTES,
+    eager_slot_offset, EagerHeader, Post, PostSink, Receiver, RecvBuf, RecvConfig, RecvSink,
+    CTS_ROW_BYTES, FIFO_DEPTH, MAX_RECVS, SIZES_ROW_BYTES,
 };
 use halo_ibverbs::{QueuePair, RecvWr, WcOpcode, WorkCompletion};
 use std::ffi::c_void;
@@ -149,6 +149,15 @@ impl RecvComm {
             // Completions of earlier clear-to-send writes free the send queue.
             self.progress()?;
         }
+        // Receives consumed by immediates go back here, ahead of the row this call may offer,
+        // and not in `test`, where a message's data waits to be acted on.
+        let restock = self.core.take_restock();
+        if restock > 0 {
+            Self::stock_receives(&self.link.qps[0], restock).map_err(|e| {
+                self.link
+                    .fail_with(NetError::System, format_args!("posting receives: {e}"))
+            })?;
+        }
         if bufs.is_empty() || bufs.len() > MAX_RECVS {
             return Err(NetError::InvalidArgument(format!(
                 "irecv of {} buffers (1..={MAX_RECVS} allowed)",
@@ -206,7 +215,8 @@ impl RecvComm {
         }
     }
 
-    /// Polls completions and acts on them; whether there were any.
+    /// Polls completions and acts on them; whether there were any. Callers run under the C
+    /// boundary's panic guard (`irecv`) or inside `contained` (`test`).
     #[inline]
     fn progress(&mut self) -> NetResult<bool> {
         let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
@@ -214,49 +224,24 @@ impl RecvComm {
         if got.is_empty() {
             return Ok(false);
         }
-        contained(|| self.on_completions(got))?;
+        self.on_completions(got)?;
         Ok(true)
     }
 
-    /// Hands completions to the protocol core and posts what it answers.
+    /// Hands completions to the protocol core and posts what it answers: only eager messages
+    /// make it post (a slot's copy or release), so a comm without bounce slots builds no poster.
     #[inline(never)]
     fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
-        let ring = self.eager.as_ref().map(EagerRing::ring);
         let sizes = self.sizes.ptr();
-        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
-        let mut r = Ok(());
-        for wc in got {
-            r = if wc.opcode != WcOpcode::RecvRdmaWithImm {
-                self.core.on_send_completion(wc.wr_id)
-            } else {
-                match wc.imm {
-                    Some(imm) => self.core.on_imm(
-                        imm,
-                        |row| read_sizes_row(sizes, row),
-                        |slot| read_slot_header(ring, slot),
-                        &mut out,
-                    ),
-                    None => Err(crate::protocol::ProtoError::Protocol(
-                        "receive completed without immediate".into(),
-                    )),
-                }
-            };
-            if r.is_err() {
-                break;
-            }
-        }
+        let Some(ring) = self.eager.as_ref().map(EagerRing::ring) else {
+            let r = handle_completions(&mut self.core, got, sizes, None, &mut NoEagerSink);
+            return r.map_err(|e| self.link.proto_error(e));
+        };
+        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, Some(ring));
+        let r = handle_completions(&mut self.core, got, sizes, Some(ring), &mut out);
         out.finish()
             .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
-        r.map_err(|e| self.link.proto_error(e))?;
-        let restock = self.core.take_restock();
-        if restock > 0 {
-            // Each immediate took one receive: put them back.
-            Self::stock_receives(&self.link.qps[0], restock).map_err(|e| {
-                self.link
-                    .fail_with(NetError::System, format_args!("posting receives: {e}"))
-            })?;
-        }
-        Ok(())
+        r.map_err(|e| self.link.proto_error(e))
     }
 
     /// `iflush` of a completed receive: a READ from the last non-empty buffer in GPU memory;
@@ -349,6 +334,55 @@ impl RecvComm {
     /// What the comm did so far: the core's counters and its own.
     pub fn counters(&self) -> (crate::protocol::Counters, CommCounters) {
         (self.core.counters(), self.own)
+    }
+}
+
+/// Hands completions `got` to `core`, up to the first it refuses; posts go to `out`. `sizes`:
+/// our sizes array; `ring`: our bounce slots.
+#[inline]
+fn handle_completions(
+    core: &mut Receiver,
+    got: &[WorkCompletion],
+    sizes: *const u8,
+    ring: Option<SlotRing>,
+    out: &mut impl RecvSink,
+) -> Result<(), crate::protocol::ProtoError> {
+    for wc in got {
+        if wc.opcode != WcOpcode::RecvRdmaWithImm {
+            core.on_send_completion(wc.wr_id)?;
+            continue;
+        }
+        let Some(imm) = wc.imm else {
+            return Err(crate::protocol::ProtoError::Protocol(
+                "receive completed without immediate".into(),
+            ));
+        };
+        core.on_imm(
+            imm,
+            |row| read_sizes_row(sizes, row),
+            |slot| read_slot_header(ring, slot),
+            out,
+        )?;
+    }
+    Ok(())
+}
+
+/// The sink of a comm without bounce slots. Its receiver has no eager slots, so it refuses every
+/// eager immediate before it would ask for a copy or a release.
+struct NoEagerSink;
+
+impl PostSink for NoEagerSink {
+    fn post(&mut self, _: &Post<'_>) {
+        unreachable!("a receive comm's completions never post a clear-to-send row");
+    }
+}
+
+impl RecvSink for NoEagerSink {
+    fn copy_eager(&mut self, slot: u16, _: u64, _: u64) {
+        unreachable!("eager slot {slot} copied on a comm without bounce slots");
+    }
+    fn release_eager(&mut self, slot: u16) {
+        unreachable!("eager slot {slot} released on a comm without bounce slots");
     }
 }
 

@@ -72,29 +72,6 @@ impl SendComm {
         c
     }
 
-    /// `isend` of a sender still waiting for the receiver: `Some` with the answer (a NULL
-    /// request, or the error of the occasional link checks) when the current row has not
-    /// arrived and the message cannot go eagerly; `None` otherwise, nothing changed: call
-    /// [`Self::isend`]. Loads and compares only (what could panic runs contained), so the C
-    /// boundary calls it without its panic guard.
-    #[inline]
-    pub fn isend_waiting(
-        &mut self,
-        data: u64,
-        size: u64,
-        mh: Option<&MrHandle>,
-    ) -> Option<NetResult<()>> {
-        let fifo = FifoView(self.fifo.ptr());
-        if crate::log::trace_enabled() || !self.core.waits_for_cts(&fifo, size) {
-            return None;
-        }
-        // A failed link or a bad buffer: `isend` reports it.
-        if self.link.check().is_err() || checked_handle(mh, data, size, "isend data").is_err() {
-            return None;
-        }
-        Some(self.null_send().map(drop))
-    }
-
     /// `isend`: `Ok(None)` when it cannot be posted yet. `phandle`: the profiler's handle for
     /// this send (NULL: none).
     pub fn isend(
@@ -107,6 +84,12 @@ impl SendComm {
     ) -> NetResult<Option<*mut Request>> {
         self.link.check()?;
         let lkey = checked_handle(mh, data, size, "isend data")?.map_or(0, |m| m.lkey);
+        let fifo = FifoView(self.fifo.ptr());
+        if !crate::log::trace_enabled() && self.core.waits_for_cts(&fifo, size) {
+            // The receiver has not offered the buffer yet and the message cannot go eagerly:
+            // a few loads, and a NULL request (this is the call a waiting sender repeats).
+            return self.null_send();
+        }
         let msg = SendMsg {
             addr: data,
             lkey,
@@ -121,7 +104,6 @@ impl SendComm {
             self.core.seq(),
             self.link.peer
         );
-        let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
             None => self.core.isend_from(fifo, msg, &mut out),
@@ -152,7 +134,8 @@ impl SendComm {
         Ok(None)
     }
 
-    /// Polls completions and acts on them; whether there were any.
+    /// Polls completions and acts on them; whether there were any. Runs inside the caller's
+    /// `contained` (see `abi::common::test`).
     #[inline]
     fn progress(&mut self) -> NetResult<bool> {
         let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
@@ -160,7 +143,7 @@ impl SendComm {
         if got.is_empty() && !self.core.wants_progress() {
             return Ok(false);
         }
-        contained(|| self.on_completions(got))?;
+        self.on_completions(got)?;
         Ok(!got.is_empty())
     }
 

@@ -435,6 +435,8 @@ fn run_with(
                         host: groups[g].host,
                     })
                     .collect();
+                // As the comm does: the consumed receives go back before the row is offered.
+                rq += receiver.take_restock();
                 let r = receiver.irecv(&bufs, &mut rx).unwrap();
                 check_sinks!();
                 eager_taken += drain_eager(&mut rx, &mut slots, &mut rmem)?;
@@ -632,7 +634,6 @@ fn run_with(
                             )
                             .unwrap();
                         eager_taken += drain_eager(&mut rx, &mut slots, &mut rmem)?;
-                        rq += receiver.take_restock();
                     }
                     None => {}
                 }

@@ -14,9 +14,10 @@ use super::ProtoError;
 /// Receives a receive comm keeps posted for incoming immediates: one per FIFO row and eager slot
 /// that can be in flight, with room for a restock batch.
 pub const RQ_STOCK: u32 = 2 * FIFO_DEPTH as u32;
-/// Consumed receives are posted again this many at a time.
+/// Consumed receives are posted again this many at a time, by `irecv` (see [`Receiver::take_restock`]).
 pub const RESTOCK_BATCH: u32 = 16;
-// Even with a batch not yet restocked, every row and eager slot in flight has its receive.
+// Right after an `irecv` restocked, fewer than a batch are missing, and every row and eager slot
+// that can be in flight has its receive.
 const _: () = assert!(RQ_STOCK - RESTOCK_BATCH >= (FIFO_DEPTH + MAX_EAGER_SLOTS) as u32);
 
 /// Clear-to-send writes per signaled one: fewer completions for the receiver to poll.
@@ -165,9 +166,15 @@ impl Receiver {
     }
 
     /// Receive-queue entries to post again: none until [`RESTOCK_BATCH`] immediates have consumed
-    /// theirs, then all of them in one post. Reposting one receive per message would put a
-    /// `post_recv` on every message's critical path; the stock ([`RQ_STOCK`]) covers every row
-    /// and eager slot that can be in flight even with a batch outstanding.
+    /// theirs, then all of them in one post. The caller asks at the start of `irecv`, before the
+    /// row it offers goes out, never while completing a receive: that path is a message's
+    /// critical path (the data arrived, the caller waits to act on it).
+    ///
+    /// Why that is enough: each immediate polled moves one entry from "a row or eager slot in
+    /// flight" to "consumed, not restocked", so their sum never grows while completions are
+    /// handled. Only `irecv` adds to what can be in flight (a new row, and with it the eager
+    /// credit its row hands back), and it restocks first, leaving fewer than a batch missing:
+    /// [`RQ_STOCK`] covers the rest.
     pub fn take_restock(&mut self) -> u32 {
         if self.restock < RESTOCK_BATCH {
             return 0;

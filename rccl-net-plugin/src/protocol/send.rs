@@ -628,7 +628,12 @@ impl SendState {
                 return Ok(SendPost::NotReady);
             }
             match Self::arrived(self.seq, fifo_row)? {
-                Some(head) => self.open_row(r, fifo_row, head),
+                Some(head) => {
+                    if let Some(posted) = self.post_single(r, head, msg) {
+                        return Ok(posted);
+                    }
+                    self.open_row(r, fifo_row, head)
+                }
                 None => {
                     self.cts_waits += 1;
                     return Ok(self.try_eager(r, msg));
@@ -636,6 +641,54 @@ impl SendState {
             }
         }
         self.match_send(r, msg, None)
+    }
+
+    /// The common case of [`Self::post`] in one step: row `r` has just arrived with `head` as its
+    /// only entry, `msg` carries its tag and fits, and one WRITE_WITH_IMM carrying the whole
+    /// message (with its size in the immediate) goes out now. Opens, matches and commits the row
+    /// exactly as [`Self::open_row`], [`Self::match_send`] and [`Self::commit`] would; `None`
+    /// (nothing changed) for anything else, which takes that general path.
+    #[inline]
+    fn post_single(&mut self, r: usize, head: CtsEntry, msg: SendMsg) -> Option<SendPost> {
+        let one_write = msg.size > 0 && msg.size <= self.max_msg && msg.size <= IMM_MAX_SIZE;
+        let spread = self.spread_parts > 0 && msg.size >= self.spread_min;
+        if head.nreqs != 1
+            || head.tag != msg.tag
+            || msg.size > head.size
+            || !one_write
+            || spread
+            || self.sq_used >= self.sq_depth
+        {
+            return None;
+        }
+        let seq = self.seq;
+        let req = (r * MAX_RECVS) as u16;
+        self.eager_done_seen = head.eager_done;
+        let row = &mut self.rows[r];
+        row.matching = false;
+        row.nreqs = 1;
+        row.matched = 1;
+        row.truncated = None;
+        row.entries[0] = head;
+        row.msgs[0] = msg;
+        row.live += 1;
+        row.ids[0] = req;
+        row.wqes = 1;
+        row.awaiting = true;
+        row.tx_seq = seq;
+        self.sq_used += 1;
+        self.reqs[usize::from(req)] = SendReq {
+            state: ReqState::InFlight,
+            row: r as u8,
+            size: msg.size,
+        };
+        self.seq = seq.wrapping_add(1);
+        let transmit = Transmit::new(seq, r, &[msg], false, self.max_msg);
+        debug_assert_eq!(transmit.wqe_count_of(&[msg]), 1);
+        Some(SendPost::Posted {
+            req,
+            transmit: Some(transmit),
+        })
     }
 
     /// Whether a post of a `size`-byte message could only answer [`SendPost::NotReady`] now,
