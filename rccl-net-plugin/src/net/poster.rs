@@ -46,6 +46,63 @@ pub struct SlotRing {
     pub slot_max: u32,
 }
 
+/// The SGE, operation and inline flag of a [`PostOp::Data`] (`None` for other posts). The SGE is
+/// empty (length 0) when no local bytes are read.
+#[inline]
+fn data_wr(op: &PostOp<'_>, max_inline: usize) -> Option<(Sge, SendOp, bool)> {
+    let PostOp::Data {
+        local_addr,
+        lkey,
+        len,
+        host,
+        remote_addr,
+        rkey,
+        imm,
+    } = *op
+    else {
+        return None;
+    };
+    let sge = Sge {
+        addr: local_addr,
+        length: len,
+        lkey,
+    };
+    let op = match imm {
+        Some(imm) => SendOp::WriteImm {
+            remote_addr,
+            rkey,
+            imm,
+        },
+        None => SendOp::Write { remote_addr, rkey },
+    };
+    // Small host data goes inside the work request: no DMA read before the send.
+    let inline = host && len > 0 && len as usize <= max_inline;
+    Some((sge, op, inline))
+}
+
+/// Posts `p`, a [`PostOp::Data`], at once on its queue pair of `qps`: the one work request of a
+/// call, without a [`Poster`]'s batch.
+pub fn post_data_now(qps: &[QueuePair], p: &Post<'_>) -> Result<(), PostFailure> {
+    let fail = |err| PostFailure { qp: p.qp, err };
+    let qp = &qps[p.qp];
+    let Some((sge, op, inline)) = data_wr(&p.op, qp.caps().max_inline_data as usize) else {
+        return Err(fail(VerbsError::InvalidArgument(
+            "only a data write is posted on its own".into(),
+        )));
+    };
+    let sges = [sge];
+    let wr = SendWr {
+        wr_id: p.wr_id,
+        op,
+        sge: &sges[..usize::from(sge.length > 0)],
+        signaled: p.signaled,
+        inline,
+    };
+    // SAFETY: the SGE lies in the caller's registered buffer (under its lkey), which the request
+    // owns until `test` reports it done; inline bytes are copied by the provider during the call.
+    unsafe { qp.post_send_one(&wr) }.map_err(fail)
+}
+
 /// A post that failed: the queue pair and the verbs error.
 pub struct PostFailure {
     pub qp: usize,
@@ -211,32 +268,11 @@ impl<'a> Poster<'a> {
             arena: None,
         };
         match &p.op {
-            PostOp::Data {
-                local_addr,
-                lkey,
-                len,
-                host,
-                remote_addr,
-                rkey,
-                imm,
-            } => {
-                w.sge[0] = Sge {
-                    addr: *local_addr,
-                    length: *len,
-                    lkey: *lkey,
-                };
-                let (remote_addr, rkey) = (*remote_addr, *rkey);
-                w.op = match imm {
-                    Some(imm) => SendOp::WriteImm {
-                        remote_addr,
-                        rkey,
-                        imm: *imm,
-                    },
-                    None => SendOp::Write { remote_addr, rkey },
-                };
-                w.nsge = u8::from(*len > 0);
-                // Small host data goes inside the work request: no DMA read before the send.
-                w.inline = *host && *len > 0 && *len as usize <= self.max_inline;
+            PostOp::Data { .. } => {
+                if let Some((sge, op, inline)) = data_wr(&p.op, self.max_inline) {
+                    (w.sge[0], w.op, w.inline) = (sge, op, inline);
+                    w.nsge = u8::from(sge.length > 0);
+                }
             }
             PostOp::Sizes { row, sizes } => {
                 let bytes = std::mem::size_of_val(*sizes);

@@ -294,18 +294,16 @@ impl RecvComm {
         // A request an earlier poll already completed is done, whatever happened since: no
         // poll and no look at the link (a message-rate stream tests each of a batch of
         // completions in turn).
-        let mut r = self.core.test(req);
+        let mut r = self.core.test_into(req, sizes);
         if matches!(r, Ok(None)) {
             self.link.check()?;
             if self.progress()? {
-                r = self.core.test(req);
+                r = self.core.test_into(req, sizes);
             }
         }
         match r {
             Ok(None) => Ok(None),
-            Ok(Some((n, s))) => {
-                let n = n.min(MAX_RECVS);
-                sizes[..n].copy_from_slice(&s[..n]);
+            Ok(Some(n)) => {
                 self.finish_events(req)?;
                 Ok(Some(n))
             }

@@ -4,7 +4,7 @@
 use super::buffer::RegisteredBuf;
 use super::error::{contained, NetResult};
 use super::link::{Link, POLL_BATCH};
-use super::poster::{Poster, Staging, Targets};
+use super::poster::{post_data_now, Poster, Staging, Targets};
 use super::profiler::{self, Profiler, Tap};
 use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
@@ -104,6 +104,18 @@ impl SendComm {
             self.core.seq(),
             self.link.peer
         );
+        if self.prof.is_none() {
+            // The common case: one write, posted at once.
+            match self.core.isend_one(&fifo, msg) {
+                Ok(Some((req, post))) => {
+                    post_data_now(&self.link.qps, &post)
+                        .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
+                    return Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(self.link.proto_error(e)),
+            }
+        }
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {
             None => self.core.isend_from(fifo, msg, &mut out),

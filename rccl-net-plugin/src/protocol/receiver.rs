@@ -185,10 +185,21 @@ impl Receiver {
     /// Collect request `req`: `None` while in progress; the received sizes once done.
     #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
-        let r = self.state.test(req);
-        if let Ok(Some((n, sizes))) = &r {
+        let mut sizes = [0; MAX_RECVS];
+        Ok(self.test_into(req, &mut sizes)?.map(|n| (n, sizes)))
+    }
+
+    /// [`Self::test`] that writes the sizes into `sizes[..n]` and returns `n`.
+    #[inline]
+    pub fn test_into(
+        &mut self,
+        req: u16,
+        sizes: &mut [u64; MAX_RECVS],
+    ) -> Result<Option<usize>, ProtoError> {
+        let r = self.state.test_into(req, sizes);
+        if let Ok(Some(n)) = r {
             self.counters.msgs += 1;
-            self.counters.bytes += sizes[..*n].iter().sum::<u64>();
+            self.counters.bytes += sizes[..n].iter().sum::<u64>();
         }
         r
     }

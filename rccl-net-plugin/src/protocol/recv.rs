@@ -303,6 +303,17 @@ impl RecvState {
     /// done, or the error. A finished request is freed by this call.
     #[inline]
     pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
+        let mut sizes = [0; MAX_RECVS];
+        Ok(self.test_into(req, &mut sizes)?.map(|n| (n, sizes)))
+    }
+
+    /// [`Self::test`] that writes the sizes into `sizes[..n]` and returns `n`.
+    #[inline]
+    pub fn test_into(
+        &mut self,
+        req: u16,
+        sizes: &mut [u64; MAX_RECVS],
+    ) -> Result<Option<usize>, ProtoError> {
         let Some(rr) = self.reqs.get_mut(req as usize) else {
             return Err(ProtoError::InvalidUsage(format!(
                 "receive request {req} does not exist"
@@ -313,7 +324,9 @@ impl RecvState {
             ReqState::Posted => Ok(None),
             ReqState::Done => {
                 rr.state = ReqState::Free;
-                Ok(Some((rr.n, rr.sizes)))
+                let n = rr.n.min(MAX_RECVS);
+                sizes[..n].copy_from_slice(&rr.sizes[..n]);
+                Ok(Some(n))
             }
             ReqState::Free => Err(ProtoError::InvalidUsage(format!(
                 "receive request {req} is not in flight"

@@ -629,8 +629,11 @@ impl SendState {
             }
             match Self::arrived(self.seq, fifo_row)? {
                 Some(head) => {
-                    if let Some(posted) = self.post_single(r, head, msg) {
-                        return Ok(posted);
+                    if let Some((req, transmit)) = self.post_single(r, head, msg) {
+                        return Ok(SendPost::Posted {
+                            req,
+                            transmit: Some(transmit),
+                        });
                     }
                     self.open_row(r, fifo_row, head)
                 }
@@ -643,13 +646,44 @@ impl SendState {
         self.match_send(r, msg, None)
     }
 
+    /// [`Self::post`] of the common case, answered with its one work request: the current row
+    /// has arrived in `fifo_row` with a single entry, `msg` carries its tag and fits, and one
+    /// WRITE_WITH_IMM carrying the whole message goes out now. Returns the request, the row's
+    /// sequence number (its completion is `WrId::Transmit(seq)`) and the write; `Ok(None)`, with
+    /// nothing changed, for anything else: call [`Self::post`].
+    #[inline]
+    pub fn post_one(
+        &mut self,
+        fifo_row: &impl FifoRow,
+        msg: SendMsg,
+    ) -> Result<Option<(u16, u32, WireOp)>, ProtoError> {
+        if self.unconfirmed || self.carried.is_some() {
+            return Ok(None);
+        }
+        let r = row_of(self.seq);
+        let row = &self.rows[r];
+        if row.matching || row.live > 0 {
+            return Ok(None);
+        }
+        let Some(head) = Self::arrived(self.seq, fifo_row)? else {
+            return Ok(None);
+        };
+        let Some((req, t)) = self.post_single(r, head, msg) else {
+            return Ok(None);
+        };
+        let op = self.single_op(&t);
+        debug_assert!(op.is_some(), "a one-entry transmit is a single write");
+        Ok(op.map(|op| (req, t.seq, op)))
+    }
+
     /// The common case of [`Self::post`] in one step: row `r` has just arrived with `head` as its
     /// only entry, `msg` carries its tag and fits, and one WRITE_WITH_IMM carrying the whole
     /// message (with its size in the immediate) goes out now. Opens, matches and commits the row
-    /// exactly as [`Self::open_row`], [`Self::match_send`] and [`Self::commit`] would; `None`
-    /// (nothing changed) for anything else, which takes that general path.
+    /// exactly as [`Self::open_row`], [`Self::match_send`] and [`Self::commit`] would, and returns
+    /// the request and the transmit; `None` (nothing changed) for anything else, which takes that
+    /// general path.
     #[inline]
-    fn post_single(&mut self, r: usize, head: CtsEntry, msg: SendMsg) -> Option<SendPost> {
+    fn post_single(&mut self, r: usize, head: CtsEntry, msg: SendMsg) -> Option<(u16, Transmit)> {
         let one_write = msg.size > 0 && msg.size <= self.max_msg && msg.size <= IMM_MAX_SIZE;
         let spread = self.spread_parts > 0 && msg.size >= self.spread_min;
         if head.nreqs != 1
@@ -685,10 +719,7 @@ impl SendState {
         self.seq = seq.wrapping_add(1);
         let transmit = Transmit::new(seq, r, &[msg], false, self.max_msg);
         debug_assert_eq!(transmit.wqe_count_of(&[msg]), 1);
-        Some(SendPost::Posted {
-            req,
-            transmit: Some(transmit),
-        })
+        Some((req, transmit))
     }
 
     /// Whether a post of a `size`-byte message could only answer [`SendPost::NotReady`] now,

@@ -151,6 +151,59 @@ impl Sender {
         }
     }
 
+    /// `isend` of the common case in one step, for a caller that posts without a sink: the
+    /// current row has arrived in `fifo` with one entry for `msg`, and no earlier transmit waits
+    /// for its data, so the message goes out as the row's only work request. Returns the request
+    /// and that work request (signaled, on QP 0), counted; `Ok(None)`, with nothing changed,
+    /// otherwise: call [`Self::isend_from`].
+    #[inline]
+    pub fn isend_one(
+        &mut self,
+        fifo: &impl Fifo,
+        msg: SendMsg,
+    ) -> Result<Option<(u16, Post<'static>)>, ProtoError> {
+        if !self.deferred.is_empty() {
+            // Immediates go out in row order: this one would wait behind a deferred one.
+            return Ok(None);
+        }
+        let row = self.state.current_row();
+        let Some((req, seq, op)) = self.state.post_one(&RowOf { fifo, row }, msg)? else {
+            return Ok(None);
+        };
+        let WireOp::WriteImm {
+            local_addr,
+            lkey,
+            remote_addr,
+            rkey,
+            len,
+            imm,
+            host,
+        } = op
+        else {
+            return Err(ProtoError::InvalidUsage(format!(
+                "row {seq}'s single work request is not a WRITE_WITH_IMM: {op:?}"
+            )));
+        };
+        self.counters.wrs += 1;
+        Ok(Some((
+            req,
+            Post {
+                qp: 0,
+                wr_id: WrId::Transmit(seq).encode(),
+                signaled: true,
+                op: PostOp::Data {
+                    local_addr,
+                    lkey,
+                    len,
+                    host,
+                    remote_addr,
+                    rkey,
+                    imm: Some(imm),
+                },
+            },
+        )))
+    }
+
     /// A successful completion on any of the connection's queue pairs.
     pub fn on_completion(&mut self, wr_id: u64) -> Result<(), ProtoError> {
         match WrId::decode(wr_id) {
