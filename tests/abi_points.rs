@@ -70,7 +70,7 @@ fn failed_connect_leaves_the_device_comm_argument_alone() {
 }
 
 #[test]
-fn connect_and_accept_leave_the_device_comm_arguments_alone() {
+fn device_comm_arguments_are_left_alone_and_wrong_comm_kinds_refused() {
     if !common::have_rdma_device("abi_points::connect_and_accept_leave_the_device_comm") {
         return;
     }
@@ -106,6 +106,37 @@ fn connect_and_accept_leave_the_device_comm_arguments_alone() {
         }
         assert!(gs.untouched(), "connect wrote into sendDevComm");
         assert!(gr.untouched(), "accept wrote into recvDevComm");
+        // A comm of the wrong kind, a NULL comm or a NULL request pointer: refused as invalid
+        // arguments, the request left NULL, the comms still usable afterwards (closed below).
+        let canary = 0x1 as *mut c_void;
+        for comm in [rc, null_mut()] {
+            let mut req = canary;
+            assert_eq!(
+                NET8.isend.unwrap()(comm, null_mut(), 0, 0, null_mut(), &mut req),
+                ncclInvalidArgument,
+                "isend on {comm:p}"
+            );
+            assert!(req.is_null(), "a refused isend leaves its request NULL");
+        }
+        assert_eq!(
+            NET8.isend.unwrap()(sc, null_mut(), 0, 0, null_mut(), null_mut()),
+            ncclInvalidArgument
+        );
+        let mut req = canary;
+        let (mut data, mut sizes, mut tags, mut mhs) = ([null_mut()], [0], [0], [null_mut()]);
+        assert_eq!(
+            NET8.irecv.unwrap()(
+                sc,
+                1,
+                data.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                tags.as_mut_ptr(),
+                mhs.as_mut_ptr(),
+                &mut req
+            ),
+            ncclInvalidArgument,
+            "irecv on a send comm"
+        );
         assert_eq!(NET8.closeListen.unwrap()(lc), ncclSuccess);
         assert_eq!(NET8.closeSend.unwrap()(sc), ncclSuccess);
         assert_eq!(NET8.closeRecv.unwrap()(rc), ncclSuccess);

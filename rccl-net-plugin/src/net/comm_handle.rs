@@ -77,16 +77,29 @@ impl CommHandle {
     /// # Safety
     /// As [`CommHandle::header`], and no other reference to the comm may be alive (RCCL drives
     /// a comm from one thread at a time).
+    #[inline]
     pub unsafe fn send_comm<'a>(p: *mut c_void) -> NetResult<&'a mut SendComm> {
         // SAFETY: forwarded contract.
-        let h = unsafe { Self::header(p) }?;
-        if h.kind != COMM_SEND {
-            return Err(NetError::InvalidArgument(format!(
-                "{p:p} is a receive comm, used as a send comm"
-            )));
+        match unsafe { Self::send_comm_if(p) } {
+            Some(c) => Ok(c),
+            // SAFETY: forwarded contract.
+            None => Err(unsafe { Self::not_a_send_comm(p) }),
         }
-        // SAFETY: a send handle's comm is a live Box<SendComm>; the caller is its only user.
-        Ok(unsafe { &mut *(h.comm as *mut SendComm) })
+    }
+
+    /// Why `p` is not a send comm.
+    ///
+    /// # Safety
+    /// As [`CommHandle::header`].
+    #[cold]
+    unsafe fn not_a_send_comm(p: *mut c_void) -> NetError {
+        // SAFETY: forwarded contract.
+        match unsafe { Self::header(p) } {
+            Err(e) => e,
+            Ok(_) => {
+                NetError::InvalidArgument(format!("{p:p} is a receive comm, used as a send comm"))
+            }
+        }
     }
 
     /// The send comm behind `p` when `p` is one (`None` for anything else, which
@@ -95,7 +108,7 @@ impl CommHandle {
     /// # Safety
     /// As [`Self::send_comm`].
     #[inline]
-    pub unsafe fn send_comm_if<'a>(p: *mut c_void) -> Option<&'a mut SendComm> {
+    unsafe fn send_comm_if<'a>(p: *mut c_void) -> Option<&'a mut SendComm> {
         // SAFETY: per the contract (NULL is refused by `as_ref`).
         let h = unsafe { (p as *const CommHandle).as_ref() }?;
         if h.kind != COMM_SEND {
