@@ -108,7 +108,7 @@ fn device_comm_arguments_are_left_alone_and_wrong_comm_kinds_refused() {
         assert!(gr.untouched(), "accept wrote into recvDevComm");
         // A comm of the wrong kind, a NULL comm or a NULL request pointer: refused as invalid
         // arguments, the request left NULL, the comms still usable afterwards (closed below).
-        let canary = 0x1 as *mut c_void;
+        let canary = std::ptr::dangling_mut::<c_void>();
         for comm in [rc, null_mut()] {
             let mut req = canary;
             assert_eq!(
