@@ -831,6 +831,15 @@ proptest! {
 }
 
 /// The receiver's latest clear-to-send row as the sender's FIFO would hold it.
+/// `test` of a receive request as (count, sizes).
+fn test_of(
+    recv: &mut RecvState,
+    req: u16,
+) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
+    let mut sizes = [0; MAX_RECVS];
+    Ok(recv.test_into(req, &mut sizes)?.map(|n| (n, sizes)))
+}
+
 fn row_array(recv: &RecvState) -> [CtsEntry; MAX_RECVS] {
     let mut a = [CtsEntry::default(); MAX_RECVS];
     a[..recv.row().len()].copy_from_slice(recv.row());
@@ -952,7 +961,7 @@ fn zero_byte_message_is_a_bare_immediate() {
     assert_eq!(send.test(sreq).unwrap(), Some(0));
     recv.on_imm(0, || unreachable!()).unwrap();
     assert_eq!(
-        recv.test(req).unwrap().map(|(n, s)| (n, s[0])),
+        test_of(&mut recv, req).unwrap().map(|(n, s)| (n, s[0])),
         Some((1, 0))
     );
 }
@@ -1027,12 +1036,12 @@ fn fifo_depth_bounds_outstanding_receives() {
         RecvPost::NotReady,
         "row 0 is free only after test"
     );
-    assert!(matches!(recv.test(0), Ok(Some((1, _)))));
+    assert!(matches!(test_of(&mut recv, 0), Ok(Some((1, _)))));
     assert!(matches!(
         recv.post(&buf).unwrap(),
         RecvPost::Posted { seq: 32, .. }
     ));
-    assert!(recv.test(0).unwrap().is_none());
+    assert!(test_of(&mut recv, 0).unwrap().is_none());
 }
 
 #[test]
@@ -1215,7 +1224,10 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
         }
     );
     assert_eq!(entries[0].eager_done, 1, "the row returns the slot");
-    assert_eq!(recv.test(r0).unwrap().map(|(n, s)| (n, s[0])), Some((1, 8)));
+    assert_eq!(
+        test_of(&mut recv, r0).unwrap().map(|(n, s)| (n, s[0])),
+        Some((1, 8))
+    );
     let mut row = empty;
     row[0] = entries[0];
     assert_eq!(send.resolve(&row), Ok(Resolved::Accepted));
@@ -1267,7 +1279,7 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
     assert_eq!(send.test(s1), Ok(Some(16)));
     recv.on_imm(16, || unreachable!()).unwrap();
     assert_eq!(
-        recv.test(r1).unwrap().map(|(n, s)| (n, s[0])),
+        test_of(&mut recv, r1).unwrap().map(|(n, s)| (n, s[0])),
         Some((1, 16))
     );
 

@@ -299,15 +299,8 @@ impl RecvState {
         Ok(r as u16)
     }
 
-    /// Collect request `req`: `None` while in progress; the received sizes (`n` of them) once
-    /// done, or the error. A finished request is freed by this call.
-    #[inline]
-    pub fn test(&mut self, req: u16) -> Result<Option<(usize, [u64; MAX_RECVS])>, ProtoError> {
-        let mut sizes = [0; MAX_RECVS];
-        Ok(self.test_into(req, &mut sizes)?.map(|n| (n, sizes)))
-    }
-
-    /// [`Self::test`] that writes the sizes into `sizes[..n]` and returns `n`.
+    /// Collect request `req`: `None` while in progress; once done, the received sizes written to
+    /// `sizes[..n]` and `n`, or the error. A finished request is freed by this call.
     #[inline]
     pub fn test_into(
         &mut self,

@@ -170,16 +170,7 @@ impl Sender {
         let Some((req, seq, op)) = self.state.post_one(&RowOf { fifo, row }, msg)? else {
             return Ok(None);
         };
-        let WireOp::WriteImm {
-            local_addr,
-            lkey,
-            remote_addr,
-            rkey,
-            len,
-            imm,
-            host,
-        } = op
-        else {
+        let (WireOp::WriteImm { .. }, Some(data)) = (op, data_op(&op)) else {
             return Err(ProtoError::InvalidUsage(format!(
                 "row {seq}'s single work request is not a WRITE_WITH_IMM: {op:?}"
             )));
@@ -191,15 +182,7 @@ impl Sender {
                 qp: 0,
                 wr_id: WrId::Transmit(seq).encode(),
                 signaled: true,
-                op: PostOp::Data {
-                    local_addr,
-                    lkey,
-                    len,
-                    host,
-                    remote_addr,
-                    rkey,
-                    imm: Some(imm),
-                },
+                op: data,
             },
         )))
     }
@@ -486,7 +469,18 @@ fn on_wire(state: &SendState, t: &Transmit, qp: usize) -> OnWire {
 }
 
 fn post_op(op: &WireOp) -> PostOp<'_> {
-    match *op {
+    match op {
+        WireOp::WriteSizes { row, sizes, n } => PostOp::Sizes {
+            row: *row,
+            sizes: &sizes[..*n],
+        },
+        data => data_op(data).expect("every other work request writes data"),
+    }
+}
+
+/// The post of a `Write` or `WriteImm` (`None` for `WriteSizes`, whose post borrows its sizes).
+fn data_op(op: &WireOp) -> Option<PostOp<'static>> {
+    let (local_addr, lkey, remote_addr, rkey, len, host, imm) = match *op {
         WireOp::Write {
             local_addr,
             lkey,
@@ -494,15 +488,7 @@ fn post_op(op: &WireOp) -> PostOp<'_> {
             rkey,
             len,
             host,
-        } => PostOp::Data {
-            local_addr,
-            lkey,
-            len,
-            host,
-            remote_addr,
-            rkey,
-            imm: None,
-        },
+        } => (local_addr, lkey, remote_addr, rkey, len, host, None),
         WireOp::WriteImm {
             local_addr,
             lkey,
@@ -511,18 +497,16 @@ fn post_op(op: &WireOp) -> PostOp<'_> {
             len,
             imm,
             host,
-        } => PostOp::Data {
-            local_addr,
-            lkey,
-            len,
-            host,
-            remote_addr,
-            rkey,
-            imm: Some(imm),
-        },
-        WireOp::WriteSizes { row, ref sizes, n } => PostOp::Sizes {
-            row,
-            sizes: &sizes[..n],
-        },
-    }
+        } => (local_addr, lkey, remote_addr, rkey, len, host, Some(imm)),
+        WireOp::WriteSizes { .. } => return None,
+    };
+    Some(PostOp::Data {
+        local_addr,
+        lkey,
+        len,
+        host,
+        remote_addr,
+        rkey,
+        imm,
+    })
 }
