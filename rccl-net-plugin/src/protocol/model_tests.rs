@@ -398,6 +398,21 @@ fn run_with(
     let mut torn_pending: Option<(usize, [CtsEntry; MAX_RECVS], usize)> = None;
     let mut step = 0usize;
 
+    // The sender's progress after completions. A refused eager send whose row needs more work
+    // requests than the send queue holds surfaces here (as it would in `isend`): this setup cannot
+    // carry that row at all.
+    macro_rules! sender_progress {
+        () => {
+            match sender.progress(|r, i| fifo[r][i], &mut tx) {
+                Ok(()) => {}
+                Err(ProtoError::InvalidUsage(why)) if why.contains("work requests") => {
+                    return Ok(())
+                }
+                Err(e) => return Err(TestCaseError::fail(format!("progress: {e}"))),
+            }
+        };
+    }
+
     macro_rules! check_sinks {
         () => {
             if let Some(v) = tx.violation.take().or(rx.violation.take()) {
@@ -631,7 +646,7 @@ fn run_with(
                     tx.free(q, idx);
                     sender.on_completion(wr_id).unwrap();
                 }
-                sender.progress(|r, i| fifo[r][i], &mut tx).unwrap();
+                sender_progress!();
                 check_sinks!();
             }
             // The receiver polls one completion.
@@ -709,7 +724,7 @@ fn run_with(
             }
             // The sender tests its oldest send.
             _ => {
-                sender.progress(|r, i| fifo[r][i], &mut tx).unwrap();
+                sender_progress!();
                 check_sinks!();
                 if let Some(&(g, b, req)) = send_reqs.front() {
                     match sender.test(req) {
