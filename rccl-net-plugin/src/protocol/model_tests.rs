@@ -845,7 +845,6 @@ proptest! {
     }
 }
 
-/// The receiver's latest clear-to-send row as the sender's FIFO would hold it.
 /// `test` of a receive request as (count, sizes).
 fn test_of(
     recv: &mut RecvState,
@@ -855,6 +854,7 @@ fn test_of(
     Ok(recv.test_into(req, &mut sizes)?.map(|n| (n, sizes)))
 }
 
+/// The receiver's latest clear-to-send row as the sender's FIFO would hold it.
 fn row_array(recv: &RecvState) -> [CtsEntry; MAX_RECVS] {
     let mut a = [CtsEntry::default(); MAX_RECVS];
     a[..recv.row().len()].copy_from_slice(recv.row());

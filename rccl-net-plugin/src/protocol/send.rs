@@ -649,8 +649,9 @@ impl SendState {
     /// [`Self::post`] of the common case, answered with its one work request: the current row
     /// has arrived in `fifo_row` with a single entry, `msg` carries its tag and fits, and one
     /// WRITE_WITH_IMM carrying the whole message goes out now. Returns the request, the row's
-    /// sequence number (its completion is `WrId::Transmit(seq)`) and the write; `Ok(None)`, with
-    /// nothing changed, for anything else: call [`Self::post`].
+    /// sequence number (its completion is `WrId::Transmit(seq)`) and the write (always a
+    /// [`WireOp::WriteImm`]); `Ok(None)`, with nothing changed, for anything else: call
+    /// [`Self::post`].
     #[inline]
     pub fn post_one(
         &mut self,
@@ -671,9 +672,15 @@ impl SendState {
         let Some((req, t)) = self.post_single(r, head, msg) else {
             return Ok(None);
         };
-        let op = self.single_op(&t);
-        debug_assert!(op.is_some(), "a one-entry transmit is a single write");
-        Ok(op.map(|op| (req, t.seq, op)))
+        // The row is committed now: anything but its single write is a broken invariant, reported
+        // as an error, never as "nothing changed".
+        match self.single_op(&t) {
+            Some(op @ WireOp::WriteImm { .. }) => Ok(Some((req, t.seq, op))),
+            other => Err(ProtoError::InvalidUsage(format!(
+                "row {}'s one-entry transmit is not a single WRITE_WITH_IMM: {other:?}",
+                t.seq
+            ))),
+        }
     }
 
     /// The common case of [`Self::post`] in one step: row `r` has just arrived with `head` as its

@@ -170,9 +170,9 @@ impl Sender {
         let Some((req, seq, op)) = self.state.post_one(&RowOf { fifo, row }, msg)? else {
             return Ok(None);
         };
-        let (WireOp::WriteImm { .. }, Some(data)) = (op, data_op(&op)) else {
+        let Some(data) = data_op(&op) else {
             return Err(ProtoError::InvalidUsage(format!(
-                "row {seq}'s single work request is not a WRITE_WITH_IMM: {op:?}"
+                "row {seq}'s single work request writes no data: {op:?}"
             )));
         };
         self.counters.wrs += 1;
