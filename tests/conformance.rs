@@ -133,11 +133,24 @@ fn random_traffic_through_every_table_version() {
                 "--seed",
                 &(1000 + v).to_string(),
             ],
-            // The eager path (off by default) gets the same random traffic in half the runs.
-            &[("HALO_EAGER_MAX", if v % 2 == 0 { "8192" } else { "0" })],
+            // The eager path (off by default) gets the same random traffic in half the runs; two
+            // runs go without inline writes (on by default), one with eager sends, one without.
+            &[
+                ("HALO_EAGER_MAX", if v % 2 == 0 { "8192" } else { "0" }),
+                (
+                    "NCCL_IB_USE_INLINE",
+                    if matches!(v, 6 | 11) { "0" } else { "1" },
+                ),
+            ],
             Duration::from_secs(300),
         );
         assert_pass(&run);
+        assert_eq!(
+            run.stderr.contains(" B inline"),
+            !matches!(v, 6 | 11),
+            "v{v}: inline room on the queue pairs does not follow NCCL_IB_USE_INLINE:\n{}",
+            run.stderr
+        );
     }
 }
 

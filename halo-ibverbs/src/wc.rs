@@ -264,6 +264,7 @@ impl WorkCompletion {
     }
 
     /// `Ok` for a successful completion, the error status otherwise.
+    #[inline]
     pub fn result(&self) -> Result<(), WcError> {
         match self.status {
             WcStatus::Success => Ok(()),

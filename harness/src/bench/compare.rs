@@ -332,9 +332,14 @@ pub struct SummaryRow {
     /// One per round; `None` where the run failed or did not measure this.
     pub values: Vec<Option<f64>>,
     pub mean: Option<f64>,
+    /// The median of the rounds: a round that drew a slow spell of the host (under TCG, single
+    /// rounds run up to 2x slow) moves it by one rank, where it moves the mean by its whole size.
+    pub median: Option<f64>,
     /// The best other plugin at this size, by mean, and this mean divided by its mean.
     pub best_other: Option<String>,
     pub vs_best_other: Option<f64>,
+    /// This median divided by the median of the same best other plugin.
+    pub median_vs_best_other: Option<f64>,
     pub vs_perftest: Option<f64>,
 }
 
@@ -358,6 +363,26 @@ fn mean(v: &[Option<f64>]) -> Option<f64> {
         .filter(|x| x.is_finite() && *x > 0.0)
         .collect();
     (!got.is_empty()).then(|| got.iter().sum::<f64>() / got.len() as f64)
+}
+
+/// Median of the positive readings (the mean of the middle two for an even count).
+fn median(v: &[Option<f64>]) -> Option<f64> {
+    let mut got: Vec<f64> = v
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .collect();
+    if got.is_empty() {
+        return None;
+    }
+    got.sort_by(f64::total_cmp);
+    let n = got.len();
+    Some(if n % 2 == 1 {
+        got[n / 2]
+    } else {
+        (got[n / 2 - 1] + got[n / 2]) / 2.0
+    })
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -406,6 +431,7 @@ pub fn summary(c: &Comparison) -> Vec<SummaryTable> {
         for &key in &keys {
             let vals: Vec<Vec<Option<f64>>> = per.iter().map(|e| at(e, key)).collect();
             let means: Vec<Option<f64>> = vals.iter().map(|v| mean(v)).collect();
+            let medians: Vec<Option<f64>> = vals.iter().map(|v| median(v)).collect();
             let pt_vals = at(&pt, key);
             let pt_mean = mean(&pt_vals);
             for (i, e) in c.entrants.iter().enumerate() {
@@ -431,8 +457,10 @@ pub fn summary(c: &Comparison) -> Vec<SummaryTable> {
                     name: e.name.clone(),
                     values: vals[i].clone(),
                     mean: means[i],
+                    median: medians[i],
                     best_other: best.map(|(j, _)| c.entrants[j].name.clone()),
                     vs_best_other: ratio(means[i], best.map(|b| b.1)),
+                    median_vs_best_other: ratio(medians[i], best.and_then(|(j, _)| medians[j])),
                     vs_perftest: ratio(means[i], pt_mean),
                 });
             }
@@ -440,10 +468,12 @@ pub fn summary(c: &Comparison) -> Vec<SummaryTable> {
                 rows.push(SummaryRow {
                     key,
                     name: "perftest".into(),
+                    median: median(&pt_vals),
                     values: pt_vals,
                     mean: pt_mean,
                     best_other: None,
                     vs_best_other: None,
+                    median_vs_best_other: None,
                     vs_perftest: None,
                 });
             }
@@ -540,7 +570,7 @@ pub fn text(c: &Comparison) -> String {
     }
     let _ = writeln!(
         s,
-        "# mean: over the rounds (zero readings left out); vs_best: mean / the best other plugin's mean (named); vs_pt: mean / perftest's mean"
+        "# mean, median: over the rounds (zero readings left out); vs_best: mean / the best other plugin's mean (named); med_vs: the same for medians; vs_pt: mean / perftest's mean"
     );
     let name_w = order.iter().map(|n| n.len()).max().unwrap_or(0).max(8);
     for t in summary(c) {
@@ -551,8 +581,8 @@ pub fn text(c: &Comparison) -> String {
         }
         let _ = write!(
             head,
-            " {:>11} {:>7} {:<name_w$} {:>7}",
-            "mean", "vs_best", "(best)", "vs_pt"
+            " {:>11} {:>11} {:>7} {:<name_w$} {:>7} {:>7}",
+            "mean", "median", "vs_best", "(best)", "med_vs", "vs_pt"
         );
         let _ = writeln!(s, "{}", head.trim_end());
         for r in &t.rows {
@@ -562,10 +592,12 @@ pub fn text(c: &Comparison) -> String {
             }
             let _ = write!(
                 line,
-                " {} {} {:<name_w$} {}",
+                " {} {} {} {:<name_w$} {} {}",
                 num(r.mean, 11),
+                num(r.median, 11),
                 ratio_text(r.vs_best_other),
                 r.best_other.as_deref().unwrap_or("-"),
+                ratio_text(r.median_vs_best_other),
                 ratio_text(r.vs_perftest)
             );
             let _ = writeln!(s, "{}", line.trim_end());
@@ -613,8 +645,10 @@ pub fn json(c: &Comparison) -> Value {
                 "rows": t.rows.iter().map(|r| json!({
                     t.by: r.key, "plugin": r.name,
                     "values": r.values.iter().map(|v| opt(*v)).collect::<Vec<_>>(),
-                    "mean": opt(r.mean), "best_other": r.best_other,
-                    "vs_best_other": opt(r.vs_best_other), "vs_perftest": opt(r.vs_perftest),
+                    "mean": opt(r.mean), "median": opt(r.median), "best_other": r.best_other,
+                    "vs_best_other": opt(r.vs_best_other),
+                    "median_vs_best_other": opt(r.median_vs_best_other),
+                    "vs_perftest": opt(r.vs_perftest),
                 })).collect::<Vec<_>>(),
             }),
         );
@@ -734,6 +768,23 @@ mod tests {
     }
 
     #[test]
+    fn a_median_is_moved_by_one_slow_round_only_by_one_rank() {
+        // Twelve rounds, one 2.3x slow: the mean moves by 11 %, the median not at all.
+        let mut v: Vec<Option<f64>> = (0..11)
+            .map(|i| Some(38_000.0 + 100.0 * f64::from(i)))
+            .collect();
+        v.push(Some(88_000.0));
+        assert_eq!(median(&v), Some(38_550.0));
+        assert!(mean(&v).unwrap() > 42_000.0);
+        // Odd counts take the middle reading; failed and zero readings are left out.
+        assert_eq!(
+            median(&[Some(3.0), None, Some(1.0), Some(0.0), Some(2.0)]),
+            Some(2.0)
+        );
+        assert_eq!(median(&[None, Some(0.0)]), None);
+    }
+
+    #[test]
     fn ratios_compare_with_the_best_other_plugin_and_perftest() {
         let t = summary(&comparison());
         let lat = t.iter().find(|t| t.key == "latency").unwrap();
@@ -750,6 +801,12 @@ mod tests {
         assert_eq!(row("perftest").mean, Some(4.0));
         assert_eq!(mean(&[Some(0.0), Some(0.84)]), Some(0.84));
         assert_eq!(mean(&[Some(0.0), None]), None);
+        // Medians: per plugin, and against the best other plugin's median.
+        assert_eq!(row("a").median, Some(11.0));
+        assert_eq!(row("a").median_vs_best_other, Some(11.0 / 8.0));
+        assert_eq!(row("c").median, Some(20.0));
+        assert_eq!(row("perftest").median, Some(4.0));
+        assert_eq!(row("perftest").median_vs_best_other, None);
         let bw = t.iter().find(|t| t.key == "bandwidth").unwrap();
         let a = bw.rows.iter().find(|r| r.name == "a").unwrap();
         assert_eq!(
@@ -799,10 +856,10 @@ mod tests {
             .skip_while(|l| !l.starts_with("## decode"))
             .find(|l| l.split_whitespace().take(2).eq(["16384", "b"]))
             .unwrap();
-        // rounds, mean, vs_best and the best other plugin
+        // rounds, mean, median, vs_best, the best other plugin, the medians' ratio, vs perftest
         assert_eq!(
             line.split_whitespace().collect::<Vec<_>>(),
-            ["16384", "b", "2400.0", "2400.0", "2400.0", "0.727", "a", "-"]
+            ["16384", "b", "2400.0", "2400.0", "2400.0", "2400.0", "0.727", "a", "0.727", "-"]
         );
         assert!(s.contains("note: round 2 c: exited with signal 11"), "{s}");
         let j = json(&c);
@@ -822,5 +879,7 @@ mod tests {
         assert_eq!(dec["rows"][0]["plugin"], "a");
         assert_eq!(dec["rows"][0]["values"], json!([1000.0, 1200.0]));
         assert_eq!(dec["rows"][0]["vs_best_other"], 1100.0 / 800.0);
+        assert_eq!(dec["rows"][0]["median"], 1100.0);
+        assert_eq!(dec["rows"][0]["median_vs_best_other"], 1100.0 / 800.0);
     }
 }

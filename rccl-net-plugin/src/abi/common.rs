@@ -318,6 +318,11 @@ fn report_sizes(s: &[u64], sizes: *mut c_int) {
     if sizes.is_null() {
         return;
     }
+    if let [v] = s {
+        // SAFETY: RCCL's sizes array has one int per receive of the request.
+        unsafe { *sizes = *v as c_int };
+        return;
+    }
     for (i, v) in s.iter().enumerate() {
         // SAFETY: RCCL's sizes array has one int per receive of the request.
         unsafe { *sizes.add(i) = *v as c_int };

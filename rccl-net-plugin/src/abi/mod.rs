@@ -52,6 +52,7 @@ fn text_hash(text: &str) -> u64 {
 }
 
 /// Runs one exported call: no panic crosses into C, every error is logged once with its context.
+#[inline]
 pub fn guard(what: &str, f: impl FnOnce() -> Result<(), NetError>) -> ncclResult_t {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => ncclSuccess,

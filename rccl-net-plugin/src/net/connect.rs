@@ -64,22 +64,24 @@ fn cq_depth(send_wr: u32, recv_wr: u32, max_cqe: u32) -> u32 {
     (send_wr.next_power_of_two() + recv_wr.next_power_of_two()).min(max_cqe.max(1))
 }
 
-/// A QP and CQ on `dev`, in INIT.
+/// A QP and CQ on `dev`, in INIT, without inline room (its writes read registered memory).
 fn create_qp(
     dev: &NetDevice,
     send_wr: u32,
     recv_wr: u32,
 ) -> NetResult<(QueuePair, CompletionQueue)> {
-    create_qps(dev, send_wr, recv_wr, 1).map(|(mut qps, cq)| (qps.remove(0), cq))
+    create_qps(dev, send_wr, recv_wr, 1, false).map(|(mut qps, cq)| (qps.remove(0), cq))
 }
 
 /// `n` QPs on `dev` sharing one CQ, in INIT. Only the first gets `recv_wr` receives; the others
 /// carry RDMA WRITEs without immediates, which consume none. The CQ is sized for all of them.
+/// `inline`: ask for inline room (`NCCL_IB_USE_INLINE`).
 fn create_qps(
     dev: &NetDevice,
     send_wr: u32,
     recv_wr: u32,
     n: usize,
+    inline: bool,
 ) -> NetResult<(Vec<QueuePair>, CompletionQueue)> {
     let max_wr = dev.dev_attr.max_qp_wr.max(1);
     let (send_wr, recv_wr) = (send_wr.min(max_wr), recv_wr.min(max_wr));
@@ -103,6 +105,7 @@ fn create_qps(
             &cq,
             send_wr,
             if i == 0 { recv_wr } else { 1 },
+            inline,
         )?);
     }
     Ok((qps, cq))
@@ -113,11 +116,17 @@ fn create_qp_on(
     cq: &CompletionQueue,
     send_wr: u32,
     recv_wr: u32,
+    inline: bool,
 ) -> NetResult<QueuePair> {
     let mut last_err = None;
-    // Ask for enough inline room for a whole clear-to-send row; take less where the device
-    // offers less (Soft-RoCE: 256 bytes).
-    for inline in [INLINE_WANTED, 256, 64, 0] {
+    // With inline on (the default), ask for enough room for a whole clear-to-send row; take less
+    // where the device offers less (Soft-RoCE: 256 bytes). Off, ask for none.
+    let wanted: &[u32] = if inline {
+        &[INLINE_WANTED, 256, 64, 0]
+    } else {
+        &[0]
+    };
+    for &inline in wanted {
         let caps = QpCaps {
             max_send_wr: send_wr,
             max_recv_wr: recv_wr,
@@ -352,7 +361,8 @@ impl Connecting {
                     let nqps = dev
                         .qps_per_connection(&self.settings.cfg)
                         .clamp(1, MAX_QPS as u32);
-                    let (qps, cq) = create_qps(dev, sq, 1, nqps as usize)?;
+                    let (qps, cq) =
+                        create_qps(dev, sq, 1, nqps as usize, self.settings.cfg.use_inline)?;
                     let fifo = RegisteredBuf::new(&dev.pd, SendComm::FIFO_BYTES, "send FIFO")?;
                     let sizes_staging =
                         RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes staging")?;
@@ -410,7 +420,7 @@ impl Connecting {
                     let max_msg = self.max_msg().min(info.max_msg_size.max(1));
                     info!(
                         NET,
-                        "connected to {peer}: {} qp {:#x} -> remote qp {:#x}{}",
+                        "connected to {peer}: {} qp {:#x} -> remote qp {:#x}{}{}",
                         self.dev.describe(),
                         side.qps[0].qp_num(),
                         info.qps[0].qpn,
@@ -418,6 +428,10 @@ impl Connecting {
                             format!(" (+{} data QPs)", side.qps.len() - 1)
                         } else {
                             String::new()
+                        },
+                        match side.qps[0].caps().max_inline_data {
+                            0 => String::new(),
+                            n => format!(", {n} B inline"),
                         }
                     );
                     let link =
@@ -681,6 +695,7 @@ impl ListenComm {
             (2 * FIFO_DEPTH) as u32,
             (2 * FIFO_DEPTH) as u32,
             info.qps.len(),
+            self.settings.cfg.use_inline,
         )?;
         let sizes = RegisteredBuf::new(&dev.pd, RecvComm::SIZES_BYTES, "sizes array")?;
         let cts_staging = RegisteredBuf::new(

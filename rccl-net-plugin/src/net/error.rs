@@ -45,7 +45,7 @@ pub type NetResult<T> = Result<T, NetError>;
 
 /// Runs `f`, turning a panic into [`NetError::Internal`]: for the parts of a call that runs
 /// without the C boundary's panic guard (`test`) and do more than loads, stores and a poll.
-#[cold]
+#[inline]
 pub fn contained<T>(f: impl FnOnce() -> NetResult<T>) -> NetResult<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
         Err(NetError::Internal(format!(

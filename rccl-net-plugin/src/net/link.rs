@@ -9,7 +9,7 @@ use super::poster::PostFailure;
 use crate::log::{warn, NET};
 use crate::oob::{OobError, OobStream};
 use crate::protocol::ProtoError;
-use halo_ibverbs::{CompletionQueue, CqId, QueuePair, WorkCompletion};
+use halo_ibverbs::{CompletionQueue, CqId, QueuePair, VerbsError, WcError, WorkCompletion};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -158,28 +158,18 @@ impl Link {
 
     /// Polls completions into `wcs`; a failed completion fails the comm. Inlined: a poll that
     /// finds nothing is the most frequent call of the data path.
-    #[inline]
+    #[inline(always)]
     pub fn poll<'w>(
         &mut self,
         wcs: &'w mut [MaybeUninit<WorkCompletion>; POLL_BATCH],
     ) -> NetResult<&'w [WorkCompletion]> {
         let got = match self.cq.poll_batch(wcs) {
             Ok(got) => got,
-            Err(e) => {
-                return Err(
-                    self.fail_with(NetError::System, format_args!("polling completions: {e}"))
-                )
-            }
+            Err(e) => return Err(self.poll_failed(e)),
         };
         for wc in got {
             if let Err(e) = wc.result() {
-                return Err(self.fail_with(
-                    NetError::Remote,
-                    format_args!(
-                        "work request {:#x} failed: {e} (vendor error {:#x})",
-                        wc.wr_id, wc.vendor_err
-                    ),
-                ));
+                return Err(self.completion_failed(wc, e));
             }
         }
         if got.is_empty() {
@@ -188,6 +178,24 @@ impl Link {
             self.idle_polls = 0;
         }
         Ok(got)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn poll_failed(&mut self, e: VerbsError) -> NetError {
+        self.fail_with(NetError::System, format_args!("polling completions: {e}"))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn completion_failed(&mut self, wc: &WorkCompletion, e: WcError) -> NetError {
+        self.fail_with(
+            NetError::Remote,
+            format_args!(
+                "work request {:#x} failed: {e} (vendor error {:#x})",
+                wc.wr_id, wc.vendor_err
+            ),
+        )
     }
 
     /// Counts a call that made no progress: reads the device's async events when due, and every

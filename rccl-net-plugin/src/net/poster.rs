@@ -82,6 +82,7 @@ fn data_wr(op: &PostOp<'_>, max_inline: usize) -> Option<(Sge, SendOp, bool)> {
 
 /// Posts `p`, a [`PostOp::Data`], at once on its queue pair of `qps`: the one work request of a
 /// call, without a [`Poster`]'s batch.
+#[inline]
 pub fn post_data_now(qps: &[QueuePair], p: &Post<'_>) -> Result<(), PostFailure> {
     let fail = |err| PostFailure { qp: p.qp, err };
     let qp = &qps[p.qp];
@@ -101,6 +102,63 @@ pub fn post_data_now(qps: &[QueuePair], p: &Post<'_>) -> Result<(), PostFailure>
     // SAFETY: the SGE lies in the caller's registered buffer (under its lkey), which the request
     // owns until `test` reports it done; inline bytes are copied by the provider during the call.
     unsafe { qp.post_send_one(&wr) }.map_err(fail)
+}
+
+/// Posts `p`, a [`PostOp::Cts`], at once: the one work request of an `irecv` on a comm without
+/// bounce slots. The row goes inline straight from the protocol core's copy (no arena), or from
+/// our staging rows when the queue pair's inline room is smaller than the row.
+#[inline]
+pub fn post_cts_now(
+    qps: &[QueuePair],
+    targets: &Targets,
+    staging: &Staging,
+    p: &Post<'_>,
+) -> Result<(), PostFailure> {
+    let fail = |err| PostFailure { qp: p.qp, err };
+    let PostOp::Cts { row, entries } = p.op else {
+        return Err(fail(VerbsError::InvalidArgument(
+            "only a clear-to-send row is posted on its own here".into(),
+        )));
+    };
+    let qp = &qps[p.qp];
+    let bytes = std::mem::size_of_val(entries);
+    let inline = bytes <= qp.caps().max_inline_data as usize;
+    let sge = if inline {
+        Sge {
+            addr: entries.as_ptr() as u64,
+            length: bytes as u32,
+            lkey: 0,
+        }
+    } else {
+        stage_row(staging, row * CTS_ROW_BYTES, entries.as_ptr().cast(), bytes)
+    };
+    let sges = [sge];
+    let wr = SendWr {
+        wr_id: p.wr_id,
+        op: SendOp::Write {
+            remote_addr: targets.fifo.addr + fifo_row_offset(row),
+            rkey: targets.fifo.rkey,
+        },
+        sge: &sges,
+        signaled: p.signaled,
+        inline,
+    };
+    // SAFETY: inline bytes are the caller's row, readable during this call (the provider copies
+    // them); otherwise the SGE lies in our staging rows, reused only after this write completed.
+    unsafe { qp.post_send_one(&wr) }.map_err(fail)
+}
+
+/// Copies `bytes` from `src` into our staging rows at `offset`; the SGE that reads them.
+fn stage_row(staging: &Staging, offset: usize, src: *const u8, bytes: usize) -> Sge {
+    let dst = staging.rows.ptr().wrapping_add(offset);
+    // SAFETY: the staging buffer holds FIFO_DEPTH rows of the largest row size; this row's
+    // previous write completed before the protocol reused the row.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, bytes) };
+    Sge {
+        addr: dst as u64,
+        length: bytes as u32,
+        lkey: staging.rows.lkey(),
+    }
 }
 
 /// A post that failed: the queue pair and the verbs error.
@@ -354,21 +412,8 @@ impl<'a> Poster<'a> {
                 lkey: 0,
             }
         } else {
-            self.stage(offset, src, bytes)
+            stage_row(self.staging, offset, src, bytes)
         };
-    }
-
-    /// Copies `bytes` from `src` into our staging rows at `offset`.
-    fn stage(&self, offset: usize, src: *const u8, bytes: usize) -> Sge {
-        let dst = self.staging.rows.ptr().wrapping_add(offset);
-        // SAFETY: the staging buffer holds FIFO_DEPTH rows of the largest row size; this row's
-        // previous write completed before the protocol reused the row.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, bytes) };
-        Sge {
-            addr: dst as u64,
-            length: bytes as u32,
-            lkey: self.staging.rows.lkey(),
-        }
     }
 }
 

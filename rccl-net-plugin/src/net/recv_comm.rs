@@ -6,7 +6,7 @@ use super::device::NetDevice;
 use super::error::{contained, NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use super::link::{Link, POLL_BATCH};
-use super::poster::{Poster, SlotRing, Staging, Targets};
+use super::poster::{post_cts_now, PostFailure, Poster, SlotRing, Staging, Targets};
 use super::profiler::{self, Key, Profiler};
 use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
@@ -139,6 +139,7 @@ impl RecvComm {
 
     /// `irecv` of `bufs` (address, capacity, tag, memory handle); `Ok(None)` when it cannot be
     /// posted yet. `phandles`: the profiler's handle per buffer (empty or NULL: none).
+    #[inline]
     pub fn irecv(
         &mut self,
         bufs: &[(u64, u64, i32, Option<&MrHandle>)],
@@ -146,8 +147,7 @@ impl RecvComm {
     ) -> NetResult<Option<*mut Request>> {
         self.link.check()?;
         if !self.core.cts_room() {
-            // Completions of earlier clear-to-send writes free the send queue.
-            self.progress()?;
+            self.make_cts_room()?;
         }
         // Receives consumed by immediates go back here, ahead of the row this call may offer,
         // and not in `test`, where a message's data waits to be acted on.
@@ -175,17 +175,29 @@ impl RecvComm {
     }
 
     /// Offers the receive of `rb` (the checked form of `bufs`).
+    #[inline]
     fn post_recv(
         &mut self,
         rb: &[RecvBuf],
         bufs: &[(u64, u64, i32, Option<&MrHandle>)],
         phandles: &[*mut c_void],
     ) -> NetResult<Option<*mut Request>> {
-        let ring = self.eager.as_ref().map(EagerRing::ring);
-        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
-        let r = self.core.irecv(rb, &mut out);
-        out.finish()
-            .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
+        let r = if let Some(ring) = self.eager.as_ref().map(EagerRing::ring) {
+            // A held eager message may add its copy to the row's write.
+            let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, Some(ring));
+            let r = self.core.irecv(rb, &mut out);
+            out.finish()
+                .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
+            r
+        } else {
+            // The row is this call's one work request: posted as the core hands it over.
+            let mut out = DirectSink::new(&self.link.qps, &self.targets, &self.staging);
+            let r = self.core.irecv(rb, &mut out);
+            if let Some(f) = out.failure {
+                return Err(self.link.post_error(f, "clear-to-send"));
+            }
+            r
+        };
         match r {
             Ok(Some(req)) => {
                 if let Some(p) = self.prof.as_deref_mut() {
@@ -215,6 +227,14 @@ impl RecvComm {
         }
     }
 
+    /// Completions of earlier clear-to-send writes free the send queue. Out of line: `test`
+    /// stays the one caller that inlines [`Self::progress`].
+    #[cold]
+    #[inline(never)]
+    fn make_cts_room(&mut self) -> NetResult<()> {
+        self.progress().map(drop)
+    }
+
     /// Polls completions and acts on them; whether there were any. Callers run under the C
     /// boundary's panic guard (`irecv`) or inside `contained` (`test`).
     #[inline]
@@ -229,16 +249,30 @@ impl RecvComm {
     }
 
     /// Hands completions to the protocol core and posts what it answers: only eager messages
-    /// make it post (a slot's copy or release), so a comm without bounce slots builds no poster.
-    #[inline(never)]
+    /// make it post (a slot's copy or release), so a comm without bounce slots builds no poster
+    /// and stays inline.
+    #[inline]
     fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
+        if self.eager.is_some() {
+            return self.on_completions_eager(got);
+        }
+        let r = handle_completions(
+            &mut self.core,
+            got,
+            self.sizes.ptr(),
+            None,
+            &mut NoEagerSink,
+        );
+        r.map_err(|e| self.link.proto_error(e))
+    }
+
+    /// [`Self::on_completions`] with bounce slots: out of line, with its poster's arrays.
+    #[inline(never)]
+    fn on_completions_eager(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
         let sizes = self.sizes.ptr();
-        let Some(ring) = self.eager.as_ref().map(EagerRing::ring) else {
-            let r = handle_completions(&mut self.core, got, sizes, None, &mut NoEagerSink);
-            return r.map_err(|e| self.link.proto_error(e));
-        };
-        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, Some(ring));
-        let r = handle_completions(&mut self.core, got, sizes, Some(ring), &mut out);
+        let ring = self.eager.as_ref().map(EagerRing::ring);
+        let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
+        let r = handle_completions(&mut self.core, got, sizes, ring, &mut out);
         out.finish()
             .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
         r.map_err(|e| self.link.proto_error(e))
@@ -365,8 +399,8 @@ fn handle_completions(
     Ok(())
 }
 
-/// The sink of a comm without bounce slots. Its receiver has no eager slots, so it refuses every
-/// eager immediate before it would ask for a copy or a release.
+/// The sink of the completions of a comm without bounce slots. Its receiver has no eager slots,
+/// so it refuses every eager immediate before it would ask for a copy or a release.
 struct NoEagerSink;
 
 impl PostSink for NoEagerSink {
@@ -381,6 +415,45 @@ impl RecvSink for NoEagerSink {
     }
     fn release_eager(&mut self, slot: u16) {
         unreachable!("eager slot {slot} released on a comm without bounce slots");
+    }
+}
+
+/// The sink of an `irecv` on a comm without bounce slots: the clear-to-send row it is handed
+/// (the call's one work request) is posted at once.
+struct DirectSink<'a> {
+    qps: &'a [QueuePair],
+    targets: &'a Targets,
+    staging: &'a Staging,
+    /// The post that failed; the core's later posts are dropped.
+    failure: Option<PostFailure>,
+}
+
+impl<'a> DirectSink<'a> {
+    fn new(qps: &'a [QueuePair], targets: &'a Targets, staging: &'a Staging) -> Self {
+        DirectSink {
+            qps,
+            targets,
+            staging,
+            failure: None,
+        }
+    }
+}
+
+impl PostSink for DirectSink<'_> {
+    #[inline]
+    fn post(&mut self, p: &Post<'_>) {
+        if self.failure.is_none() {
+            self.failure = post_cts_now(self.qps, self.targets, self.staging, p).err();
+        }
+    }
+}
+
+impl RecvSink for DirectSink<'_> {
+    fn copy_eager(&mut self, slot: u16, dst: u64, len: u64) {
+        NoEagerSink.copy_eager(slot, dst, len);
+    }
+    fn release_eager(&mut self, slot: u16) {
+        NoEagerSink.release_eager(slot);
     }
 }
 

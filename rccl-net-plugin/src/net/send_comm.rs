@@ -160,6 +160,8 @@ impl SendComm {
     }
 
     /// Hands completions to the protocol core, then lets it post what has become possible.
+    /// Inline up to the posting, which runs out of line with its poster's arrays.
+    #[inline]
     fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
         for wc in got {
             if let Err(e) = self.core.on_completion(wc.wr_id) {
@@ -176,6 +178,12 @@ impl SendComm {
         if !self.core.wants_progress() {
             return Ok(());
         }
+        self.post_progress()
+    }
+
+    /// Lets the protocol core post what has become possible (rows that arrived, sends waiting).
+    #[inline(never)]
+    fn post_progress(&mut self) -> NetResult<()> {
         let fifo = FifoView(self.fifo.ptr());
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, None);
         let r = match self.prof.as_deref_mut() {

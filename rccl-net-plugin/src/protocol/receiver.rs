@@ -78,6 +78,7 @@ impl Receiver {
 
     /// `irecv` of `bufs`. `Ok(None)`: not yet (every FIFO row or the send queue is in use).
     /// `host` in a buffer says the CPU may write it; eager messages go only into such buffers.
+    #[inline]
     pub fn irecv(
         &mut self,
         bufs: &[RecvBuf],
@@ -134,6 +135,7 @@ impl Receiver {
 
     /// A WRITE_WITH_IMM arrived with `imm` (it consumed one receive-queue entry).
     /// `sizes_row(row)` reads the sizes array row, `slot_header(slot)` the header of a bounce slot.
+    #[inline]
     pub fn on_imm(
         &mut self,
         imm: u32,
@@ -199,7 +201,11 @@ impl Receiver {
         let r = self.state.test_into(req, sizes);
         if let Ok(Some(n)) = r {
             self.counters.msgs += 1;
-            self.counters.bytes += sizes[..n].iter().sum::<u64>();
+            self.counters.bytes += if n == 1 {
+                sizes[0]
+            } else {
+                sizes[..n.min(MAX_RECVS)].iter().sum::<u64>()
+            };
         }
         r
     }

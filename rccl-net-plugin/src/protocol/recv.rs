@@ -131,6 +131,7 @@ impl RecvState {
     }
 
     /// Post a (multi-)receive of `bufs.len()` buffers.
+    #[inline]
     pub fn post(&mut self, bufs: &[RecvBuf]) -> Result<RecvPost, ProtoError> {
         let n = bufs.len();
         if n == 0 || n > MAX_RECVS {
@@ -256,6 +257,7 @@ impl RecvState {
     /// The WRITE_WITH_IMM of the oldest posted receive arrived with `imm`. `sizes_row` is the
     /// sizes array row of that receive (read only when [`Self::imm_needs_sizes`]).
     /// Returns the request that completed.
+    #[inline]
     pub fn on_imm(
         &mut self,
         imm: u32,
@@ -317,8 +319,13 @@ impl RecvState {
             ReqState::Posted => Ok(None),
             ReqState::Done => {
                 rr.state = ReqState::Free;
-                let n = rr.n.min(MAX_RECVS);
-                sizes[..n].copy_from_slice(&rr.sizes[..n]);
+                let n = rr.n;
+                if n == 1 {
+                    sizes[0] = rr.sizes[0];
+                } else {
+                    let n = n.min(MAX_RECVS);
+                    sizes[..n].copy_from_slice(&rr.sizes[..n]);
+                }
                 Ok(Some(n))
             }
             ReqState::Free => Err(ProtoError::InvalidUsage(format!(

@@ -1048,6 +1048,7 @@ impl SendState {
     }
 
     /// The signaled completion of the transmit of row `seq` arrived.
+    #[inline]
     pub fn on_completion(&mut self, seq: u32) -> Result<(), ProtoError> {
         let r = row_of(seq);
         let row = &mut self.rows[r];

@@ -188,7 +188,12 @@ impl Sender {
     }
 
     /// A successful completion on any of the connection's queue pairs.
+    #[inline]
     pub fn on_completion(&mut self, wr_id: u64) -> Result<(), ProtoError> {
+        if let Some(seq) = WrId::transmit_seq(wr_id) {
+            self.counters.cqe_transmit += 1;
+            return self.state.on_completion(seq);
+        }
         match WrId::decode(wr_id) {
             Some(WrId::Transmit(seq)) => {
                 self.counters.cqe_transmit += 1;
