@@ -27,7 +27,8 @@ pub struct QpCaps {
     pub max_send_sge: u32,
     /// Scatter/gather entries per receive work request.
     pub max_recv_sge: u32,
-    /// Bytes that can be sent inline (copied into the work request, no MR needed).
+    /// Bytes that can be sent inline (copied into the work request, no MR needed). Granted caps
+    /// hold at most what was asked for, whatever the provider rounded it up to.
     pub max_inline_data: u32,
 }
 
@@ -273,13 +274,15 @@ impl ProtectionDomain {
         let qp = NonNull::new(qp).ok_or_else(|| {
             VerbsError::last_os("ibv_create_qp(RC)", || format!("{} ({caps:?})", ctx.name()))
         })?;
-        // ibv_create_qp writes the granted sizes back into init.cap.
+        // ibv_create_qp writes the granted sizes back into init.cap. Inline room is kept to what
+        // was asked for: providers round it up (Soft-RoCE grants 32 bytes when asked for none),
+        // and a caller that asked for none must not find its small sends going inline.
         let granted = QpCaps {
             max_send_wr: init.cap.max_send_wr,
             max_recv_wr: init.cap.max_recv_wr,
             max_send_sge: init.cap.max_send_sge,
             max_recv_sge: init.cap.max_recv_sge,
-            max_inline_data: init.cap.max_inline_data,
+            max_inline_data: init.cap.max_inline_data.min(caps.max_inline_data),
         };
         Ok(QueuePair {
             qp,
