@@ -183,7 +183,7 @@ impl RecvComm {
         phandles: &[*mut c_void],
     ) -> NetResult<Option<*mut Request>> {
         let r = if let Some(ring) = self.eager.as_ref().map(EagerRing::ring) {
-            // A held eager message may add its copy to the row's write.
+            // A held eager message is copied out of its bounce slot, which only the poster knows.
             let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, Some(ring));
             let r = self.core.irecv(rb, &mut out);
             out.finish()
