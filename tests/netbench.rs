@@ -99,9 +99,15 @@ fn quick_run_reports_every_suite() {
     }
 }
 
-/// Both decode shapes (8 KiB x 64 and 16 KiB x 160 all-reduces per step), timed and exact.
+/// Both decode shapes (8 KiB x 64 and 16 KiB x 160 all-reduces per step), timed and exact, once
+/// with each exchange posting its own receive and once with the receives posted ahead.
 fn check_decode(v: &Value) {
-    let d = rows(v, "decode");
+    for (key, ahead) in [("decode", false), ("decode_ahead", true)] {
+        check_decode_rows(rows(v, key), ahead);
+    }
+}
+
+fn check_decode_rows(d: &[Value], ahead: bool) {
     let shapes: Vec<(u64, u64)> = d
         .iter()
         .filter_map(|r| Some((r["size"].as_u64()?, r["allreduces"].as_u64()?)))
@@ -112,6 +118,7 @@ fn check_decode(v: &Value) {
             positive(r, k);
         }
         assert_eq!(r["wrong"].as_u64(), Some(0), "wrong elements in {r}");
+        assert_eq!(r["receives_ahead"].as_bool(), Some(ahead), "{r}");
     }
 }
 

@@ -240,7 +240,7 @@ fn allreduce_busbw(report: &Value, ranks: u64) -> Vec<(u64, f64)> {
         .unwrap_or_default()
 }
 
-const FIGURES: [Figure; 10] = [
+const FIGURES: [Figure; 12] = [
     Figure {
         key: "latency",
         title: "latency: typical one-way time, us (lower is better)",
@@ -290,6 +290,14 @@ const FIGURES: [Figure; 10] = [
         perftest: None,
     },
     Figure {
+        key: "decode_ahead",
+        title: "decode step, receives posted ahead (as RCCL's proxy posts them): mean us per step (lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "step_mean_us"),
+        perftest: None,
+    },
+    Figure {
         key: "latency_pkts",
         title: "latency: packets on the wire per one-way message (device counters; lower is better)",
         by: "bytes",
@@ -311,6 +319,14 @@ const FIGURES: [Figure; 10] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "decode", "size", "wire_pkts"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_ahead_pkts",
+        title: "decode step, receives posted ahead: packets on the wire per all-reduce (device counters; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "wire_pkts"),
         perftest: None,
     },
     Figure {
@@ -707,6 +723,9 @@ mod tests {
                 {"size": 8192, "allreduces": 64, "step_mean_us": lat8 * 100.0, "wrong": 0},
                 {"size": 16384, "allreduces": 160, "step_mean_us": lat8 * 300.0, "wrong": 0},
             ],
+            "decode_ahead": [
+                {"size": 8192, "allreduces": 64, "step_mean_us": lat8 * 50.0, "wrong": 0},
+            ],
             "notes": [],
         })
     }
@@ -832,6 +851,13 @@ mod tests {
         assert_eq!(d("c", 8192).unwrap().values, vec![Some(2000.0), None]);
         assert_eq!(d("c", 8192).unwrap().vs_perftest, None);
         assert!(t.iter().all(|t| t.key != "scaling" && t.key != "msgrate"));
+        // The rows with receives ahead form their own table, not a third decode row.
+        let ahead = t.iter().find(|t| t.key == "decode_ahead").unwrap();
+        assert!(ahead.lower_is_better);
+        assert_eq!(ahead.rows.len(), 3);
+        let a = ahead.rows.iter().find(|r| r.name == "a").unwrap();
+        assert_eq!((a.key, a.mean), (8192, Some(550.0)));
+        assert_eq!(a.best_other.as_deref(), Some("b"));
         // Packets per message: every plugin sends 4 where perftest sends 2.
         let pk = t.iter().find(|t| t.key == "latency_pkts").unwrap();
         assert!(pk.lower_is_better);

@@ -157,6 +157,7 @@ fn serve_inner(cfg: &MemberConfig, ctl: &mut Control) -> Result<(), String> {
                     field(&cmd, 2, "decode all-reduces per step")?,
                     field(&cmd, 3, "decode warmup")?,
                     field(&cmd, 4, "decode steps")?,
+                    field::<u8>(&cmd, 7, "decode receives ahead")? != 0,
                     &mut polls,
                 );
                 ring.release()?;

@@ -165,6 +165,8 @@ pub struct DecodeRow {
     pub size: usize,
     /// All-reduces per step.
     pub allreduces: usize,
+    /// Whether each all-reduce's receives were posted ahead of its data, as RCCL's proxy does.
+    pub ahead: bool,
     pub warmup: usize,
     /// Timed steps.
     pub steps: usize,
@@ -192,6 +194,8 @@ pub struct Report {
     pub msgrate: Vec<StreamRow>,
     pub allreduce: Vec<AllreduceTable>,
     pub decode: Vec<DecodeRow>,
+    /// The same shapes with the receives posted ahead.
+    pub decode_ahead: Vec<DecodeRow>,
     pub scaling: Vec<ScalingRow>,
     /// Why a requested part was skipped.
     pub notes: Vec<String>,
@@ -203,7 +207,11 @@ impl Report {
         self.allreduce
             .iter()
             .all(|t| t.rows.iter().all(|r| r.wrong == 0))
-            && self.decode.iter().all(|r| r.wrong == 0)
+            && self
+                .decode
+                .iter()
+                .chain(&self.decode_ahead)
+                .all(|r| r.wrong == 0)
     }
 }
 
@@ -272,6 +280,7 @@ pub fn run(o: &Options) -> Result<Report, String> {
         msgrate: Vec::new(),
         allreduce: Vec::new(),
         decode: Vec::new(),
+        decode_ahead: Vec::new(),
         scaling: Vec::new(),
         notes: Vec::new(),
     };
@@ -294,7 +303,8 @@ pub fn run(o: &Options) -> Result<Report, String> {
                     .push(allreduce(&local, Some(&mut pair), o, 2, &plan.allreduce)?);
             }
             if s.decode {
-                report.decode = decode(&local, &mut pair, o, &plan.decode)?;
+                report.decode = decode(&local, &mut pair, o, &plan.decode, false)?;
+                report.decode_ahead = decode(&local, &mut pair, o, &plan.decode, true)?;
             }
             Ok::<_, String>(())
         })();

@@ -406,6 +406,35 @@ pub struct DecodeTiming {
     pub wrong: usize,
 }
 
+/// One exchange of an all-reduce: what goes to the next rank, what comes from the previous one,
+/// and where it lands (`Some(offset)` in `scratch` for a reduce-scatter step, else in place).
+struct Step {
+    src: std::ops::Range<usize>,
+    dst: std::ops::Range<usize>,
+    scratch: Option<usize>,
+}
+
+/// Exchange `i` of rank `r`'s part in an all-reduce of `count` elements over `n` ranks: the n-1
+/// reduce-scatter steps (after the last, rank r holds the complete sum of chunk r+1), then the
+/// n-1 all-gather steps that pass the complete chunks around.
+fn ring_step(r: usize, n: usize, i: usize, count: usize) -> Step {
+    let chunk = |c: usize| c * count / n..(c + 1) * count / n;
+    if i < n - 1 {
+        Step {
+            src: chunk((r + n - i) % n),
+            dst: chunk((r + 2 * n - i - 1) % n),
+            scratch: Some(i * count.div_ceil(n)),
+        }
+    } else {
+        let s = i - (n - 1);
+        Step {
+            src: chunk((r + 1 + n - s) % n),
+            dst: chunk((r + n - s) % n),
+            scratch: None,
+        }
+    }
+}
+
 impl<'a> Ring<'a> {
     pub fn new(
         net: Net<'a>,
@@ -417,7 +446,9 @@ impl<'a> Ring<'a> {
     ) -> Result<Ring<'a>, String> {
         let p = net.plugin;
         let mut data = vec![0f32; count.max(1)];
-        let mut scratch = vec![0f32; count.div_ceil(n).max(1)];
+        // One chunk per reduce-scatter step, so that every receive of an all-reduce has its own
+        // target and all can be posted before the first send.
+        let mut scratch = vec![0f32; (count.div_ceil(n) * n.saturating_sub(1)).max(1)];
         let db = std::mem::size_of_val(data.as_slice());
         let sb = std::mem::size_of_val(scratch.as_slice());
         let dp = data.as_mut_ptr().cast::<u8>();
@@ -448,37 +479,73 @@ impl<'a> Ring<'a> {
         p.dereg_mr(self.recv, self.scratch_mh).map_err(e)
     }
 
-    fn chunk(&self, c: usize, count: usize) -> std::ops::Range<usize> {
-        c * count / self.n..(c + 1) * count / self.n
+    fn step(&self, i: usize, count: usize) -> Step {
+        ring_step(self.rank, self.n, i, count)
     }
 
-    /// Sends `data[src]` to the next rank while receiving `dst.len()` elements from the previous
-    /// one (into scratch or into `data[dst]`), and waits for both.
+    /// One `irecv` for exchange `i`'s incoming chunk (NULL: "not yet").
+    fn try_irecv(&mut self, i: usize, count: usize) -> Result<Opaque, String> {
+        let st = self.step(i, count);
+        let (ptr, mh) = match st.scratch {
+            Some(off) => (self.scratch[off..].as_mut_ptr(), self.scratch_mh),
+            None => (self.data[st.dst.start..].as_mut_ptr(), self.data_recv_mh),
+        };
+        let mut data = [ptr.cast::<c_void>()];
+        let mut tags = [TAG];
+        let mut mhs = [mh.0];
+        // SAFETY: the target lies inside `scratch` or `data`, which stay in place and registered
+        // until the request has completed (every request is waited for by `allreduce`).
+        unsafe {
+            self.net.plugin.irecv(
+                self.recv,
+                &mut data,
+                &[st.dst.len() * 4],
+                &mut tags,
+                &mut mhs,
+                null_mut(),
+            )
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// Posts the receives of every exchange of the next all-reduce, in order, as RCCL's proxy
+    /// posts a collective's receive steps as soon as their buffers are free, ahead of the data.
+    fn post_recvs(&mut self, count: usize, c: &mut Polls) -> Result<VecDeque<Opaque>, String> {
+        let mut reqs = VecDeque::with_capacity(2 * (self.n - 1));
+        for i in 0..2 * (self.n - 1) {
+            let t0 = Instant::now();
+            loop {
+                let req = self.try_irecv(i, count)?;
+                if !req.is_null() {
+                    reqs.push_back(req);
+                    break;
+                }
+                c.null_recvs += 1;
+                self.net
+                    .expired(t0, || "posting an all-reduce's receives".into())?;
+            }
+        }
+        Ok(reqs)
+    }
+
+    /// Sends exchange `i`'s chunk to the next rank while receiving from the previous one, and
+    /// waits for both. `rreq` is the receive if it was posted ahead, else NULL: it is posted here,
+    /// beside the send.
     fn exchange(
         &mut self,
-        src: std::ops::Range<usize>,
-        dst: std::ops::Range<usize>,
-        into_scratch: bool,
+        i: usize,
+        count: usize,
+        mut rreq: Opaque,
         c: &mut Polls,
     ) -> Result<(), String> {
-        let (sbytes, rbytes) = (src.len() * 4, dst.len() * 4);
+        let st = self.step(i, count);
+        let (sbytes, rbytes) = (st.src.len() * 4, st.dst.len() * 4);
         let p = self.net.plugin;
-        let base = self.data.as_mut_ptr();
-        // SAFETY: both ranges lie inside `data` (and `dst.len()` fits `scratch`); the buffers stay
-        // in place and registered until both requests have completed below.
-        let (sptr, rptr, rmh) = unsafe {
-            if into_scratch {
-                (
-                    base.add(src.start),
-                    self.scratch.as_mut_ptr(),
-                    self.scratch_mh,
-                )
-            } else {
-                (base.add(src.start), base.add(dst.start), self.data_recv_mh)
-            }
-        };
+        // SAFETY: the range lies inside `data`, which stays in place and registered until the
+        // request has completed below.
+        let sptr = unsafe { self.data.as_mut_ptr().add(st.src.start) };
         let t0 = Instant::now();
-        let (mut sreq, mut rreq) = (Opaque(null_mut()), Opaque(null_mut()));
+        let mut sreq = Opaque(null_mut());
         let (mut sdone, mut rdone) = (false, false);
         while !(sdone && rdone) {
             self.net.expired(t0, || {
@@ -489,21 +556,7 @@ impl<'a> Ring<'a> {
                 )
             })?;
             if rreq.is_null() {
-                let mut data = [rptr.cast::<c_void>()];
-                let mut tags = [TAG];
-                let mut mhs = [rmh.0];
-                // SAFETY: see above.
-                rreq = unsafe {
-                    p.irecv(
-                        self.recv,
-                        &mut data,
-                        &[rbytes],
-                        &mut tags,
-                        &mut mhs,
-                        null_mut(),
-                    )
-                }
-                .map_err(|e| e.to_string())?;
+                rreq = self.try_irecv(i, count)?;
                 if rreq.is_null() {
                     c.null_recvs += 1;
                 }
@@ -534,21 +587,26 @@ impl<'a> Ring<'a> {
         Ok(())
     }
 
-    fn allreduce(&mut self, count: usize, c: &mut Polls) -> Result<(), String> {
-        let (r, n) = (self.rank, self.n);
-        for s in 0..n - 1 {
-            let src = self.chunk((r + n - s) % n, count);
-            let dst = self.chunk((r + 2 * n - s - 1) % n, count);
-            self.exchange(src, dst.clone(), true, c)?;
-            for (d, x) in self.data[dst.clone()].iter_mut().zip(&self.scratch) {
-                *d += *x;
+    /// One all-reduce; `posted` holds its receives if they were posted ahead (consumed here),
+    /// else is empty and each exchange posts its own.
+    fn allreduce(
+        &mut self,
+        count: usize,
+        posted: &mut VecDeque<Opaque>,
+        c: &mut Polls,
+    ) -> Result<(), String> {
+        for i in 0..2 * (self.n - 1) {
+            let rreq = posted.pop_front().unwrap_or(Opaque(null_mut()));
+            self.exchange(i, count, rreq, c)?;
+            let st = self.step(i, count);
+            if let Some(off) = st.scratch {
+                for (d, x) in self.data[st.dst.clone()]
+                    .iter_mut()
+                    .zip(&self.scratch[off..])
+                {
+                    *d += *x;
+                }
             }
-        }
-        // Rank r now holds the complete sum of chunk r+1; pass the finished chunks around.
-        for s in 0..n - 1 {
-            let src = self.chunk((r + 1 + n - s) % n, count);
-            let dst = self.chunk((r + n - s) % n, count);
-            self.exchange(src, dst, false, c)?;
         }
         Ok(())
     }
@@ -584,7 +642,7 @@ impl<'a> Ring<'a> {
         for it in 0..warmup + iters {
             self.fill(count);
             let t0 = Instant::now();
-            self.allreduce(count, c)?;
+            self.allreduce(count, &mut VecDeque::new(), c)?;
             if it >= warmup {
                 total += t0.elapsed();
             }
@@ -600,12 +658,18 @@ impl<'a> Ring<'a> {
     /// each, back to back, as a decode step of a tensor-parallel model. Every all-reduce gets a
     /// fresh input and its result is checked; the refill (a copy) and the check (a comparison)
     /// stay outside the time, which is the sum of the all-reduce calls.
+    ///
+    /// With `ahead`, the receives of each all-reduce are posted right after the previous one
+    /// completed, outside the time, before the refill and the check: the way RCCL's proxy posts
+    /// the next collective's receive steps while the GPU computes the layer in between. Without
+    /// it, each exchange posts its receive beside its send (a receiver that only just arrived).
     pub fn decode(
         &mut self,
         count: usize,
         per_step: usize,
         warmup: usize,
         steps: usize,
+        ahead: bool,
         c: &mut Polls,
     ) -> Result<DecodeTiming, String> {
         self.fill(count);
@@ -614,13 +678,23 @@ impl<'a> Ring<'a> {
         let expected: Vec<f32> = (0..count).map(|i| k * (i % 13) as f32).collect();
         let mut step_us = Vec::with_capacity(steps);
         let mut wrong = 0;
+        let total = (warmup + steps) * per_step;
+        let mut posted = VecDeque::new();
+        if ahead && total > 0 {
+            posted = self.post_recvs(count, c)?;
+        }
+        let mut done = 0;
         for step in 0..warmup + steps {
             let mut t = Duration::ZERO;
             for _ in 0..per_step {
                 self.data[..count].copy_from_slice(&input);
                 let t0 = Instant::now();
-                self.allreduce(count, c)?;
+                self.allreduce(count, &mut posted, c)?;
                 t += t0.elapsed();
+                done += 1;
+                if ahead && done < total {
+                    posted = self.post_recvs(count, c)?;
+                }
                 if self.data[..count] != expected[..] {
                     wrong += self.wrong(count);
                 }
@@ -630,5 +704,50 @@ impl<'a> Ring<'a> {
             }
         }
         Ok(DecodeTiming { step_us, wrong })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What each rank sends in exchange i is what the next rank receives in it; every
+    /// reduce-scatter receive has its own scratch chunk (so all of an all-reduce's receives can
+    /// be posted at once), and the all-gather brings every chunk but the one the rank completed.
+    #[test]
+    fn ring_steps_pair_up_and_receives_never_share_a_target() {
+        for n in 2..=5usize {
+            for count in [n - 1, n, 1000, 2051] {
+                let per = count.div_ceil(n);
+                for r in 0..n {
+                    let next = (r + 1) % n;
+                    for i in 0..2 * (n - 1) {
+                        let (mine, theirs) =
+                            (ring_step(r, n, i, count), ring_step(next, n, i, count));
+                        assert_eq!(mine.src, theirs.dst, "n {n} count {count} r {r} i {i}");
+                        assert_eq!(mine.scratch.is_some(), i < n - 1);
+                    }
+                    let scratch: Vec<_> = (0..n - 1)
+                        .map(|i| {
+                            let st = ring_step(r, n, i, count);
+                            let off = st.scratch.unwrap();
+                            off..off + st.dst.len()
+                        })
+                        .collect();
+                    assert!(scratch.windows(2).all(|w| w[0].end <= w[1].start));
+                    assert!(scratch.iter().all(|s| s.end <= per * (n - 1)));
+                    // The last reduce-scatter step completes chunk r+1; the all-gather receives
+                    // the other n-1 chunks, each once.
+                    let mut got: Vec<_> = (n - 1..2 * (n - 1))
+                        .map(|i| ring_step(r, n, i, count).dst)
+                        .collect();
+                    got.push(ring_step(r, n, n - 2, count).dst);
+                    got.sort_by_key(|d| (d.start, d.end));
+                    assert_eq!(got.first().map(|d| d.start), Some(0));
+                    assert!(got.windows(2).all(|w| w[0].end == w[1].start));
+                    assert_eq!(got.last().map(|d| d.end), Some(count));
+                }
+            }
+        }
     }
 }

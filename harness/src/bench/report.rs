@@ -164,6 +164,7 @@ pub fn text(r: &Report) -> String {
         }
     }
     decode_table(&mut s, &r.decode);
+    decode_table(&mut s, &r.decode_ahead);
     if !r.scaling.is_empty() {
         let _ = writeln!(
             s,
@@ -197,7 +198,18 @@ fn decode_table(s: &mut String, rows: &[DecodeRow]) {
     let Some(first) = rows.first() else {
         return;
     };
-    let _ = writeln!(s, "\n## decode step (2 ranks, ring all-reduce)");
+    if first.ahead {
+        let _ = writeln!(
+            s,
+            "\n## decode step, receives posted ahead (2 ranks, ring all-reduce)"
+        );
+        let _ = writeln!(
+            s,
+            "# each all-reduce's receives are posted when the one before completes, as RCCL's proxy posts them"
+        );
+    } else {
+        let _ = writeln!(s, "\n## decode step (2 ranks, ring all-reduce)");
+    }
     let _ = writeln!(
         s,
         "# a step: back-to-back all-reduces (float sum, host memory); {} warm-up and {} timed steps",
@@ -227,7 +239,8 @@ fn decode_json(rows: &[DecodeRow]) -> Value {
     rows.iter()
         .map(|d| {
             json!({
-                "size": d.size, "allreduces": d.allreduces, "warmup": d.warmup, "steps": d.steps,
+                "size": d.size, "allreduces": d.allreduces, "receives_ahead": d.ahead,
+                "warmup": d.warmup, "steps": d.steps,
                 "step_mean_us": d.step_mean_us, "step_median_us": d.step_median_us,
                 "allreduce_us": d.allreduce_us, "wrong": d.wrong, "wire_pkts": d.wire_pkts,
             })
@@ -281,6 +294,7 @@ pub fn json(r: &Report) -> Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "decode": decode_json(&r.decode),
+        "decode_ahead": decode_json(&r.decode_ahead),
         "scaling": r.scaling.iter().map(|c| json!({
             "peers": c.peers, "setup_ms": c.setup_ms, "qps_per_peer": c.qps_per_peer,
             "mrs_per_peer": c.mrs_per_peer, "mr_bytes_per_peer": c.mr_bytes_per_peer,
@@ -307,6 +321,7 @@ mod tests {
             msgrate: Vec::new(),
             allreduce: Vec::new(),
             decode,
+            decode_ahead: Vec::new(),
             scaling: Vec::new(),
             notes: Vec::new(),
         }
@@ -316,6 +331,7 @@ mod tests {
         DecodeRow {
             size,
             allreduces,
+            ahead: false,
             warmup: 1,
             steps: 4,
             step_mean_us: mean,
@@ -359,5 +375,32 @@ mod tests {
         assert!(report(vec![row(8192, 64, 1.0, 0)]).all_exact());
         // Without decode rows, no decode table.
         assert!(!text(&report(Vec::new())).contains("decode"));
+    }
+
+    #[test]
+    fn rows_with_receives_ahead_get_their_own_table_and_key() {
+        let mut r = report(vec![row(8192, 64, 1280.0, 0)]);
+        r.decode_ahead = vec![DecodeRow {
+            ahead: true,
+            ..row(8192, 64, 640.0, 0)
+        }];
+        let t = text(&r);
+        let ahead = t
+            .split("## decode step, receives posted ahead")
+            .nth(1)
+            .expect("the ahead table");
+        assert!(t.contains("## decode step (2 ranks"), "{t}");
+        let line = ahead
+            .lines()
+            .find(|l| l.trim_start().starts_with("8192"))
+            .unwrap();
+        assert_eq!(line.split_whitespace().nth(2), Some("640.0"), "{line}");
+        let j = json(&r);
+        assert_eq!(j["decode"][0]["receives_ahead"], false);
+        assert_eq!(j["decode_ahead"][0]["receives_ahead"], true);
+        assert_eq!(j["decode_ahead"][0]["step_mean_us"], 640.0);
+        assert!(r.all_exact());
+        r.decode_ahead[0].wrong = 1;
+        assert!(!r.all_exact());
     }
 }

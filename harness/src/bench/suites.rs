@@ -485,24 +485,28 @@ pub(super) fn step_stats(ranks: &[Vec<f64>]) -> (f64, f64) {
 }
 
 /// The decode rows over the pair (the 2-rank ring of the all-reduce suite): per shape, the member
-/// runs the same steps as rank 1 and sends back its step times and wrong elements.
+/// runs the same steps as rank 1 and sends back its step times and wrong elements. With `ahead`,
+/// both ranks post each all-reduce's receives before its data is ready (see [`Ring::decode`]).
 pub(super) fn decode(
     local: &Local,
     pair: &mut Pair,
     o: &Options,
     shapes: &[(usize, usize)],
+    ahead: bool,
 ) -> Result<Vec<DecodeRow>, String> {
     let (warmup, steps) = Plan::decode_steps(o.quick);
     let mut rows = Vec::new();
     for &(size, allreduces) in shapes {
         let count = size / 4;
-        pair.ctl()
-            .send(&format!("decode {count} {allreduces} {warmup} {steps} 1 2"))?;
+        pair.ctl().send(&format!(
+            "decode {count} {allreduces} {warmup} {steps} 1 2 {}",
+            u8::from(ahead)
+        ))?;
         let mut polls = Polls::default();
         let ((mine, w), wire_pkts) = local.counted((warmup + steps) * allreduces, || {
             let mine = Ring::new(local.net(), 0, 2, pair.send, pair.recv, count).and_then(
                 |mut ring| {
-                    let t = ring.decode(count, allreduces, warmup, steps, &mut polls);
+                    let t = ring.decode(count, allreduces, warmup, steps, ahead, &mut polls);
                     ring.release()?;
                     t
                 },
@@ -523,6 +527,7 @@ pub(super) fn decode(
         rows.push(DecodeRow {
             size,
             allreduces,
+            ahead,
             warmup,
             steps,
             step_mean_us,
