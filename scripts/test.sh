@@ -57,6 +57,16 @@ else
 fi
 
 step "two Soft-RoCE guests over a wire"
+# A guest whose kernel reports its NIC stuck for a minute ends a two-guest run at once, saying so
+# (rather than leaving both commands to wait out their timeouts).
+rc=0
+out=$(scripts/softroce run2 --timeout 300 \
+    --a "echo '<2>virtio_net virtio3 eth0: NETDEV WATCHDOG: CPU: 0: transmit queue 0 timed out 61000 ms' >/dev/kmsg && sleep 250" \
+    --b 'sleep 250' 2>&1) || rc=$?
+if [[ $rc != 125 || $out != *"guest a: its virtual NIC has not transmitted for 61 s"* ]]; then
+    echo "softroce: a guest NIC reported stuck did not end the run (exit $rc): $out" >&2
+    exit 1
+fi
 scripts/softroce run2 --timeout 600 -- target/debug/examples/wire_check -- target/debug/examples/wire_check
 conf="target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --messages 200 --max-size 1048576 --seed 7"
 scripts/softroce run2 --timeout 900 \
