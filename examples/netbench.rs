@@ -20,7 +20,8 @@
 //!
 //! Comparison of several plugins: `--compare NAME=PATH[,NAME=PATH...]` (repeatable) instead of
 //! `--plugin`, `--env NAME:VAR=VALUE` (repeatable) for what plugin NAME needs in its environment,
-//! `--rounds N` (default 2). Each round runs every plugin once, in the order given turned by one
+//! `--rounds N` (default 2), `--save FILE` (the JSON of the comparison so far, rewritten after every
+//! run, so that finished runs survive one that is killed). Each round runs every plugin once, in the order given turned by one
 //! plugin per round (A B C, B C A, …), each in a
 //! child process (`netbench --plugin PATH --json` with that plugin's environment, which its far
 //! ends inherit), then perftest once with `--compare-perftest`; the result is one table per figure
@@ -45,7 +46,7 @@ use std::time::Duration;
 const USAGE: &str = "usage: netbench [--plugin PATH] [--version N] [--dev N] [--json] [--quick] \
 [--window N] [--timeout SECS] [--compare-perftest [--ibdev DEV] [--gid-index N] [--perftest-port P]] \
 [--latency] [--bandwidth] [--msgrate] [--allreduce] [--decode] [--scaling] [--server ADDR:PORT | --connect HOST:PORT] [--wire-dev IBDEV]
-       netbench --compare NAME=PATH[,NAME=PATH...] [--env NAME:VAR=VALUE]... [--rounds N] [other options as above, \
+       netbench --compare NAME=PATH[,NAME=PATH...] [--env NAME:VAR=VALUE]... [--rounds N] [--save FILE] [other options as above, \
 but --plugin and --server; --connect HOST:PORT without --compare-perftest]";
 
 /// The plugin built next to this example (`target/<profile>/examples/netbench`).
@@ -101,6 +102,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     let (mut server, mut connect) = (None, None);
     let mut wire_dev: Option<String> = None;
     let (mut entrants, mut envs, mut rounds) = (Vec::new(), Vec::new(), 2usize);
+    let mut save: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || {
@@ -133,6 +135,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--compare" => parse_entrants(&val()?, &mut entrants)?,
             "--env" => envs.push(parse_env(&val()?)?),
             "--rounds" => rounds = num(val()?)?.max(1) as usize,
+            "--save" => save = Some(PathBuf::from(val()?)),
             "-h" | "--help" => return Err(USAGE.into()),
             _ => return Err(format!("unknown argument {a}\n{USAGE}")),
         }
@@ -211,12 +214,16 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                     port,
                 }),
                 timeout: Duration::from_secs(timeout),
+                save,
             },
             json,
         ));
     }
     if !envs.is_empty() {
         return Err("--env only goes with --compare".into());
+    }
+    if save.is_some() {
+        return Err("--save only goes with --compare".into());
     }
     let plugin = plugin
         .or_else(default_plugin)

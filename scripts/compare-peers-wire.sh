@@ -106,9 +106,12 @@ for p in "${plugins[@]}"; do
     list+=",$name=$path"
     for kv in $env; do envs+=(--env "$name:$kv"); done
 done
+# The comparison so far is kept on the host after every run (see softroce --share).
+save=()
+[ -n "${HALO_GUEST_SHARE:-}" ] && save=(--save "$HALO_GUEST_SHARE/compare.json")
 set +e
 set -x
-"$NETBENCH" --compare "${list#,}" "${envs[@]}" --connect "$HALO_PEER_IP:$PORT" --wire-dev "$DEV" "${ARGS[@]}"
+"$NETBENCH" --compare "${list#,}" "${envs[@]}" --connect "$HALO_PEER_IP:$PORT" --wire-dev "$DEV" "${save[@]}" "${ARGS[@]}"
 status=$?
 set +x
 # perftest's rounds follow the plugins' (guest a serves them in the same order).

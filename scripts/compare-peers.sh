@@ -79,5 +79,8 @@ if [ -n "$OFI" ]; then
 fi
 pt=()
 [ "$PERFTEST" = 1 ] && pt=(--compare-perftest --ibdev "$DEV" --gid-index "$gid_index")
+# In a guest, the comparison so far is kept on the host after every run (see softroce --share).
+save=()
+[ -n "${HALO_GUEST_SHARE:-}" ] && save=(--save "$HALO_GUEST_SHARE/compare.json")
 set -x
-exec "$NETBENCH" --compare "${list#,}" "${envs[@]}" "${pt[@]}" "${ARGS[@]}"
+exec "$NETBENCH" --compare "${list#,}" "${envs[@]}" "${pt[@]}" "${save[@]}" "${ARGS[@]}"

@@ -45,6 +45,9 @@ pub struct CompareOptions {
     /// perftest once per round on this device.
     pub perftest: Option<PerftestDevice>,
     pub timeout: Duration,
+    /// Rewritten with the JSON of the comparison so far after every run, so that the finished
+    /// runs survive a comparison that is killed or never ends.
+    pub save: Option<PathBuf>,
 }
 
 /// One plugin's run in one round.
@@ -115,6 +118,7 @@ pub fn run(o: &CompareOptions) -> Result<Comparison, String> {
                 eprintln!("netbench: round {round}: {} failed: {err}", e.name);
             }
             out.runs.push(run);
+            save_so_far(o, &out);
         }
         if let Some(pt) = pt.as_mut() {
             eprintln!("netbench: round {round}/{}: perftest", o.rounds);
@@ -123,9 +127,31 @@ pub fn run(o: &CompareOptions) -> Result<Comparison, String> {
                 eprintln!("netbench: round {round}: perftest failed: {err}");
             }
             out.perftest.push(r);
+            save_so_far(o, &out);
         }
     }
     Ok(out)
+}
+
+/// Writes `c` as [`json`] to `--save`'s file, whole or not at all (a temporary file renamed over
+/// it). A failure is reported and the comparison goes on.
+fn save_so_far(o: &CompareOptions, c: &Comparison) {
+    let Some(path) = &o.save else {
+        return;
+    };
+    if let Err(e) = save(path, c) {
+        eprintln!(
+            "netbench: cannot save the comparison so far to {}: {e}",
+            path.display()
+        );
+    }
+}
+
+fn save(path: &std::path::Path, c: &Comparison) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".part");
+    std::fs::write(&tmp, format!("{}\n", json(c)))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// The entrants' indices in the order round `round` (from 1) runs them: turned by one each round.
@@ -869,6 +895,28 @@ mod tests {
         assert!(t
             .iter()
             .all(|t| t.key != "msgrate_pkts" && t.key != "decode_pkts"));
+    }
+
+    #[test]
+    fn the_comparison_so_far_is_saved_whole_after_each_run() {
+        let dir = std::env::temp_dir().join(format!("netbench-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("compare.json");
+        let mut c = comparison();
+        c.runs.truncate(2);
+        save(&path, &c).unwrap();
+        let first: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(first, json(&c));
+        assert_eq!(first["comparison"]["runs"].as_array().unwrap().len(), 2);
+        // A later save replaces the file; no temporary file is left beside it.
+        let c = comparison();
+        save(&path, &c).unwrap();
+        let second: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(second["comparison"]["runs"].as_array().unwrap().len(), 6);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        // An unwritable place is an error, not a panic.
+        assert!(save(&dir.join("missing/compare.json"), &c).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
