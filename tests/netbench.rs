@@ -177,3 +177,54 @@ fn perftest_comparison_yields_ratios() {
         assert!(n >= size / 4096.0, "{n} packets per {size}-byte message");
     }
 }
+
+/// A driver whose plugin cannot start still releases the server that waits for it: in a
+/// comparison across two hosts the next run must meet the next server, not this one.
+#[test]
+fn a_driver_that_cannot_start_releases_its_server() {
+    if !common::have_rdma_device("netbench") {
+        return;
+    }
+    let _device = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
+    halo_harness::artifacts::plugin_library();
+    let netbench = halo_harness::artifacts::example("netbench");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Command::new(&netbench)
+        .args(["--server", &addr, "--timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the server");
+    let driver = Command::new(&netbench)
+        .args(["--plugin", "/nonexistent/libnone.so", "--connect", &addr])
+        .args(["--latency", "--timeout", "60"])
+        .output()
+        .expect("run the driver");
+    let err = String::from_utf8_lossy(&driver.stderr);
+    assert!(!driver.status.success(), "the driver succeeded: {err}");
+    assert!(
+        err.contains("libnone.so"),
+        "no word of the missing plugin: {err}"
+    );
+    assert!(
+        err.contains(&format!("told the server at {addr} to quit")),
+        "{err}"
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().expect("wait for the server") {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("the server did not quit within 30 s of the driver's release");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the server exited with {status}");
+}

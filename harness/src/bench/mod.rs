@@ -30,7 +30,9 @@ use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use suites::{allreduce, close_pair, decode, latency, open_pair, stream, Local, Plan};
+use suites::{
+    allreduce, close_pair, decode, latency, open_pair, release_server, stream, Local, Plan,
+};
 
 /// Which measurements to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,8 +242,8 @@ pub fn serve_tcp(cfg: &MemberConfig, bind: &str) -> Result<(), String> {
     member::serve(cfg, Control::tcp(stream, who)?)
 }
 
-/// Runs the selected measurements; see [`Options`].
-pub fn run(o: &Options) -> Result<Report, String> {
+/// Loads and initialises the plugin, and names the device to measure.
+fn open_plugin(o: &Options) -> Result<(Plugin, String), String> {
     let mut plugin = Plugin::load(&o.plugin, o.version)?;
     plugin
         .init(quiet_logger(), u64::from(std::process::id()))
@@ -254,6 +256,16 @@ pub fn run(o: &Options) -> Result<Report, String> {
         ));
     }
     let device = plugin.properties(o.dev).map_err(|e| e.to_string())?.name;
+    Ok((plugin, device))
+}
+
+/// Runs the selected measurements; see [`Options`].
+pub fn run(o: &Options) -> Result<Report, String> {
+    let (plugin, device) = open_plugin(o).inspect_err(|_| {
+        // The server started for this run waits for its driver: release it, so that the next
+        // run of a comparison meets the next server instead of this one.
+        release_server(o);
+    })?;
     let wire_dev = o
         .wire_dev
         .clone()

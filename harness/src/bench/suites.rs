@@ -232,6 +232,24 @@ pub(super) fn open_pair(local: &Local, o: &Options) -> Result<Pair, String> {
     Ok(pair)
 }
 
+/// With a remote far end, tells its server to quit without measuring: this end could not start
+/// its plugin. Best effort (a failure is printed), each wait bounded by the timeout.
+pub(super) fn release_server(o: &Options) {
+    let PeerLink::Connect(addr) = &o.peer else {
+        return;
+    };
+    let r = (|| {
+        let mut ctl = Control::tcp(connect_tcp(addr, o.timeout)?, format!("server {addr}"))?;
+        ctl.expect("handle", o.timeout)?;
+        ctl.send("quit")?;
+        ctl.expect("bye", o.timeout).map(drop)
+    })();
+    match r {
+        Ok(()) => eprintln!("netbench: told the server at {addr} to quit (this run cannot start)"),
+        Err(e) => eprintln!("netbench: could not release the server at {addr}: {e}"),
+    }
+}
+
 fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream, String> {
     let t0 = Instant::now();
     loop {
