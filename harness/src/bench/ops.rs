@@ -133,22 +133,59 @@ impl Net<'_> {
         size: usize,
         c: &mut Polls,
     ) -> Result<Opaque, String> {
+        // SAFETY: `r` stays alive and registered until the request is waited for by the caller.
+        unsafe {
+            self.irecv_until_posted(comm, r.ptr(), r.mh, size, c, || {
+                format!("irecv of {size} bytes")
+            })
+        }
+    }
+
+    /// One `irecv` of `size` bytes into `ptr` (registered under `mh`); NULL: "not yet".
+    ///
+    /// # Safety
+    /// `ptr..ptr + size` must stay allocated and registered until the request has completed.
+    unsafe fn try_irecv(
+        &self,
+        comm: Opaque,
+        ptr: *mut u8,
+        mh: Opaque,
+        size: usize,
+    ) -> Result<Opaque, String> {
+        let mut data = [ptr.cast::<c_void>()];
+        let mut tags = [TAG];
+        let mut mhs = [mh.0];
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.plugin
+                .irecv(comm, &mut data, &[size], &mut tags, &mut mhs, null_mut())
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// [`Self::try_irecv`] until the plugin takes the receive, counting its NULL answers; `what`
+    /// names the wait if it runs out.
+    ///
+    /// # Safety
+    /// As [`Self::try_irecv`].
+    unsafe fn irecv_until_posted(
+        &self,
+        comm: Opaque,
+        ptr: *mut u8,
+        mh: Opaque,
+        size: usize,
+        c: &mut Polls,
+        what: impl Fn() -> String,
+    ) -> Result<Opaque, String> {
         let t0 = Instant::now();
         loop {
-            let mut data = [r.ptr().cast::<c_void>()];
-            let mut tags = [TAG];
-            let mut mhs = [r.mh.0];
-            // SAFETY: as for `isend`: the buffer outlives the request.
-            let req = unsafe {
-                self.plugin
-                    .irecv(comm, &mut data, &[size], &mut tags, &mut mhs, null_mut())
-            }
-            .map_err(|e| e.to_string())?;
+            // SAFETY: forwarded contract.
+            let req = unsafe { self.try_irecv(comm, ptr, mh, size) }?;
             if !req.is_null() {
                 return Ok(req);
             }
             c.null_recvs += 1;
-            self.expired(t0, || format!("irecv of {size} bytes"))?;
+            self.expired(t0, &what)?;
         }
     }
 
@@ -483,29 +520,14 @@ impl<'a> Ring<'a> {
         ring_step(self.rank, self.n, i, count)
     }
 
-    /// One `irecv` for exchange `i`'s incoming chunk (NULL: "not yet").
-    fn try_irecv(&mut self, i: usize, count: usize) -> Result<Opaque, String> {
+    /// Where exchange `i`'s incoming chunk lands, its bytes and its memory handle.
+    fn recv_target(&mut self, i: usize, count: usize) -> (*mut u8, usize, Opaque) {
         let st = self.step(i, count);
         let (ptr, mh) = match st.scratch {
             Some(off) => (self.scratch[off..].as_mut_ptr(), self.scratch_mh),
             None => (self.data[st.dst.start..].as_mut_ptr(), self.data_recv_mh),
         };
-        let mut data = [ptr.cast::<c_void>()];
-        let mut tags = [TAG];
-        let mut mhs = [mh.0];
-        // SAFETY: the target lies inside `scratch` or `data`, which stay in place and registered
-        // until the request has completed (every request is waited for by `allreduce`).
-        unsafe {
-            self.net.plugin.irecv(
-                self.recv,
-                &mut data,
-                &[st.dst.len() * 4],
-                &mut tags,
-                &mut mhs,
-                null_mut(),
-            )
-        }
-        .map_err(|e| e.to_string())
+        (ptr.cast(), st.dst.len() * 4, mh)
     }
 
     /// Posts the receives of every exchange of the next all-reduce, in order, as RCCL's proxy
@@ -513,17 +535,15 @@ impl<'a> Ring<'a> {
     fn post_recvs(&mut self, count: usize, c: &mut Polls) -> Result<VecDeque<Opaque>, String> {
         let mut reqs = VecDeque::with_capacity(2 * (self.n - 1));
         for i in 0..2 * (self.n - 1) {
-            let t0 = Instant::now();
-            loop {
-                let req = self.try_irecv(i, count)?;
-                if !req.is_null() {
-                    reqs.push_back(req);
-                    break;
-                }
-                c.null_recvs += 1;
+            let (ptr, bytes, mh) = self.recv_target(i, count);
+            // SAFETY: the target lies inside `scratch` or `data`, which stay in place and
+            // registered until the request has completed (`allreduce` waits for every one).
+            reqs.push_back(unsafe {
                 self.net
-                    .expired(t0, || "posting an all-reduce's receives".into())?;
-            }
+                    .irecv_until_posted(self.recv, ptr, mh, bytes, c, || {
+                        "posting an all-reduce's receives".into()
+                    })
+            }?);
         }
         Ok(reqs)
     }
@@ -556,7 +576,9 @@ impl<'a> Ring<'a> {
                 )
             })?;
             if rreq.is_null() {
-                rreq = self.try_irecv(i, count)?;
+                let (ptr, bytes, mh) = self.recv_target(i, count);
+                // SAFETY: as in `post_recvs`.
+                rreq = unsafe { self.net.try_irecv(self.recv, ptr, mh, bytes) }?;
                 if rreq.is_null() {
                     c.null_recvs += 1;
                 }
