@@ -98,6 +98,12 @@ impl Control {
         Ok(l.split_whitespace().map(str::to_owned).collect())
     }
 
+    /// Asks the far end to close its comms and quit, and waits for its goodbye.
+    pub fn quit(&mut self, timeout: Duration) -> Result<(), String> {
+        self.send("quit")?;
+        self.expect("bye", timeout).map(drop)
+    }
+
     /// The next line, which must start with `word`; returns the words after it.
     pub fn expect(&mut self, word: &str, timeout: Duration) -> Result<Vec<String>, String> {
         let mut l = self.recv(timeout)?;
@@ -162,8 +168,7 @@ impl SpawnedMember {
 
     /// Asks the member to close its comms and waits for it to exit.
     pub fn finish(mut self, timeout: Duration) -> Result<(), String> {
-        self.ctl.send("quit")?;
-        self.ctl.expect("bye", timeout)?;
+        self.ctl.quit(timeout)?;
         let deadline = std::time::Instant::now() + timeout;
         loop {
             match self.child.try_wait() {

@@ -241,8 +241,7 @@ pub(super) fn release_server(o: &Options) {
     let r = (|| {
         let mut ctl = Control::tcp(connect_tcp(addr, o.timeout)?, format!("server {addr}"))?;
         ctl.expect("handle", o.timeout)?;
-        ctl.send("quit")?;
-        ctl.expect("bye", o.timeout).map(drop)
+        ctl.quit(o.timeout)
     })();
     match r {
         Ok(()) => eprintln!("netbench: told the server at {addr} to quit (this run cannot start)"),
@@ -274,10 +273,7 @@ pub(super) fn close_pair(local: &Local, mut pair: Pair, timeout: Duration) -> Re
         .map_err(|e| e.to_string())?;
     match pair.member.take() {
         Some(m) => m.finish(timeout),
-        None => {
-            pair.ctl().send("quit")?;
-            pair.ctl().expect("bye", timeout).map(drop)
-        }
+        None => pair.ctl().quit(timeout),
     }
 }
 
