@@ -98,8 +98,13 @@ for w in "$@"; do
     head_cmd+="'${w//\'/\'\\\'\'}' "
 done
 # Each guest fills in its own RoCE v2 GID index (HALO_RDMA_GID_INDEX) for the other to read.
-worker="echo \$HALO_RDMA_GID_INDEX >$share/gid_a
-mkdir -p /run/sshd && /usr/sbin/sshd -f $share/sshd_config -E $share/sshd.log || exit 1
+# The worker writes its index once sshd listens on port 22 (sshd forks into the background
+# before it binds): the head reads the file as the sign that it may connect.
+worker="mkdir -p /run/sshd && /usr/sbin/sshd -f $share/sshd_config -E $share/sshd.log || exit 1
+n=0; until awk '\$2 ~ /:0016\$/ && \$4 == \"0A\" { f = 1 } END { exit !f }' /proc/net/tcp; do
+    n=\$((n + 1)); [ \$n -le 300 ] || { echo 'sshd is not listening on port 22 after 60 s' >&2; exit 1; }; sleep 0.2
+done
+echo \$HALO_RDMA_GID_INDEX >$share/gid_a.tmp && mv $share/gid_a.tmp $share/gid_a
 n=0; until [ -e $share/done ]; do n=\$((n + 1)); [ \$n -le 1500 ] || exit 1; sleep 0.4; done
 exit \$(cat $share/done)"
 head="n=0; until [ -s $share/gid_a ]; do n=\$((n + 1)); [ \$n -le 600 ] || exit 1; sleep 0.2; done

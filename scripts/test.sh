@@ -67,6 +67,11 @@ if [[ $rc != 125 || $out != *"guest a: its virtual NIC has not transmitted for 6
     echo "softroce: a guest NIC reported stuck did not end the run (exit $rc): $out" >&2
     exit 1
 fi
+# ... and shows what each guest's wire carried and what guest a's kernel said about it.
+if [[ $out != *"[a] wire: up "*"eth0 tx "* || $out != *"[b] wire: up "* || $out != *"[a] | "*"NETDEV WATCHDOG"* ]]; then
+    echo "softroce: a failed two-guest run did not report the guests' wire counters and kernel lines: $out" >&2
+    exit 1
+fi
 scripts/softroce run2 --timeout 600 -- target/debug/examples/wire_check -- target/debug/examples/wire_check
 conf="target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --messages 200 --max-size 1048576 --seed 7"
 scripts/softroce run2 --timeout 900 \

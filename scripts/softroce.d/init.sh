@@ -139,6 +139,25 @@ if [ "$MODE" != single ]; then
     done
 fi
 
+# What the wire has carried, for the host to print when a two-guest run fails: the NIC's
+# packet counters and rxe's non-zero counters (retries, sequence errors, ...), one line.
+wire_state() {
+    S=/sys/class/net/$NETDEV/statistics
+    printf 'up %ss: %s tx %s rx %s tx_dropped %s rx_dropped %s; rxe0' "$(cut -d' ' -f1 /proc/uptime)" \
+        "$NETDEV" "$(cat $S/tx_packets)" "$(cat $S/rx_packets)" "$(cat $S/tx_dropped)" "$(cat $S/rx_dropped)"
+    for f in "$PORT"/hw_counters/*; do
+        [ "${f##*/}" = lifespan ] && continue
+        v=$(cat "$f" 2>/dev/null)
+        [ -n "$v" ] && [ "$v" != 0 ] && printf ' %s=%s' "${f##*/}" "$v"
+    done
+    echo
+}
+if [ "$MODE" = pair ]; then
+    # Every 10 s while the command runs: a guest killed after its peer failed leaves its last line.
+    ( while :; do wire_state >/ctl/wire.tmp 2>/dev/null && mv /ctl/wire.tmp /ctl/wire; sleep 10; done ) &
+    SAMPLER=$!
+fi
+
 date +%s >/ctl/t_ready
 ulimit -l unlimited
 if [ "$TTY" = 1 ]; then
@@ -151,6 +170,10 @@ else
     env -i chroot "$NR" /bin/sh /run/halo/run.sh </dev/null 2>&1 | cat >"$OUT"
     rc=$?
     set +o pipefail
+fi
+if [ -n "$SAMPLER" ]; then
+    kill "$SAMPLER" 2>/dev/null
+    wire_state >/ctl/wire.tmp 2>/dev/null && mv /ctl/wire.tmp /ctl/wire
 fi
 umount "$NR$SHARE_PATH" 2>/dev/null
 finish "$rc"

@@ -570,9 +570,12 @@ impl<'a> Ring<'a> {
         while !(sdone && rdone) {
             self.net.expired(t0, || {
                 format!(
-                    "all-reduce step ({sbytes} B to rank {}, {rbytes} B from rank {})",
+                    "all-reduce step ({sbytes} B to rank {}, {rbytes} B from rank {}; send {}, \
+                     receive {})",
                     (self.rank + 1) % self.n,
-                    (self.rank + self.n - 1) % self.n
+                    (self.rank + self.n - 1) % self.n,
+                    request_state(sreq, sdone),
+                    request_state(rreq, rdone)
                 )
             })?;
             if rreq.is_null() {
@@ -726,6 +729,15 @@ impl<'a> Ring<'a> {
             }
         }
         Ok(DecodeTiming { step_us, wrong })
+    }
+}
+
+/// How far one request of a stuck exchange got, for the error that ends it.
+fn request_state(req: Opaque, done: bool) -> &'static str {
+    match (req.is_null(), done) {
+        (true, _) => "not accepted by the plugin yet",
+        (false, false) => "posted, not complete",
+        (false, true) => "complete",
     }
 }
 
