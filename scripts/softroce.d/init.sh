@@ -152,9 +152,13 @@ wire_state() {
     done
     echo
 }
+# Replaces /ctl/wire whole, so the host never reads half a line.
+save_wire_state() {
+    wire_state >/ctl/wire.tmp 2>/dev/null && mv /ctl/wire.tmp /ctl/wire
+}
 if [ "$MODE" = pair ]; then
     # Every 10 s while the command runs: a guest killed after its peer failed leaves its last line.
-    ( while :; do wire_state >/ctl/wire.tmp 2>/dev/null && mv /ctl/wire.tmp /ctl/wire; sleep 10; done ) &
+    ( while :; do save_wire_state; sleep 10; done ) &
     SAMPLER=$!
 fi
 
@@ -173,7 +177,7 @@ else
 fi
 if [ -n "$SAMPLER" ]; then
     kill "$SAMPLER" 2>/dev/null
-    wire_state >/ctl/wire.tmp 2>/dev/null && mv /ctl/wire.tmp /ctl/wire
+    save_wire_state
 fi
 umount "$NR$SHARE_PATH" 2>/dev/null
 finish "$rc"
