@@ -266,7 +266,7 @@ fn allreduce_busbw(report: &Value, ranks: u64) -> Vec<(u64, f64)> {
         .unwrap_or_default()
 }
 
-const FIGURES: [Figure; 12] = [
+const FIGURES: [Figure; 16] = [
     Figure {
         key: "latency",
         title: "latency: typical one-way time, us (lower is better)",
@@ -321,6 +321,38 @@ const FIGURES: [Figure; 12] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "decode_ahead", "size", "step_mean_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_accepted",
+        title: "decode step: us per exchange until the send was accepted (rank 0; a clear-to-send plugin waits here for the peer's offer; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode", "size", "send_accepted_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_sent",
+        title: "decode step: us per exchange until the send completed (rank 0; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode", "size", "send_done_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_ahead_accepted",
+        title: "decode step, receives posted ahead: us per exchange until the send was accepted (rank 0; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "send_accepted_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_ahead_sent",
+        title: "decode step, receives posted ahead: us per exchange until the send completed (rank 0; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "send_done_us"),
         perftest: None,
     },
     Figure {
@@ -746,7 +778,8 @@ mod tests {
             "bandwidth": [{"size": 65536, "gbps": bw}],
             "allreduce": [{"ranks": 2, "rows": [{"size": 65536, "busbw": bw / 8.0}]}],
             "decode": [
-                {"size": 8192, "allreduces": 64, "step_mean_us": lat8 * 100.0, "wrong": 0},
+                {"size": 8192, "allreduces": 64, "step_mean_us": lat8 * 100.0, "wrong": 0,
+                 "send_accepted_us": lat8 * 2.0, "send_done_us": lat8 * 3.0},
                 {"size": 16384, "allreduces": 160, "step_mean_us": lat8 * 300.0, "wrong": 0},
             ],
             "decode_ahead": [
@@ -884,6 +917,16 @@ mod tests {
         let a = ahead.rows.iter().find(|r| r.name == "a").unwrap();
         assert_eq!((a.key, a.mean), (8192, Some(550.0)));
         assert_eq!(a.best_other.as_deref(), Some("b"));
+        // The exchange phases of the decode rows, where a report has them.
+        let acc = t.iter().find(|t| t.key == "decode_accepted").unwrap();
+        assert!(acc.lower_is_better);
+        let a = acc.rows.iter().find(|r| r.name == "a").unwrap();
+        assert_eq!((a.key, a.values[0]), (8192, Some(20.0)));
+        assert!(acc.rows.iter().all(|r| r.key == 8192));
+        let sent = t.iter().find(|t| t.key == "decode_sent").unwrap();
+        let a = sent.rows.iter().find(|r| r.name == "a").unwrap();
+        assert_eq!(a.values[0], Some(30.0));
+        assert!(t.iter().all(|t| t.key != "decode_ahead_accepted"));
         // Packets per message: every plugin sends 4 where perftest sends 2.
         let pk = t.iter().find(|t| t.key == "latency_pkts").unwrap();
         assert!(pk.lower_is_better);

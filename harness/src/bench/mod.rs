@@ -18,7 +18,7 @@ mod suites;
 pub mod wire;
 
 pub use member::{member_main, MemberConfig, MEMBER_FLAG};
-pub use ops::{DecodeTiming, Net, Polls, Ring, RingTiming};
+pub use ops::{DecodeTiming, Net, Phases, Polls, Ring, RingTiming};
 pub use perftest::{BandwidthStats, LatencyStats, PerftestDevice};
 pub use scaling::ScalingRow;
 
@@ -181,6 +181,8 @@ pub struct DecodeRow {
     pub wrong: usize,
     /// Packets on the wire per all-reduce (warm-up steps included).
     pub wire_pkts: Option<f64>,
+    /// Rank 0's exchanges in the timed steps: when each send was accepted and each request done.
+    pub phases: Phases,
 }
 
 #[derive(Clone, Debug)]

@@ -425,6 +425,35 @@ pub struct Ring<'a> {
     /// Where the reduce-scatter's incoming chunks land before they are added.
     scratch: Vec<f32>,
     scratch_mh: Opaque,
+    /// Where the exchanges' time went, summed since the last [`Ring::decode`] began timing.
+    phases: Phases,
+}
+
+/// Where one rank's exchanges spend their time, summed over exchanges: from the exchange's start
+/// (its receive posted beside the send, or found posted ahead) until the plugin accepted the send
+/// (for a clear-to-send plugin, the peer's offer of its buffer has arrived), until the send
+/// completed, and until the receive completed. Divided by `exchanges` they say which phase a
+/// slower plugin loses its time in.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Phases {
+    pub exchanges: u64,
+    pub send_accepted_us: f64,
+    pub send_done_us: f64,
+    pub recv_done_us: f64,
+}
+
+impl Phases {
+    /// The means per exchange (accepted, send done, receive done), `None` without exchanges.
+    pub fn means(&self) -> Option<(f64, f64, f64)> {
+        let n = self.exchanges as f64;
+        (self.exchanges > 0).then(|| {
+            (
+                self.send_accepted_us / n,
+                self.send_done_us / n,
+                self.recv_done_us / n,
+            )
+        })
+    }
 }
 
 /// Result of one size on one rank.
@@ -441,6 +470,8 @@ pub struct DecodeTiming {
     pub step_us: Vec<f64>,
     /// Elements differing from the exact sum, over every all-reduce (warm-up included).
     pub wrong: usize,
+    /// This rank's exchanges of the timed steps.
+    pub phases: Phases,
 }
 
 /// One exchange of an all-reduce: what goes to the next rank, what comes from the previous one,
@@ -505,6 +536,7 @@ impl<'a> Ring<'a> {
             data_recv_mh,
             scratch,
             scratch_mh,
+            phases: Phases::default(),
         })
     }
 
@@ -567,6 +599,8 @@ impl<'a> Ring<'a> {
         let t0 = Instant::now();
         let mut sreq = Opaque(null_mut());
         let (mut sdone, mut rdone) = (false, false);
+        let us = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e6;
+        let (mut accepted, mut sent, mut received) = (0.0, 0.0, 0.0);
         while !(sdone && rdone) {
             self.net.expired(t0, || {
                 format!(
@@ -592,10 +626,15 @@ impl<'a> Ring<'a> {
                     .map_err(|e| e.to_string())?;
                 if sreq.is_null() {
                     c.null_sends += 1;
+                } else {
+                    accepted = us(Instant::now());
                 }
             }
             if !sreq.is_null() && !sdone {
                 sdone = self.net.poll(sreq, c)?.is_some();
+                if sdone {
+                    sent = us(Instant::now());
+                }
             }
             if !rreq.is_null() && !rdone {
                 rdone = match self.net.poll(rreq, c)? {
@@ -605,10 +644,18 @@ impl<'a> Ring<'a> {
                     Some(_) => true,
                     None => false,
                 };
+                if rdone {
+                    received = us(Instant::now());
+                }
             }
             // Ranks may outnumber CPUs (4 ranks in a 2-CPU guest): let the peer we wait for run.
             std::thread::yield_now();
         }
+        let ph = &mut self.phases;
+        ph.exchanges += 1;
+        ph.send_accepted_us += accepted;
+        ph.send_done_us += sent;
+        ph.recv_done_us += received;
         Ok(())
     }
 
@@ -710,6 +757,9 @@ impl<'a> Ring<'a> {
         }
         let mut done = 0;
         for step in 0..warmup + steps {
+            if step == warmup {
+                self.phases = Phases::default();
+            }
             let mut t = Duration::ZERO;
             for _ in 0..per_step {
                 self.data[..count].copy_from_slice(&input);
@@ -728,7 +778,11 @@ impl<'a> Ring<'a> {
                 step_us.push(t.as_secs_f64() * 1e6);
             }
         }
-        Ok(DecodeTiming { step_us, wrong })
+        Ok(DecodeTiming {
+            step_us,
+            wrong,
+            phases: self.phases,
+        })
     }
 }
 

@@ -217,20 +217,37 @@ fn decode_table(s: &mut String, rows: &[DecodeRow]) {
     );
     let _ = writeln!(
         s,
-        "{:>10} {:>8} {:>14} {:>14} {:>10} {:>7} {:>8}",
-        "size(B)", "ARs/step", "step_mean(us)", "step_med(us)", "us/AR", "#wrong", "pkts/AR"
+        "# per exchange of rank 0 (us from its start): send accepted by the plugin, send done, receive done"
+    );
+    let _ = writeln!(
+        s,
+        "{:>10} {:>8} {:>14} {:>14} {:>10} {:>7} {:>8} {:>9} {:>9} {:>9}",
+        "size(B)",
+        "ARs/step",
+        "step_mean(us)",
+        "step_med(us)",
+        "us/AR",
+        "#wrong",
+        "pkts/AR",
+        "accepted",
+        "sent",
+        "received"
     );
     for d in rows {
+        let m = d.phases.means();
         let _ = writeln!(
             s,
-            "{:>10} {:>8} {:>14.1} {:>14.1} {:>10.2} {:>7} {}",
+            "{:>10} {:>8} {:>14.1} {:>14.1} {:>10.2} {:>7} {} {} {} {}",
             d.size,
             d.allreduces,
             d.step_mean_us,
             d.step_median_us,
             d.allreduce_us,
             d.wrong,
-            opt(d.wire_pkts, 8, 1)
+            opt(d.wire_pkts, 8, 1),
+            opt(m.map(|m| m.0), 9, 1),
+            opt(m.map(|m| m.1), 9, 1),
+            opt(m.map(|m| m.2), 9, 1)
         );
     }
 }
@@ -243,6 +260,10 @@ fn decode_json(rows: &[DecodeRow]) -> Value {
                 "warmup": d.warmup, "steps": d.steps,
                 "step_mean_us": d.step_mean_us, "step_median_us": d.step_median_us,
                 "allreduce_us": d.allreduce_us, "wrong": d.wrong, "wire_pkts": d.wire_pkts,
+                "exchanges": d.phases.exchanges,
+                "send_accepted_us": d.phases.means().map(|m| m.0),
+                "send_done_us": d.phases.means().map(|m| m.1),
+                "recv_done_us": d.phases.means().map(|m| m.2),
             })
         })
         .collect()
@@ -306,6 +327,7 @@ pub fn json(r: &Report) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::Phases;
     use std::path::PathBuf;
 
     fn report(decode: Vec<DecodeRow>) -> Report {
@@ -339,6 +361,16 @@ mod tests {
             allreduce_us: mean / allreduces as f64,
             wrong,
             wire_pkts: (size == 8192).then_some(12.0),
+            phases: if size == 8192 {
+                Phases {
+                    exchanges: 4,
+                    send_accepted_us: 40.0,
+                    send_done_us: 100.0,
+                    recv_done_us: 90.0,
+                }
+            } else {
+                Phases::default()
+            },
         }
     }
 
@@ -357,13 +389,14 @@ mod tests {
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(
             cols,
-            ["16384", "160", "4800.0", "4799.0", "30.00", "3", "-"]
+            ["16384", "160", "4800.0", "4799.0", "30.00", "3", "-", "-", "-", "-"]
         );
         let line = t
             .lines()
             .find(|l| l.trim_start().starts_with("8192"))
             .unwrap();
-        assert!(line.trim_end().ends_with("12.0"), "{line}");
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[6..], ["12.0", "10.0", "25.0", "22.5"], "{line}");
         let j = json(&r);
         assert_eq!(j["decode"][0]["size"], 8192);
         assert_eq!(j["decode"][0]["allreduces"], 64);
@@ -371,6 +404,11 @@ mod tests {
         assert_eq!(j["decode"][1]["wrong"], 3);
         assert_eq!(j["decode"][0]["wire_pkts"], 12.0);
         assert!(j["decode"][1]["wire_pkts"].is_null());
+        assert_eq!(j["decode"][0]["exchanges"], 4);
+        assert_eq!(j["decode"][0]["send_accepted_us"], 10.0);
+        assert_eq!(j["decode"][0]["send_done_us"], 25.0);
+        assert_eq!(j["decode"][0]["recv_done_us"], 22.5);
+        assert!(j["decode"][1]["send_accepted_us"].is_null());
         assert!(!r.all_exact());
         assert!(report(vec![row(8192, 64, 1.0, 0)]).all_exact());
         // Without decode rows, no decode table.

@@ -537,6 +537,7 @@ pub(super) fn decode(
             })
             .collect::<Result<Vec<f64>, String>>()?;
         let wrong = mine.wrong + field::<usize>(&w, 0, "decode wrong")?;
+        let phases = mine.phases;
         let (step_mean_us, step_median_us) = step_stats(&[mine.step_us, theirs]);
         rows.push(DecodeRow {
             size,
@@ -549,6 +550,7 @@ pub(super) fn decode(
             allreduce_us: step_mean_us / allreduces.max(1) as f64,
             wrong,
             wire_pkts,
+            phases,
         });
     }
     Ok(rows)
