@@ -266,7 +266,7 @@ fn allreduce_busbw(report: &Value, ranks: u64) -> Vec<(u64, f64)> {
         .unwrap_or_default()
 }
 
-const FIGURES: [Figure; 16] = [
+const FIGURES: [Figure; 17] = [
     Figure {
         key: "latency",
         title: "latency: typical one-way time, us (lower is better)",
@@ -337,6 +337,14 @@ const FIGURES: [Figure; 16] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "decode", "size", "send_done_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_nulls",
+        title: "decode step: NULL requests from isend per exchange before the send was accepted (rank 0; waits for the peer's offer)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode", "size", "null_sends_per_exchange"),
         perftest: None,
     },
     Figure {

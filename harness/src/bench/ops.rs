@@ -440,9 +440,17 @@ pub struct Phases {
     pub send_accepted_us: f64,
     pub send_done_us: f64,
     pub recv_done_us: f64,
+    /// `isend` calls that returned NULL before the send was accepted: many say the time to
+    /// acceptance was spent waiting for the peer, none that it was spent inside the calls.
+    pub null_sends: u64,
 }
 
 impl Phases {
+    /// NULL requests from `isend` per exchange, `None` without exchanges.
+    pub fn null_sends_per_exchange(&self) -> Option<f64> {
+        (self.exchanges > 0).then(|| self.null_sends as f64 / self.exchanges as f64)
+    }
+
     /// The means per exchange (accepted, send done, receive done), `None` without exchanges.
     pub fn means(&self) -> Option<(f64, f64, f64)> {
         let n = self.exchanges as f64;
@@ -601,6 +609,7 @@ impl<'a> Ring<'a> {
         let (mut sdone, mut rdone) = (false, false);
         let us = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e6;
         let (mut accepted, mut sent, mut received) = (0.0, 0.0, 0.0);
+        let mut nulls = 0;
         while !(sdone && rdone) {
             self.net.expired(t0, || {
                 format!(
@@ -626,6 +635,7 @@ impl<'a> Ring<'a> {
                     .map_err(|e| e.to_string())?;
                 if sreq.is_null() {
                     c.null_sends += 1;
+                    nulls += 1;
                 } else {
                     accepted = us(Instant::now());
                 }
@@ -656,6 +666,7 @@ impl<'a> Ring<'a> {
         ph.send_accepted_us += accepted;
         ph.send_done_us += sent;
         ph.recv_done_us += received;
+        ph.null_sends += nulls;
         Ok(())
     }
 

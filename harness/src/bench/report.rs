@@ -264,6 +264,7 @@ fn decode_json(rows: &[DecodeRow]) -> Value {
                 "send_accepted_us": d.phases.means().map(|m| m.0),
                 "send_done_us": d.phases.means().map(|m| m.1),
                 "recv_done_us": d.phases.means().map(|m| m.2),
+                "null_sends_per_exchange": d.phases.null_sends_per_exchange(),
             })
         })
         .collect()
@@ -367,6 +368,7 @@ mod tests {
                     send_accepted_us: 40.0,
                     send_done_us: 100.0,
                     recv_done_us: 90.0,
+                    null_sends: 6,
                 }
             } else {
                 Phases::default()
@@ -408,6 +410,7 @@ mod tests {
         assert_eq!(j["decode"][0]["send_accepted_us"], 10.0);
         assert_eq!(j["decode"][0]["send_done_us"], 25.0);
         assert_eq!(j["decode"][0]["recv_done_us"], 22.5);
+        assert_eq!(j["decode"][0]["null_sends_per_exchange"], 1.5);
         assert!(j["decode"][1]["send_accepted_us"].is_null());
         assert!(!r.all_exact());
         assert!(report(vec![row(8192, 64, 1.0, 0)]).all_exact());
