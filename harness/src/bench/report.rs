@@ -255,15 +255,16 @@ fn decode_table(s: &mut String, rows: &[DecodeRow]) {
 fn decode_json(rows: &[DecodeRow]) -> Value {
     rows.iter()
         .map(|d| {
+            let m = d.phases.means();
             json!({
                 "size": d.size, "allreduces": d.allreduces, "receives_ahead": d.ahead,
                 "warmup": d.warmup, "steps": d.steps,
                 "step_mean_us": d.step_mean_us, "step_median_us": d.step_median_us,
                 "allreduce_us": d.allreduce_us, "wrong": d.wrong, "wire_pkts": d.wire_pkts,
                 "exchanges": d.phases.exchanges,
-                "send_accepted_us": d.phases.means().map(|m| m.0),
-                "send_done_us": d.phases.means().map(|m| m.1),
-                "recv_done_us": d.phases.means().map(|m| m.2),
+                "send_accepted_us": m.map(|m| m.0),
+                "send_done_us": m.map(|m| m.1),
+                "recv_done_us": m.map(|m| m.2),
                 "null_sends_per_exchange": d.phases.null_sends_per_exchange(),
             })
         })
