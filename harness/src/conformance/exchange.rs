@@ -364,6 +364,18 @@ fn progress_loop(
             }
         }
 
+        // Right after posting, while this pass's requests are surely in flight: a peer that
+        // completes every request within the call that posts it (Soft-RoCE in one guest) would
+        // otherwise leave none in flight by the end of the pass, and the kill might never come.
+        if let (Some((after, pid)), None) = (kill, killed_at) {
+            if completed_msgs >= after && !posted.is_empty() {
+                // SAFETY: plain syscall on the receiver child this process spawned.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                println!("PEER-KILL: receiver {pid} killed after {completed_msgs} messages with {} requests in flight", posted.len());
+                killed_at = Some(Instant::now());
+            }
+        }
+
         let mut i = 0;
         while i < posted.len() {
             let p = &posted[i];
@@ -433,15 +445,6 @@ fn progress_loop(
             base += 1;
             // The service side may already have given up; then the buffers are simply dropped.
             let _ = done_tx.send(a.work);
-        }
-
-        if let (Some((after, pid)), None) = (kill, killed_at) {
-            if completed_msgs >= after && !posted.is_empty() {
-                // SAFETY: plain syscall on the receiver child this process spawned.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                println!("PEER-KILL: receiver {pid} killed after {completed_msgs} messages with {} requests in flight", posted.len());
-                killed_at = Some(Instant::now());
-            }
         }
 
         if progressed {
