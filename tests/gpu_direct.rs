@@ -110,6 +110,7 @@ fn child_entry() {
         "absent_runtime" => absent_runtime(),
         "fallback" => fallback(),
         "dmabuf_only" => dmabuf_only(),
+        "eager_gpu" => eager_gpu(),
         "no_rocm" => no_rocm(),
         other => panic!("unknown scenario {other}"),
     }
@@ -390,6 +391,30 @@ fn probe_falls_back_to_registration_by_address() {
     );
 }
 
+/// With the eager path on, a send from "device" memory posted before its receive goes eagerly and
+/// is done once its write has completed; the receive, into "device" memory the CPU must not
+/// write, gets the message by a NIC copy out of the bounce slot (on the flush QP), checked byte
+/// for byte, and the comms stay usable.
+#[test]
+fn eager_messages_reach_gpu_memory_by_a_nic_copy() {
+    if !common::have_rdma_device("gpu_direct eager_gpu") {
+        return;
+    }
+    let out = run_child(
+        "eager_gpu",
+        true,
+        &[("FAKE_ROCM_DMABUF", "fail"), ("HALO_EAGER_MAX", "8192")],
+    );
+    assert!(
+        out.contains("eager message copied into device memory by the NIC: 6000 bytes verified"),
+        "{out}"
+    );
+    assert!(
+        out.contains("copied by the NIC), 0 too large for their receive"),
+        "the receive comm's close line counts the copies"
+    );
+}
+
 /// With only strategy 1 allowed and no dma-buf MRs, NCCL_PTR_CUDA is not advertised,
 /// regMr(CUDA) is refused, regMrDmaBuf fails with the NIC's reason, and the comm still works.
 #[test]
@@ -524,6 +549,36 @@ unsafe fn transfer(
     rmh: *mut c_void,
     len: usize,
 ) -> usize {
+    // SAFETY: as the caller promises.
+    let rreq = unsafe { irecv(p, dst, dst_len, rmh) };
+    let mut sreq: *mut c_void = null_mut();
+    let t0 = Instant::now();
+    while sreq.is_null() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "isend never posted");
+        assert_eq!(
+            // SAFETY: the comm and the buffer are as the caller promises; `sreq` is a local.
+            unsafe { NET.isend.unwrap()(p.sc, src as *mut c_void, len, 7, smh, &mut sreq) },
+            ncclSuccess
+        );
+    }
+    let mut ssize = [-1 as c_int];
+    let mut rsize = [-1 as c_int];
+    // SAFETY: both requests were just posted and only these calls test them; each sizes array
+    // has room for its request's one buffer.
+    unsafe {
+        wait(sreq, ssize.as_mut_ptr(), "send");
+        wait(rreq, rsize.as_mut_ptr(), "receive");
+    }
+    assert_eq!(ssize[0] as usize, len);
+    rsize[0] as usize
+}
+
+/// Posts a receive of up to `dst_len` bytes into `dst` (tag 7); the request.
+///
+/// # Safety
+/// `p.rc` is live and `rmh` registers `dst_len` bytes at `dst` on it, mapped until the request
+/// completes.
+unsafe fn irecv(p: &Pair, dst: u64, dst_len: usize, rmh: *mut c_void) -> *mut c_void {
     let mut rreq: *mut c_void = null_mut();
     let mut data = [dst as *mut c_void];
     let mut sizes = [dst_len];
@@ -546,26 +601,7 @@ unsafe fn transfer(
         ncclSuccess
     );
     assert!(!rreq.is_null());
-    let mut sreq: *mut c_void = null_mut();
-    let t0 = Instant::now();
-    while sreq.is_null() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "isend never posted");
-        assert_eq!(
-            // SAFETY: the comm and the buffer are as the caller promises; `sreq` is a local.
-            unsafe { NET.isend.unwrap()(p.sc, src as *mut c_void, len, 7, smh, &mut sreq) },
-            ncclSuccess
-        );
-    }
-    let mut ssize = [-1 as c_int];
-    let mut rsize = [-1 as c_int];
-    // SAFETY: both requests were just posted and only these calls test them; each sizes array
-    // has room for its request's one buffer.
-    unsafe {
-        wait(sreq, ssize.as_mut_ptr(), "send");
-        wait(rreq, rsize.as_mut_ptr(), "receive");
-    }
-    assert_eq!(ssize[0] as usize, len);
-    rsize[0] as usize
+    rreq
 }
 
 /// `iflush` of one received buffer; the request (NULL = nothing to flush).
@@ -738,6 +774,60 @@ fn fallback() {
         assert_eq!(NET.deregMr.unwrap()(p.sc, smh), ncclSuccess);
         assert_eq!(NET.deregMr.unwrap()(p.rc, rmh), ncclSuccess);
         assert_eq!(dev.regs.count(RegKind::GpuVa), 0);
+        assert_eq!(NET.closeSend.unwrap()(p.sc), ncclSuccess);
+        assert_eq!(NET.closeRecv.unwrap()(p.rc), ncclSuccess);
+    }
+}
+
+fn eager_gpu() {
+    let rt = gpu::runtime().expect("stand-in");
+    // SAFETY: the plugin's table is called as RCCL would, with live buffers and comms; every
+    // request is tested until done before its buffers are deregistered.
+    unsafe {
+        let p = init_and_connect();
+        assert_eq!(props().ptrSupport, NCCL_PTR_HOST | NCCL_PTR_CUDA);
+        let len = 6000;
+        let src = rt.alloc(1 << 16).unwrap();
+        let dst = rt.alloc(1 << 16).unwrap();
+        let bytes = pattern(len, 23);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), src.ptr as *mut u8, len);
+        let (r, smh) = reg(p.sc, src.ptr, src.len, NCCL_PTR_CUDA);
+        assert_eq!(r, ncclSuccess);
+        let (r, rmh) = reg(p.rc, dst.ptr, dst.len, NCCL_PTR_CUDA);
+        assert_eq!(r, ncclSuccess);
+        // No receive posted yet: the send goes eagerly, at the first call.
+        let mut sreq: *mut c_void = null_mut();
+        assert_eq!(
+            NET.isend.unwrap()(p.sc, src.ptr as *mut c_void, len, 7, smh, &mut sreq),
+            ncclSuccess
+        );
+        assert!(
+            !sreq.is_null(),
+            "a 6000-byte send with no receive went eagerly"
+        );
+        let mut ssize = [-1 as c_int];
+        wait(sreq, ssize.as_mut_ptr(), "eager send");
+        assert_eq!(ssize[0] as usize, len);
+        let rreq = irecv(&p, dst.ptr, dst.len, rmh);
+        let mut rsize = [-1 as c_int];
+        wait(rreq, rsize.as_mut_ptr(), "receive into device memory");
+        assert_eq!(rsize[0] as usize, len);
+        assert_eq!(
+            std::slice::from_raw_parts(dst.ptr as *const u8, len),
+            &bytes[..]
+        );
+        let recv = CommHandle::recv_comm(p.rc).expect("a receive comm");
+        assert_eq!(recv.counters().0.eager_dma, 1, "the NIC copied the message");
+        println!("eager message copied into device memory by the NIC: {len} bytes verified");
+        let freq = iflush(&p, dst.ptr, len, rmh);
+        assert!(!freq.is_null(), "a GPU receive is flushed");
+        wait(freq, null_mut(), "flush");
+        // The comms carry on, eagerly or not.
+        let n = transfer(&p, src.ptr, smh, dst.ptr, dst.len, rmh, 100);
+        assert_eq!(n, 100);
+        host_roundtrip(&p);
+        assert_eq!(NET.deregMr.unwrap()(p.sc, smh), ncclSuccess);
+        assert_eq!(NET.deregMr.unwrap()(p.rc, rmh), ncclSuccess);
         assert_eq!(NET.closeSend.unwrap()(p.sc), ncclSuccess);
         assert_eq!(NET.closeRecv.unwrap()(p.rc), ncclSuccess);
     }

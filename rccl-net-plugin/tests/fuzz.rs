@@ -17,7 +17,7 @@ use rccl_net_plugin::oob::{
 use rccl_net_plugin::protocol::{
     stamp, CtsEntry, EagerHeader, OnWire, Post, PostOp, PostSink, Receiver, RecvBuf, RecvConfig,
     RecvSink, SendConfig, SendMsg, Sender, WrId, CTS_ROW_BYTES, FIFO_DEPTH, IMM_EAGER,
-    IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
+    IMM_EAGER_BARE, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
 };
 
 /// Proptest cases for a target with `base` cases at the default scale.
@@ -129,6 +129,13 @@ impl Sink {
     fn flag(&mut self, v: String) {
         self.violation.get_or_insert(v);
     }
+
+    /// Whether `len` bytes at `dst` lie inside one posted receive buffer.
+    fn lands_in_a_buffer(&self, dst: u64, len: u64) -> bool {
+        self.bufs
+            .iter()
+            .any(|&(a, s)| dst >= a && len <= s && dst - a <= s - len)
+    }
 }
 
 impl PostSink for Sink {
@@ -169,10 +176,7 @@ impl PostSink for Sink {
 
 impl RecvSink for Sink {
     fn copy_eager(&mut self, slot: u16, dst: u64, len: u64) {
-        let fits = self
-            .bufs
-            .iter()
-            .any(|&(a, s)| dst >= a && len <= s && dst - a <= s - len);
+        let fits = self.lands_in_a_buffer(dst, len);
         if slot >= self.eager_slots || len > u64::from(self.eager_max) || !fits {
             self.flag(format!(
                 "eager copy of {len} bytes from slot {slot} to {dst:#x}"
@@ -183,6 +187,17 @@ impl RecvSink for Sink {
     fn release_eager(&mut self, slot: u16) {
         if slot >= self.eager_slots {
             self.flag(format!("release of eager slot {slot}"));
+        }
+    }
+
+    fn dma_eager(&mut self, slot: u16, dst: u64, _rkey: u32, len: u32) {
+        if slot >= self.eager_slots
+            || len > self.eager_max
+            || !self.lands_in_a_buffer(dst, u64::from(len))
+        {
+            self.flag(format!(
+                "NIC copy of {len} bytes from eager slot {slot} to {dst:#x}"
+            ));
         }
     }
 }
@@ -502,6 +517,10 @@ enum RecvOp {
     SendCompletion {
         wr_id: u64,
     },
+    /// The NIC copy of an eager message out of a bounce slot completed (or a bogus report).
+    DmaDone {
+        slot: u16,
+    },
     Test {
         pick: u16,
         raw: Option<u16>,
@@ -515,6 +534,7 @@ fn recv_op() -> impl Strategy<Value = RecvOp> {
         2 => Just(IMM_SIZES_IN_ARRAY),
         1 => Just(IMM_TRUNCATED),
         3 => (0u32..10).prop_map(|s| IMM_EAGER | s),
+        3 => any::<u32>().prop_map(|x| IMM_EAGER | IMM_EAGER_BARE | (x & 0x1FFF_FFFF)),
         1 => any::<u32>(),
     ];
     let sizes = prop_oneof![
@@ -542,6 +562,7 @@ fn recv_op() -> impl Strategy<Value = RecvOp> {
                 3 => (0u32..40).prop_map(|n| WrId::Cts(n).encode()),
                 1 => any::<u64>(),
              ].prop_map(|wr_id| RecvOp::SendCompletion { wr_id }),
+        1 => (0u16..10).prop_map(|slot| RecvOp::DmaDone { slot }),
         3 => (any::<u16>(), prop_oneof![30 => Just(None), 1 => any::<u16>().prop_map(Some)])
             .prop_map(|(pick, raw)| RecvOp::Test { pick, raw }),
         1 => Just(RecvOp::Restock),
@@ -610,6 +631,7 @@ fn run_receiver(cfg: RecvConfig, ops: Vec<RecvOp>) -> Result<(), TestCaseError> 
                 &mut sink,
             ),
             RecvOp::SendCompletion { wr_id } => r.on_send_completion(wr_id),
+            RecvOp::DmaDone { slot } => r.on_eager_dma_done(slot),
             RecvOp::Test { pick, raw } => {
                 let req = match raw {
                     Some(r) => r,

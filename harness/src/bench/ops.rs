@@ -9,8 +9,11 @@ use std::ffi::{c_int, c_void};
 use std::ptr::null_mut;
 use std::time::{Duration, Instant};
 
-/// Any tag works: requests on one comm match in posting order.
-const TAG: c_int = 0x4242;
+/// The tag of every request. Requests on one comm match in posting order, so any tag works; this
+/// is one RCCL's proxy would pass (it tags a connection's sends and receives with the sending
+/// rank's number), so a plugin that packs small tags into its wire format is measured the way
+/// RCCL drives it.
+const TAG: c_int = 1;
 /// Receives each end of the ping-pong keeps posted (RCCL's `NCCL_STEPS`).
 pub const PINGPONG_AHEAD: usize = 8;
 

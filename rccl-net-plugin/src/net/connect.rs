@@ -17,7 +17,7 @@
 use super::buffer::RegisteredBuf;
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
-use super::flush::{Flush, FLUSH_SLOTS};
+use super::flush::{Flush, EAGER_COPIES, FLUSH_SLOTS};
 use super::link::Link;
 use super::poster::{Remote, Staging, Targets};
 use super::recv_comm::{EagerRing, RecvComm, RecvParts};
@@ -267,7 +267,8 @@ fn flush_qp(dev: &NetDevice, s: &ConnSettings) -> NetResult<Option<Flush>> {
 
 /// A flush QP on `dev`, connected to itself, with its sink (also what the `init` probe opens).
 pub(super) fn new_flush(dev: &NetDevice, s: &ConnSettings) -> NetResult<Flush> {
-    let (qp, cq) = create_qp(dev, FLUSH_SLOTS as u32, 1)?;
+    // Flush READs, and the NIC's copies of eager messages into GPU memory.
+    let (qp, cq) = create_qp(dev, (FLUSH_SLOTS + EAGER_COPIES) as u32, 1)?;
     let psn = random_psn();
     let me = local_info(
         dev,

@@ -1,15 +1,19 @@
-//! Flush of receives into GPU memory.
+//! Flush of receives into GPU memory, and the NIC's copies of eager messages into it.
 //!
 //! The NIC's writes into GPU memory may still sit in PCIe or fabric buffers when the receive's
 //! completion arrives. An RDMA READ from the received buffer, issued by the same NIC after the
 //! writes, returns only once they are visible to the GPU. Each receive comm owns a loopback RC
 //! QP (connected to itself) for these reads; each read fetches one byte into a host sink.
+//!
+//! The same QP carries the copies of eager messages out of their bounce slots (host memory)
+//! into receive buffers in GPU memory, which the CPU does not write: an RDMA WRITE from the
+//! slot to the buffer, on our own NIC.
 
 use super::buffer::RegisteredBuf;
 use super::connect::{new_flush, ConnSettings};
 use super::device::NetDevice;
 use super::error::{NetError, NetResult};
-use crate::protocol::FIFO_DEPTH;
+use crate::protocol::{FIFO_DEPTH, MAX_EAGER_SLOTS};
 use halo_ibverbs::{
     CompletionQueue, CqId, QueuePair, SendOp, SendWr, Sge, WcOpcode, WorkCompletion,
 };
@@ -17,6 +21,10 @@ use std::time::{Duration, Instant};
 
 /// Flushes in flight per receive comm: one per outstanding receive is enough.
 pub const FLUSH_SLOTS: usize = FIFO_DEPTH;
+/// Eager copies in flight per receive comm: one per bounce slot.
+pub const EAGER_COPIES: usize = MAX_EAGER_SLOTS;
+/// Work request ids of eager copies: this bit and the slot.
+const COPY_TAG: u64 = 1 << 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
@@ -32,6 +40,9 @@ pub struct Flush {
     sink: RegisteredBuf,
     slots: [Slot; FLUSH_SLOTS],
     reads_done: u64,
+    /// Eager copies posted and completed (not yet collected), one bit per bounce slot.
+    copies_out: u16,
+    copies_done: u16,
     error: Option<NetError>,
 }
 
@@ -44,6 +55,8 @@ impl Flush {
             sink,
             slots: [Slot::Free; FLUSH_SLOTS],
             reads_done: 0,
+            copies_out: 0,
+            copies_done: 0,
             error: None,
         }
     }
@@ -98,28 +111,88 @@ impl Flush {
         Ok(slot)
     }
 
-    /// Whether the flush in `slot` completed; a completed slot is free again afterwards.
-    pub fn test(&mut self, slot: usize) -> NetResult<bool> {
-        if self.slots.get(slot).is_none_or(|s| *s == Slot::Free) {
-            return Err(NetError::InvalidArgument(format!(
-                "test of flush request {slot}, which is not in flight"
-            )));
-        }
+    /// Posts the copy of `len` bytes at `src` (our registered bounce slot `slot`, under `lkey`)
+    /// to `dst` (GPU memory registered under `rkey`); [`Self::take_copies_done`] reports it.
+    pub fn post_copy(
+        &mut self,
+        slot: u16,
+        src: u64,
+        lkey: u32,
+        len: u32,
+        dst: u64,
+        rkey: u32,
+    ) -> NetResult<()> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
-        let mut wcs = [WorkCompletion::default(); FLUSH_SLOTS];
+        let bit = 1u16.checked_shl(u32::from(slot)).unwrap_or(0);
+        if bit == 0 || usize::from(slot) >= EAGER_COPIES || self.copies_out & bit != 0 {
+            return Err(NetError::Internal(format!(
+                "eager copy of slot {slot} while one is in flight or past {EAGER_COPIES} slots"
+            )));
+        }
+        let sge = Sge {
+            addr: src,
+            length: len,
+            lkey,
+        };
+        let wr = SendWr {
+            wr_id: COPY_TAG | u64::from(slot),
+            op: SendOp::Write {
+                remote_addr: dst,
+                rkey,
+            },
+            sge: &std::slice::from_ref(&sge)[..usize::from(len > 0)],
+            signaled: true,
+            inline: false,
+        };
+        // SAFETY: the source is our bounce slot, which the protocol keeps until this copy is
+        // reported; the destination is the caller's registered receive buffer, which RCCL keeps
+        // until `test` reports the receive done, which waits for this copy.
+        unsafe { self.qp.post_send(&[wr]) }.map_err(|e| {
+            let qpn = self.qp.qp_num();
+            self.fail(NetError::System(format!(
+                "posting the copy of an eager message to {dst:#x} on flush qp {qpn:#x}: {e}"
+            )))
+        })?;
+        self.copies_out |= bit;
+        Ok(())
+    }
+
+    /// Eager copies completed since the last call, one bit per bounce slot.
+    pub fn take_copies_done(&mut self) -> NetResult<u16> {
+        self.poll()?;
+        self.copies_out &= !self.copies_done;
+        Ok(std::mem::take(&mut self.copies_done))
+    }
+
+    /// Polls the completions of flush READs and eager copies.
+    fn poll(&mut self) -> NetResult<()> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let mut wcs = [WorkCompletion::default(); FLUSH_SLOTS + EAGER_COPIES];
         let n = self
             .cq
             .poll(&mut wcs)
             .map_err(|e| self.fail(NetError::System(format!("polling flush completions: {e}"))))?;
         for wc in &wcs[..n] {
+            let copy = wc.wr_id & COPY_TAG != 0;
             if let Err(e) = wc.result() {
                 let qpn = self.qp.qp_num();
+                let what = if copy {
+                    "copy of an eager message into GPU memory"
+                } else {
+                    "flush READ"
+                };
                 return Err(self.fail(NetError::Remote(format!(
-                    "flush READ failed: {e} (vendor error {:#x}) on flush qp {qpn:#x}",
+                    "{what} failed: {e} (vendor error {:#x}) on flush qp {qpn:#x}",
                     wc.vendor_err
                 ))));
+            }
+            if copy {
+                self.copies_done |= 1u16.checked_shl(wc.wr_id as u32).unwrap_or(0);
+                continue;
             }
             if wc.opcode == WcOpcode::RdmaRead && wc.byte_len == 1 {
                 self.reads_done += 1;
@@ -128,6 +201,17 @@ impl Flush {
                 *s = Slot::Done;
             }
         }
+        Ok(())
+    }
+
+    /// Whether the flush in `slot` completed; a completed slot is free again afterwards.
+    pub fn test(&mut self, slot: usize) -> NetResult<bool> {
+        if self.slots.get(slot).is_none_or(|s| *s == Slot::Free) {
+            return Err(NetError::InvalidArgument(format!(
+                "test of flush request {slot}, which is not in flight"
+            )));
+        }
+        self.poll()?;
         if self.slots[slot] == Slot::Done {
             self.slots[slot] = Slot::Free;
             Ok(true)

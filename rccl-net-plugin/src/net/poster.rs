@@ -6,7 +6,7 @@
 use super::buffer::RegisteredBuf;
 use crate::protocol::{
     eager_slot_offset, fifo_row_offset, sizes_row_offset, EagerHeader, Post, PostOp, PostSink,
-    RecvSink, CTS_ROW_BYTES, EAGER_HEADER_BYTES, SIZES_ROW_BYTES,
+    RecvSink, CTS_ROW_BYTES, EAGER_HEADER_BYTES, MAX_EAGER_SLOTS, SIZES_ROW_BYTES,
 };
 use halo_ibverbs::{QueuePair, SendOp, SendWr, Sge, VerbsError, MAX_WRS_PER_POST};
 use std::mem::MaybeUninit;
@@ -44,6 +44,33 @@ pub struct SlotRing {
     pub base: *mut u8,
     pub slots: u16,
     pub slot_max: u32,
+}
+
+impl SlotRing {
+    /// Address of bounce slot `slot`'s payload.
+    pub fn payload(&self, slot: u16) -> *mut u8 {
+        self.base
+            .wrapping_add(eager_slot_offset(slot, self.slot_max) as usize + EAGER_HEADER_BYTES)
+    }
+}
+
+/// A NIC copy of an eager message out of bounce slot `slot` into GPU memory, which the receive
+/// comm posts on its flush queue pair (connected to itself) once the core's call has returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EagerDma {
+    pub slot: u16,
+    pub dst: u64,
+    pub rkey: u32,
+    pub len: u32,
+}
+
+/// The NIC copies one call of the protocol core asked for (at most one per bounce slot).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EagerDmas {
+    pub list: [EagerDma; MAX_EAGER_SLOTS],
+    pub n: usize,
+    /// The core asked for more copies than it can have in flight (a broken invariant).
+    pub overflow: bool,
 }
 
 /// The SGE, operation and inline flag of a [`PostOp::Data`] (`None` for other posts). The SGE is
@@ -201,6 +228,8 @@ pub struct Poster<'a> {
     /// Work requests handed to the provider by this poster.
     pub posted: u32,
     failure: Option<PostFailure>,
+    /// NIC copies of eager messages the core asked for (receiver only).
+    pub dmas: EagerDmas,
 }
 
 impl<'a> Poster<'a> {
@@ -223,6 +252,7 @@ impl<'a> Poster<'a> {
             qp: 0,
             posted: 0,
             failure: None,
+            dmas: EagerDmas::default(),
         }
     }
 
@@ -351,53 +381,69 @@ impl<'a> Poster<'a> {
             PostOp::Eager {
                 slot,
                 header,
+                bare,
                 local_addr,
                 lkey,
                 len,
                 host,
                 imm,
             } => {
-                w.inline = *host && EAGER_HEADER_BYTES + *len as usize <= self.max_inline;
-                w.sge[0] = if w.inline {
-                    let hdr: *const EagerHeader = header;
-                    w.arena = Some(self.keep(hdr.cast(), EAGER_HEADER_BYTES));
-                    Sge {
-                        addr: 0,
-                        length: EAGER_HEADER_BYTES as u32,
-                        lkey: 0,
-                    }
-                } else {
-                    let headers = self
-                        .staging
-                        .eager_headers
-                        .as_ref()
-                        .expect("a send comm stages eager headers");
-                    let dst = headers
-                        .ptr()
-                        .wrapping_add(usize::from(*slot) * EAGER_HEADER_BYTES);
-                    // SAFETY: the staging holds one header per slot; this slot's previous write
-                    // has landed (the receiver drained the slot before we got the credit).
-                    unsafe { std::ptr::write_volatile(dst.cast(), *header) };
-                    Sge {
-                        addr: dst as u64,
-                        length: EAGER_HEADER_BYTES as u32,
-                        lkey: headers.lkey(),
-                    }
-                };
-                w.sge[1] = Sge {
+                let data = Sge {
                     addr: *local_addr,
                     length: *len,
                     lkey: *lkey,
                 };
-                w.nsge = if *len > 0 { 2 } else { 1 };
+                let mut remote = t.eager.addr + eager_slot_offset(*slot, t.eager_slot_max);
+                if *bare {
+                    // The immediate describes the message: its bytes alone, into the payload.
+                    remote += EAGER_HEADER_BYTES as u64;
+                    w.inline = *host && *len > 0 && *len as usize <= self.max_inline;
+                    w.sge[0] = data;
+                    w.nsge = u8::from(*len > 0);
+                } else {
+                    w.inline = *host && EAGER_HEADER_BYTES + *len as usize <= self.max_inline;
+                    w.sge[0] = self.eager_header(&mut w, *slot, header);
+                    w.sge[1] = data;
+                    w.nsge = if *len > 0 { 2 } else { 1 };
+                }
                 w.op = SendOp::WriteImm {
-                    remote_addr: t.eager.addr + eager_slot_offset(*slot, t.eager_slot_max),
+                    remote_addr: remote,
                     rkey: t.eager.rkey,
                     imm: *imm,
                 };
             }
         }
         w
+    }
+
+    /// The SGE of an eager message's header: from the arena when `w` goes inline, else from our
+    /// header staging for `slot`.
+    fn eager_header(&mut self, w: &mut Pending, slot: u16, header: &EagerHeader) -> Sge {
+        if w.inline {
+            let hdr: *const EagerHeader = header;
+            w.arena = Some(self.keep(hdr.cast(), EAGER_HEADER_BYTES));
+            return Sge {
+                addr: 0,
+                length: EAGER_HEADER_BYTES as u32,
+                lkey: 0,
+            };
+        }
+        let headers = self
+            .staging
+            .eager_headers
+            .as_ref()
+            .expect("a send comm stages eager headers");
+        let dst = headers
+            .ptr()
+            .wrapping_add(usize::from(slot) * EAGER_HEADER_BYTES);
+        // SAFETY: the staging holds one header per slot; this slot's previous write has landed
+        // (the receiver drained the slot before we got the credit).
+        unsafe { std::ptr::write_volatile(dst.cast(), *header) };
+        Sge {
+            addr: dst as u64,
+            length: EAGER_HEADER_BYTES as u32,
+            lkey: headers.lkey(),
+        }
     }
 
     /// Bytes of our own (a row, sizes) as `w`'s data: inline from the arena when they fit, else
@@ -433,14 +479,27 @@ impl PostSink for Poster<'_> {
 }
 
 impl RecvSink for Poster<'_> {
+    fn dma_eager(&mut self, slot: u16, dst: u64, rkey: u32, len: u32) {
+        let d = &mut self.dmas;
+        // The core has at most one copy per slot in flight; the comm fails on more.
+        d.overflow |= d.n == d.list.len();
+        if d.n < d.list.len() {
+            d.list[d.n] = EagerDma {
+                slot,
+                dst,
+                rkey,
+                len,
+            };
+            d.n += 1;
+        }
+    }
+
     fn copy_eager(&mut self, slot: u16, dst: u64, len: u64) {
         let ring = self
             .ring
             .expect("eager copies need the receiver's slot ring");
         debug_assert!(slot < ring.slots && len <= u64::from(ring.slot_max));
-        let src = ring
-            .base
-            .wrapping_add(eager_slot_offset(slot, ring.slot_max) as usize + EAGER_HEADER_BYTES);
+        let src = ring.payload(slot);
         // SAFETY: the slot's completion arrived, so its bytes are in place; `dst` is the posted
         // host buffer, registered for at least `len` bytes (the protocol checked `len` against
         // its capacity) and owned by the request until `test` reports it.

@@ -6,7 +6,7 @@ use super::device::NetDevice;
 use super::error::{contained, NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use super::link::{Link, POLL_BATCH};
-use super::poster::{post_cts_now, PostFailure, Poster, SlotRing, Staging, Targets};
+use super::poster::{post_cts_now, EagerDmas, PostFailure, Poster, SlotRing, Staging, Targets};
 use super::profiler::{self, Key, Profiler};
 use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
@@ -186,8 +186,9 @@ impl RecvComm {
             // A held eager message is copied out of its bounce slot, which only the poster knows.
             let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, Some(ring));
             let r = self.core.irecv(rb, &mut out);
-            out.finish()
-                .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
+            let (posted, dmas) = (out.finish(), out.dmas);
+            posted.map_err(|f| self.link.post_error(f, "clear-to-send"))?;
+            self.start_dmas(&dmas)?;
             r
         } else {
             // The row is this call's one work request: posted as the core hands it over.
@@ -242,10 +243,66 @@ impl RecvComm {
         let mut wcs = [const { MaybeUninit::<WorkCompletion>::uninit() }; POLL_BATCH];
         let got = self.link.poll(&mut wcs)?;
         if got.is_empty() {
-            return Ok(false);
+            // NIC copies of eager messages complete on the flush QP's own queue.
+            return if self.core.eager_dmas() > 0 {
+                self.finish_dmas()
+            } else {
+                Ok(false)
+            };
         }
         self.on_completions(got)?;
         Ok(true)
+    }
+
+    /// Posts the NIC copies of eager messages into GPU memory that the core asked for, on the
+    /// flush QP (connected to itself), from their bounce slots.
+    #[cold]
+    fn start_dmas(&mut self, dmas: &EagerDmas) -> NetResult<()> {
+        if dmas.n == 0 {
+            return Ok(());
+        }
+        if dmas.overflow {
+            return Err(self.link.fail_with(
+                NetError::Internal,
+                "more eager copies at once than bounce slots",
+            ));
+        }
+        let (Some(ring), Some(flush)) = (self.eager.as_ref(), self.flush.as_mut()) else {
+            return Err(self.link.fail_with(
+                NetError::Internal,
+                "an eager message for GPU memory on a comm without a flush QP",
+            ));
+        };
+        let (lkey, slots) = (ring.buf.lkey(), ring.ring());
+        for d in &dmas.list[..dmas.n] {
+            let src = slots.payload(d.slot) as u64;
+            if let Err(e) = flush.post_copy(d.slot, src, lkey, d.len, d.dst, d.rkey) {
+                return Err(self.link.fail_with(NetError::System, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the completed NIC copies of eager messages to the core; whether there were any.
+    #[cold]
+    #[inline(never)]
+    fn finish_dmas(&mut self) -> NetResult<bool> {
+        let Some(flush) = self.flush.as_mut() else {
+            return Ok(false);
+        };
+        let done = match flush.take_copies_done() {
+            Ok(done) => done,
+            Err(e) => return Err(self.link.fail_with(NetError::Remote, e)),
+        };
+        let mut bits = done;
+        while bits != 0 {
+            let slot = bits.trailing_zeros() as u16;
+            bits &= bits - 1;
+            if let Err(e) = self.core.on_eager_dma_done(slot) {
+                return Err(self.link.proto_error(e));
+            }
+        }
+        Ok(done != 0)
     }
 
     /// Hands completions to the protocol core and posts what it answers: only eager messages
@@ -273,9 +330,15 @@ impl RecvComm {
         let ring = self.eager.as_ref().map(EagerRing::ring);
         let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, ring);
         let r = handle_completions(&mut self.core, got, sizes, ring, &mut out);
-        out.finish()
-            .map_err(|f| self.link.post_error(f, "clear-to-send"))?;
-        r.map_err(|e| self.link.proto_error(e))
+        let (posted, dmas) = (out.finish(), out.dmas);
+        posted.map_err(|f| self.link.post_error(f, "clear-to-send"))?;
+        self.start_dmas(&dmas)?;
+        r.map_err(|e| self.link.proto_error(e))?;
+        // A stream of completions must not keep finished copies waiting for an idle poll.
+        if self.core.eager_dmas() > 0 {
+            self.finish_dmas()?;
+        }
+        Ok(())
     }
 
     /// `iflush` of a completed receive: a READ from the last non-empty buffer in GPU memory;
@@ -416,6 +479,9 @@ impl RecvSink for NoEagerSink {
     fn release_eager(&mut self, slot: u16) {
         unreachable!("eager slot {slot} released on a comm without bounce slots");
     }
+    fn dma_eager(&mut self, slot: u16, _: u64, _: u32, _: u32) {
+        unreachable!("eager slot {slot} copied on a comm without bounce slots");
+    }
 }
 
 /// The sink of an `irecv` on a comm without bounce slots: the clear-to-send row it is handed
@@ -455,6 +521,9 @@ impl RecvSink for DirectSink<'_> {
     fn release_eager(&mut self, slot: u16) {
         NoEagerSink.release_eager(slot);
     }
+    fn dma_eager(&mut self, slot: u16, dst: u64, rkey: u32, len: u32) {
+        NoEagerSink.dma_eager(slot, dst, rkey, len);
+    }
 }
 
 /// The first `N` of `bufs` (address, capacity, tag, memory handle), checked against their
@@ -471,7 +540,8 @@ fn recv_bufs<const N: usize>(
             size,
             rkey,
             tag,
-            // Eager messages are copied by the CPU: never into GPU memory.
+            // The CPU copies eager messages only into host memory; the NIC copies them into GPU
+            // memory.
             host: mh.is_none_or(|m| !m.gpu),
         };
     }

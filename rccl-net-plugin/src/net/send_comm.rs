@@ -9,7 +9,7 @@ use super::profiler::{self, Profiler, Tap};
 use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
 use super::stats::{self, CommCounters, Side};
-use crate::log::NET;
+use crate::log::{warn, NET};
 use crate::protocol::{
     CtsEntry, Fifo, SendConfig, SendMsg, Sender, CTS_ROW_BYTES, EAGER_HEADER_BYTES, FIFO_DEPTH,
     MAX_RECVS, SEND_REQS,
@@ -53,7 +53,6 @@ impl SendComm {
     /// Bytes of eager header staging: one header per bounce slot we may use.
     pub const EAGER_HEADER_STAGING_BYTES: usize =
         super::recv_comm::EagerRing::SLOTS as usize * EAGER_HEADER_BYTES;
-
     pub fn new(p: SendParts) -> Box<Self> {
         let prof = Profiler::new(SEND_REQS, p.link.dev.index);
         let mut c = Box::new(SendComm {
@@ -131,6 +130,7 @@ impl SendComm {
         };
         out.finish()
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
+        self.warn_late_truncation();
         match r {
             Ok(Some(req)) => Ok(Some(&mut self.reqs[usize::from(req)] as *mut Request)),
             Ok(None) => self.null_send(),
@@ -197,7 +197,27 @@ impl SendComm {
         };
         out.finish()
             .map_err(|f| self.link.post_error(f, "RDMA writes"))?;
+        self.warn_late_truncation();
         r.map_err(|e| self.link.proto_error(e))
+    }
+
+    /// An eager send reported done turned out larger than its receive's buffer: the receive
+    /// fails at the peer, and this log line is all the sending side can say about it.
+    #[inline]
+    fn warn_late_truncation(&mut self) {
+        if let Some((size, capacity)) = self.core.take_late_truncation() {
+            self.log_late_truncation(size, capacity);
+        }
+    }
+
+    #[cold]
+    fn log_late_truncation(&self, size: u64, capacity: u64) {
+        warn!(
+            NET,
+            "an eager send of {size} bytes to {} was reported done, but its receive offered \
+             {capacity} bytes: that receive fails at the peer",
+            self.link.peer
+        );
     }
 
     /// `test` of request `req`: its size once done. Runs without the C boundary's panic guard:

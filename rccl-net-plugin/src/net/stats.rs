@@ -52,13 +52,13 @@ pub fn stats_line(side: Side, peer: impl Display, c: &Counters, own: &CommCounte
     );
     match side {
         Side::Send => format!(
-            "stats: send comm to {peer} closed: {common} (transmit={} eager={} landed={}) cts_waits={} eager_sent={} eager_accepted={} eager_refused={}",
+            "stats: send comm to {peer} closed: {common} (transmit={} eager={} landed={}) cts_waits={} eager_sent={} eager_accepted={} eager_carried={}",
             c.cqe_transmit, c.cqe_eager, c.cqe_landed, c.cts_waits, c.eager_sent, c.eager_accepted,
-            c.eager_refused
+            c.eager_carried
         ),
         Side::Recv => format!(
-            "stats: receive comm from {peer} closed: {common} (cts={} imm={}) eager_taken={} eager_dropped={}",
-            c.cqe_cts, c.cqe_imm, c.eager_taken, c.eager_dropped
+            "stats: receive comm from {peer} closed: {common} (cts={} imm={}) eager_taken={} eager_dma={} eager_dropped={}",
+            c.cqe_cts, c.cqe_imm, c.eager_taken, c.eager_dma, c.eager_dropped
         ),
     }
 }
@@ -72,14 +72,15 @@ pub fn log_close(stats: bool, side: Side, peer: impl Display, c: &Counters, own:
     match side {
         Side::Send if c.eager_sent > 0 => info!(
             NET,
-            "send comm to {peer} closed: {} eager sends, {} refused by the receiver",
+            "send comm to {peer} closed: {} eager sends, {} of them taken by a later receive",
             c.eager_sent,
-            c.eager_refused
+            c.eager_carried
         ),
         Side::Recv if c.eager_taken + c.eager_dropped > 0 => info!(
             NET,
-            "receive comm from {peer} closed: {} eager messages taken, {} dropped",
+            "receive comm from {peer} closed: {} eager messages taken ({} copied by the NIC), {} too large for their receive",
             c.eager_taken,
+            c.eager_dma,
             c.eager_dropped
         ),
         _ => {}
@@ -104,7 +105,7 @@ mod tests {
             cqe_eager: 1,
             cts_waits: 3,
             eager_sent: 1,
-            eager_refused: 1,
+            eager_carried: 1,
             ..Counters::default()
         };
         (
@@ -128,7 +129,7 @@ mod tests {
             got[0].text,
             "NET/halo : stats: send comm to 10.0.0.2:4000 closed: msgs=4 bytes=4096 bytes/msg=1024.00 \
              wrs=6 wr/msg=1.50 cqes=5 cqe/msg=1.25 tests=10 tests/msg=2.50 nulls=2 nulls/msg=0.50 \
-             (transmit=4 eager=1 landed=0) cts_waits=3 eager_sent=1 eager_accepted=0 eager_refused=1"
+             (transmit=4 eager=1 landed=0) cts_waits=3 eager_sent=1 eager_accepted=0 eager_carried=1"
         );
     }
 
@@ -153,7 +154,7 @@ mod tests {
             got[0].text,
             "NET/halo : stats: receive comm from peer closed: msgs=0 bytes=0 bytes/msg=- wrs=2 \
              wr/msg=- cqes=1 cqe/msg=- tests=3 tests/msg=- nulls=0 nulls/msg=- (cts=1 imm=0) \
-             eager_taken=0 eager_dropped=0"
+             eager_taken=0 eager_dma=0 eager_dropped=0"
         );
     }
 
@@ -165,6 +166,7 @@ mod tests {
         log_close(false, Side::Send, "p", &Counters::default(), &own);
         let recv = Counters {
             eager_taken: 2,
+            eager_dma: 1,
             eager_dropped: 1,
             ..Counters::default()
         };
@@ -174,8 +176,9 @@ mod tests {
         assert_eq!(
             got,
             [
-                "NET/halo : send comm to p closed: 1 eager sends, 1 refused by the receiver",
-                "NET/halo : receive comm from p closed: 2 eager messages taken, 1 dropped",
+                "NET/halo : send comm to p closed: 1 eager sends, 1 of them taken by a later receive",
+                "NET/halo : receive comm from p closed: 2 eager messages taken (1 copied by the NIC), \
+                 1 too large for their receive",
             ]
         );
     }

@@ -45,7 +45,7 @@ use super::HandleError;
 pub const CONN_INFO_MAGIC: [u8; 8] = *b"HALOCONN";
 /// The format this build writes and reads. It is part of the wire protocol and carries that
 /// protocol's version (`net` checks at compile time that the two agree).
-pub const CONN_INFO_VERSION: u16 = 5;
+pub const CONN_INFO_VERSION: u16 = 6;
 /// Most queue pairs one connection info carries.
 pub const MAX_QPS: usize = 16;
 

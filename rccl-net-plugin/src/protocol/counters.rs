@@ -22,13 +22,16 @@ pub struct Counters {
     /// Sender: sends that found no clear-to-send row for them yet (the receiver had not posted
     /// the receive; the send went eagerly or the caller got a NULL request).
     pub cts_waits: u64,
-    /// Sender: sends that went eagerly, those the receiver's row accepted, and those it refused
-    /// (which then went the ordinary way).
+    /// Sender: sends that went eagerly; those whose receive showed in the row they were sent
+    /// ahead of, and those a later row took (the first had no entry for their tag).
     pub eager_sent: u64,
     pub eager_accepted: u64,
-    pub eager_refused: u64,
-    /// Receiver: eager messages copied into a posted receive, and those dropped unread.
+    pub eager_carried: u64,
+    /// Receiver: eager messages delivered into a posted receive (by the CPU, or by the NIC into
+    /// GPU memory), those of them the NIC copied, and those too large for their buffer (the
+    /// receive failed).
     pub eager_taken: u64,
+    pub eager_dma: u64,
     pub eager_dropped: u64,
 }
 

@@ -9,13 +9,17 @@
 //! account them against their rows without any extra sequence numbers on the wire.
 //!
 //! Small messages have a second way in, the eager path. When a send finds no row for it yet, it
-//! may write header and data straight into a pre-registered bounce slot of the receiver (one
-//! WRITE_WITH_IMM, no round trip). The row is still written by the receiver when it posts the
-//! receive, and both sides then apply the same rule ([`eager_fits`]) to that row: either the
-//! receiver copies the slot into the posted buffer and the send is done, or both drop the slot
-//! and the send goes the ordinary way, against that row, from the caller's still-valid buffer.
-//! At most one row is sent eagerly ahead of its clear-to-send, so a refused row never reorders
-//! later sends; the rows also carry how many slots the receiver has drained (the sender's credit).
+//! may write its data (with a header, unless the immediate can describe it) straight into a
+//! pre-registered bounce slot of the receiver: one WRITE_WITH_IMM, no round trip. The send is
+//! done once that write has completed: the receiver takes every eager message out of its own
+//! slot, needing nothing more from the sender. Its row is still written when the receive is
+//! posted, and both sides apply the same rule ([`eager_entry`]) to the rows: the first entry
+//! with the message's tag, in the row it was sent ahead of or the first later row that has one,
+//! holds it. The receiver copies it there with the CPU (host memory) or has the NIC copy it
+//! (GPU memory); the sender sends no data for that entry. A message larger than its entry fails
+//! that receive. The rows carry how many slots the receiver has drained (the sender's credit),
+//! and a slot copied by the NIC counts only once that copy has completed. At most one eager
+//! message is ahead of its row, so later sends never pass it.
 //!
 //! [`SendState`] and [`RecvState`] are fed events ("posted", "row seen", "completion") and answer
 //! with what to put on the wire. The verbs layer in `net` only executes those answers.

@@ -9,7 +9,10 @@
 //! - no send queue ever holds more work requests than its depth, counting unsignaled ones until
 //!   a later signaled one on the same queue pair completes;
 //! - no WRITE_WITH_IMM arrives without a posted receive (the receive queue is restocked);
-//! - no eager bounce slot is written while it still holds a message;
+//! - no eager bounce slot is written while it still holds a message, and every eager message
+//!   reaches its receive from the slot (by the CPU, or by a NIC copy into GPU memory);
+//! - nothing reads a send's buffer after the send is reported done (the model overwrites it
+//!   then);
 //! - clear-to-send rows may land torn; the sender never acts on one.
 
 #![allow(clippy::needless_range_loop)]
@@ -42,14 +45,16 @@ fn group() -> impl Strategy<Value = Group> {
                 prop::collection::vec((0u64..300, 0u64..330), n),
                 Just((0..n).collect::<Vec<_>>()).prop_shuffle(),
                 prop::bool::weighted(0.8),
+                // Now and then tags too large for a bare eager immediate: a header goes along.
+                prop::bool::weighted(0.2),
             )
         })
-        .prop_map(|(sz, order, host)| Group {
+        .prop_map(|(sz, order, host, big_tags)| Group {
             host,
             bufs: sz
                 .iter()
                 .enumerate()
-                .map(|(i, &(cap, _))| (cap, i as i32 * 7 + 1))
+                .map(|(i, &(cap, _))| (cap, i as i32 * 7 + 1 + if big_tags { 600 } else { 0 }))
                 .collect(),
             sends: sz
                 .iter()
@@ -149,6 +154,7 @@ impl Wr {
             PostOp::Eager {
                 slot,
                 header,
+                bare,
                 local_addr,
                 lkey,
                 len,
@@ -157,6 +163,7 @@ impl Wr {
             } => WrOp::Plain(PostOp::Eager {
                 slot,
                 header,
+                bare,
                 local_addr,
                 lkey,
                 len,
@@ -183,6 +190,9 @@ struct SimEnd {
     copies: Vec<(u16, u64, u64)>,
     /// Receiver only: slots dropped unread.
     released: Vec<u16>,
+    /// Receiver only: NIC copies asked for (slot, destination, rkey, length), carried out by
+    /// the model later, in any order with the other events.
+    dmas: VecDeque<(u16, u64, u32, u32)>,
 }
 
 impl SimEnd {
@@ -193,6 +203,7 @@ impl SimEnd {
             violation: None,
             copies: Vec::new(),
             released: Vec::new(),
+            dmas: VecDeque::new(),
         }
     }
 
@@ -228,6 +239,10 @@ impl RecvSink for SimEnd {
 
     fn release_eager(&mut self, slot: u16) {
         self.released.push(slot);
+    }
+
+    fn dma_eager(&mut self, slot: u16, dst: u64, rkey: u32, len: u32) {
+        self.dmas.push_back((slot, dst, rkey, len));
     }
 }
 
@@ -366,6 +381,8 @@ fn run_with(
     let mut sizes = [[0u64; MAX_RECVS]; FIFO_DEPTH];
     let mut slots: Vec<(EagerHeader, Vec<u8>, bool)> =
         vec![(EagerHeader::default(), Vec::new(), false); usize::from(s.eager_slots)];
+    // Sends that went eagerly: done once their write completed, whatever their row held.
+    let mut eager_sends = std::collections::HashSet::new();
     let mut rq = RQ_STOCK;
     let (mut send_cq, mut recv_cq) = (VecDeque::<Cqe>::new(), VecDeque::<Cqe>::new());
     let mut rmem: Vec<Vec<u8>> = vec![Vec::new(); groups.len() * nb];
@@ -393,7 +410,7 @@ fn run_with(
         .flat_map(|g| g.sends.iter())
         .map(|&sz| sz.div_ceil(s.max_msg) + 2)
         .sum();
-    const ACTIONS: usize = 9;
+    const ACTIONS: usize = 10;
     let step_limit = 3 * ACTIONS * (chunks as usize + 8 * groups.len()) * s.qps + 10_000;
     let mut torn_pending: Option<(usize, [CtsEntry; MAX_RECVS], usize)> = None;
     let mut step = 0usize;
@@ -535,6 +552,7 @@ fn run_with(
                     Ok(Some(req)) => {
                         if sender.counters().eager_sent > eager_before {
                             prop_assert!(size <= u64::from(eager_max));
+                            eager_sends.insert((g, b));
                             prop_assert!(
                                 in_turn
                                     || (b == groups[g].order[0]
@@ -628,7 +646,14 @@ fn run_with(
                         *sl = (header, data, true);
                         prop_assert!(rq > 0, "eager WRITE_WITH_IMM with no receive posted");
                         rq -= 1;
-                        prop_assert_eq!(imm, IMM_EAGER | u32::from(slot));
+                        match BareEager::decode(imm) {
+                            Some(b) => {
+                                prop_assert_eq!(b.slot, slot);
+                                prop_assert_eq!(b.size, len);
+                                prop_assert_eq!(b.tag, header.tag);
+                            }
+                            None => prop_assert_eq!(imm, IMM_EAGER | u32::from(slot)),
+                        }
                         recv_cq.push_back(Cqe::Imm(imm));
                     }
                     WrOp::Cts { .. } | WrOp::Plain(_) => {
@@ -712,15 +737,41 @@ fn run_with(
                                 .zip(&groups[g].bufs)
                                 .any(|(sz, b)| *sz > b.0));
                             for b in 0..groups[g].bufs.len() {
-                                prop_assert!(
-                                    rmem[id(g, b)].iter().all(|&x| x == 0xEE),
-                                    "truncated row wrote data"
-                                );
+                                // An eager message taken by one entry may have been read in
+                                // before another entry's message proved too large.
+                                let got = &rmem[id(g, b)];
+                                let sz = groups[g].sends[b];
+                                let untouched = got.iter().all(|&x| x == 0xEE);
+                                let whole = sz <= groups[g].bufs[b].0
+                                    && got[..sz as usize] == pattern(g, b, sz)[..]
+                                    && got[sz as usize..].iter().all(|&x| x == 0xEE);
+                                prop_assert!(untouched || whole, "truncated row wrote garbage");
                             }
                         }
                         Err(e) => return Err(TestCaseError::fail(format!("recv test: {e}"))),
                     }
                 }
+            }
+            // The NIC copies an eager message out of its slot into GPU memory.
+            9 => {
+                let Some((slot, dst, rkey, len)) = rx.dmas.pop_front() else {
+                    continue;
+                };
+                let sl = &mut slots[usize::from(slot)];
+                prop_assert!(sl.2, "NIC copy from empty slot {}", slot);
+                prop_assert_eq!(sl.1.len(), len as usize);
+                let (rid, roff) = ((dst >> 32) as usize, (dst & 0xffff_ffff) as usize);
+                prop_assert_eq!(rkey, 1000 + (rid / nb) as u32);
+                prop_assert!(!groups[rid / nb].host, "NIC copy into host memory");
+                prop_assert!(
+                    roff + len as usize <= rmem[rid].len(),
+                    "NIC copy past the receive buffer"
+                );
+                rmem[rid][roff..roff + len as usize].copy_from_slice(&sl.1);
+                sl.2 = false;
+                receiver.on_eager_dma_done(slot).unwrap();
+                eager_taken += 1;
+                check_sinks!();
             }
             // The sender tests its oldest send.
             _ => {
@@ -735,11 +786,17 @@ fn run_with(
                             send_ok += 1;
                             send_bytes += size;
                             prop_assert_eq!(size, groups[g].sends[b]);
-                            prop_assert!(groups[g]
-                                .sends
-                                .iter()
-                                .zip(&groups[g].bufs)
-                                .all(|(sz, b)| *sz <= b.0));
+                            // An eager send is done before its row is known.
+                            prop_assert!(
+                                eager_sends.contains(&(g, b))
+                                    || groups[g]
+                                        .sends
+                                        .iter()
+                                        .zip(&groups[g].bufs)
+                                        .all(|(sz, b)| *sz <= b.0)
+                            );
+                            // The caller may reuse the buffer now: nothing may read it later.
+                            smem[id(g, b)].fill(0xA5);
                         }
                         Err(ProtoError::Truncated { size, capacity }) => {
                             send_reqs.pop_front();
@@ -757,6 +814,19 @@ fn run_with(
             }
         }
     }
+    // The last rows still on their way land, and the sender settles its last eager row.
+    if let Some((row, entries, n)) = torn_pending.take() {
+        fifo[row][..n].copy_from_slice(&entries[..n]);
+    }
+    while let Some((_, p)) = rx.qps[0].wire.pop_front() {
+        let WrOp::Cts { row, entries, n } = p.op else {
+            return Err(TestCaseError::fail(format!(
+                "receiver left {p:?} undelivered"
+            )));
+        };
+        fifo[row][..n].copy_from_slice(&entries[..n]);
+    }
+    sender_progress!();
     prop_assert_eq!(sender.sq_used(), 0);
     prop_assert_eq!(receiver.in_flight(), 0);
     prop_assert!(eager_taken <= eager_sent);
@@ -774,13 +844,16 @@ fn run_with(
         (sc.cqe_cts, sc.cqe_imm, rc.cqe_transmit, rc.cqe_eager),
         (0, 0, 0, 0)
     );
+    prop_assert!(rx.dmas.is_empty(), "a NIC copy was never carried out");
+    prop_assert_eq!(receiver.eager_dmas(), 0);
     prop_assert_eq!((sc.msgs, sc.bytes), (send_ok, send_bytes));
     prop_assert_eq!((rc.msgs, rc.bytes), (recv_ok, recv_bytes));
     prop_assert_eq!(sc.eager_sent, eager_sent as u64);
     prop_assert_eq!(rc.eager_taken, eager_taken as u64);
-    prop_assert_eq!(sc.eager_accepted, rc.eager_taken);
-    prop_assert_eq!(sc.eager_refused, rc.eager_dropped);
-    prop_assert_eq!(sc.eager_accepted + sc.eager_refused, sc.eager_sent);
+    // Every eager message reached a receive; none was sent twice.
+    prop_assert_eq!(sc.eager_accepted, sc.eager_sent);
+    prop_assert_eq!(rc.eager_taken + rc.eager_dropped, sc.eager_sent);
+    prop_assert!(sc.eager_carried <= sc.eager_sent);
     if s.qps == 1 {
         prop_assert_eq!(sc.cqe_landed, 0);
     }
@@ -1196,9 +1269,9 @@ fn a_send_for_a_later_row_waits_instead_of_failing() {
 }
 
 #[test]
-fn eager_send_is_held_then_copied_or_refused_by_the_row() {
+fn eager_send_is_done_at_its_write_and_the_receiver_takes_it() {
     let mut recv = RecvState::new();
-    let mut send = SendState::new(1 << 20, 64).with_eager(2, 64);
+    let mut send = SendState::new(1 << 20, 64).with_eager(4, 64);
     let empty = [CtsEntry::default(); MAX_RECVS];
     let msg = |tag, size| SendMsg {
         addr: 0x9000,
@@ -1207,15 +1280,21 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
         tag,
         host: true,
     };
-    let buf = |host| RecvBuf {
-        addr: 0x1000,
-        size: 64,
+    let buf = |addr, size, tag, host| RecvBuf {
+        addr,
+        size,
         rkey: 5,
-        tag: 3,
+        tag,
         host,
     };
+    let row_of_recv = |recv: &RecvState| {
+        let mut row = empty;
+        row[..recv.row().len()].copy_from_slice(recv.row());
+        row
+    };
 
-    // 1. No row yet: the send goes eagerly; the receiver holds it until the receive is posted.
+    // 1. No row yet: the send goes eagerly and is done once its write has completed, before
+    //    any row; the receiver holds the message until the receive is posted, then copies it.
     let SendPost::Eager { req: s0, send: e0 } = send.post(&empty, msg(3, 8)).unwrap() else {
         panic!("expected an eager send")
     };
@@ -1225,11 +1304,14 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
         SendPost::NotReady,
         "one row at a time goes ahead of its clear-to-send"
     );
+    assert_eq!(send.test(s0), Ok(None), "the write has not completed");
+    send.on_eager_completion(0).unwrap();
+    assert_eq!(send.test(s0), Ok(Some(8)));
     assert_eq!(recv.on_eager(e0.slot, e0.header()), Ok(EagerAction::Hold));
-    let RecvPost::Posted { req: r0, eager, .. } = recv.post(&[buf(true)]).unwrap() else {
+    let RecvPost::Posted { req: r0, eager, .. } = recv.post(&[buf(0x1000, 64, 3, true)]).unwrap()
+    else {
         panic!()
     };
-    let entries = row_array(&recv);
     assert_eq!(
         eager,
         EagerAction::Copy {
@@ -1238,67 +1320,182 @@ fn eager_send_is_held_then_copied_or_refused_by_the_row() {
             len: 8
         }
     );
-    assert_eq!(entries[0].eager_done, 1, "the row returns the slot");
+    assert_eq!(recv.row()[0].eager_done, 1, "the row returns the slot");
     assert_eq!(
         test_of(&mut recv, r0).unwrap().map(|(n, s)| (n, s[0])),
         Some((1, 8))
     );
-    let mut row = empty;
-    row[0] = entries[0];
-    assert_eq!(send.resolve(&row), Ok(Resolved::Accepted));
-    assert_eq!(send.test(s0), Ok(None), "the write has not completed");
-    send.on_eager_completion(0).unwrap();
-    assert_eq!(send.test(s0), Ok(Some(8)));
+    assert_eq!(send.resolve(&row_of_recv(&recv)), Ok(Resolved::Accepted));
+    assert_eq!(send.seq(), 1, "the row is complete without a transmit");
 
-    // 2. A receive into GPU memory does not take eager messages: both sides drop the slot and
-    //    the message goes the ordinary way, under the same request.
+    // 2. A receive into GPU memory: the receiver reads the message back from the sender's
+    //    copy; the receive is done when the read is.
     let SendPost::Eager { req: s1, send: e1 } = send.post(&empty, msg(3, 16)).unwrap() else {
         panic!("expected an eager send")
     };
     assert_eq!((e1.seq, e1.slot), (1, 1));
-    let RecvPost::Posted { req: r1, eager, .. } = recv.post(&[buf(false)]).unwrap() else {
+    send.on_eager_completion(1).unwrap();
+    assert_eq!(send.test(s1), Ok(Some(16)));
+    let RecvPost::Posted { req: r1, eager, .. } = recv.post(&[buf(0x1000, 64, 3, false)]).unwrap()
+    else {
         panic!()
     };
-    let entries = row_array(&recv);
     assert_eq!(eager, EagerAction::None);
-    assert_eq!(entries[0].flags & CTS_EAGER_OK, 0);
     assert_eq!(
         recv.on_eager(e1.slot, e1.header()),
-        Ok(EagerAction::Drop { slot: e1.slot })
-    );
-    assert_eq!(recv.eager_done(), 2);
-    let mut row = empty;
-    row[0] = entries[0];
-    let Ok(Resolved::Transmit(t)) = send.resolve(&row) else {
-        panic!("expected the refused message to be transmitted")
-    };
-    assert_eq!(
-        send.ops(&t).collect::<Vec<_>>(),
-        vec![WireOp::WriteImm {
-            local_addr: 0x9000,
-            lkey: 9,
-            remote_addr: 0x1000,
+        Ok(EagerAction::Dma {
+            slot: 1,
+            dst: 0x1000,
             rkey: 5,
-            len: 16,
-            imm: 16,
-            host: true,
-        }]
+            len: 16
+        })
     );
-    send.on_eager_completion(1).unwrap();
     assert_eq!(
-        send.test(s1),
+        test_of(&mut recv, r1),
         Ok(None),
-        "done only when the ordinary write completes"
+        "the NIC copy is on its way"
     );
-    send.on_completion(1).unwrap();
-    assert_eq!(send.test(s1), Ok(Some(16)));
-    recv.on_imm(16, || unreachable!()).unwrap();
+    assert_eq!(
+        recv.eager_done(),
+        1,
+        "the slot is busy until the NIC copy completes"
+    );
+    recv.on_dma_done(1).unwrap();
+    assert_eq!(recv.eager_done(), 2);
     assert_eq!(
         test_of(&mut recv, r1).unwrap().map(|(n, s)| (n, s[0])),
         Some((1, 16))
     );
+    assert!(matches!(
+        recv.on_dma_done(1),
+        Err(ProtoError::InvalidUsage(_))
+    ));
+    assert_eq!(send.resolve(&row_of_recv(&recv)), Ok(Resolved::Accepted));
+    assert_eq!(recv.in_flight(), 0);
 
-    // 3. Out of order or damaged eager messages are the peer's fault.
+    // 3. A row without the message's tag: both sides carry it to the first later row with
+    //    one, here a multi-receive whose second buffer (GPU memory) gets it by a NIC copy while
+    //    the sender transmits only the other buffer's data (and both sizes).
+    let SendPost::Eager { req: s2, send: e2 } = send.post(&empty, msg(5, 4)).unwrap() else {
+        panic!("expected an eager send")
+    };
+    send.on_eager_completion(2).unwrap();
+    assert_eq!(send.test(s2), Ok(Some(4)));
+    let RecvPost::Posted { req: r2, .. } = recv.post(&[buf(0x1000, 64, 3, true)]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(recv.on_eager(e2.slot, e2.header()), Ok(EagerAction::Hold));
+    assert_eq!(send.resolve(&row_of_recv(&recv)), Ok(Resolved::Carried));
+    let SendPost::Posted {
+        req: s3,
+        transmit: Some(t),
+    } = send.post(&row_of_recv(&recv), msg(3, 8)).unwrap()
+    else {
+        panic!("the row takes the next send of its tag")
+    };
+    assert_eq!(send.wqe_count(&t), 1);
+    send.on_completion(2).unwrap();
+    assert_eq!(send.test(s3), Ok(Some(8)));
+    recv.on_imm(8, || unreachable!()).unwrap();
+    assert_eq!(test_of(&mut recv, r2).unwrap().map(|(n, _)| n), Some(1));
+    let RecvPost::Posted { req: r3, eager, .. } = recv
+        .post(&[buf(0x2000, 64, 7, true), buf(0x3000, 64, 5, false)])
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        eager,
+        EagerAction::Dma {
+            slot: 2,
+            dst: 0x3000,
+            rkey: 5,
+            len: 4
+        },
+        "the entry with the message's tag takes it"
+    );
+    let SendPost::Posted {
+        req: s4,
+        transmit: Some(t),
+    } = send.post(&row_of_recv(&recv), msg(7, 10)).unwrap()
+    else {
+        panic!("the carried message fills its entry; this send completes the row")
+    };
+    let mut sizes = [0u64; MAX_RECVS];
+    sizes[..2].copy_from_slice(&[10, 4]);
+    assert_eq!(
+        send.ops(&t).collect::<Vec<_>>(),
+        vec![
+            WireOp::Write {
+                local_addr: 0x9000,
+                lkey: 9,
+                remote_addr: 0x2000,
+                rkey: 5,
+                len: 10,
+                host: true,
+            },
+            WireOp::WriteSizes {
+                row: 3,
+                sizes,
+                n: 2
+            },
+            WireOp::WriteImm {
+                local_addr: 0,
+                lkey: 0,
+                remote_addr: 0x2000,
+                rkey: 5,
+                len: 0,
+                imm: IMM_SIZES_IN_ARRAY,
+                host: true,
+            },
+        ]
+    );
+    assert_eq!(send.wqe_count(&t), 3);
+    assert_eq!(
+        send.reqs_of(&t).1,
+        1,
+        "only the ordinary send is a request of the row"
+    );
+    send.on_completion(3).unwrap();
+    assert_eq!(send.test(s4), Ok(Some(10)));
+    recv.on_imm(IMM_SIZES_IN_ARRAY, || sizes).unwrap();
+    assert_eq!(
+        test_of(&mut recv, r3),
+        Ok(None),
+        "the NIC copy is still on its way"
+    );
+    recv.on_dma_done(2).unwrap();
+    assert_eq!(
+        test_of(&mut recv, r3)
+            .unwrap()
+            .map(|(n, s)| (n, s[0], s[1])),
+        Some((2, 10, 4))
+    );
+
+    // 4. A message larger than its receive's buffer: the receive fails, the sender (done
+    //    already) learns it from the row.
+    let SendPost::Eager { req: s5, send: e5 } = send.post(&empty, msg(3, 60)).unwrap() else {
+        panic!("expected an eager send")
+    };
+    send.on_eager_completion(4).unwrap();
+    assert_eq!(send.test(s5), Ok(Some(60)));
+    let RecvPost::Posted { req: r5, .. } = recv.post(&[buf(0x1000, 32, 3, true)]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        recv.on_eager(e5.slot, e5.header()),
+        Ok(EagerAction::Drop { slot: e5.slot })
+    );
+    assert_eq!(
+        test_of(&mut recv, r5),
+        Err(ProtoError::TruncatedByPeer { seq: 4 })
+    );
+    assert_eq!(send.resolve(&row_of_recv(&recv)), Ok(Resolved::Accepted));
+    assert_eq!(send.take_late_truncation(), Some((60, 32)));
+    assert_eq!(send.take_late_truncation(), None);
+    assert_eq!(recv.in_flight(), 0);
+
+    // 5. Out of order or damaged eager messages are the peer's fault.
     let mut bad = EagerHeader::new(7, 3, 8);
     assert!(matches!(
         recv.on_eager(0, bad),
@@ -1393,37 +1590,4 @@ fn spread_rows_split_messages_and_keep_the_immediate_apart() {
     };
     assert!(!t.spread());
     assert_eq!(send.wqe_count(&t), 1);
-}
-
-#[test]
-fn a_refused_eager_send_that_can_never_fit_the_send_queue_is_an_error() {
-    // 129 one-byte writes for a queue of 64: retrying could never succeed.
-    let mut send = SendState::new(1, 64).with_eager(2, 256);
-    let mut recv = RecvState::new();
-    let empty = [CtsEntry::default(); MAX_RECVS];
-    let msg = SendMsg {
-        addr: 0x2000,
-        lkey: 9,
-        size: 129,
-        tag: 1,
-        host: true,
-    };
-    assert!(matches!(
-        send.post(&empty, msg).unwrap(),
-        SendPost::Eager { .. }
-    ));
-    // The receive is GPU memory: the row refuses the eager message.
-    recv.post(&[RecvBuf {
-        addr: 0x1000,
-        size: 256,
-        rkey: 5,
-        tag: 1,
-        host: false,
-    }])
-    .unwrap();
-    let row = row_array(&recv);
-    match send.resolve(&row) {
-        Err(ProtoError::InvalidUsage(why)) => assert!(why.contains("work requests"), "{why}"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }

@@ -35,10 +35,12 @@ pub enum PostOp<'a> {
     /// RDMA WRITE of `sizes` (at most `MAX_RECVS`) into row `row` of the receiver's sizes array.
     Sizes { row: usize, sizes: &'a [u64] },
     /// RDMA WRITE_WITH_IMM `imm` of `header` followed by `len` bytes of the caller's memory
-    /// into bounce slot `slot` of the receiver.
+    /// into bounce slot `slot` of the receiver (`bare`: the bytes alone, into the slot's payload;
+    /// the immediate describes them).
     Eager {
         slot: u16,
         header: EagerHeader,
+        bare: bool,
         local_addr: u64,
         lkey: u32,
         len: u32,
@@ -77,6 +79,10 @@ pub trait PostSink {
 pub trait RecvSink: PostSink {
     /// Copy `len` payload bytes of bounce slot `slot` into host memory at `dst`.
     fn copy_eager(&mut self, slot: u16, dst: u64, len: u64);
-    /// Bounce slot `slot` was dropped unread (its receive did not take the message).
+    /// Bounce slot `slot` was drained without a copy (its message did not fit its receive).
     fn release_eager(&mut self, _slot: u16) {}
+    /// Have the NIC copy `len` payload bytes of bounce slot `slot` to `dst` (GPU memory
+    /// registered under `rkey`), and report the copy's completion to
+    /// [`super::Receiver::on_eager_dma_done`].
+    fn dma_eager(&mut self, slot: u16, dst: u64, rkey: u32, len: u32);
 }

@@ -6,8 +6,8 @@ use super::counters::Counters;
 use super::post::{Post, PostOp, RecvSink};
 use super::recv::{EagerAction, RecvBuf, RecvPost, RecvState};
 use super::wire::{
-    row_of, EagerHeader, WrId, FIFO_DEPTH, IMM_EAGER, IMM_EAGER_SLOT_MASK, MAX_EAGER_SLOTS,
-    MAX_RECVS,
+    row_of, BareEager, EagerHeader, WrId, FIFO_DEPTH, IMM_EAGER, IMM_EAGER_SLOT_MASK,
+    MAX_EAGER_SLOTS, MAX_RECVS,
 };
 use super::ProtoError;
 
@@ -41,6 +41,8 @@ pub struct Receiver {
     cts_posted: u32,
     /// Clear-to-send writes known to be finished (released from the send queue).
     cts_reaped: u32,
+    /// NIC copies of eager messages handed to the sink and not completed.
+    dmas_out: u32,
     /// Receive-queue entries consumed by immediates and not yet posted again.
     restock: u32,
     /// What happened so far (see [`Self::counters`]).
@@ -49,16 +51,12 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn new(cfg: RecvConfig) -> Self {
-        let state = RecvState::new();
         Receiver {
-            state: if cfg.eager_slots > 0 {
-                state
-            } else {
-                state.without_eager()
-            },
+            state: RecvState::new(),
             cfg,
             cts_posted: 0,
             cts_reaped: 0,
+            dmas_out: 0,
             restock: 0,
             counters: Counters::default(),
         }
@@ -74,6 +72,22 @@ impl Receiver {
     /// their slots until a later signaled one is polled: never post more than the queue holds.
     pub fn cts_room(&self) -> bool {
         self.cts_posted.wrapping_sub(self.cts_reaped) < self.cfg.sq_depth
+    }
+
+    /// NIC copies of eager messages on their way (see [`Self::on_eager_dma_done`]).
+    pub fn eager_dmas(&self) -> u32 {
+        self.dmas_out
+    }
+
+    /// The NIC copy of bounce slot `slot`'s message into its receive completed.
+    pub fn on_eager_dma_done(&mut self, slot: u16) -> Result<(), ProtoError> {
+        if self.dmas_out == 0 {
+            return Err(ProtoError::InvalidUsage(format!(
+                "copy completion for eager slot {slot} with no copy in flight"
+            )));
+        }
+        self.dmas_out -= 1;
+        self.state.on_dma_done(slot)
     }
 
     /// `irecv` of `bufs`. `Ok(None)`: not yet (every FIFO row or the send queue is in use).
@@ -145,26 +159,49 @@ impl Receiver {
     ) -> Result<(), ProtoError> {
         self.restock += 1;
         self.counters.cqe_imm += 1;
-        if imm & !IMM_EAGER_SLOT_MASK == IMM_EAGER {
-            let slot = (imm & IMM_EAGER_SLOT_MASK) as u16;
-            if slot >= self.cfg.eager_slots {
-                return Err(ProtoError::Protocol(format!(
-                    "eager message in slot {slot}, which this receiver does not have"
-                )));
-            }
-            let hdr = slot_header(slot);
-            if hdr.size > self.cfg.eager_max {
-                return Err(ProtoError::Protocol(format!(
-                    "eager message of {} bytes in a slot of {}",
-                    hdr.size, self.cfg.eager_max
-                )));
-            }
-            let action = self.state.on_eager(slot, hdr)?;
-            self.apply_eager(action, out);
-            return Ok(());
+        // Eager immediates have bit 30 set and bit 31 clear, sizes and the other markers not.
+        if imm >> 30 == IMM_EAGER >> 30 {
+            return self.on_eager_imm(imm, slot_header, out);
         }
         let row = row_of(self.state.next_done_seq());
         self.state.on_imm(imm, || sizes_row(row)).map(drop)
+    }
+
+    /// [`Self::on_imm`] of an eager message: out of line, so that the ordinary immediate's path
+    /// stays short.
+    #[inline(never)]
+    fn on_eager_imm(
+        &mut self,
+        imm: u32,
+        slot_header: impl FnOnce(u16) -> EagerHeader,
+        out: &mut impl RecvSink,
+    ) -> Result<(), ProtoError> {
+        let bare = BareEager::decode(imm);
+        if bare.is_none() && imm & !IMM_EAGER_SLOT_MASK != IMM_EAGER {
+            return Err(ProtoError::Protocol(format!(
+                "immediate {imm:#x} is no eager message this protocol sends"
+            )));
+        }
+        let slot = bare.map_or((imm & IMM_EAGER_SLOT_MASK) as u16, |b| b.slot);
+        if slot >= self.cfg.eager_slots {
+            return Err(ProtoError::Protocol(format!(
+                "eager message in slot {slot}, which this receiver does not have"
+            )));
+        }
+        // A bare message is for the next receive due, like every eager message.
+        let hdr = match bare {
+            Some(b) => EagerHeader::new(self.state.next_done_seq(), b.tag, b.size),
+            None => slot_header(slot),
+        };
+        if hdr.size > self.cfg.eager_max {
+            return Err(ProtoError::Protocol(format!(
+                "eager message of {} bytes in a slot of {}",
+                hdr.size, self.cfg.eager_max
+            )));
+        }
+        let action = self.state.on_eager(slot, hdr)?;
+        self.apply_eager(action, out);
+        Ok(())
     }
 
     /// Receive-queue entries to post again: none until [`RESTOCK_BATCH`] immediates have consumed
@@ -225,6 +262,17 @@ impl Receiver {
             EagerAction::Copy { slot, dst, len } => {
                 self.counters.eager_taken += 1;
                 out.copy_eager(slot, dst, len);
+            }
+            EagerAction::Dma {
+                slot,
+                dst,
+                rkey,
+                len,
+            } => {
+                self.counters.eager_taken += 1;
+                self.counters.eager_dma += 1;
+                self.dmas_out += 1;
+                out.dma_eager(slot, dst, rkey, len);
             }
         }
     }

@@ -1,8 +1,9 @@
-//! Receiver half: turns `irecv`s into FIFO rows and immediates into completed requests.
+//! Receiver half: turns `irecv`s into FIFO rows, and immediates and eager messages into
+//! completed requests.
 
 use super::{
-    eager_fits, row_of, stamp, CtsEntry, EagerHeader, ProtoError, CTS_EAGER_OK, FIFO_DEPTH,
-    IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
+    eager_entry, row_of, stamp, CtsEntry, EagerHeader, ProtoError, FIFO_DEPTH, IMM_MAX_SIZE,
+    IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_EAGER_SLOTS, MAX_RECVS,
 };
 
 /// One buffer of an `irecv`.
@@ -12,22 +13,34 @@ pub struct RecvBuf {
     pub size: u64,
     pub rkey: u32,
     pub tag: i32,
-    /// Host memory the CPU may write: an eager message can be copied into it.
+    /// Host memory the CPU may write: an eager message is copied in by the CPU (else by the
+    /// NIC, see [`EagerAction::Dma`]).
     pub host: bool,
 }
 
-/// What to do with an eager bounce slot.
+/// What to do with an eager bounce slot. Every eager message is taken by the receiver, from its
+/// own slot: the sender reported its send done once the write completed, never sends it again,
+/// and may have gone away since.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EagerAction {
     /// No eager message is involved.
     None,
-    /// The message is for a receive not posted yet: keep the slot until it is.
+    /// No receive posted so far has an entry for the message: keep the slot until one is.
     Hold,
-    /// The posted receive does not take the message: the slot is free again, and the sender
-    /// will send the message the ordinary way.
+    /// The message is larger than the entry that takes it: that receive fails, nothing is
+    /// written, and the slot is free again.
     Drop { slot: u16 },
-    /// Copy `len` bytes of slot `slot`'s payload to `dst`; the receive is complete.
+    /// Copy `len` bytes of slot `slot`'s payload to `dst`; the slot is free again.
     Copy { slot: u16, dst: u64, len: u64 },
+    /// Have the NIC copy `len` payload bytes of slot `slot` to `dst` (registered under `rkey`),
+    /// through a queue pair connected to itself: the buffer is GPU memory, which the CPU does not
+    /// fill. The slot stays busy, and the receive waits, until [`RecvState::on_dma_done`].
+    Dma {
+        slot: u16,
+        dst: u64,
+        rkey: u32,
+        len: u32,
+    },
 }
 
 /// Outcome of [`RecvState::post`]. Returned by value on the hot path: boxing would allocate.
@@ -42,8 +55,7 @@ pub enum RecvPost {
         req: u16,
         seq: u32,
         n: usize,
-        /// An eager message held for this receive: `Copy` before the row is written (the
-        /// request is then already done), or `Drop`.
+        /// A held eager message this receive takes: carried out before the row is written.
         eager: EagerAction,
     },
 }
@@ -62,26 +74,36 @@ struct RecvReq {
     state: ReqState,
     seq: u32,
     n: usize,
-    capacity: [u64; MAX_RECVS],
+    bufs: [RecvBuf; MAX_RECVS],
     sizes: [u64; MAX_RECVS],
-    /// The first entry as offered: decides whether an eager message fits.
-    first: CtsEntry,
+    /// The sender's WRITE_WITH_IMM for this receive is still to come. A one-buffer receive
+    /// taken by an eager message gets none.
+    imm_due: bool,
+    /// NIC copies of eager messages into this receive still on their way.
+    dmas: u8,
+    /// A message did not fit its buffer: the receive fails once everything has arrived.
+    failed: bool,
 }
 
 /// Receiver-side protocol state of one receive comm.
 pub struct RecvState {
     post_seq: u32,
+    /// The receive whose sender's immediate comes next (receives taken whole by an eager
+    /// message are skipped: they get none).
     done_seq: u32,
     reqs: [RecvReq; FIFO_DEPTH],
-    /// Eager slots drained (copied or dropped), told to the sender in every row.
+    /// Eager slots drained (copied, dropped, or read back), told to the sender in every row.
     eager_done: u32,
-    /// An eager message that arrived before its receive was posted: (slot, header).
+    /// An eager message no posted receive has an entry for yet: (slot, header). A receive
+    /// posted later takes it.
     held: Option<(u16, EagerHeader)>,
+    /// The request each bounce slot's NIC copy completes.
+    copying: [Option<u8>; MAX_EAGER_SLOTS],
+    /// Receives taken whole by an eager message that [`Self::done_seq`] has not passed yet.
+    skips: u32,
     /// The clear-to-send row of the latest posted receive.
     row: [CtsEntry; MAX_RECVS],
     row_len: usize,
-    /// Rows may offer a host buffer to an eager message (the receiver has bounce slots).
-    eager: bool,
 }
 
 impl Default for RecvState {
@@ -98,16 +120,11 @@ impl RecvState {
             reqs: [RecvReq::default(); FIFO_DEPTH],
             eager_done: 0,
             held: None,
+            copying: [None; MAX_EAGER_SLOTS],
+            skips: 0,
             row: [CtsEntry::default(); MAX_RECVS],
             row_len: 0,
-            eager: true,
         }
-    }
-
-    /// A receiver without bounce slots: no row ever offers to take an eager message.
-    pub fn without_eager(mut self) -> Self {
-        self.eager = false;
-        self
     }
 
     /// The clear-to-send row of the receive [`Self::post`] accepted last.
@@ -120,7 +137,7 @@ impl RecvState {
         self.eager_done
     }
 
-    /// Receives posted whose immediate has not arrived.
+    /// Receives posted whose sender's immediate has not arrived.
     pub fn in_flight(&self) -> u32 {
         self.post_seq.wrapping_sub(self.done_seq)
     }
@@ -144,16 +161,14 @@ impl RecvState {
             return Ok(RecvPost::NotReady);
         }
         let seq = self.post_seq;
-        let flags = if self.eager && n == 1 && bufs[0].host {
-            CTS_EAGER_OK
-        } else {
-            0
-        };
         // The row is built where it stays (no copies of a whole row per receive).
         let req = &mut self.reqs[r];
         req.state = ReqState::Posted;
         req.seq = seq;
         req.n = n;
+        req.imm_due = true;
+        req.dmas = 0;
+        req.failed = false;
         // `sizes[..n]` is written when the data arrives; nothing reads past `n`.
         for (i, b) in bufs.iter().enumerate() {
             self.row[i] = CtsEntry {
@@ -162,38 +177,29 @@ impl RecvState {
                 rkey: b.rkey,
                 tag: b.tag,
                 nreqs: n as u16,
-                flags,
+                flags: 0,
                 stamp: stamp(seq),
                 check: 0,
                 eager_done: 0,
             };
-            req.capacity[i] = b.size;
+            req.bufs[i] = *b;
         }
-        req.first = self.row[0];
+        self.post_seq = seq.wrapping_add(1);
         let mut eager = EagerAction::None;
-        if let Some((slot, hdr)) = self.held.take() {
-            // Everything before this receive has arrived, so the held message is for it.
-            debug_assert_eq!(hdr.seq, seq);
-            self.eager_done = self.eager_done.wrapping_add(1);
-            eager = if eager_fits(&req.first, hdr.tag, u64::from(hdr.size)) {
-                req.state = ReqState::Done;
-                req.sizes[0] = u64::from(hdr.size);
-                self.done_seq = seq.wrapping_add(1);
-                EagerAction::Copy {
-                    slot,
-                    dst: req.first.addr,
-                    len: u64::from(hdr.size),
-                }
-            } else {
-                EagerAction::Drop { slot }
-            };
+        if let Some((slot, hdr)) = self.held {
+            // Every receive before this one lacked the message's tag: the first entry with it
+            // takes the message, as the sender decides from the same row.
+            if let Some(i) = eager_entry(&self.row[..n], hdr.tag) {
+                self.held = None;
+                eager = self.take(r, i, slot, hdr);
+                self.advance();
+            }
         }
         for e in &mut self.row[..n] {
             e.eager_done = self.eager_done;
             e.check = e.compute_check();
         }
         self.row_len = n;
-        self.post_seq = seq.wrapping_add(1);
         Ok(RecvPost::Posted {
             req: r as u16,
             seq,
@@ -202,12 +208,82 @@ impl RecvState {
         })
     }
 
+    /// Eager message `hdr` in bounce slot `slot` goes into entry `i` of request `r`.
+    fn take(&mut self, r: usize, i: usize, slot: u16, hdr: EagerHeader) -> EagerAction {
+        let req = &mut self.reqs[r];
+        if req.n == 1 {
+            // The message is the whole receive: no immediate follows.
+            req.imm_due = false;
+            self.skips += 1;
+        }
+        let size = u64::from(hdr.size);
+        let buf = req.bufs[i];
+        let action = if size > buf.size {
+            // The sender saw the same row and counts the send as delivered to a failed receive.
+            req.failed = true;
+            self.eager_done = self.eager_done.wrapping_add(1);
+            EagerAction::Drop { slot }
+        } else if buf.host {
+            req.sizes[i] = size;
+            self.eager_done = self.eager_done.wrapping_add(1);
+            EagerAction::Copy {
+                slot,
+                dst: buf.addr,
+                len: size,
+            }
+        } else {
+            req.sizes[i] = size;
+            req.dmas += 1;
+            self.copying[usize::from(slot)] = Some(r as u8);
+            EagerAction::Dma {
+                slot,
+                dst: buf.addr,
+                rkey: buf.rkey,
+                len: hdr.size,
+            }
+        };
+        self.finish_if_complete(r);
+        action
+    }
+
+    /// Request `r` is done (or failed) once its immediate and its copies have all arrived.
+    fn finish_if_complete(&mut self, r: usize) {
+        let req = &mut self.reqs[r];
+        if req.state == ReqState::Posted && !req.imm_due && req.dmas == 0 {
+            req.state = if req.failed {
+                ReqState::Failed
+            } else {
+                ReqState::Done
+            };
+        }
+    }
+
+    /// Moves [`Self::done_seq`] past receives that wait for no immediate.
+    #[inline]
+    fn advance(&mut self) {
+        while self.skips > 0 && self.done_seq != self.post_seq {
+            let req = &self.reqs[row_of(self.done_seq)];
+            // A receive taken whole by an eager message may be done, collected and its row
+            // reused already: a row holding another sequence number is past too.
+            if req.seq == self.done_seq && req.imm_due {
+                break;
+            }
+            self.skips -= 1;
+            self.done_seq = self.done_seq.wrapping_add(1);
+        }
+    }
+
     /// An eager message arrived in bounce slot `slot` with header `hdr` (read after its
     /// completion, so every byte is in place).
     pub fn on_eager(&mut self, slot: u16, hdr: EagerHeader) -> Result<EagerAction, ProtoError> {
         if !hdr.is_intact() {
             return Err(ProtoError::Protocol(format!(
                 "eager slot {slot} holds a damaged header {hdr:?}"
+            )));
+        }
+        if usize::from(slot) >= MAX_EAGER_SLOTS || self.copying[usize::from(slot)].is_some() {
+            return Err(ProtoError::Protocol(format!(
+                "eager message in slot {slot}, which is not free"
             )));
         }
         if self.held.is_some() || hdr.seq != self.done_seq {
@@ -222,31 +298,41 @@ impl RecvState {
                 }
             )));
         }
-        if self.post_seq == self.done_seq {
-            self.held = Some((slot, hdr));
-            return Ok(EagerAction::Hold);
+        // The first posted receive (from the one the message was sent for) with an entry for
+        // its tag takes it; none yet: the next receive posted with one will.
+        let mut seq = self.done_seq;
+        while seq != self.post_seq {
+            let r = row_of(seq);
+            let req = &self.reqs[r];
+            let tags = req.bufs[..req.n].iter().position(|b| b.tag == hdr.tag);
+            if let Some(i) = tags {
+                let action = self.take(r, i, slot, hdr);
+                self.advance();
+                return Ok(action);
+            }
+            seq = seq.wrapping_add(1);
         }
-        let r = row_of(self.done_seq);
-        let req = &mut self.reqs[r];
-        if req.state != ReqState::Posted || req.seq != hdr.seq {
-            return Err(ProtoError::Protocol(format!(
-                "eager message for receive #{} which is not waiting for data",
-                hdr.seq
+        self.held = Some((slot, hdr));
+        Ok(EagerAction::Hold)
+    }
+
+    /// The NIC copy of bounce slot `slot`'s message completed: the slot is free, and its
+    /// receive may be done.
+    pub fn on_dma_done(&mut self, slot: u16) -> Result<(), ProtoError> {
+        let Some(r) = self
+            .copying
+            .get_mut(usize::from(slot))
+            .and_then(Option::take)
+        else {
+            return Err(ProtoError::InvalidUsage(format!(
+                "copy completion for eager slot {slot}, which has no copy in flight"
             )));
-        }
+        };
+        let r = usize::from(r);
+        self.reqs[r].dmas -= 1;
         self.eager_done = self.eager_done.wrapping_add(1);
-        let size = u64::from(hdr.size);
-        if !eager_fits(&req.first, hdr.tag, size) {
-            return Ok(EagerAction::Drop { slot });
-        }
-        req.sizes[0] = size;
-        req.state = ReqState::Done;
-        self.done_seq = self.done_seq.wrapping_add(1);
-        Ok(EagerAction::Copy {
-            slot,
-            dst: req.first.addr,
-            len: size,
-        })
+        self.finish_if_complete(r);
+        Ok(())
     }
 
     /// Whether the immediate `imm` needs the sizes array row of the next receive.
@@ -271,33 +357,44 @@ impl RecvState {
                 "data arrived (imm {imm:#x}) with no receive posted for it (receive #{seq})"
             )));
         }
+        // `done_seq` never rests on a receive taken whole by an eager message (see `advance`).
+        debug_assert!(req.imm_due);
+        req.imm_due = false;
         match imm {
-            IMM_TRUNCATED => req.state = ReqState::Failed,
+            IMM_TRUNCATED => {
+                req.failed = true;
+                self.finish_if_complete(r);
+            }
             IMM_SIZES_IN_ARRAY => {
                 let sizes = sizes_row();
-                for (i, (size, cap)) in sizes.iter().zip(&req.capacity).take(req.n).enumerate() {
-                    if size > cap {
+                for (i, (size, b)) in sizes.iter().zip(&req.bufs).take(req.n).enumerate() {
+                    if *size > b.size {
                         return Err(ProtoError::Protocol(format!(
-                            "peer reports {size} bytes written into receive buffer {i} of {cap} bytes"
+                            "peer reports {size} bytes written into receive buffer {i} of {} bytes",
+                            b.size
                         )));
                     }
                 }
                 req.sizes[..req.n].copy_from_slice(&sizes[..req.n]);
-                req.state = ReqState::Done;
+                self.finish_if_complete(r);
             }
             size => {
                 let size = u64::from(size);
-                if req.n != 1 || size > IMM_MAX_SIZE || size > req.capacity[0] {
+                if req.n != 1 || size > IMM_MAX_SIZE || size > req.bufs[0].size {
                     return Err(ProtoError::Protocol(format!(
                         "immediate size {size} does not fit receive #{seq} ({} buffers, first holds {})",
-                        req.n, req.capacity[0]
+                        req.n, req.bufs[0].size
                     )));
                 }
+                // A one-buffer receive that waits for an immediate has no eager message in it.
                 req.sizes[0] = size;
                 req.state = ReqState::Done;
             }
         }
         self.done_seq = seq.wrapping_add(1);
+        if self.skips > 0 {
+            self.advance();
+        }
         Ok(r as u16)
     }
 

@@ -1,8 +1,8 @@
 //! Sender half: matches `isend`s against the rows the receiver wrote into our FIFO.
 
 use super::{
-    eager_fits, row_of, stamp, CtsEntry, EagerHeader, ProtoError, FIFO_DEPTH, IMM_EAGER,
-    IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
+    eager_entry, row_of, stamp, BareEager, CtsEntry, EagerHeader, ProtoError, FIFO_DEPTH,
+    IMM_EAGER, IMM_MAX_SIZE, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, MAX_RECVS,
 };
 
 /// The FIFO row the sender looks at, as the NIC left it: entry `i` on demand, so that a row
@@ -85,9 +85,6 @@ pub enum SendPost {
     /// no free entry with its tag: it belongs to a later receive), or resources are busy:
     /// return a NULL request.
     NotReady,
-    /// A carried send (see [`SendState::place_carried`]) completed the current row first: post
-    /// `transmit`, and return a NULL request for this send.
-    CarriedOn { transmit: Transmit },
     /// The send is accepted as request `req`. When it completes a row, `transmit` says what to post.
     Posted {
         req: u16,
@@ -112,22 +109,26 @@ impl EagerSend {
     }
 
     pub fn imm(&self) -> u32 {
-        IMM_EAGER | u32::from(self.slot)
+        BareEager::encode(self.slot, self.msg.size, self.msg.tag)
+            .unwrap_or(IMM_EAGER | u32::from(self.slot))
+    }
+
+    /// The immediate describes the message: no header goes with it ([`BareEager`]).
+    pub fn bare(&self) -> bool {
+        BareEager::decode(self.imm()).is_some()
     }
 }
 
 /// Outcome of [`SendState::resolve`] for the row sent eagerly.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolved {
     /// No eager row is waiting for its clear-to-send, or the row has not arrived.
     Nothing,
-    /// The receiver takes the eager message: the send is done once its write completes.
+    /// The row has an entry for the eager message, which the receiver takes into it.
     Accepted,
-    /// The receiver drops the slot: the message now waits for the rest of its row like any send.
-    Refused,
-    /// The receiver drops the slot and the message completes the row: post this.
-    Transmit(Transmit),
+    /// The row has no entry for the message's tag: a later row's first entry with it takes
+    /// the message ([`SendState::place_carried`]).
+    Carried,
 }
 
 /// What to put on the wire for one fully matched row: a small handle; the messages and the
@@ -144,6 +145,8 @@ pub struct Transmit {
     payload: u64,
     truncated: bool,
     max_msg: u64,
+    /// Entries an eager message has filled already (the receiver took it): no data written.
+    served: u8,
     /// Spread over several queue pairs: each message in up to `parts` chunks, and the
     /// immediate always in a work request of its own (posted once the data has landed).
     spread: bool,
@@ -183,17 +186,34 @@ pub enum WireOp {
 }
 
 impl Transmit {
-    /// The transmit of row `row` (sequence `seq`) carrying `msgs`.
+    /// The transmit of row `row` (sequence `seq`) carrying `msgs`, but no data for the entries
+    /// in `served`.
     #[inline]
-    fn new(seq: u32, row: usize, msgs: &[SendMsg], truncated: bool, max_msg: u64) -> Self {
+    fn new(
+        seq: u32,
+        row: usize,
+        msgs: &[SendMsg],
+        served: u8,
+        truncated: bool,
+        max_msg: u64,
+    ) -> Self {
+        let payload = if served == 0 {
+            msgs.iter().map(|m| m.size).sum()
+        } else {
+            (0..msgs.len())
+                .filter(|i| served & (1 << i) == 0)
+                .map(|i| msgs[i].size)
+                .sum()
+        };
         Transmit {
             seq,
             row,
             nreqs: msgs.len(),
             first_size: msgs[0].size,
-            payload: msgs.iter().map(|m| m.size).sum(),
+            payload,
             truncated,
             max_msg,
+            served,
             spread: false,
             parts: 1,
         }
@@ -245,7 +265,10 @@ impl Transmit {
         if self.truncated {
             return 1;
         }
-        let data: u64 = msgs.iter().map(|m| self.chunks(m.size)).sum();
+        let data: u64 = (0..msgs.len())
+            .filter(|i| self.served & (1 << i) == 0)
+            .map(|i| self.chunks(msgs[i].size))
+            .sum();
         let sizes = u64::from(self.sizes_in_array());
         let imm = u64::from(!self.fold_imm_into_data());
         (data + sizes + imm) as u32
@@ -304,7 +327,7 @@ impl Iterator for TransmitOps<'_> {
                     }
                     let msg = &self.msgs[self.entry];
                     let dst = &self.entries[self.entry];
-                    if self.offset >= msg.size {
+                    if self.offset >= msg.size || t.served & (1 << self.entry) != 0 {
                         self.entry += 1;
                         self.offset = 0;
                         continue;
@@ -376,12 +399,9 @@ enum ReqState {
     Done,
     /// The row was truncated: the whole row failed.
     Failed,
-    /// Sent eagerly; the receiver's row has not said yet whether it takes the message.
+    /// Sent eagerly; waiting for the write's completion (the receiver takes the message out
+    /// of its slot whatever its row turns out to be).
     Eager,
-    /// Sent eagerly and taken by the receiver; waiting for the write's completion.
-    EagerTaken,
-    /// Sent eagerly, refused by a row that has no entry with its tag: waits for a later row.
-    Carried,
 }
 
 /// A row's eager send, from posting until its row arrives.
@@ -407,8 +427,12 @@ struct Row {
     /// Requests matched to this row (or sent eagerly for it) that the caller has not collected
     /// with `test` yet.
     live: u8,
-    /// Request of each matched entry, in matching order.
+    /// Request of each matched send, in matching order: `ids[..nids]` (an entry an eager
+    /// message filled has none).
     ids: [u16; MAX_RECVS],
+    nids: usize,
+    /// Entries an eager message filled (bit per entry).
+    served: u8,
     wqes: u32,
     truncated: Option<(u64, u64)>,
     entries: [CtsEntry; MAX_RECVS],
@@ -428,9 +452,12 @@ pub struct SendState {
     seq: u32,
     rows: [Row; FIFO_DEPTH],
     reqs: [SendReq; SEND_REQS],
-    /// An eager send whose row had no entry for its tag: (request, message), matched into the
-    /// first later row that has a free entry with its tag ([`Self::place_carried`]).
-    carried: Option<(u16, SendMsg)>,
+    /// An eager message whose row had no entry for its tag (its send is done): the first later
+    /// row with an entry for the tag takes it ([`Self::place_carried`]).
+    carried: Option<SendMsg>,
+    /// Eager messages a row showed to be larger than their buffer, after their sends were
+    /// reported done (see [`Self::take_late_truncation`]).
+    late_truncation: Option<(u64, u64)>,
     max_msg: u64,
     sq_depth: u32,
     sq_used: u32,
@@ -462,6 +489,7 @@ impl SendState {
             rows: [Row::default(); FIFO_DEPTH],
             reqs: [SendReq::default(); SEND_REQS],
             carried: None,
+            late_truncation: None,
             max_msg,
             sq_depth,
             sq_used: 0,
@@ -590,6 +618,8 @@ impl SendState {
         row.matching = true;
         row.nreqs = nreqs;
         row.matched = 0;
+        row.nids = 0;
+        row.served = 0;
         row.truncated = None;
         // Only the first `nreqs` entries and messages are ever read; the rest keep stale values.
         row.entries[0] = head;
@@ -615,9 +645,12 @@ impl SendState {
             return Ok(SendPost::NotReady);
         }
         if self.carried.is_some() {
-            // The carried send was posted first: it takes its entry before this one.
-            if let Some(transmit) = self.place_carried(fifo_row)? {
-                return Ok(SendPost::CarriedOn { transmit });
+            // The carried message was sent first: it takes its entry before this send.
+            let seq = self.seq;
+            self.place_carried(fifo_row)?;
+            if self.seq != seq {
+                // It filled the whole row; `fifo_row` shows that row, not the next one.
+                return Ok(SendPost::NotReady);
             }
         }
         let r = row_of(self.seq);
@@ -709,6 +742,8 @@ impl SendState {
         row.matching = false;
         row.nreqs = 1;
         row.matched = 1;
+        row.nids = 1;
+        row.served = 0;
         row.truncated = None;
         row.entries[0] = head;
         row.msgs[0] = msg;
@@ -724,7 +759,7 @@ impl SendState {
             size: msg.size,
         };
         self.seq = seq.wrapping_add(1);
-        let transmit = Transmit::new(seq, r, &[msg], false, self.max_msg);
+        let transmit = Transmit::new(seq, r, &[msg], 0, false, self.max_msg);
         debug_assert_eq!(transmit.wqe_count_of(&[msg]), 1);
         Some((req, transmit))
     }
@@ -760,37 +795,65 @@ impl SendState {
         self.carried.is_some()
     }
 
-    /// Matches the carried send into `fifo_row`, a snapshot of FIFO row [`Self::current_row`],
-    /// when that row has arrived and has a free entry with its tag. Returns the row's transmit
-    /// when the carried send completes it.
-    pub fn place_carried(
-        &mut self,
-        fifo_row: &impl FifoRow,
-    ) -> Result<Option<Transmit>, ProtoError> {
-        let Some((id, msg)) = self.carried else {
-            return Ok(None);
+    /// Hands the carried eager message to `fifo_row`, a snapshot of FIFO row
+    /// [`Self::current_row`], when that row has arrived and has an entry for its tag: the
+    /// receiver takes it there, as it decides from the same row.
+    pub fn place_carried(&mut self, fifo_row: &impl FifoRow) -> Result<(), ProtoError> {
+        let Some(msg) = self.carried else {
+            return Ok(());
         };
         if self.unconfirmed {
-            return Ok(None);
+            return Ok(());
         }
         let r = row_of(self.seq);
         let row = &self.rows[r];
         if !row.matching {
             if row.live > 0 {
-                return Ok(None);
+                return Ok(());
             }
             match Self::arrived(self.seq, fifo_row)? {
                 Some(head) => self.open_row(r, fifo_row, head),
-                None => return Ok(None),
+                None => return Ok(()),
             }
         }
-        match self.match_send(r, msg, Some(id))? {
-            SendPost::Posted { transmit, .. } => {
-                self.carried = None;
-                Ok(transmit)
+        let row = &self.rows[r];
+        // The message was sent before any send still to match: the first entry with its tag is
+        // free (a row it skipped had none).
+        if let Some(i) = eager_entry(&row.entries[..row.nreqs], msg.tag) {
+            if row.matched & (1 << i) != 0 {
+                return Err(ProtoError::InvalidUsage(format!(
+                    "row {}'s entry {i} for an eager message was matched to a later send",
+                    self.seq
+                )));
             }
-            _ => Ok(None),
+            self.carried = None;
+            self.serve(r, i, msg);
         }
+        Ok(())
+    }
+
+    /// The eager message `msg` fills entry `i` of the open row `r`: no data goes there, and the
+    /// entry counts as matched. A row of one entry is then complete without a transmit.
+    fn serve(&mut self, r: usize, i: usize, msg: SendMsg) {
+        let row = &mut self.rows[r];
+        row.matched |= 1 << i;
+        row.served |= 1 << i;
+        row.msgs[i] = msg;
+        let capacity = row.entries[i].size;
+        if msg.size > capacity && row.truncated.is_none() {
+            row.truncated = Some((msg.size, capacity));
+            self.late_truncation = Some((msg.size, capacity));
+        }
+        if row.nreqs == 1 {
+            row.matching = false;
+            self.seq = self.seq.wrapping_add(1);
+        }
+    }
+
+    /// An eager message, its send already reported done, turned out larger than the buffer of
+    /// its receive (which fails): (size, capacity), once.
+    pub fn take_late_truncation(&mut self) -> Option<(u64, u64)> {
+        self.late_truncation.take()
     }
 
     /// The send cannot match a row yet: send it eagerly when the receiver has a free slot.
@@ -832,7 +895,7 @@ impl SendState {
     }
 
     /// The row of the eager send arrived (or not) in `fifo_row`, a snapshot of
-    /// [`Self::current_row`]: settle the send the same way the receiver does.
+    /// [`Self::current_row`]: account the message where the receiver puts it.
     pub fn resolve(&mut self, fifo_row: &impl FifoRow) -> Result<Resolved, ProtoError> {
         if !self.unconfirmed {
             return Ok(Resolved::Nothing);
@@ -841,66 +904,25 @@ impl SendState {
         let Some(head) = Self::arrived(self.seq, fifo_row)? else {
             return Ok(Resolved::Nothing);
         };
-        let nreqs = usize::from(head.nreqs);
-        let Some(EagerOut { msg }) = self.rows[r].eager else {
+        let Some(EagerOut { msg }) = self.rows[r].eager.take() else {
             return Err(ProtoError::InvalidUsage(format!(
                 "row {} waits for its eager send's clear-to-send but holds no eager send",
                 self.seq
             )));
         };
-        let req = Self::eager_req(r);
-        if eager_fits(&head, msg.tag, msg.size) {
-            self.eager_done_seen = head.eager_done;
-            let row = &mut self.rows[r];
-            row.eager = None;
-            row.nreqs = 1;
-            row.ids[0] = req;
-            self.reqs[usize::from(req)].state = if row.eager_wr {
-                ReqState::EagerTaken
-            } else {
-                ReqState::Done
-            };
-            self.unconfirmed = false;
-            self.seq = self.seq.wrapping_add(1);
-            return Ok(Resolved::Accepted);
-        }
-        if !(0..nreqs).any(|i| fifo_row.entry(i).tag == msg.tag) {
-            // The row has no entry for this tag: the send belongs to a later receive. The row
-            // opens for other sends, and this one waits for the first later row with its tag.
-            self.open_row(r, fifo_row, head);
-            let row = &mut self.rows[r];
-            row.eager = None;
-            row.live -= 1;
-            self.reqs[usize::from(req)].state = ReqState::Carried;
-            self.carried = Some((req, msg));
-            self.unconfirmed = false;
-            return Ok(Resolved::Refused);
-        }
-        // Refused: match the message against its row like a fresh send, under the same request.
-        if nreqs == 1 {
-            // The message completes its row (its tag is the row's only entry): the transmit is
-            // planned before anything changes, so a full send queue leaves the row as it was.
-            let Some(planned) = self.plan(r, &[msg], msg.size > head.size)? else {
-                // Retried on a later call, once completions free the queue.
-                return Ok(Resolved::Nothing);
-            };
-            self.open_row(r, fifo_row, head);
-            self.rows[r].eager = None;
-            // The request stays counted in its row; `commit` counts it in again.
-            self.rows[r].live -= 1;
-            self.unconfirmed = false;
-            let (_, t) = self.commit(r, 0, msg, Some(req), Some(planned));
-            return Ok(Resolved::Transmit(t.expect("a planned transmit")));
-        }
-        self.open_row(r, fifo_row, head);
-        self.rows[r].eager = None;
-        self.rows[r].live -= 1;
         self.unconfirmed = false;
-        match self.match_send(r, msg, Some(req))? {
-            SendPost::Posted { transmit: None, .. } => Ok(Resolved::Refused),
-            other => Err(ProtoError::InvalidUsage(format!(
-                "refused eager send could not take its row: {other:?}"
-            ))),
+        self.open_row(r, fifo_row, head);
+        let row = &self.rows[r];
+        match eager_entry(&row.entries[..row.nreqs], msg.tag) {
+            Some(i) => {
+                self.serve(r, i, msg);
+                Ok(Resolved::Accepted)
+            }
+            None => {
+                // The message belongs to a later receive; this row opens for other sends.
+                self.carried = Some(msg);
+                Ok(Resolved::Carried)
+            }
         }
     }
 
@@ -963,7 +985,14 @@ impl SendState {
         msgs: &[SendMsg],
         truncated: bool,
     ) -> Result<Option<(Transmit, u32)>, ProtoError> {
-        let mut t = Transmit::new(self.seq, r, msgs, truncated, self.max_msg);
+        let mut t = Transmit::new(
+            self.seq,
+            r,
+            msgs,
+            self.rows[r].served,
+            truncated,
+            self.max_msg,
+        );
         self.shape(&mut t);
         let wqes = t.wqe_count_of(msgs);
         if self.sq_used + wqes <= self.sq_depth {
@@ -992,7 +1021,7 @@ impl SendState {
     ) -> (u16, Option<Transmit>) {
         let seq = self.seq;
         let row = &mut self.rows[r];
-        let k = row.matched.count_ones() as usize;
+        let k = row.nids;
         row.matched |= 1 << i;
         row.live += 1;
         row.msgs[i] = msg;
@@ -1003,6 +1032,7 @@ impl SendState {
         // Fresh requests of a row are numbered in matching order.
         let req = id.unwrap_or((r * MAX_RECVS + k) as u16);
         row.ids[k] = req;
+        row.nids = k + 1;
         let Some((t, wqes)) = planned else {
             self.reqs[usize::from(req)] = SendReq {
                 state: ReqState::Matched,
@@ -1021,8 +1051,7 @@ impl SendState {
             row: r as u8,
             size: msg.size,
         };
-        let n = row.nreqs;
-        for &j in &row.ids[..n - 1] {
+        for &j in &row.ids[..k] {
             self.reqs[usize::from(j)].state = ReqState::InFlight;
         }
         self.seq = seq.wrapping_add(1);
@@ -1040,8 +1069,10 @@ impl SendState {
         }
         row.eager_wr = false;
         self.sq_used -= 1;
+        // The message left the caller's buffer and landed in the receiver's slot, which the
+        // receiver drains itself whatever its receive: the send is done.
         let req = &mut self.reqs[usize::from(Self::eager_req(r))];
-        if req.state == ReqState::EagerTaken {
+        if req.state == ReqState::Eager {
             req.state = ReqState::Done;
         }
         Ok(())
@@ -1065,7 +1096,7 @@ impl SendState {
         } else {
             ReqState::Done
         };
-        for &j in &row.ids[..row.nreqs] {
+        for &j in &row.ids[..row.nids] {
             self.reqs[usize::from(j)].state = state;
         }
         Ok(())
@@ -1086,11 +1117,7 @@ impl SendState {
             ReqState::Free => Err(ProtoError::InvalidUsage(format!(
                 "send request {req} is not in flight"
             ))),
-            ReqState::Matched
-            | ReqState::InFlight
-            | ReqState::Eager
-            | ReqState::EagerTaken
-            | ReqState::Carried => Ok(None),
+            ReqState::Matched | ReqState::InFlight | ReqState::Eager => Ok(None),
             ReqState::Done => {
                 self.reqs[idx].state = ReqState::Free;
                 row.live -= 1;
@@ -1137,15 +1164,15 @@ impl SendState {
         })
     }
 
-    /// The requests transmit `t` carries: the first [`Transmit::nreqs`].
-    pub fn reqs_of(&self, t: &Transmit) -> [u16; MAX_RECVS] {
-        self.rows[t.row].ids
+    /// The requests transmit `t` carries: `ids[..n]`.
+    pub fn reqs_of(&self, t: &Transmit) -> ([u16; MAX_RECVS], usize) {
+        self.reqs_of_row(t.row)
     }
 
     /// The requests of the latest transmit of row `r`: `ids[..n]`.
     pub fn reqs_of_row(&self, r: usize) -> ([u16; MAX_RECVS], usize) {
         let row = &self.rows[r];
-        (row.ids, row.nreqs)
+        (row.ids, row.nids)
     }
 
     /// Work requests transmit `t` posts.

@@ -123,7 +123,10 @@ impl Sender {
         out: &mut impl PostSink,
     ) -> Result<Option<u16>, ProtoError> {
         if self.state.unconfirmed() {
-            self.resolve_eager(&fifo, out)?;
+            self.resolve_eager(&fifo)?;
+        }
+        if self.state.has_carried() {
+            self.place_carried(&fifo)?;
         }
         let r = self.state.current_row();
         match self.state.post(
@@ -134,10 +137,6 @@ impl Sender {
             msg,
         )? {
             SendPost::NotReady => Ok(None),
-            SendPost::CarriedOn { transmit } => {
-                self.transmit(&transmit, out);
-                Ok(None)
-            }
             SendPost::Posted { req, transmit } => {
                 if let Some(t) = transmit {
                     self.transmit(&t, out);
@@ -250,16 +249,10 @@ impl Sender {
             self.flush_deferred(out);
         }
         if self.state.unconfirmed() {
-            self.resolve_eager(&fifo, out)?;
+            self.resolve_eager(&fifo)?;
         }
         if self.state.has_carried() {
-            let r = self.state.current_row();
-            if let Some(t) = self.state.place_carried(&RowOf {
-                fifo: &fifo,
-                row: r,
-            })? {
-                self.transmit(&t, out);
-            }
+            self.place_carried(&fifo)?;
         }
         Ok(())
     }
@@ -294,22 +287,30 @@ impl Sender {
     }
 
     /// Settles the eager row once the receiver's clear-to-send for it has landed.
-    fn resolve_eager(
-        &mut self,
-        fifo: &impl Fifo,
-        out: &mut impl PostSink,
-    ) -> Result<(), ProtoError> {
+    fn resolve_eager(&mut self, fifo: &impl Fifo) -> Result<(), ProtoError> {
         let r = self.state.current_row();
         match self.state.resolve(&RowOf { fifo, row: r })? {
             Resolved::Nothing => {}
             Resolved::Accepted => self.counters.eager_accepted += 1,
-            Resolved::Refused => self.counters.eager_refused += 1,
-            Resolved::Transmit(t) => {
-                self.counters.eager_refused += 1;
-                self.transmit(&t, out);
-            }
+            Resolved::Carried => self.counters.eager_carried += 1,
         }
         Ok(())
+    }
+
+    /// Hands a carried eager message to the current row once it has an entry for it.
+    fn place_carried(&mut self, fifo: &impl Fifo) -> Result<(), ProtoError> {
+        let r = self.state.current_row();
+        self.state.place_carried(&RowOf { fifo, row: r })?;
+        if !self.state.has_carried() {
+            self.counters.eager_accepted += 1;
+        }
+        Ok(())
+    }
+
+    /// An eager message, its send already reported done, was too large for its receive's
+    /// buffer (that receive fails): (size, capacity), once.
+    pub fn take_late_truncation(&mut self) -> Option<(u64, u64)> {
+        self.state.take_late_truncation()
     }
 
     /// One signaled WRITE_WITH_IMM of header + data into the receiver's bounce slot.
@@ -333,6 +334,7 @@ impl Sender {
                 op: PostOp::Eager {
                     slot: e.slot,
                     header: e.header(),
+                    bare: e.bare(),
                     local_addr: e.msg.addr,
                     lkey: e.msg.lkey,
                     len: e.msg.size as u32,
@@ -464,10 +466,11 @@ impl Sender {
 
 /// What the posts of `t` carry, the first of them on `qp`.
 fn on_wire(state: &SendState, t: &Transmit, qp: usize) -> OnWire {
+    let (reqs, n) = state.reqs_of(t);
     OnWire {
         seq: t.seq,
-        reqs: state.reqs_of(t),
-        nreqs: t.nreqs() as u16,
+        reqs,
+        nreqs: n as u16,
         qp,
         eager: false,
     }

@@ -12,7 +12,9 @@ use std::mem::{align_of, offset_of, size_of};
 /// spread rows over several queue pairs, connection info with the QP list. Version 4: the
 /// row and header checks mix 64-bit words (cheaper per `isend`). Version 5: the connecting side
 /// sends a hello (the connection info's preamble, no queue pairs) as soon as TCP is up.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// Version 6: the receiver takes every eager message itself (a copy, or an RDMA READ from the
+/// sender's staging), so an eager send is done once its write has completed.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Feature bit: the receiver offers eager bounce slots (the sender may use them or not).
 pub const FEATURE_EAGER: u64 = 1 << 0;
@@ -58,19 +60,64 @@ pub const IMM_SIZES_IN_ARRAY: u32 = 0x8000_0000;
 pub const IMM_TRUNCATED: u32 = 0xFFFF_FFFF;
 /// Largest size carried directly in the immediate of a single receive.
 pub const IMM_MAX_SIZE: u64 = 0x3FFF_FFFF;
-/// Immediate values `IMM_EAGER | slot`: an eager message landed in bounce slot `slot`.
+/// Immediate values `IMM_EAGER | slot`: an eager message landed, behind its
+/// [`EagerHeader`], in bounce slot `slot`.
 pub const IMM_EAGER: u32 = 0x4000_0000;
 /// Bits of an eager immediate that hold the slot.
 pub const IMM_EAGER_SLOT_MASK: u32 = 0xFFFF;
+/// Eager immediates with this bit carry no header: [`BareEager`] packs slot, size and tag into
+/// the immediate, and the message fills only the slot's payload. A 4 or 8 KiB message then
+/// takes as many packets as its data needs, not one more for 16 bytes of header.
+pub const IMM_EAGER_BARE: u32 = 0x2000_0000;
 
-/// `CtsEntry::flags`: the receive is one buffer in host memory, so an eager message that fits
-/// is copied into it by the receiver's CPU.
-pub const CTS_EAGER_OK: u16 = 1;
+/// An eager message described by its immediate alone (see [`IMM_EAGER_BARE`]): slot in bits
+/// 26..29, size in bits 9..26, tag in bits 0..9. Its receive is the next one due, as for any
+/// eager message, so no sequence number is needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BareEager {
+    pub slot: u16,
+    pub size: u32,
+    pub tag: i32,
+}
 
-/// Whether the eager message (`tag`, `size`) is taken by the posted receive whose first entry is
-/// `e`. Sender and receiver both decide with this, from the same row, so they always agree.
-pub fn eager_fits(e: &CtsEntry, tag: i32, size: u64) -> bool {
-    e.nreqs == 1 && e.flags & CTS_EAGER_OK != 0 && e.tag == tag && size <= e.size
+impl BareEager {
+    const SLOT_BITS: u32 = 3;
+    const SIZE_BITS: u32 = 17;
+    const TAG_BITS: u32 = 9;
+
+    /// The immediate of a message that fits it (tags are ranks in RCCL and NCCL: small).
+    pub fn encode(slot: u16, size: u64, tag: i32) -> Option<u32> {
+        let fits = u32::from(slot) < 1 << Self::SLOT_BITS
+            && size < 1 << Self::SIZE_BITS
+            && (0..1 << Self::TAG_BITS).contains(&tag);
+        fits.then(|| {
+            IMM_EAGER
+                | IMM_EAGER_BARE
+                | u32::from(slot) << (Self::SIZE_BITS + Self::TAG_BITS)
+                | (size as u32) << Self::TAG_BITS
+                | tag as u32
+        })
+    }
+
+    /// The message of a bare eager immediate (`None` for other immediates).
+    pub fn decode(imm: u32) -> Option<Self> {
+        if imm & (IMM_SIZES_IN_ARRAY | IMM_EAGER | IMM_EAGER_BARE) != IMM_EAGER | IMM_EAGER_BARE {
+            return None;
+        }
+        let field = |shift: u32, bits: u32| (imm >> shift) & ((1 << bits) - 1);
+        Some(BareEager {
+            slot: field(Self::SIZE_BITS + Self::TAG_BITS, Self::SLOT_BITS) as u16,
+            size: field(Self::TAG_BITS, Self::SIZE_BITS),
+            tag: field(0, Self::TAG_BITS) as i32,
+        })
+    }
+}
+
+/// The entry of a receive that takes an eager message of tag `tag`: the first with that tag
+/// (`None`: the receive has none, and the message belongs to a later one). Sender and receiver
+/// both decide with this, from the same row, so they always agree.
+pub fn eager_entry(entries: &[CtsEntry], tag: i32) -> Option<usize> {
+    entries.iter().position(|e| e.tag == tag)
 }
 
 /// What the sender writes in front of the data in a bounce slot. 16 bytes.
@@ -147,7 +194,7 @@ pub struct CtsEntry {
     pub tag: i32,
     /// Entries in this row (1 ..= MAX_RECVS); equal in every entry of a row.
     pub nreqs: u16,
-    /// [`CTS_EAGER_OK`] or 0.
+    /// 0 (reserved).
     pub flags: u16,
     /// `stamp(seq)` of the request: tells a fresh row from stale memory.
     pub stamp: u32,
@@ -239,6 +286,11 @@ const _: () = {
     // The immediate classes must not overlap.
     assert!(IMM_MAX_SIZE < IMM_EAGER as u64);
     assert!(IMM_EAGER & IMM_SIZES_IN_ARRAY == 0);
+    assert!(IMM_EAGER_BARE & (IMM_EAGER | IMM_SIZES_IN_ARRAY | IMM_EAGER_SLOT_MASK) == 0);
+    assert!(MAX_EAGER_SLOTS <= 1 << BareEager::SLOT_BITS);
+    assert!(BareEager::SLOT_BITS + BareEager::SIZE_BITS + BareEager::TAG_BITS == 29);
+    // The largest eager message (64 KiB) fits the size field.
+    assert!(65536 < 1 << BareEager::SIZE_BITS);
 };
 
 /// What a work request id says about the work request, so a completion can be accounted.
@@ -324,6 +376,33 @@ mod tests {
         assert_eq!(WrId::decode(0), None);
         assert_eq!(WrId::decode(WR_TRANSMIT | WR_EAGER | 3), None);
         assert_eq!(WrId::decode(1 << 50), None);
+    }
+
+    #[test]
+    fn bare_eager_immediates_round_trip_and_stay_apart() {
+        for (slot, size, tag) in [(0, 0, 0), (7, 65536, 511), (3, 4096, 1), (1, 131071, 17)] {
+            let imm = BareEager::encode(slot, size, tag).unwrap();
+            assert_eq!(
+                BareEager::decode(imm),
+                Some(BareEager {
+                    slot,
+                    size: size as u32,
+                    tag
+                })
+            );
+            assert_eq!(imm & IMM_EAGER, IMM_EAGER);
+            assert!(u64::from(imm) > IMM_MAX_SIZE && imm != IMM_SIZES_IN_ARRAY);
+            assert_ne!(imm, IMM_TRUNCATED);
+        }
+        // What does not fit goes with a header.
+        assert_eq!(BareEager::encode(8, 1, 0), None);
+        assert_eq!(BareEager::encode(0, 1 << 17, 0), None);
+        assert_eq!(BareEager::encode(0, 1, 512), None);
+        assert_eq!(BareEager::encode(0, 1, -1), None);
+        // Other immediates are not bare eager ones.
+        for imm in [0, 8192, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, IMM_EAGER | 3] {
+            assert_eq!(BareEager::decode(imm), None, "{imm:#x}");
+        }
     }
 
     #[test]
