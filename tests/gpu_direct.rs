@@ -372,7 +372,7 @@ fn probe_falls_back_to_registration_by_address() {
     let out = run_child("fallback", true, &[("FAKE_ROCM_DMABUF", "fail")]);
     assert!(out.contains("registered by address"), "strategy 2 won");
     assert!(
-        out.contains("flush probe passed (RC QP connected to itself, one RDMA READ checked)"),
+        out.contains("flush probe passed (RC QP connected to itself, one RDMA READ and one RDMA WRITE checked)"),
         "the flush QP was probed at init before GPU memory was advertised"
     );
     assert!(

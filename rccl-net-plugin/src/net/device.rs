@@ -289,7 +289,7 @@ pub fn gpu_after_flush_probe(dev: &str, gpu: GpuSupport, flush: Result<(), Strin
         Ok(()) => {
             info!(
                 INIT | NET,
-                "{dev}: flush probe passed (RC QP connected to itself, one RDMA READ checked)"
+                "{dev}: flush probe passed (RC QP connected to itself, one RDMA READ and one RDMA WRITE checked)"
             );
             gpu
         }

@@ -237,10 +237,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The byte the probe reads back.
 const PROBE_MARK: u8 = 0x5a;
 
-/// Proves that `dev` can run the flush of GPU receives: creates a flush QP, connects it to
-/// itself, reads one byte of a registered buffer through it and checks the byte. Some devices
-/// may refuse a QP connected to itself; they then cannot flush, and the caller must not
-/// advertise GPU memory on them. The error says which step failed and the verbs error.
+/// Proves that `dev` can run the flush of GPU receives and the NIC's copies of eager messages
+/// into GPU memory: creates a flush QP, connects it to itself, reads one byte of a registered
+/// buffer through it and checks the byte, then writes that byte elsewhere in the buffer through
+/// it and checks it there. Some devices may refuse a QP connected to itself; they then cannot
+/// flush, and the caller must not advertise GPU memory on them. The error says which step
+/// failed and the verbs error.
 pub fn probe(dev: &NetDevice, s: &ConnSettings) -> Result<(), String> {
     let mut flush = new_flush(dev, s).map_err(|e| e.to_string())?;
     let src = RegisteredBuf::new(&dev.pd, 64, "flush probe source").map_err(|e| e.to_string())?;
@@ -260,9 +262,38 @@ pub fn probe(dev: &NetDevice, s: &ConnSettings) -> Result<(), String> {
         std::thread::yield_now();
     }
     match flush.sink_byte(slot) {
+        PROBE_MARK => {}
+        b => {
+            return Err(format!(
+                "the loopback RDMA READ completed but fetched {b:#04x}, not {PROBE_MARK:#04x}"
+            ))
+        }
+    }
+    flush
+        .post_copy(
+            0,
+            src.addr() + 7,
+            src.lkey(),
+            1,
+            src.addr() + 40,
+            src.rkey(),
+        )
+        .map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    while flush.take_copies_done().map_err(|e| e.to_string())? & 1 == 0 {
+        if t0.elapsed() > PROBE_TIMEOUT {
+            return Err(format!(
+                "the loopback RDMA WRITE did not complete within {} s",
+                PROBE_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::yield_now();
+    }
+    // SAFETY: byte 40 of the 64-byte buffer; the WRITE that set it has completed.
+    match unsafe { std::ptr::read_volatile(src.ptr().add(40)) } {
         PROBE_MARK => Ok(()),
         b => Err(format!(
-            "the loopback RDMA READ completed but fetched {b:#04x}, not {PROBE_MARK:#04x}"
+            "the loopback RDMA WRITE completed but wrote {b:#04x}, not {PROBE_MARK:#04x}"
         )),
     }
 }

@@ -415,9 +415,8 @@ fn run_with(
     let mut torn_pending: Option<(usize, [CtsEntry; MAX_RECVS], usize)> = None;
     let mut step = 0usize;
 
-    // The sender's progress after completions. A refused eager send whose row needs more work
-    // requests than the send queue holds surfaces here (as it would in `isend`): this setup cannot
-    // carry that row at all.
+    // The sender's progress after completions. A row that needs more work requests than the
+    // send queue holds would surface here (as it does in `isend`): this setup cannot carry it.
     macro_rules! sender_progress {
         () => {
             match sender.progress(|r, i| fifo[r][i], &mut tx) {
@@ -1270,7 +1269,7 @@ fn a_send_for_a_later_row_waits_instead_of_failing() {
 
 #[test]
 fn eager_send_is_done_at_its_write_and_the_receiver_takes_it() {
-    let mut recv = RecvState::new();
+    let mut recv = RecvState::new().with_slots(4);
     let mut send = SendState::new(1 << 20, 64).with_eager(4, 64);
     let empty = [CtsEntry::default(); MAX_RECVS];
     let msg = |tag, size| SendMsg {
@@ -1590,4 +1589,102 @@ fn spread_rows_split_messages_and_keep_the_immediate_apart() {
     };
     assert!(!t.spread());
     assert_eq!(send.wqe_count(&t), 1);
+}
+
+#[test]
+fn credits_come_back_in_the_order_the_sender_reuses_slots() {
+    // Slot 0's message goes into GPU memory (a NIC copy), slot 1's into host memory (a CPU
+    // copy, done at once): the sender may reuse neither until slot 0's copy has completed.
+    let mut recv = RecvState::new().with_slots(2);
+    let buf = |host| RecvBuf {
+        addr: 0x1000,
+        size: 64,
+        rkey: 5,
+        tag: 1,
+        host,
+    };
+    recv.post(&[buf(false)]).unwrap();
+    assert!(matches!(
+        recv.on_eager(0, EagerHeader::new(0, 1, 8)),
+        Ok(EagerAction::Dma { slot: 0, .. })
+    ));
+    let RecvPost::Posted { .. } = recv.post(&[buf(true)]).unwrap() else {
+        panic!()
+    };
+    assert!(matches!(
+        recv.on_eager(1, EagerHeader::new(1, 1, 8)),
+        Ok(EagerAction::Copy { slot: 1, .. })
+    ));
+    assert_eq!(recv.eager_done(), 0, "slot 0 is still being copied");
+    let RecvPost::Posted { .. } = recv.post(&[buf(true)]).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        recv.row()[0].eager_done,
+        0,
+        "the row hands back no slot yet"
+    );
+    recv.on_dma_done(0).unwrap();
+    assert_eq!(recv.eager_done(), 2, "both slots are free once the copy is");
+}
+
+#[test]
+fn a_row_landing_while_a_message_is_carried_is_opened_by_the_carried_message() {
+    // The carried message (tag 5) waits for a row with its tag. A later send of tag 5 must not
+    // take that row's entry when the row lands between the two looks of one `post`.
+    let mut send = SendState::new(1 << 20, 64).with_eager(2, 64);
+    let empty = [CtsEntry::default(); MAX_RECVS];
+    let msg = |tag, size| SendMsg {
+        addr: 0x9000,
+        lkey: 9,
+        size,
+        tag,
+        host: true,
+    };
+    let entry = |seq, tag| {
+        CtsEntry {
+            addr: 0x1000,
+            size: 64,
+            rkey: 5,
+            tag,
+            nreqs: 1,
+            stamp: stamp(seq),
+            ..CtsEntry::default()
+        }
+        .sealed()
+    };
+    let SendPost::Eager { .. } = send.post(&empty, msg(5, 8)).unwrap() else {
+        panic!("expected an eager send")
+    };
+    send.on_eager_completion(0).unwrap();
+    let mut row0 = empty;
+    row0[0] = entry(0, 3);
+    assert_eq!(send.resolve(&row0), Ok(Resolved::Carried));
+    let SendPost::Posted {
+        transmit: Some(_), ..
+    } = send.post(&row0, msg(3, 8)).unwrap()
+    else {
+        panic!("row 0 takes the send of its tag")
+    };
+    send.on_completion(0).unwrap();
+    // Row 1 (tag 5) lands after the carried message's look and before the new send's.
+    let looks = std::cell::Cell::new(0);
+    let landing = RowFn(|i| {
+        looks.set(looks.get() + 1);
+        if looks.get() <= 1 || i > 0 {
+            CtsEntry::default()
+        } else {
+            entry(1, 5)
+        }
+    });
+    assert_eq!(send.post(&landing, msg(5, 16)).unwrap(), SendPost::NotReady);
+    assert!(
+        send.has_carried(),
+        "the row was not opened behind the carried message"
+    );
+    let mut row1 = empty;
+    row1[0] = entry(1, 5);
+    assert_eq!(send.post(&row1, msg(5, 16)).unwrap(), SendPost::NotReady);
+    assert!(!send.has_carried(), "row 1 took the carried message");
+    assert_eq!(send.seq(), 2, "and is complete without a transmit");
 }

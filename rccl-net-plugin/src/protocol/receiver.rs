@@ -52,7 +52,7 @@ pub struct Receiver {
 impl Receiver {
     pub fn new(cfg: RecvConfig) -> Self {
         Receiver {
-            state: RecvState::new(),
+            state: RecvState::new().with_slots(cfg.eager_slots),
             cfg,
             cts_posted: 0,
             cts_reaped: 0,
@@ -91,7 +91,8 @@ impl Receiver {
     }
 
     /// `irecv` of `bufs`. `Ok(None)`: not yet (every FIFO row or the send queue is in use).
-    /// `host` in a buffer says the CPU may write it; eager messages go only into such buffers.
+    /// `host` in a buffer says the CPU may write it: an eager message is copied into it by the
+    /// CPU, into any other by the NIC ([`RecvSink::dma_eager`]).
     #[inline]
     pub fn irecv(
         &mut self,

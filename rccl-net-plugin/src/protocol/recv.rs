@@ -101,6 +101,11 @@ pub struct RecvState {
     copying: [Option<u8>; MAX_EAGER_SLOTS],
     /// Receives taken whole by an eager message that [`Self::done_seq`] has not passed yet.
     skips: u32,
+    /// Bounce slots the sender uses in turn (0: no eager path).
+    slots: u32,
+    /// Slots drained out of turn: [`Self::eager_done`] counts only the drained slots that
+    /// follow each other in the order the sender fills them, as the sender reuses them in it.
+    drained: [bool; MAX_EAGER_SLOTS],
     /// The clear-to-send row of the latest posted receive.
     row: [CtsEntry; MAX_RECVS],
     row_len: usize,
@@ -122,8 +127,34 @@ impl RecvState {
             held: None,
             copying: [None; MAX_EAGER_SLOTS],
             skips: 0,
+            slots: 0,
+            drained: [false; MAX_EAGER_SLOTS],
             row: [CtsEntry::default(); MAX_RECVS],
             row_len: 0,
+        }
+    }
+
+    /// A receiver with `slots` bounce slots, which the sender fills in turn.
+    pub fn with_slots(mut self, slots: u16) -> Self {
+        self.slots = u32::from(slots).min(MAX_EAGER_SLOTS as u32);
+        self
+    }
+
+    /// Bounce slot `slot` is drained. The count the rows hand back moves over every drained
+    /// slot in the sender's order, and stops at the first still in use: a NIC copy can finish
+    /// after CPU copies of later slots, and the sender must not reuse its slot before.
+    fn drain(&mut self, slot: u16) {
+        if self.slots == 0 {
+            return;
+        }
+        self.drained[usize::from(slot) % MAX_EAGER_SLOTS] = true;
+        loop {
+            let next = (self.eager_done % self.slots) as usize;
+            if !self.drained[next] {
+                break;
+            }
+            self.drained[next] = false;
+            self.eager_done = self.eager_done.wrapping_add(1);
         }
     }
 
@@ -221,11 +252,11 @@ impl RecvState {
         let action = if size > buf.size {
             // The sender saw the same row and counts the send as delivered to a failed receive.
             req.failed = true;
-            self.eager_done = self.eager_done.wrapping_add(1);
+            self.drain(slot);
             EagerAction::Drop { slot }
         } else if buf.host {
             req.sizes[i] = size;
-            self.eager_done = self.eager_done.wrapping_add(1);
+            self.drain(slot);
             EagerAction::Copy {
                 slot,
                 dst: buf.addr,
@@ -330,7 +361,7 @@ impl RecvState {
         };
         let r = usize::from(r);
         self.reqs[r].dmas -= 1;
-        self.eager_done = self.eager_done.wrapping_add(1);
+        self.drain(slot);
         self.finish_if_complete(r);
         Ok(())
     }

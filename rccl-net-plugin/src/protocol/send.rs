@@ -652,6 +652,12 @@ impl SendState {
                 // It filled the whole row; `fifo_row` shows that row, not the next one.
                 return Ok(SendPost::NotReady);
             }
+            if self.carried.is_some() && !self.rows[row_of(self.seq)].matching {
+                // Only `place_carried` opens a row while a message is carried: the row may land
+                // between its look and ours, and then the carried message must see it first.
+                self.cts_waits += 1;
+                return Ok(SendPost::NotReady);
+            }
         }
         let r = row_of(self.seq);
         let row = &self.rows[r];
@@ -676,7 +682,7 @@ impl SendState {
                 }
             }
         }
-        self.match_send(r, msg, None)
+        self.match_send(r, msg)
     }
 
     /// [`Self::post`] of the common case, answered with its one work request: the current row
@@ -827,15 +833,23 @@ impl SendState {
                 )));
             }
             self.carried = None;
-            self.serve(r, i, msg);
+            self.serve(r, i, msg)?;
         }
         Ok(())
     }
 
     /// The eager message `msg` fills entry `i` of the open row `r`: no data goes there, and the
     /// entry counts as matched. A row of one entry is then complete without a transmit.
-    fn serve(&mut self, r: usize, i: usize, msg: SendMsg) {
+    fn serve(&mut self, r: usize, i: usize, msg: SendMsg) -> Result<(), ProtoError> {
         let row = &mut self.rows[r];
+        if row.nreqs > 1 && row.matched.count_ones() as usize + 1 == row.nreqs {
+            // The message is always placed first in its row, so other sends complete the row
+            // and plan its transmit; being last would leave the row with no transmit.
+            return Err(ProtoError::InvalidUsage(format!(
+                "row {}'s last free entry went to an eager message",
+                self.seq
+            )));
+        }
         row.matched |= 1 << i;
         row.served |= 1 << i;
         row.msgs[i] = msg;
@@ -848,6 +862,7 @@ impl SendState {
             row.matching = false;
             self.seq = self.seq.wrapping_add(1);
         }
+        Ok(())
     }
 
     /// An eager message, its send already reported done, turned out larger than the buffer of
@@ -915,7 +930,7 @@ impl SendState {
         let row = &self.rows[r];
         match eager_entry(&row.entries[..row.nreqs], msg.tag) {
             Some(i) => {
-                self.serve(r, i, msg);
+                self.serve(r, i, msg)?;
                 Ok(Resolved::Accepted)
             }
             None => {
@@ -926,15 +941,9 @@ impl SendState {
         }
     }
 
-    /// Matches `msg` into the open row `r`. `id`: the request it already has (a refused eager
-    /// send), else it is a fresh send and gets the row's next request.
+    /// Matches the fresh send `msg` into the open row `r`, as the row's next request.
     #[inline]
-    fn match_send(
-        &mut self,
-        r: usize,
-        msg: SendMsg,
-        id: Option<u16>,
-    ) -> Result<SendPost, ProtoError> {
+    fn match_send(&mut self, r: usize, msg: SendMsg) -> Result<SendPost, ProtoError> {
         let row = &self.rows[r];
         let nreqs = row.nreqs;
         // The common row offers one buffer: one look at it.
@@ -972,7 +981,7 @@ impl SendState {
         } else {
             None
         };
-        let (req, transmit) = self.commit(r, i, msg, id, planned);
+        let (req, transmit) = self.commit(r, i, msg, planned);
         Ok(SendPost::Posted { req, transmit })
     }
 
@@ -1007,16 +1016,14 @@ impl SendState {
         Ok(None)
     }
 
-    /// Matches `msg` to entry `i` of the open row `r` as request `id` (or the row's next one);
-    /// `planned`: the row's transmit when this send completes the row. Returns the request and
-    /// the transmit.
+    /// Matches `msg` to entry `i` of the open row `r` as the row's next request; `planned`: the
+    /// row's transmit when this send completes the row. Returns the request and the transmit.
     #[inline]
     fn commit(
         &mut self,
         r: usize,
         i: usize,
         msg: SendMsg,
-        id: Option<u16>,
         planned: Option<(Transmit, u32)>,
     ) -> (u16, Option<Transmit>) {
         let seq = self.seq;
@@ -1029,8 +1036,8 @@ impl SendState {
         if msg.size > capacity && row.truncated.is_none() {
             row.truncated = Some((msg.size, capacity));
         }
-        // Fresh requests of a row are numbered in matching order.
-        let req = id.unwrap_or((r * MAX_RECVS + k) as u16);
+        // Requests of a row are numbered in matching order.
+        let req = (r * MAX_RECVS + k) as u16;
         row.ids[k] = req;
         row.nids = k + 1;
         let Some((t, wqes)) = planned else {

@@ -224,7 +224,7 @@ impl Sender {
     }
 
     /// Whether [`Self::progress`] has anything to do: landed data whose immediates may go out,
-    /// an eager row waiting for its clear-to-send, or a refused eager send waiting for its row.
+    /// an eager row waiting for its clear-to-send, or a carried eager message waiting for its row.
     pub fn wants_progress(&self) -> bool {
         self.landed || self.state.unconfirmed() || self.state.has_carried()
     }

@@ -12,8 +12,9 @@ use std::mem::{align_of, offset_of, size_of};
 /// spread rows over several queue pairs, connection info with the QP list. Version 4: the
 /// row and header checks mix 64-bit words (cheaper per `isend`). Version 5: the connecting side
 /// sends a hello (the connection info's preamble, no queue pairs) as soon as TCP is up.
-/// Version 6: the receiver takes every eager message itself (a copy, or an RDMA READ from the
-/// sender's staging), so an eager send is done once its write has completed.
+/// Version 6: the receiver takes every eager message out of its own bounce slot (a CPU copy, or a
+/// NIC copy into GPU memory), so an eager send is done once its write has completed; small tags
+/// travel in the immediate instead of a header.
 pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Feature bit: the receiver offers eager bounce slots (the sender may use them or not).
