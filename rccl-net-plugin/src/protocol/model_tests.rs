@@ -1267,18 +1267,23 @@ fn a_send_for_a_later_row_waits_instead_of_failing() {
     assert_eq!(send.post(&row, msg(3)), Ok(SendPost::NotReady));
 }
 
-#[test]
-fn eager_send_is_done_at_its_write_and_the_receiver_takes_it() {
-    let mut recv = RecvState::new().with_slots(4);
-    let mut send = SendState::new(1 << 20, 64).with_eager(4, 64);
-    let empty = [CtsEntry::default(); MAX_RECVS];
-    let msg = |tag, size| SendMsg {
+/// A send of `size` bytes of host memory with `tag`.
+fn host_msg(tag: i32, size: u64) -> SendMsg {
+    SendMsg {
         addr: 0x9000,
         lkey: 9,
         size,
         tag,
         host: true,
-    };
+    }
+}
+
+#[test]
+fn eager_send_is_done_at_its_write_and_the_receiver_takes_it() {
+    let mut recv = RecvState::new().with_slots(4);
+    let mut send = SendState::new(1 << 20, 64).with_eager(4, 64);
+    let empty = [CtsEntry::default(); MAX_RECVS];
+    let msg = host_msg;
     let buf = |addr, size, tag, host| RecvBuf {
         addr,
         size,
@@ -1634,13 +1639,7 @@ fn a_row_landing_while_a_message_is_carried_is_opened_by_the_carried_message() {
     // take that row's entry when the row lands between the two looks of one `post`.
     let mut send = SendState::new(1 << 20, 64).with_eager(2, 64);
     let empty = [CtsEntry::default(); MAX_RECVS];
-    let msg = |tag, size| SendMsg {
-        addr: 0x9000,
-        lkey: 9,
-        size,
-        tag,
-        host: true,
-    };
+    let msg = host_msg;
     let entry = |seq, tag| {
         CtsEntry {
             addr: 0x1000,
