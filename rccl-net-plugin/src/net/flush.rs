@@ -125,12 +125,12 @@ impl Flush {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
-        let bit = 1u16.checked_shl(u32::from(slot)).unwrap_or(0);
-        if bit == 0 || usize::from(slot) >= EAGER_COPIES || self.copies_out & bit != 0 {
+        if usize::from(slot) >= EAGER_COPIES || self.copies_out & 1 << slot != 0 {
             return Err(NetError::Internal(format!(
                 "eager copy of slot {slot} while one is in flight or past {EAGER_COPIES} slots"
             )));
         }
+        let bit = 1u16 << slot;
         let sge = Sge {
             addr: src,
             length: len,

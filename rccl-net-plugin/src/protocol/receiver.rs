@@ -41,8 +41,6 @@ pub struct Receiver {
     cts_posted: u32,
     /// Clear-to-send writes known to be finished (released from the send queue).
     cts_reaped: u32,
-    /// NIC copies of eager messages handed to the sink and not completed.
-    dmas_out: u32,
     /// Receive-queue entries consumed by immediates and not yet posted again.
     restock: u32,
     /// What happened so far (see [`Self::counters`]).
@@ -56,7 +54,6 @@ impl Receiver {
             cfg,
             cts_posted: 0,
             cts_reaped: 0,
-            dmas_out: 0,
             restock: 0,
             counters: Counters::default(),
         }
@@ -76,17 +73,11 @@ impl Receiver {
 
     /// NIC copies of eager messages on their way (see [`Self::on_eager_dma_done`]).
     pub fn eager_dmas(&self) -> u32 {
-        self.dmas_out
+        self.state.dmas()
     }
 
     /// The NIC copy of bounce slot `slot`'s message into its receive completed.
     pub fn on_eager_dma_done(&mut self, slot: u16) -> Result<(), ProtoError> {
-        if self.dmas_out == 0 {
-            return Err(ProtoError::InvalidUsage(format!(
-                "copy completion for eager slot {slot} with no copy in flight"
-            )));
-        }
-        self.dmas_out -= 1;
         self.state.on_dma_done(slot)
     }
 
@@ -272,7 +263,6 @@ impl Receiver {
             } => {
                 self.counters.eager_taken += 1;
                 self.counters.eager_dma += 1;
-                self.dmas_out += 1;
                 out.dma_eager(slot, dst, rkey, len);
             }
         }

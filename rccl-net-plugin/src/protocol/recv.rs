@@ -97,8 +97,9 @@ pub struct RecvState {
     /// An eager message no posted receive has an entry for yet: (slot, header). A receive
     /// posted later takes it.
     held: Option<(u16, EagerHeader)>,
-    /// The request each bounce slot's NIC copy completes.
+    /// The request each bounce slot's NIC copy completes, and how many copies are on their way.
     copying: [Option<u8>; MAX_EAGER_SLOTS],
+    dmas: u32,
     /// Receives taken whole by an eager message that [`Self::done_seq`] has not passed yet.
     skips: u32,
     /// Bounce slots the sender uses in turn (0: no eager path).
@@ -126,6 +127,7 @@ impl RecvState {
             eager_done: 0,
             held: None,
             copying: [None; MAX_EAGER_SLOTS],
+            dmas: 0,
             skips: 0,
             slots: 0,
             drained: [false; MAX_EAGER_SLOTS],
@@ -161,6 +163,11 @@ impl RecvState {
     /// The clear-to-send row of the receive [`Self::post`] accepted last.
     pub fn row(&self) -> &[CtsEntry] {
         &self.row[..self.row_len]
+    }
+
+    /// NIC copies of eager messages on their way.
+    pub fn dmas(&self) -> u32 {
+        self.dmas
     }
 
     /// Eager slots drained so far.
@@ -266,6 +273,7 @@ impl RecvState {
             req.sizes[i] = size;
             req.dmas += 1;
             self.copying[usize::from(slot)] = Some(r as u8);
+            self.dmas += 1;
             EagerAction::Dma {
                 slot,
                 dst: buf.addr,
@@ -360,6 +368,7 @@ impl RecvState {
             )));
         };
         let r = usize::from(r);
+        self.dmas -= 1;
         self.reqs[r].dmas -= 1;
         self.drain(slot);
         self.finish_if_complete(r);

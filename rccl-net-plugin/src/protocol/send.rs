@@ -115,7 +115,7 @@ impl EagerSend {
 
     /// The immediate describes the message: no header goes with it ([`BareEager`]).
     pub fn bare(&self) -> bool {
-        BareEager::decode(self.imm()).is_some()
+        BareEager::encode(self.slot, self.msg.size, self.msg.tag).is_some()
     }
 }
 
