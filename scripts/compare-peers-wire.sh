@@ -3,7 +3,7 @@
 # kernels) joined by a link, as `scripts/softroce run2` boots them. Both guests run this script
 # with the same arguments; guest a serves, guest b drives:
 #
-#   scripts/softroce run2 --timeout 3500 -- scripts/compare-peers-wire.sh ARGS -- scripts/compare-peers-wire.sh ARGS
+#   scripts/softroce run2 --cpus 1 --pin --timeout 3500 -- scripts/compare-peers-wire.sh ARGS -- scripts/compare-peers-wire.sh ARGS
 #   ARGS: --halo target/release/librccl_net_plugin.so --nccl-ib PATH/nccl-ib.so --ofi PATH/ofi.so [netbench args]
 #
 # Any of --halo, --nccl-ib and --ofi may be left out (at least one is needed). --extra 'NAME PATH

@@ -266,7 +266,7 @@ fn allreduce_busbw(report: &Value, ranks: u64) -> Vec<(u64, f64)> {
         .unwrap_or_default()
 }
 
-const FIGURES: [Figure; 17] = [
+const FIGURES: [Figure; 21] = [
     Figure {
         key: "latency",
         title: "latency: typical one-way time, us (lower is better)",
@@ -361,6 +361,38 @@ const FIGURES: [Figure; 17] = [
         by: "bytes",
         lower_is_better: true,
         values: |r| rows_of(r, "decode_ahead", "size", "send_done_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_ahead_received",
+        title: "decode step, receives posted ahead: us per exchange until the receive completed (rank 0; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "recv_done_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_ahead_first_accepted",
+        title: "decode step, receives posted ahead, first exchange of each all-reduce: us until the send was accepted (rank 0; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "first_send_accepted_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_ahead_first_sent",
+        title: "decode step, receives posted ahead, first exchange: us until the send completed (rank 0; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "first_send_done_us"),
+        perftest: None,
+    },
+    Figure {
+        key: "decode_ahead_first_received",
+        title: "decode step, receives posted ahead, first exchange: us until the receive completed (rank 0; lower is better)",
+        by: "bytes",
+        lower_is_better: true,
+        values: |r| rows_of(r, "decode_ahead", "size", "first_recv_done_us"),
         perftest: None,
     },
     Figure {

@@ -446,6 +446,32 @@ pub struct Phases {
     /// `isend` calls that returned NULL before the send was accepted: many say the time to
     /// acceptance was spent waiting for the peer, none that it was spent inside the calls.
     pub null_sends: u64,
+    /// The same sums over the first exchange of each all-reduce alone: the one whose receive
+    /// was posted last, so the one that waits longest for the peer's offer.
+    pub first: FirstExchange,
+}
+
+/// [`Phases`] of the first exchange of each all-reduce.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FirstExchange {
+    pub exchanges: u64,
+    pub send_accepted_us: f64,
+    pub send_done_us: f64,
+    pub recv_done_us: f64,
+}
+
+impl FirstExchange {
+    /// The means per first exchange (accepted, send done, receive done), `None` without any.
+    pub fn means(&self) -> Option<(f64, f64, f64)> {
+        let n = self.exchanges as f64;
+        (self.exchanges > 0).then(|| {
+            (
+                self.send_accepted_us / n,
+                self.send_done_us / n,
+                self.recv_done_us / n,
+            )
+        })
+    }
 }
 
 impl Phases {
@@ -670,6 +696,13 @@ impl<'a> Ring<'a> {
         ph.send_done_us += sent;
         ph.recv_done_us += received;
         ph.null_sends += nulls;
+        if i == 0 {
+            let f = &mut ph.first;
+            f.exchanges += 1;
+            f.send_accepted_us += accepted;
+            f.send_done_us += sent;
+            f.recv_done_us += received;
+        }
         Ok(())
     }
 

@@ -256,6 +256,7 @@ fn decode_json(rows: &[DecodeRow]) -> Value {
     rows.iter()
         .map(|d| {
             let m = d.phases.means();
+            let f = d.phases.first.means();
             json!({
                 "size": d.size, "allreduces": d.allreduces, "receives_ahead": d.ahead,
                 "warmup": d.warmup, "steps": d.steps,
@@ -266,6 +267,9 @@ fn decode_json(rows: &[DecodeRow]) -> Value {
                 "send_done_us": m.map(|m| m.1),
                 "recv_done_us": m.map(|m| m.2),
                 "null_sends_per_exchange": d.phases.null_sends_per_exchange(),
+                "first_send_accepted_us": f.map(|m| m.0),
+                "first_send_done_us": f.map(|m| m.1),
+                "first_recv_done_us": f.map(|m| m.2),
             })
         })
         .collect()
@@ -329,7 +333,7 @@ pub fn json(r: &Report) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::Phases;
+    use crate::bench::{FirstExchange, Phases};
     use std::path::PathBuf;
 
     fn report(decode: Vec<DecodeRow>) -> Report {
@@ -370,6 +374,12 @@ mod tests {
                     send_done_us: 100.0,
                     recv_done_us: 90.0,
                     null_sends: 6,
+                    first: FirstExchange {
+                        exchanges: 2,
+                        send_accepted_us: 36.0,
+                        send_done_us: 60.0,
+                        recv_done_us: 50.0,
+                    },
                 }
             } else {
                 Phases::default()
@@ -412,6 +422,10 @@ mod tests {
         assert_eq!(j["decode"][0]["send_done_us"], 25.0);
         assert_eq!(j["decode"][0]["recv_done_us"], 22.5);
         assert_eq!(j["decode"][0]["null_sends_per_exchange"], 1.5);
+        assert_eq!(j["decode"][0]["first_send_accepted_us"], 18.0);
+        assert_eq!(j["decode"][0]["first_send_done_us"], 30.0);
+        assert_eq!(j["decode"][0]["first_recv_done_us"], 25.0);
+        assert!(j["decode"][1]["first_send_accepted_us"].is_null());
         assert!(j["decode"][1]["send_accepted_us"].is_null());
         assert!(!r.all_exact());
         assert!(report(vec![row(8192, 64, 1.0, 0)]).all_exact());

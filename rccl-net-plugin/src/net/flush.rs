@@ -251,24 +251,8 @@ pub fn probe(dev: &NetDevice, s: &ConnSettings) -> Result<(), String> {
     let slot = flush
         .post(src.addr() + 7, src.rkey())
         .map_err(|e| e.to_string())?;
-    let t0 = Instant::now();
-    while !flush.test(slot).map_err(|e| e.to_string())? {
-        if t0.elapsed() > PROBE_TIMEOUT {
-            return Err(format!(
-                "the loopback RDMA READ did not complete within {} s",
-                PROBE_TIMEOUT.as_secs()
-            ));
-        }
-        std::thread::yield_now();
-    }
-    match flush.sink_byte(slot) {
-        PROBE_MARK => {}
-        b => {
-            return Err(format!(
-                "the loopback RDMA READ completed but fetched {b:#04x}, not {PROBE_MARK:#04x}"
-            ))
-        }
-    }
+    probe_wait("READ", || flush.test(slot).map_err(|e| e.to_string()))?;
+    probe_check("READ completed but fetched", flush.sink_byte(slot))?;
     flush
         .post_copy(
             0,
@@ -279,21 +263,39 @@ pub fn probe(dev: &NetDevice, s: &ConnSettings) -> Result<(), String> {
             src.rkey(),
         )
         .map_err(|e| e.to_string())?;
+    probe_wait("WRITE", || {
+        flush
+            .take_copies_done()
+            .map(|done| done & 1 != 0)
+            .map_err(|e| e.to_string())
+    })?;
+    // SAFETY: byte 40 of the 64-byte buffer; the WRITE that set it has completed.
+    probe_check("WRITE completed but wrote", unsafe {
+        std::ptr::read_volatile(src.ptr().add(40))
+    })
+}
+
+/// Polls `done` until it says the probe's loopback `op` has completed, at most [`PROBE_TIMEOUT`].
+fn probe_wait(op: &str, mut done: impl FnMut() -> Result<bool, String>) -> Result<(), String> {
     let t0 = Instant::now();
-    while flush.take_copies_done().map_err(|e| e.to_string())? & 1 == 0 {
+    while !done()? {
         if t0.elapsed() > PROBE_TIMEOUT {
             return Err(format!(
-                "the loopback RDMA WRITE did not complete within {} s",
+                "the loopback RDMA {op} did not complete within {} s",
                 PROBE_TIMEOUT.as_secs()
             ));
         }
         std::thread::yield_now();
     }
-    // SAFETY: byte 40 of the 64-byte buffer; the WRITE that set it has completed.
-    match unsafe { std::ptr::read_volatile(src.ptr().add(40)) } {
+    Ok(())
+}
+
+/// The byte a completed probe step left: [`PROBE_MARK`], or an error saying what `step` found.
+fn probe_check(step: &str, got: u8) -> Result<(), String> {
+    match got {
         PROBE_MARK => Ok(()),
         b => Err(format!(
-            "the loopback RDMA WRITE completed but wrote {b:#04x}, not {PROBE_MARK:#04x}"
+            "the loopback RDMA {step} {b:#04x}, not {PROBE_MARK:#04x}"
         )),
     }
 }
