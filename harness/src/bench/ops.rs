@@ -463,15 +463,16 @@ pub struct FirstExchange {
 impl FirstExchange {
     /// The means per first exchange (accepted, send done, receive done), `None` without any.
     pub fn means(&self) -> Option<(f64, f64, f64)> {
-        let n = self.exchanges as f64;
-        (self.exchanges > 0).then(|| {
-            (
-                self.send_accepted_us / n,
-                self.send_done_us / n,
-                self.recv_done_us / n,
-            )
-        })
+        means_of(
+            self.exchanges,
+            [self.send_accepted_us, self.send_done_us, self.recv_done_us],
+        )
     }
+}
+
+/// `sums` divided by `n`, `None` when `n` is 0.
+fn means_of(n: u64, sums: [f64; 3]) -> Option<(f64, f64, f64)> {
+    (n > 0).then(|| (sums[0] / n as f64, sums[1] / n as f64, sums[2] / n as f64))
 }
 
 impl Phases {
@@ -482,14 +483,10 @@ impl Phases {
 
     /// The means per exchange (accepted, send done, receive done), `None` without exchanges.
     pub fn means(&self) -> Option<(f64, f64, f64)> {
-        let n = self.exchanges as f64;
-        (self.exchanges > 0).then(|| {
-            (
-                self.send_accepted_us / n,
-                self.send_done_us / n,
-                self.recv_done_us / n,
-            )
-        })
+        means_of(
+            self.exchanges,
+            [self.send_accepted_us, self.send_done_us, self.recv_done_us],
+        )
     }
 }
 
