@@ -172,8 +172,9 @@ unsafe fn wait_all(reqs: &[*mut c_void]) -> Vec<(ncclResult_t, [c_int; 8])> {
     out.into_iter().map(Option::unwrap).collect()
 }
 
-/// In the parent: runs `test` again in a child with `HALO_EAGER_MAX=eager_max`, checks that it
-/// passed and printed `done`, and returns false. In that child: returns true (run the body).
+/// In the parent: runs `test` again in a child with `HALO_EAGER_MAX=eager_max` (empty counts as
+/// unset), checks that it passed and printed `done`, and returns false. In that child: returns
+/// true (run the body).
 fn in_child(test: &str, eager_max: &str, done: &str) -> bool {
     match child_role(test, &[("HALO_EAGER_MAX", eager_max)], done) {
         Role::Child => true,
@@ -385,14 +386,23 @@ fn small_sends_go_before_their_receive() {
 
 #[test]
 fn with_the_eager_path_off_small_sends_wait() {
-    if !in_child(
-        "with_the_eager_path_off_small_sends_wait",
-        "0",
-        "eager path off: verified",
-    ) {
+    small_sends_wait("with_the_eager_path_off_small_sends_wait", "0");
+}
+
+/// `HALO_EAGER_MAX` unset: both ends of this pair share the node (one device, one GID), where the
+/// receiver offers no eager slots, so a send still waits for its receive.
+#[test]
+fn unset_on_one_node_small_sends_wait() {
+    small_sends_wait("unset_on_one_node_small_sends_wait", "");
+}
+
+/// With `HALO_EAGER_MAX=eager_max` (empty: unset) in a child: an 8-byte send with no receive
+/// posted gets a NULL request, 1000 times, then goes once the receive is posted.
+fn small_sends_wait(test: &str, eager_max: &str) {
+    if !in_child(test, eager_max, "eager path off: verified") {
         return;
     }
-    let Some((sc, rc)) = setup("eager::with_the_eager_path_off_small_sends_wait") else {
+    let Some((sc, rc)) = setup(&format!("eager::{test}")) else {
         return;
     };
     // SAFETY: `sc` and `rc` are the live comms `setup` connected, closed only at the end; every

@@ -22,7 +22,7 @@ use super::link::Link;
 use super::poster::{Remote, Staging, Targets};
 use super::recv_comm::{EagerRing, RecvComm, RecvParts};
 use super::send_comm::{SendComm, SendParts};
-use crate::config::PluginConfig;
+use crate::config::{eager_max_for, PluginConfig};
 use crate::log::{info, warn, NET};
 use crate::oob::{ConnInfo, ListenHandle, OobConnector, OobListener, OobStream, QpInfo};
 use crate::protocol::{
@@ -446,7 +446,8 @@ impl Connecting {
                         spread_min: SPREAD_MIN_BYTES,
                         // Header staging has room for our own slot count only.
                         eager_slots: info.eager_slots.min(EagerRing::SLOTS),
-                        eager_max: slot_max.min(self.settings.cfg.eager_max),
+                        // Unset, the receiver decides (it knows whether we share its node).
+                        eager_max: slot_max.min(self.settings.cfg.eager_max.unwrap_or(u32::MAX)),
                     };
                     return Ok(Some(SendComm::new(SendParts {
                         link,
@@ -704,7 +705,9 @@ impl ListenComm {
             RecvComm::CTS_STAGING_BYTES,
             "clear-to-send staging",
         )?;
-        let eager = EagerRing::new(dev, self.settings.cfg.eager_max)?;
+        // The same GID on both ends: the peer shares this node (and its NIC).
+        let eager_max = eager_max_for(self.settings.cfg.eager_max, info.gid == dev.gid.gid.0);
+        let eager = EagerRing::new(dev, eager_max)?;
         let flush = flush_qp(dev, &self.settings)?;
         let psn = random_psn();
         connect_qps(dev, &self.settings, &qps, psn, &info, peer)?;
@@ -757,10 +760,14 @@ impl ListenComm {
                 self.last_refused = None;
                 info!(
                     NET,
-                    "accepted {peer}: {} qp {:#x} <- remote qp {:#x}",
+                    "accepted {peer}: {} qp {:#x} <- remote qp {:#x}; {}",
                     self.dev.describe(),
                     side.qps[0].qp_num(),
-                    side.peer_info.qps[0].qpn
+                    side.peer_info.qps[0].qpn,
+                    match &side.eager {
+                        Some(e) => format!("eager messages up to {} B", e.max),
+                        None => "no eager messages".to_string(),
+                    }
                 );
                 let side = *side;
                 let flush_ids = side.flush.as_ref().map(Flush::watch_ids);
