@@ -12,8 +12,8 @@ use super::regcache::{checked_handle, MrHandle};
 use super::request::Request;
 use super::stats::{self, CommCounters, Side};
 use crate::protocol::{
-    eager_slot_offset, EagerHeader, Post, PostSink, Receiver, RecvBuf, RecvConfig, RecvSink,
-    CTS_ROW_BYTES, FIFO_DEPTH, MAX_RECVS, SIZES_ROW_BYTES,
+    eager_slot_offset, is_eager_imm, EagerHeader, Post, PostSink, Receiver, RecvBuf, RecvConfig,
+    RecvSink, CTS_ROW_BYTES, FIFO_DEPTH, MAX_RECVS, SIZES_ROW_BYTES,
 };
 use halo_ibverbs::{QueuePair, RecvWr, WcOpcode, WorkCompletion};
 use std::ffi::c_void;
@@ -182,7 +182,8 @@ impl RecvComm {
         bufs: &[(u64, u64, i32, Option<&MrHandle>)],
         phandles: &[*mut c_void],
     ) -> NetResult<Option<*mut Request>> {
-        let r = if let Some(ring) = self.eager.as_ref().map(EagerRing::ring) {
+        let held = self.core.holds_eager();
+        let r = if let Some(ring) = self.eager.as_ref().map(EagerRing::ring).filter(|_| held) {
             // A held eager message is copied out of its bounce slot, which only the poster knows.
             let mut out = Poster::new(&self.link.qps, &self.targets, &self.staging, Some(ring));
             let r = self.core.irecv(rb, &mut out);
@@ -191,7 +192,8 @@ impl RecvComm {
             self.start_dmas(&dmas)?;
             r
         } else {
-            // The row is this call's one work request: posted as the core hands it over.
+            // The row is this call's one work request: posted as the core hands it over. Nothing
+            // is held, so the core asks for no copy (eager comms included).
             let mut out = DirectSink::new(&self.link.qps, &self.targets, &self.staging);
             let r = self.core.irecv(rb, &mut out);
             if let Some(f) = out.failure {
@@ -306,11 +308,11 @@ impl RecvComm {
     }
 
     /// Hands completions to the protocol core and posts what it answers: only eager messages
-    /// make it post (a slot's copy or release), so a comm without bounce slots builds no poster
-    /// and stays inline.
+    /// make it post (a slot's copy or release), so a batch without one builds no poster and
+    /// stays inline, on a comm with bounce slots too.
     #[inline]
     fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
-        if self.eager.is_some() {
+        if self.eager.is_some() && got.iter().any(is_eager_completion) {
             return self.on_completions_eager(got);
         }
         let r = handle_completions(
@@ -320,7 +322,12 @@ impl RecvComm {
             None,
             &mut NoEagerSink,
         );
-        r.map_err(|e| self.link.proto_error(e))
+        r.map_err(|e| self.link.proto_error(e))?;
+        // A stream of completions must not keep finished copies waiting for an idle poll.
+        if self.core.eager_dmas() > 0 {
+            self.finish_dmas()?;
+        }
+        Ok(())
     }
 
     /// [`Self::on_completions`] with bounce slots: out of line, with its poster's arrays.
@@ -462,8 +469,16 @@ fn handle_completions(
     Ok(())
 }
 
-/// The sink of the completions of a comm without bounce slots. Its receiver has no eager slots,
-/// so it refuses every eager immediate before it would ask for a copy or a release.
+/// Whether `wc` delivered an eager message: only such a completion makes the core ask its sink
+/// for a copy, a NIC copy or a release.
+#[inline]
+fn is_eager_completion(wc: &WorkCompletion) -> bool {
+    wc.opcode == WcOpcode::RecvRdmaWithImm && wc.imm.is_some_and(is_eager_imm)
+}
+
+/// The sink of completions without an eager immediate (see [`is_eager_completion`]): every
+/// completion of a comm without bounce slots, whose receiver refuses an eager immediate before it
+/// would ask for anything.
 struct NoEagerSink;
 
 impl PostSink for NoEagerSink {

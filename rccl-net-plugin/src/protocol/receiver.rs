@@ -6,7 +6,7 @@ use super::counters::Counters;
 use super::post::{Post, PostOp, RecvSink};
 use super::recv::{EagerAction, RecvBuf, RecvPost, RecvState};
 use super::wire::{
-    row_of, BareEager, EagerHeader, WrId, FIFO_DEPTH, IMM_EAGER, IMM_EAGER_SLOT_MASK,
+    is_eager_imm, row_of, BareEager, EagerHeader, WrId, FIFO_DEPTH, IMM_EAGER, IMM_EAGER_SLOT_MASK,
     MAX_EAGER_SLOTS, MAX_RECVS,
 };
 use super::ProtoError;
@@ -151,8 +151,7 @@ impl Receiver {
     ) -> Result<(), ProtoError> {
         self.restock += 1;
         self.counters.cqe_imm += 1;
-        // Eager immediates have bit 30 set and bit 31 clear, sizes and the other markers not.
-        if imm >> 30 == IMM_EAGER >> 30 {
+        if is_eager_imm(imm) {
             return self.on_eager_imm(imm, slot_header, out);
         }
         let row = row_of(self.state.next_done_seq());
@@ -237,6 +236,13 @@ impl Receiver {
             };
         }
         r
+    }
+
+    /// Whether an eager message waits for a receive not posted yet: only then may
+    /// [`Self::irecv`] ask its sink for a copy, a NIC copy or a release.
+    #[inline]
+    pub fn holds_eager(&self) -> bool {
+        self.state.holds_eager()
     }
 
     /// Receives posted whose data has not arrived.

@@ -175,6 +175,11 @@ impl RecvState {
         self.eager_done
     }
 
+    /// An eager message waits for a receive not posted yet.
+    pub fn holds_eager(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// Receives posted whose sender's immediate has not arrived.
     pub fn in_flight(&self) -> u32 {
         self.post_seq.wrapping_sub(self.done_seq)

@@ -66,6 +66,13 @@ pub const IMM_MAX_SIZE: u64 = 0x3FFF_FFFF;
 pub const IMM_EAGER: u32 = 0x4000_0000;
 /// Bits of an eager immediate that hold the slot.
 pub const IMM_EAGER_SLOT_MASK: u32 = 0xFFFF;
+
+/// Whether `imm` is of the eager class (bit 30 set, bit 31 clear), header or bare; sizes and
+/// the other markers are not. One compare: the receive path's test for the rare case.
+#[inline]
+pub fn is_eager_imm(imm: u32) -> bool {
+    imm >> 30 == IMM_EAGER >> 30
+}
 /// Eager immediates with this bit carry no header: [`BareEager`] packs slot, size and tag into
 /// the immediate, and the message fills only the slot's payload. A 4 or 8 KiB message then
 /// takes as many packets as its data needs, not one more for 16 bytes of header.
@@ -392,6 +399,7 @@ mod tests {
                 })
             );
             assert_eq!(imm & IMM_EAGER, IMM_EAGER);
+            assert!(is_eager_imm(imm), "{imm:#x}");
             assert!(u64::from(imm) > IMM_MAX_SIZE && imm != IMM_SIZES_IN_ARRAY);
             assert_ne!(imm, IMM_TRUNCATED);
         }
@@ -403,6 +411,18 @@ mod tests {
         // Other immediates are not bare eager ones.
         for imm in [0, 8192, IMM_SIZES_IN_ARRAY, IMM_TRUNCATED, IMM_EAGER | 3] {
             assert_eq!(BareEager::decode(imm), None, "{imm:#x}");
+        }
+        // The eager class, header or bare, and nothing else: sizes up to the largest an
+        // immediate carries, the sizes-array and truncation markers.
+        assert!(is_eager_imm(IMM_EAGER | 3));
+        for imm in [
+            0,
+            8192,
+            IMM_MAX_SIZE as u32,
+            IMM_SIZES_IN_ARRAY,
+            IMM_TRUNCATED,
+        ] {
+            assert!(!is_eager_imm(imm), "{imm:#x}");
         }
     }
 
