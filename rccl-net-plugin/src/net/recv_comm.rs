@@ -313,16 +313,17 @@ impl RecvComm {
     #[inline]
     fn on_completions(&mut self, got: &[WorkCompletion]) -> NetResult<()> {
         if self.eager.is_some() && got.iter().any(is_eager_completion) {
-            return self.on_completions_eager(got);
+            self.on_completions_eager(got)?;
+        } else {
+            let r = handle_completions(
+                &mut self.core,
+                got,
+                self.sizes.ptr(),
+                None,
+                &mut NoEagerSink,
+            );
+            r.map_err(|e| self.link.proto_error(e))?;
         }
-        let r = handle_completions(
-            &mut self.core,
-            got,
-            self.sizes.ptr(),
-            None,
-            &mut NoEagerSink,
-        );
-        r.map_err(|e| self.link.proto_error(e))?;
         // A stream of completions must not keep finished copies waiting for an idle poll.
         if self.core.eager_dmas() > 0 {
             self.finish_dmas()?;
@@ -340,12 +341,7 @@ impl RecvComm {
         let (posted, dmas) = (out.finish(), out.dmas);
         posted.map_err(|f| self.link.post_error(f, "clear-to-send"))?;
         self.start_dmas(&dmas)?;
-        r.map_err(|e| self.link.proto_error(e))?;
-        // A stream of completions must not keep finished copies waiting for an idle poll.
-        if self.core.eager_dmas() > 0 {
-            self.finish_dmas()?;
-        }
-        Ok(())
+        r.map_err(|e| self.link.proto_error(e))
     }
 
     /// `iflush` of a completed receive: a READ from the last non-empty buffer in GPU memory;
