@@ -18,7 +18,7 @@ mod suites;
 pub mod wire;
 
 pub use member::{member_main, MemberConfig, MEMBER_FLAG};
-pub use ops::{DecodeTiming, FirstExchange, Net, Phases, Polls, Ring, RingTiming};
+pub use ops::{DecodeTiming, Net, PhaseSums, Phases, Polls, Ring, RingTiming};
 pub use perftest::{BandwidthStats, LatencyStats, PerftestDevice};
 pub use scaling::ScalingRow;
 

@@ -438,55 +438,51 @@ pub struct Ring<'a> {
 /// completed, and until the receive completed. Divided by `exchanges` they say which phase a
 /// slower plugin loses its time in.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Phases {
-    pub exchanges: u64,
-    pub send_accepted_us: f64,
-    pub send_done_us: f64,
-    pub recv_done_us: f64,
-    /// `isend` calls that returned NULL before the send was accepted: many say the time to
-    /// acceptance was spent waiting for the peer, none that it was spent inside the calls.
-    pub null_sends: u64,
-    /// The same sums over the first exchange of each all-reduce alone: the one whose receive
-    /// was posted last, so the one that waits longest for the peer's offer.
-    pub first: FirstExchange,
-}
-
-/// [`Phases`] of the first exchange of each all-reduce.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct FirstExchange {
+pub struct PhaseSums {
     pub exchanges: u64,
     pub send_accepted_us: f64,
     pub send_done_us: f64,
     pub recv_done_us: f64,
 }
 
-impl FirstExchange {
-    /// The means per first exchange (accepted, send done, receive done), `None` without any.
+impl PhaseSums {
+    /// Adds one exchange: its times (us since its start) to acceptance, send done, receive done.
+    pub fn add(&mut self, accepted: f64, sent: f64, received: f64) {
+        self.exchanges += 1;
+        self.send_accepted_us += accepted;
+        self.send_done_us += sent;
+        self.recv_done_us += received;
+    }
+
+    /// The means per exchange (accepted, send done, receive done), `None` without exchanges.
     pub fn means(&self) -> Option<(f64, f64, f64)> {
-        means_of(
-            self.exchanges,
-            [self.send_accepted_us, self.send_done_us, self.recv_done_us],
-        )
+        let n = self.exchanges as f64;
+        (self.exchanges > 0).then(|| {
+            (
+                self.send_accepted_us / n,
+                self.send_done_us / n,
+                self.recv_done_us / n,
+            )
+        })
     }
 }
 
-/// `sums` divided by `n`, `None` when `n` is 0.
-fn means_of(n: u64, sums: [f64; 3]) -> Option<(f64, f64, f64)> {
-    (n > 0).then(|| (sums[0] / n as f64, sums[1] / n as f64, sums[2] / n as f64))
+/// [`PhaseSums`] of every exchange and of the first exchange of each all-reduce alone (the one
+/// whose receive was posted last, so the one that waits longest for the peer's offer).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Phases {
+    pub all: PhaseSums,
+    pub first: PhaseSums,
+    /// `isend` calls that returned NULL before the send was accepted: many say the time to
+    /// acceptance was spent waiting for the peer, none that it was spent inside the calls.
+    pub null_sends: u64,
 }
 
 impl Phases {
     /// NULL requests from `isend` per exchange, `None` without exchanges.
     pub fn null_sends_per_exchange(&self) -> Option<f64> {
-        (self.exchanges > 0).then(|| self.null_sends as f64 / self.exchanges as f64)
-    }
-
-    /// The means per exchange (accepted, send done, receive done), `None` without exchanges.
-    pub fn means(&self) -> Option<(f64, f64, f64)> {
-        means_of(
-            self.exchanges,
-            [self.send_accepted_us, self.send_done_us, self.recv_done_us],
-        )
+        let n = self.all.exchanges;
+        (n > 0).then(|| self.null_sends as f64 / n as f64)
     }
 }
 
@@ -688,17 +684,10 @@ impl<'a> Ring<'a> {
             std::thread::yield_now();
         }
         let ph = &mut self.phases;
-        ph.exchanges += 1;
-        ph.send_accepted_us += accepted;
-        ph.send_done_us += sent;
-        ph.recv_done_us += received;
+        ph.all.add(accepted, sent, received);
         ph.null_sends += nulls;
         if i == 0 {
-            let f = &mut ph.first;
-            f.exchanges += 1;
-            f.send_accepted_us += accepted;
-            f.send_done_us += sent;
-            f.recv_done_us += received;
+            ph.first.add(accepted, sent, received);
         }
         Ok(())
     }

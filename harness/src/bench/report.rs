@@ -234,7 +234,7 @@ fn decode_table(s: &mut String, rows: &[DecodeRow]) {
         "received"
     );
     for d in rows {
-        let m = d.phases.means();
+        let m = d.phases.all.means();
         let _ = writeln!(
             s,
             "{:>10} {:>8} {:>14.1} {:>14.1} {:>10.2} {:>7} {} {} {} {}",
@@ -255,14 +255,14 @@ fn decode_table(s: &mut String, rows: &[DecodeRow]) {
 fn decode_json(rows: &[DecodeRow]) -> Value {
     rows.iter()
         .map(|d| {
-            let m = d.phases.means();
+            let m = d.phases.all.means();
             let f = d.phases.first.means();
             json!({
                 "size": d.size, "allreduces": d.allreduces, "receives_ahead": d.ahead,
                 "warmup": d.warmup, "steps": d.steps,
                 "step_mean_us": d.step_mean_us, "step_median_us": d.step_median_us,
                 "allreduce_us": d.allreduce_us, "wrong": d.wrong, "wire_pkts": d.wire_pkts,
-                "exchanges": d.phases.exchanges,
+                "exchanges": d.phases.all.exchanges,
                 "send_accepted_us": m.map(|m| m.0),
                 "send_done_us": m.map(|m| m.1),
                 "recv_done_us": m.map(|m| m.2),
@@ -333,7 +333,7 @@ pub fn json(r: &Report) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{FirstExchange, Phases};
+    use crate::bench::{PhaseSums, Phases};
     use std::path::PathBuf;
 
     fn report(decode: Vec<DecodeRow>) -> Report {
@@ -369,17 +369,19 @@ mod tests {
             wire_pkts: (size == 8192).then_some(12.0),
             phases: if size == 8192 {
                 Phases {
-                    exchanges: 4,
-                    send_accepted_us: 40.0,
-                    send_done_us: 100.0,
-                    recv_done_us: 90.0,
-                    null_sends: 6,
-                    first: FirstExchange {
+                    all: PhaseSums {
+                        exchanges: 4,
+                        send_accepted_us: 40.0,
+                        send_done_us: 100.0,
+                        recv_done_us: 90.0,
+                    },
+                    first: PhaseSums {
                         exchanges: 2,
                         send_accepted_us: 36.0,
                         send_done_us: 60.0,
                         recv_done_us: 50.0,
                     },
+                    null_sends: 6,
                 }
             } else {
                 Phases::default()
