@@ -30,7 +30,7 @@ step "build (plugin, examples, test executables)"
 cargo build --workspace --all-targets
 cargo test --workspace --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
-wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "wire_version", "handshake", "kill", "reload", "abi_points", "conformance_cmd"}
+wanted = {"device", "plugin_smoke", "conformance", "allreduce", "plugin_probe", "hot_path", "gpu_direct", "netbench", "eager", "nap", "wire_version", "handshake", "kill", "reload", "abi_points", "conformance_cmd"}
 for line in sys.stdin:
     try:
         m = json.loads(line)
@@ -80,9 +80,10 @@ scripts/softroce run2 --timeout 900 \
     --b "$conf --role send --connect \$HALO_PEER_IP:18600"
 # Soak at CI size (the full run is 10^6 messages, see examples/conformance.rs): sizes 0 B to
 # 64 KiB, 1 % up to 8 MiB, multi-receives with shuffled tags; both sides must report every message
-# and the same digest of all checksums. HALO_EAGER_MAX is unset, so across nodes the receiver
-# offers eager slots of 8 KiB: its accept line must say so, and some sends must have gone eagerly.
-soak="env -u HALO_EAGER_MAX NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET HALO_STATS=1 target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --soak --messages 5000 --seed 11"
+# and the same digest of all checksums. HALO_EAGER_MAX and HALO_RECV_NAP_US are unset, so across
+# nodes the receiver offers eager slots of 8 KiB and its streaming receives nap (rxe is a software
+# device): its accept line must say both, and some sends must have gone eagerly.
+soak="env -u HALO_EAGER_MAX -u HALO_RECV_NAP_US NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET HALO_STATS=1 target/debug/examples/conformance --plugin target/debug/librccl_net_plugin.so --version 10 --soak --messages 5000 --seed 11"
 scripts/softroce run2 --timeout 600 \
     --a "$soak --role recv --listen-on \$HALO_GUEST_IP:18600" \
     --b "$soak --role send --connect \$HALO_PEER_IP:18600" | tee target/soak.log | { grep -v 'NET/halo' || true; }
@@ -91,9 +92,9 @@ if [[ -z $digests || $(wc -l <<<"$digests") != 1 || $(cut -d' ' -f1 <<<"$digests
     echo "soak: the two sides disagree or lost messages: $digests" >&2
     exit 1
 fi
-if ! grep -q '^\[a\] .*NET/halo : accepted .*; eager messages up to 8192 B' target/soak.log ||
+if ! grep -q '^\[a\] .*NET/halo : accepted .*; eager messages up to 8192 B; receive naps of 20 us after 200 us' target/soak.log ||
     ! grep -Eq '^\[b\] .*stats: send comm to .* eager_sent=[1-9]' target/soak.log; then
-    echo "soak: with HALO_EAGER_MAX unset, the receiver across the wire offered no eager slots or no send went eagerly:" >&2
+    echo "soak: with HALO_EAGER_MAX and HALO_RECV_NAP_US unset, the receiver across the wire offered no eager slots or no naps, or no send went eagerly:" >&2
     grep -E 'accepted|stats:' target/soak.log >&2
     exit 1
 fi

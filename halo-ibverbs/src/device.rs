@@ -164,7 +164,7 @@ pub struct DeviceAttr {
     pub fw_ver: String,
     /// Node GUID in host byte order.
     pub node_guid: u64,
-    /// PCI vendor id (0 for software devices).
+    /// PCI vendor id (0xffffff on Soft-RoCE, 0x626d74 on siw).
     pub vendor_id: u32,
     /// Vendor part id.
     pub vendor_part_id: u32,

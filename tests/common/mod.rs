@@ -1,6 +1,8 @@
 //! Helpers shared by the root package's tests.
 #![allow(dead_code)]
 
+pub mod host;
+
 /// Whether an RDMA device is present. Without one, says so (the test then skips) — unless
 /// `HALO_REQUIRE_RDMA=1`, which turns a missing device into a failure (the Soft-RoCE guest runs).
 pub fn have_rdma_device(test: &str) -> bool {

@@ -19,10 +19,11 @@ use super::device::NetDevice;
 use super::error::{NetError, NetResult};
 use super::flush::{Flush, EAGER_COPIES, FLUSH_SLOTS};
 use super::link::Link;
+use super::nap::NapConfig;
 use super::poster::{Remote, Staging, Targets};
 use super::recv_comm::{EagerRing, RecvComm, RecvParts};
 use super::send_comm::{SendComm, SendParts};
-use crate::config::{eager_max_for, PluginConfig};
+use crate::config::{eager_max_for, recv_nap_for, PluginConfig};
 use crate::log::{info, warn, NET};
 use crate::oob::{ConnInfo, ListenHandle, OobConnector, OobListener, OobStream, QpInfo};
 use crate::protocol::{
@@ -32,7 +33,7 @@ use crate::protocol::{
 use halo_ibverbs::{CompletionQueue, Gid, LinkLayer, Mtu, QpCaps, QueuePair, RtrParams, RtsParams};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::regcache::data_access;
 
@@ -489,6 +490,7 @@ struct RecvSide {
     eager: Option<EagerRing>,
     flush: Option<Flush>,
     peer_info: ConnInfo,
+    nap: NapConfig,
 }
 
 /// Connections a listen comm keeps waiting on at once; further ones wait in the backlog.
@@ -706,7 +708,9 @@ impl ListenComm {
             "clear-to-send staging",
         )?;
         // The same GID on both ends: the peer shares this node (and its NIC).
-        let eager_max = eager_max_for(self.settings.cfg.eager_max, info.gid == dev.gid.gid.0);
+        let peer_on_this_node = info.gid == dev.gid.gid.0;
+        let eager_max = eager_max_for(self.settings.cfg.eager_max, peer_on_this_node);
+        let nap = nap_config(&self.settings.cfg, dev, peer_on_this_node);
         let eager = EagerRing::new(dev, eager_max)?;
         let flush = flush_qp(dev, &self.settings)?;
         let psn = random_psn();
@@ -739,6 +743,7 @@ impl ListenComm {
             eager,
             flush,
             peer_info: info,
+            nap,
         }))
     }
 
@@ -760,13 +765,22 @@ impl ListenComm {
                 self.last_refused = None;
                 info!(
                     NET,
-                    "accepted {peer}: {} qp {:#x} <- remote qp {:#x}; {}",
+                    "accepted {peer}: {} qp {:#x} <- remote qp {:#x}; {}; {}",
                     self.dev.describe(),
                     side.qps[0].qp_num(),
                     side.peer_info.qps[0].qpn,
                     match &side.eager {
                         Some(e) => format!("eager messages up to {} B", e.max),
                         None => "no eager messages".to_string(),
+                    },
+                    if side.nap.nap.is_zero() {
+                        "no receive naps".to_string()
+                    } else {
+                        format!(
+                            "receive naps of {} us after {} us",
+                            side.nap.nap.as_micros(),
+                            side.nap.spin.as_micros()
+                        )
                     }
                 );
                 let side = *side;
@@ -796,11 +810,22 @@ impl ListenComm {
                     eager: side.eager,
                     flush: side.flush,
                     stats: self.settings.cfg.stats,
+                    nap: side.nap,
                 })))
             }
             Some(_) => Err(NetError::Remote(format!(
                 "{peer} sent garbage instead of the ready message"
             ))),
         }
+    }
+}
+
+/// When a receive comm's fruitless `test`s sleep, on `dev` under `cfg`, with its peer on this
+/// node or not.
+fn nap_config(cfg: &PluginConfig, dev: &NetDevice, peer_on_this_node: bool) -> NapConfig {
+    let (spin_us, nap_us) = recv_nap_for(cfg, dev.is_software(), peer_on_this_node);
+    NapConfig {
+        spin: Duration::from_micros(spin_us.into()),
+        nap: Duration::from_micros(nap_us.into()),
     }
 }

@@ -57,6 +57,12 @@ impl NetDevice {
         default_qps_for_vendor(self.dev_attr.vendor_id)
     }
 
+    /// Whether this is the kernel's software RDMA (Soft-RoCE or siw), whose packet work shares
+    /// the host's CPUs with the callers that poll it.
+    pub fn is_software(&self) -> bool {
+        is_software_vendor(self.dev_attr.vendor_id)
+    }
+
     /// Queue pairs per connection on this device under `cfg`.
     pub fn qps_per_connection(&self, cfg: &PluginConfig) -> u32 {
         cfg.qps_per_connection.unwrap_or_else(|| self.default_qps())
@@ -321,6 +327,16 @@ fn watch_events(ctx: &Context) -> Arc<DeviceEvents> {
     DeviceEvents::new(ctx.name(), queue)
 }
 
+/// Vendor ids the kernel's software RDMA devices report: Soft-RoCE (`rdma_rxe`) and siw.
+const VENDOR_SOFT_ROCE: u32 = 0x00ff_ffff;
+const VENDOR_SIW: u32 = 0x0062_6d74;
+
+/// Whether a device of vendor `vendor` is the kernel's software RDMA (its packet work runs on
+/// the host's CPUs).
+fn is_software_vendor(vendor: u32) -> bool {
+    vendor == VENDOR_SOFT_ROCE || vendor == VENDOR_SIW
+}
+
 /// PCI vendor id of Intel, whose Ethernet RDMA devices (E810, X722) use the `irdma` provider.
 const VENDOR_INTEL: u32 = 0x8086;
 
@@ -379,14 +395,23 @@ mod flush_probe_tests {
 
 #[cfg(test)]
 mod qps_tests {
-    use super::default_qps_for_vendor;
+    use super::{default_qps_for_vendor, is_software_vendor};
 
     #[test]
     fn intel_rdma_gets_two_queue_pairs_others_one() {
         assert_eq!(default_qps_for_vendor(0x8086), 2);
-        // Mellanox/NVIDIA, Broadcom, Soft-RoCE (vendor 0).
-        for v in [0x02c9, 0x14e4, 0] {
+        // Mellanox/NVIDIA, Broadcom, Soft-RoCE (0xffffff), none.
+        for v in [0x02c9, 0x14e4, 0x00ff_ffff, 0] {
             assert_eq!(default_qps_for_vendor(v), 1);
+        }
+    }
+
+    #[test]
+    fn soft_roce_and_siw_are_software_devices() {
+        assert!(is_software_vendor(0x00ff_ffff));
+        assert!(is_software_vendor(0x0062_6d74));
+        for v in [0x8086, 0x02c9, 0x14e4, 0x1dd8, 0] {
+            assert!(!is_software_vendor(v), "{v:#x}");
         }
     }
 }

@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod flush;
 mod link;
+mod nap;
 mod poster;
 pub mod profiler;
 mod recv_comm;

@@ -6,6 +6,7 @@ use super::device::NetDevice;
 use super::error::{contained, NetError, NetResult};
 use super::flush::{Flush, FLUSH_SLOTS};
 use super::link::{Link, POLL_BATCH};
+use super::nap::{NapConfig, Napper};
 use super::poster::{post_cts_now, EagerDmas, PostFailure, Poster, SlotRing, Staging, Targets};
 use super::profiler::{self, Key, Profiler};
 use super::regcache::{checked_handle, MrHandle};
@@ -70,6 +71,8 @@ pub struct RecvParts {
     pub flush: Option<Flush>,
     /// `HALO_STATS`: log the counters at close.
     pub stats: bool,
+    /// When a fruitless `test` gives the CPU away.
+    pub nap: NapConfig,
 }
 
 /// The receiving end of a connection (RCCL holds it through a [`super::CommHandle`]).
@@ -85,6 +88,10 @@ pub struct RecvComm {
     reqs: Box<[Request]>,
     stats: bool,
     own: CommCounters,
+    napper: Napper,
+    /// Capacity of each receive request in flight (by request index), and their sum.
+    posted_cap: [u64; FIFO_DEPTH],
+    posted_bytes: u64,
     /// Present when `init` got a profiler callback: one slot per buffer of each receive.
     prof: Option<Box<Profiler>>,
 }
@@ -126,6 +133,9 @@ impl RecvComm {
             reqs: Box::new([]),
             stats: p.stats,
             own: CommCounters::default(),
+            napper: Napper::new(p.nap),
+            posted_cap: [0; FIFO_DEPTH],
+            posted_bytes: 0,
             prof,
         });
         let me: *mut RecvComm = &mut *c;
@@ -203,6 +213,9 @@ impl RecvComm {
         };
         match r {
             Ok(Some(req)) => {
+                let cap: u64 = bufs.iter().map(|b| b.1).sum();
+                self.posted_cap[usize::from(req)] = cap;
+                self.posted_bytes += cap;
                 if let Some(p) = self.prof.as_deref_mut() {
                     // The clear-to-send write that offers the buffers went out in this call;
                     // the events end when `test` reports the receive done.
@@ -398,20 +411,32 @@ impl RecvComm {
         if matches!(r, Ok(None)) {
             self.link.check()?;
             if self.progress()? {
+                self.napper.progress();
                 r = self.core.test_into(req, sizes);
+            } else if let Some(nap) = self.napper.idle(self.posted_bytes) {
+                self.own.naps += 1;
+                std::thread::sleep(nap);
             }
         }
         match r {
             Ok(None) => Ok(None),
             Ok(Some(n)) => {
-                self.finish_events(req)?;
+                self.finished(req)?;
                 Ok(Some(n))
             }
             Err(e) => {
-                self.finish_events(req)?;
+                self.finished(req)?;
                 Err(self.link.proto_error(e))
             }
         }
+    }
+
+    /// Request `req` is done: its buffers leave the posted count, its profiler events end.
+    #[inline]
+    fn finished(&mut self, req: u16) -> NetResult<()> {
+        let cap = std::mem::take(&mut self.posted_cap[usize::from(req)]);
+        self.posted_bytes -= cap;
+        self.finish_events(req)
     }
 
     /// Ends the profiler events of finished request `req`.

@@ -13,6 +13,8 @@ pub struct CommCounters {
     pub tests: u64,
     /// `isend`/`irecv` calls that returned a NULL request (not ready).
     pub nulls: u64,
+    /// Fruitless receive `test`s that slept (`HALO_RECV_NAP_US`).
+    pub naps: u64,
 }
 
 /// Which end of the connection.
@@ -57,8 +59,8 @@ pub fn stats_line(side: Side, peer: impl Display, c: &Counters, own: &CommCounte
             c.eager_carried
         ),
         Side::Recv => format!(
-            "stats: receive comm from {peer} closed: {common} (cts={} imm={}) eager_taken={} eager_dma={} eager_dropped={}",
-            c.cqe_cts, c.cqe_imm, c.eager_taken, c.eager_dma, c.eager_dropped
+            "stats: receive comm from {peer} closed: {common} (cts={} imm={}) eager_taken={} eager_dma={} eager_dropped={} naps={}",
+            c.cqe_cts, c.cqe_imm, c.eager_taken, c.eager_dma, c.eager_dropped, own.naps
         ),
     }
 }
@@ -113,6 +115,7 @@ mod tests {
             CommCounters {
                 tests: 10,
                 nulls: 2,
+                naps: 0,
             },
         )
     }
@@ -146,7 +149,11 @@ mod tests {
             Side::Recv,
             "peer",
             &c,
-            &CommCounters { tests: 3, nulls: 0 },
+            &CommCounters {
+                tests: 3,
+                nulls: 0,
+                naps: 5,
+            },
         );
         let got = take();
         assert_eq!(got.len(), 1);
@@ -154,7 +161,7 @@ mod tests {
             got[0].text,
             "NET/halo : stats: receive comm from peer closed: msgs=0 bytes=0 bytes/msg=- wrs=2 \
              wr/msg=- cqes=1 cqe/msg=- tests=3 tests/msg=- nulls=0 nulls/msg=- (cts=1 imm=0) \
-             eager_taken=0 eager_dma=0 eager_dropped=0"
+             eager_taken=0 eager_dma=0 eager_dropped=0 naps=5"
         );
     }
 
