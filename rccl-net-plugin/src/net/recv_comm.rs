@@ -431,11 +431,13 @@ impl RecvComm {
         }
     }
 
-    /// Request `req` is done: its buffers leave the posted count, its profiler events end.
+    /// Request `req` is done: its buffers leave the posted count (and any nap ends: a completion
+    /// an earlier call polled counts as progress too), its profiler events end.
     #[inline]
     fn finished(&mut self, req: u16) -> NetResult<()> {
         let cap = std::mem::take(&mut self.posted_cap[usize::from(req)]);
         self.posted_bytes -= cap;
+        self.napper.progress();
         self.finish_events(req)
     }
 
